@@ -1,0 +1,372 @@
+"""The inner loop of Algorithm 1, shared by :class:`EntropySGD` and :class:`EntropyAdam`.
+
+One outer step of a local-entropy optimizer:
+
+1. ``x', mu <- x``; for ``l = 1..L``: evaluate the closure at ``x'`` (a fresh mini-batch),
+   ``dx' = grad f(x') + wd x' - gamma (x - x')`` (optionally through inner momentum),
+   ``x' <- x' - sgld_lr dx' + sigma N(0, I)``, ``mu <- (1 - alpha) mu + alpha x'``.
+2. The local-entropy gradient ``G = x - mu`` (or ``gamma (x - mu)``, Alg. 1 line 7) is
+   written into ``p.grad`` and handed to the subclass's outer rule (SGD or Adam).
+
+The first closure call is made at ``x' = x``, so its loss and gradient are those at ``x``:
+the loss is what :meth:`step` returns and the gradient is both the first SGLD gradient and
+the reference for the angle diagnostic (the authors' code computes it and throws it away;
+``discard_first_grad=True`` restores that, at the price of one extra closure call).
+
+Options that differ between the paper and the authors' public code, with the paper's value
+as default (``AUTHORS_CODE`` collects the authors' values):
+
+``alpha``               weight of the new sample in ``mu``: 0.75 (paper); 0.25 (code).
+``noise_convention``    ``"paper"``: sigma = eps sqrt(sgld_lr);
+                        ``"authors"``: sigma = eps sqrt(2 sgld_lr).
+``advance_scoping``     True: gamma follows its schedule; False: the authors' counter that
+                        never advances, so gamma stays gamma0.
+``discard_first_grad``  False: the gradient at x is the first SGLD gradient (L closures);
+                        True: it is thrown away (L + 1 closures).
+``outer_weight_decay``  False: weight decay enters once, inside the SGLD gradient, so
+                        ``x - mu`` already contains it; True: added again to ``G`` (code).
+``scale_by_gamma``      False: ``G = x - mu`` (Sec. 4.3, what the paper's runs use once
+                        gamma is scoped, so scoping does not fight LR annealing);
+                        True: ``G = gamma (x - mu)`` (Alg. 1 line 7, the true gradient of
+                        -F). The authors' code uses False.
+
+The authors keep hyper-parameters in a private config (LR schedulers have no effect) and
+crash on parameters without a gradient; those are bugs, not options, and are not copied.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._common import (
+    Closure,
+    NoiseBuffers,
+    check_fraction,
+    check_momentum,
+    check_nonneg,
+    params_with_grad,
+    require_closure,
+)
+from .scoping import check_scoping, scoped_gamma
+
+NOISE_CONVENTIONS = ("paper", "authors")
+
+#: Keyword arguments that make the optimizers behave like the authors' public PyTorch code.
+#: (The authors' inner loop also reuses the outer momentum; pass ``sgld_momentum`` and
+#: ``sgld_nesterov`` equal to ``momentum`` and ``nesterov`` for that.)
+AUTHORS_CODE: dict[str, Any] = {
+    "alpha": 0.25,
+    "noise_convention": "authors",
+    "advance_scoping": False,
+    "discard_first_grad": True,
+    "outer_weight_decay": True,
+    "scale_by_gamma": False,
+}
+
+
+def local_entropy_defaults(
+    *,
+    lr: float,
+    weight_decay: float,
+    L: int,
+    sgld_lr: float,
+    noise: float,
+    gamma: float,
+    scoping: str,
+    scoping_rate: float,
+    alpha: float,
+    sgld_momentum: float,
+    sgld_nesterov: bool,
+    scale_by_gamma: bool,
+    noise_convention: str,
+    advance_scoping: bool,
+    discard_first_grad: bool,
+    outer_weight_decay: bool,
+    foreach: bool | None,
+) -> dict[str, Any]:
+    """Param-group entries common to every local-entropy optimizer (validated)."""
+    group = dict(
+        lr=lr,
+        weight_decay=weight_decay,
+        L=L,
+        sgld_lr=sgld_lr,
+        noise=noise,
+        gamma=gamma,
+        scoping=scoping,
+        scoping_rate=scoping_rate,
+        alpha=alpha,
+        sgld_momentum=sgld_momentum,
+        sgld_nesterov=sgld_nesterov,
+        scale_by_gamma=scale_by_gamma,
+        noise_convention=noise_convention,
+        advance_scoping=advance_scoping,
+        discard_first_grad=discard_first_grad,
+        outer_weight_decay=outer_weight_decay,
+        foreach=foreach,
+    )
+    check_local_entropy_group(group)
+    return group
+
+
+def check_local_entropy_group(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` with a remedy for any invalid common hyper-parameter."""
+    check_nonneg("lr", group["lr"], "the learning rate is a step size")
+    check_nonneg("weight_decay", group["weight_decay"])
+    L = group["L"]
+    if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+        raise ValueError(f"L (SGLD iterations per step) must be an int >= 1, got {L!r}")
+    check_nonneg("sgld_lr", group["sgld_lr"], "the paper uses 0.1 to 1")
+    check_nonneg("noise", group["noise"], "the paper uses 1e-4 to 1e-3")
+    check_nonneg("gamma", group["gamma"], "gamma is the coupling strength (scope)")
+    check_scoping(group["scoping"])
+    check_nonneg("scoping_rate", group["scoping_rate"])
+    check_fraction("alpha", group["alpha"], "the paper uses 0.75")
+    check_momentum(group["sgld_momentum"], group["sgld_nesterov"], prefix="sgld_")
+    if group["noise_convention"] not in NOISE_CONVENTIONS:
+        raise ValueError(
+            f"noise_convention must be one of {NOISE_CONVENTIONS}, "
+            f"got {group['noise_convention']!r}"
+        )
+
+
+def _sgld_update(
+    xp: list[Tensor],
+    x: list[Tensor],
+    g: list[Tensor],
+    mu: list[Tensor],
+    bufs: list[Tensor],
+    noise: list[Tensor] | None,
+    *,
+    lr: float,
+    gamma: float,
+    wd: float,
+    alpha: float,
+    momentum: float,
+    nesterov: bool,
+    sigma: float,
+    foreach: bool,
+) -> None:
+    """One SGLD iteration (Alg. 1 lines 5-7) in place on ``xp`` and ``mu``; ``g`` is scratch."""
+    if foreach:
+        if wd:
+            torch._foreach_add_(g, xp, alpha=wd)
+        if momentum:
+            if gamma:
+                torch._foreach_add_(g, xp, alpha=gamma)
+                torch._foreach_sub_(g, x, alpha=gamma)
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, g)
+            if nesterov:
+                torch._foreach_add_(g, bufs, alpha=momentum)
+            torch._foreach_add_(xp, g if nesterov else bufs, alpha=-lr)
+        else:
+            if gamma:  # x' + lr gamma (x - x'): the coupling term as one fused pass
+                torch._foreach_lerp_(xp, x, lr * gamma)
+            torch._foreach_add_(xp, g, alpha=-lr)
+        if sigma:
+            torch._foreach_add_(xp, noise, alpha=sigma)
+        torch._foreach_lerp_(mu, xp, alpha)
+        return
+    for i, (p, a, d, m) in enumerate(zip(xp, x, g, mu, strict=True)):
+        if wd:
+            d.add_(p, alpha=wd)
+        if momentum:
+            if gamma:
+                d.add_(p, alpha=gamma).sub_(a, alpha=gamma)
+            b = bufs[i].mul_(momentum).add_(d)
+            if nesterov:
+                d.add_(b, alpha=momentum)
+            p.add_(d if nesterov else b, alpha=-lr)
+        else:
+            if gamma:
+                p.lerp_(a, lr * gamma)
+            p.add_(d, alpha=-lr)
+        if sigma:
+            p.add_(noise[i], alpha=sigma)
+        m.lerp_(p, alpha)
+
+
+def _copy(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
+    if foreach:
+        torch._foreach_copy_(dst, src)
+    else:
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
+
+
+class LocalEntropyOptimizer(Optimizer):
+    """Base class: runs the SGLD inner loop, then calls :meth:`_outer_update`.
+
+    Subclasses pass their full ``defaults`` (built with :func:`local_entropy_defaults` plus
+    their own entries) and implement ``_outer_update(group, params, grads, foreach)``.
+
+    After :meth:`step`, ``p.grad`` holds the local-entropy gradient used for the update and
+    ``self.state["diagnostics"]`` holds ``loss`` (at x), ``gamma`` (first group; ``gammas``
+    per group), ``dist_x_mu`` = ||x - mu|| over all parameters, ``cos_angle`` and
+    ``angle_deg`` between ``x - mu`` and the plain gradient at x (Sec. 5.4 monitors it).
+    Diagnostics are 0-dim tensors so that recording them never forces a device sync.
+    ``self.state["global"]["step"]`` counts completed outer steps (the scoping ``t``).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        *,
+        generator: torch.Generator | None = None,
+        diagnostics: bool = True,
+    ) -> None:
+        super().__init__(params, defaults)
+        self.generator = generator
+        self.diagnostics = diagnostics
+        self._noise = NoiseBuffers()
+
+    # -- hooks for subclasses -------------------------------------------------------------
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_local_entropy_group(group)
+
+    def _outer_update(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], foreach: bool
+    ) -> None:
+        raise NotImplementedError
+
+    # -- state_dict carries the private generator so a resumed run is bit-identical --------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self.generator is not None:
+            sd["generator_state"] = self.generator.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        gen_state = state_dict.pop("generator_state", None)
+        super().load_state_dict(state_dict)
+        if gen_state is not None and self.generator is not None:
+            self.generator.set_state(gen_state)
+
+    # -- the step ----------------------------------------------------------------------------
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """One outer step: ``L`` closure calls (``L + 1`` with ``discard_first_grad``).
+
+        ``closure`` must draw a fresh mini-batch, zero the gradients, run backward and
+        return the loss. Returns the loss of the first call, i.e. at the current weights.
+        """
+        name = type(self).__name__
+        closure = require_closure(closure, name)
+        groups = self.param_groups
+        for group in groups:
+            self._check_group(group)
+        L, discard = groups[0]["L"], groups[0]["discard_first_grad"]
+        if any(g["L"] != L or g["discard_first_grad"] != discard for g in groups):
+            raise ValueError(
+                "all param groups must share L and discard_first_grad: the closure "
+                "evaluates every parameter at once"
+            )
+        glob = self.state.setdefault("global", {"step": 0})
+        t = glob["step"]
+
+        loss = closure()
+        with torch.no_grad():
+            work = []
+            for group in groups:
+                params = params_with_grad(group, name)
+                if not params:
+                    continue
+                foreach = group["foreach"] is None or bool(group["foreach"])
+                anchors, mus, bufs = [], [], []
+                for p in params:
+                    st = self.state[p]
+                    if "anchor" not in st:
+                        st["anchor"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                        st["mu"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                    anchors.append(st["anchor"])
+                    mus.append(st["mu"])
+                    if group["sgld_momentum"]:
+                        if "sgld_buffer" not in st:
+                            st["sgld_buffer"] = torch.zeros_like(p)
+                        bufs.append(st["sgld_buffer"])
+                _copy(anchors, params, foreach)
+                _copy(mus, params, foreach)
+                if bufs:
+                    torch._foreach_zero_(bufs)
+                gamma = scoped_gamma(
+                    group["scoping"],
+                    group["gamma"],
+                    group["scoping_rate"],
+                    t if group["advance_scoping"] else 0,
+                )
+                lr_in = group["sgld_lr"]
+                factor = 2.0 if group["noise_convention"] == "authors" else 1.0
+                sigma = group["noise"] * math.sqrt(factor * lr_in)
+                grad0 = [p.grad.clone() for p in params] if self.diagnostics else None
+                work.append((group, params, anchors, mus, bufs, gamma, sigma, foreach, grad0))
+            if not work:
+                return loss
+            all_params = [p for w in work for p in w[1]]
+            any_noise = any(w[6] for w in work)
+
+        for it in range(L):
+            if it > 0 or discard:
+                closure()
+            with torch.no_grad():
+                noise = self._noise.draw(all_params, self.generator) if any_noise else None
+                offset = 0
+                for group, params, anchors, mus, bufs, gamma, sigma, foreach, _ in work:
+                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                    n = len(params)
+                    _sgld_update(
+                        params,
+                        anchors,
+                        grads,
+                        mus,
+                        bufs,
+                        noise[offset : offset + n] if noise is not None else None,
+                        lr=group["sgld_lr"],
+                        gamma=gamma,
+                        wd=group["weight_decay"],
+                        alpha=group["alpha"],
+                        momentum=group["sgld_momentum"],
+                        nesterov=group["sgld_nesterov"],
+                        sigma=sigma,
+                        foreach=foreach,
+                    )
+                    offset += n
+
+        with torch.no_grad():
+            sq = {"G": [], "g0": [], "sum": []}
+            gammas = []
+            for group, params, anchors, mus, _, gamma, _, foreach, grad0 in work:
+                G = torch._foreach_sub(anchors, mus)
+                if grad0 is not None:
+                    sq["G"].extend(torch._foreach_norm(G))
+                    sq["g0"].extend(torch._foreach_norm(grad0))
+                    sq["sum"].extend(torch._foreach_norm(torch._foreach_add(G, grad0)))
+                if group["scale_by_gamma"]:
+                    torch._foreach_mul_(G, gamma)
+                if group["outer_weight_decay"] and group["weight_decay"]:
+                    torch._foreach_add_(G, anchors, alpha=group["weight_decay"])
+                _copy(params, anchors, foreach)
+                for p, grad in zip(params, G, strict=True):
+                    p.grad = grad
+                self._outer_update(group, params, G, foreach)
+                gammas.append(gamma)
+            glob["step"] = t + 1
+            diag: dict[str, Any] = {"gamma": gammas[0], "gammas": gammas}
+            diag["loss"] = loss.detach() if isinstance(loss, Tensor) else loss
+            if sq["G"]:
+                dev = sq["G"][0].device
+
+                def total(norms: list[Tensor]) -> Tensor:
+                    return torch.stack([n.to(dev, torch.float64) for n in norms]).square().sum()
+
+                nG, ng, ns = total(sq["G"]), total(sq["g0"]), total(sq["sum"])
+                cos = (ns - nG - ng) / (2.0 * (nG * ng).sqrt()).clamp_min(1e-300)
+                cos = cos.clamp(-1.0, 1.0)
+                diag.update(dist_x_mu=nG.sqrt(), cos_angle=cos, angle_deg=torch.rad2deg(cos.acos()))
+            self.state["diagnostics"] = diag
+        return loss

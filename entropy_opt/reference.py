@@ -1,0 +1,99 @@
+"""A straightforward per-parameter Entropy-SGD, written the way the authors wrote theirs.
+
+Used by ``benchmarks/bench_optimizers.py`` as the cost baseline and by the tests as an
+independent implementation to compare with. Not meant for training: hyper-parameters live
+in a private ``config`` dict (LR schedulers cannot reach them), every parameter must have a
+gradient, there is no foreach path and noise is drawn one tensor at a time.
+
+``authors=False`` follows the paper (alpha weights the new sample, noise
+``eps sqrt(eta')``, gamma scoped, the first gradient used); ``authors=True`` reproduces the
+authors' public code (``mu <- alpha mu + (1 - alpha) x'`` with alpha = 0.75, noise
+``eps sqrt(2 eta')``, gamma frozen at gamma0, first gradient discarded, weight decay added
+again in the outer step, inner loop sharing the outer momentum).
+"""
+
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+
+class ReferenceEntropySGD(Optimizer):
+    """Per-parameter Algorithm 1; ``config`` keys: lr, momentum, nesterov, weight_decay, L,
+    sgld_lr, noise, gamma, scoping_rate, alpha, sgld_momentum, sgld_nesterov (paper mode)."""
+
+    def __init__(self, params: Any, config: dict[str, Any], authors: bool = False) -> None:
+        super().__init__(params, dict(lr=config["lr"]))
+        self.config = dict(config)
+        self.authors = authors
+
+    def step(self, closure: Any = None) -> torch.Tensor:  # type: ignore[override]
+        c = self.config
+        L, g0, g1 = c["L"], c["gamma"], c["scoping_rate"]
+        llr, eps, wd, alpha = c["sgld_lr"], c["noise"], c["weight_decay"], c["alpha"]
+        mom, nesterov = c["momentum"], c["nesterov"]
+        imom = mom if self.authors else c.get("sgld_momentum", 0.0)
+        inest = nesterov if self.authors else c.get("sgld_nesterov", False)
+        params = self.param_groups[0]["params"]
+        state = self.state
+
+        loss = closure()
+        if "t" not in state:
+            state["t"] = 0
+            state["wc"] = [deepcopy(w.data) for w in params]
+            state["mdw"] = [torch.zeros_like(w) for w in params]
+            state["mw"] = [deepcopy(w.data) for w in params]
+            state["imdw"] = [torch.zeros_like(w) for w in params]
+            state["eta"] = [torch.zeros_like(w) for w in params]
+        for i, w in enumerate(params):
+            state["wc"][i].copy_(w.data)
+            state["mw"][i].copy_(w.data)
+            state["imdw"][i].zero_()
+        g = g0 if self.authors else g0 * (1 + g1) ** state["t"]
+        sigma = eps * math.sqrt(2 * llr) if self.authors else eps * math.sqrt(llr)
+
+        with torch.no_grad():
+            for it in range(L):
+                if it > 0 or self.authors:
+                    with torch.enable_grad():
+                        closure()
+                for i, w in enumerate(params):
+                    dw = w.grad.data.clone()
+                    if wd > 0:
+                        dw.add_(w.data, alpha=wd)
+                    dw.add_(state["wc"][i] - w.data, alpha=-g)
+                    if imom > 0:
+                        state["imdw"][i].mul_(imom).add_(dw)
+                        if inest:
+                            dw.add_(state["imdw"][i], alpha=imom)
+                        else:
+                            dw = state["imdw"][i].clone()
+                    eta = state["eta"][i]
+                    eta.normal_()
+                    w.data.add_(dw, alpha=-llr)
+                    w.data.add_(eta, alpha=sigma)
+                    if self.authors:
+                        state["mw"][i].mul_(alpha).add_(w.data, alpha=1 - alpha)
+                    else:
+                        state["mw"][i].mul_(1 - alpha).add_(w.data, alpha=alpha)
+
+            for i, w in enumerate(params):
+                w.data.copy_(state["wc"][i])
+                dw = w.data - state["mw"][i]
+                if self.authors and wd > 0:
+                    dw.add_(w.data, alpha=wd)
+                if mom > 0:
+                    state["mdw"][i].mul_(mom).add_(dw)
+                    if nesterov:
+                        dw.add_(state["mdw"][i], alpha=mom)
+                    else:
+                        dw = state["mdw"][i].clone()
+                w.grad = dw
+                w.data.add_(dw, alpha=-c["lr"])
+            if not self.authors:
+                state["t"] += 1
+        return loss

@@ -1,0 +1,68 @@
+"""Sharpness-aware minimisation (Foret et al., ICLR 2021) around any base optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._common import Closure, check_nonneg, params_with_grad, require_closure
+
+
+class SAM(Optimizer):
+    """SAM: ascend to ``x + rho g / ||g||``, take the gradient there, step from ``x``.
+
+    ``base_optimizer`` is a ``torch.optim.Optimizer`` class; it is built on this optimizer's
+    param groups (shared, so LR schedulers attached to either drive both).
+
+    Args:
+        params: parameters or param groups.
+        base_optimizer: class of the optimizer that takes the actual step (e.g. ``SGD``).
+        rho: radius of the ascent step in parameter units (default 0.05, Foret et al.'s
+            CIFAR value). ``||g||`` is the norm over all parameters of all groups.
+        **kwargs: passed to ``base_optimizer``.
+
+    ``step(closure)`` calls the closure twice (at ``x``, then at the perturbed point) and
+    returns the loss at ``x``.
+    """
+
+    def __init__(
+        self, params: Any, base_optimizer: type[Optimizer], rho: float = 0.05, **kwargs: Any
+    ) -> None:
+        check_nonneg("rho", rho, "rho is the radius of the sharpness neighbourhood")
+        super().__init__(params, dict(rho=rho, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """Ascent step, gradient at the perturbed point, base step from the original point."""
+        closure = require_closure(closure, "SAM")
+        loss = closure()
+        active = [params_with_grad(g, "SAM") for g in self.param_groups]
+        flat = [p for ps in active for p in ps]
+        if not flat:
+            return loss
+        norms = torch._foreach_norm([p.grad for p in flat])
+        gnorm = torch.linalg.vector_norm(torch.stack(norms))
+        perturbations = []
+        for group, params in zip(self.param_groups, active, strict=True):
+            check_nonneg("rho", group["rho"])
+            e = torch._foreach_mul([p.grad for p in params], group["rho"] / (gnorm + 1e-12))
+            torch._foreach_add_(params, e)
+            perturbations.append(e)
+        closure()
+        for params, e in zip(active, perturbations, strict=True):
+            torch._foreach_sub_(params, e)
+        self.base_optimizer.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
