@@ -1,0 +1,428 @@
+"""Extreme eigenpairs of a symmetric operator: thick-restart Lanczos.
+
+:func:`lanczos` runs the symmetric Lanczos recurrence with full
+reorthogonalisation (the shared kernel in :mod:`spectra._krylov`) and restarts
+it the Wu & Simon (2000) way: when the basis of ``ncv`` vectors is full, the
+wanted Ritz vectors (plus a few nearby ones) are kept and the recurrence carries
+on from the last residual direction.  Memory therefore stays at ``ncv + 1``
+vectors of length n however many matvecs convergence takes.
+
+Every reported residual is ``||A v - theta v||`` for the returned unit Ritz
+vector ``v`` (from the Lanczos relation, plus a rounding margin), and for a
+symmetric operator there is an eigenvalue ``lambda`` with
+``|theta - lambda| <= residual`` (Weyl / Bauer-Fike), so the residuals are error
+bars on the eigenvalues.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from ._krylov import breakdown_tolerance, lanczos_step, progress_bar, random_orthogonal
+from .linear_operator import LinearOperator, as_linear_operator, check_symmetric
+
+__all__ = ["lanczos", "LanczosResult", "ConvergenceWarning"]
+
+_WHICH = {
+    "LA": "LA",
+    "largest": "LA",
+    "SA": "SA",
+    "smallest": "SA",
+    "LM": "LM",
+    "magnitude": "LM",
+    "BE": "BE",
+    "both": "BE",
+}
+
+#: Operators of at most this size are solved densely (n matvecs + ``eigh``).
+DENSE_THRESHOLD = 200
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """Not all requested eigenpairs reached the tolerance within the matvec budget."""
+
+
+@dataclass(frozen=True, eq=False)
+class LanczosResult:
+    """Ritz pairs with honest error bars.
+
+    Attributes:
+        eigenvalues: (k,) float64, ordered per ``which``: descending for "LA",
+            ascending for "SA", descending magnitude for "LM", ascending for "BE".
+        eigenvectors: (n, k) unit Ritz vectors in the operator's dtype/device, or
+            None when ``return_eigenvectors=False``.
+        residuals: (k,) float64, ``||A v - theta v||``; bounds ``|theta - lambda|``
+            for some eigenvalue ``lambda`` of the operator.
+        converged: (k,) bool, ``residual <= tol * max(|theta|, sqrt(eps) ||A||)``.
+        matvecs: operator applications used (including the 2 of the symmetry
+            check and, for dense solves, the n of assembling the matrix).
+        restarts: number of thick restarts.
+        which: the normalised selection ("LA", "SA", "LM" or "BE").
+        method: "krylov" or "dense".
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor | None
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    matvecs: int
+    restarts: int
+    which: str
+    method: str = "krylov"
+
+    @property
+    def all_converged(self) -> bool:
+        """True when every requested pair reached the tolerance."""
+        return bool(self.converged.all())
+
+    def __repr__(self) -> str:
+        ev = ", ".join(f"{x:.6g}" for x in self.eigenvalues.tolist())
+        vec = "yes" if self.eigenvectors is not None else "no"
+        return (
+            f"LanczosResult(which={self.which!r}, eigenvalues=[{ev}], "
+            f"max_residual={float(self.residuals.max()):.2e}, "
+            f"converged={int(self.converged.sum())}/{self.converged.numel()}, "
+            f"matvecs={self.matvecs}, restarts={self.restarts}, method={self.method!r}, "
+            f"eigenvectors={vec})"
+        )
+
+
+def lanczos(
+    op: Any,
+    k: int,
+    which: str = "LA",
+    tol: float = 1e-6,
+    max_matvecs: int | None = None,
+    seed: int = 0,
+    *,
+    n: int | None = None,
+    v0: torch.Tensor | None = None,
+    ncv: int | None = None,
+    return_eigenvectors: bool = True,
+    check_symmetry: bool = True,
+    dense: bool | None = None,
+    progress: bool | None = None,
+) -> LanczosResult:
+    """k extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
+
+    Args:
+        op: anything :func:`~spectra.as_linear_operator` accepts: a
+            :class:`~spectra.LinearOperator` (e.g. a Hessian operator), a square
+            tensor or array, a SciPy ``LinearOperator``, or a callable on (n, k)
+            blocks together with ``n=``.
+        k: number of eigenpairs, 1 <= k <= n (k == n solves densely).
+        which: "LA"/"largest" (default: the top eigenvalues), "SA"/"smallest",
+            "LM"/"magnitude", or "BE"/"both" (k // 2 from the bottom, the rest
+            from the top, as in ARPACK).
+        tol: relative residual tolerance, > 0: a pair is converged when
+            ``||A v - theta v|| <= tol * max(|theta|, sqrt(eps) ||A||_est)``; the
+            floor lets eigenvalues that are zero to working precision converge.
+            Tolerances below ~10 sqrt(n) eps(dtype) cannot be reached.
+        max_matvecs: budget of operator applications, all included (default
+            ``max(100 k, 1000)``).  When it runs out the result is returned with
+            ``converged`` False for the unfinished pairs and a
+            :class:`ConvergenceWarning`.
+        seed: seeds the start vector, the symmetry probe and any restart vector
+            after a breakdown; the result is deterministic given it.
+        n: size, for a callable ``op``.
+        v0: start vector (n,) in the operator's dtype and device (default random
+            normal).
+        ncv: basis size m (default ``max(2 k + 10, 20)``, at most n - 1).  Memory
+            is ``(ncv + 1) n`` elements of the operator's dtype plus O(n)
+            temporaries.
+        return_eigenvectors: keep the (n, k) Ritz vectors in the result.
+        check_symmetry: probe symmetry once (2 matvecs) and raise ``ValueError``
+            for a non-symmetric operator.
+        dense: solve by assembling the matrix (n matvecs) and ``torch.linalg.eigh``
+            in float64.  Default: when ``n <= 200`` or ``n <= 2 ncv``, where the
+            dense solve costs about as many matvecs as Lanczos would.
+        progress: tqdm progress bar (default: only on a terminal).
+
+    Breakdown: when the recurrence hits an invariant subspace (``beta`` at
+    rounding level) its Ritz pairs are exact; the iteration continues from a
+    random vector orthogonal to the basis, which is also how copies of a
+    repeated eigenvalue are found (a single Krylov space contains only one
+    direction of each eigenspace).  With many distinct eigenvalues and no
+    breakdown, further copies of a multiple eigenvalue can be missed, as with
+    any single-vector Krylov method; ask for extra pairs or use a block method.
+
+    Returns:
+        :class:`LanczosResult`.
+    """
+    op = as_linear_operator(op, n=n)
+    size = op.shape[0]
+    which_n = _check_which(which)
+    _check_k(k, size)
+    if not (isinstance(tol, int | float) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    m = _basis_size(ncv, k, size)
+    if max_matvecs is None:
+        max_matvecs = max(100 * k, 1000)
+    if max_matvecs < k + 3:
+        raise ValueError(f"max_matvecs={max_matvecs} is too small for k={k}; need >= k + 3")
+    if v0 is not None:
+        v0 = _check_v0(v0, op)
+
+    start = op.matvecs
+    if check_symmetry:
+        check_symmetric(op, seed=seed)
+    if dense is None:
+        dense = size <= max(DENSE_THRESHOLD, 2 * m) or k >= size
+    if dense:
+        return _dense(op, k, which_n, tol, start, return_eigenvectors)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    return _thick_restart(
+        op, k, which_n, tol, max_matvecs, gen, v0, m, start, return_eigenvectors, progress
+    )
+
+
+# --- validation ------------------------------------------------------------------
+
+
+def _check_which(which: str) -> str:
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {sorted(_WHICH)}, got {which!r}")
+    return _WHICH[which]
+
+
+def _check_k(k: Any, size: int) -> None:
+    if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > size:
+        raise ValueError(f"k={k} eigenpairs requested but the operator has size n={size}")
+
+
+def _basis_size(ncv: int | None, k: int, size: int) -> int:
+    m = max(2 * k + 10, 20) if ncv is None else int(ncv)
+    if ncv is not None and m <= k:
+        raise ValueError(f"ncv={ncv} must exceed k={k}")
+    return max(min(m, size - 1), 1)
+
+
+def _check_v0(v0: Any, op: LinearOperator) -> torch.Tensor:
+    if not isinstance(v0, torch.Tensor):
+        raise TypeError(f"v0 must be a torch.Tensor, got {type(v0).__name__}")
+    if tuple(v0.shape) != (op.shape[0],):
+        raise ValueError(f"v0 must have shape ({op.shape[0]},), got {tuple(v0.shape)}")
+    if v0.dtype != op.dtype:
+        raise TypeError(f"v0 has dtype {v0.dtype} but the operator is {op.dtype}")
+    if v0.device != op.device:
+        raise ValueError(f"v0 is on {v0.device} but the operator lives on {op.device}")
+    norm = float(v0.norm())
+    if not math.isfinite(norm) or norm == 0.0:
+        raise ValueError("v0 must be finite and nonzero")
+    return v0 / norm
+
+
+# --- selection ---------------------------------------------------------------------
+
+
+def _select(theta: np.ndarray, count: int, which: str) -> np.ndarray:
+    """Indices of the ``count`` wanted values of ascending ``theta``, in result order."""
+    count = min(count, theta.size)
+    if which == "LA":
+        return np.arange(theta.size - 1, theta.size - 1 - count, -1)
+    if which == "SA":
+        return np.arange(count)
+    if which == "LM":
+        return np.argsort(-np.abs(theta), kind="stable")[:count]
+    low = count // 2
+    return np.concatenate([np.arange(low), np.arange(theta.size - (count - low), theta.size)])
+
+
+# --- dense path ----------------------------------------------------------------------
+
+
+def _dense(
+    op: LinearOperator, k: int, which: str, tol: float, start: int, vectors: bool
+) -> LanczosResult:
+    """Assemble the matrix and use ``torch.linalg.eigh`` in float64."""
+    A = op.to_dense().to(torch.float64)
+    A = 0.5 * (A + A.T)
+    theta_t, S_t = torch.linalg.eigh(A)
+    theta = theta_t.cpu().numpy()
+    idx = _select(theta, k, which)
+    V = S_t[:, torch.as_tensor(idx, device=S_t.device)]
+    th = theta_t[torch.as_tensor(idx, device=theta_t.device)]
+    res = torch.linalg.vector_norm(A @ V - V * th, dim=0).cpu()
+    anorm = float(np.abs(theta).max()) if theta.size else 0.0
+    # backward error of eigh: O(n eps ||A||); added so the bound is honest
+    res = res + A.shape[0] * torch.finfo(torch.float64).eps * anorm
+    thn = th.cpu().numpy()
+    conv = _converged(thn, res.numpy(), tol, anorm, op.dtype)
+    return LanczosResult(
+        eigenvalues=th.cpu().clone(),
+        eigenvectors=V.to(op.dtype) if vectors else None,
+        residuals=res.to(torch.float64),
+        converged=torch.as_tensor(conv),
+        matvecs=op.matvecs - start,
+        restarts=0,
+        which=which,
+        method="dense",
+    )
+
+
+def _converged(
+    theta: np.ndarray, res: np.ndarray, tol: float, anorm: float, dtype: torch.dtype
+) -> np.ndarray:
+    floor = math.sqrt(torch.finfo(dtype).eps) * anorm
+    return res <= tol * np.maximum(np.abs(theta), floor)
+
+
+# --- Krylov path -------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    """Mutable iteration state of one thick-restart run (internal)."""
+
+    Q: torch.Tensor  # (m + 1, n) basis rows
+    H: np.ndarray  # (m + 1, m + 1) projected matrix, float64
+    j: int = 0  # number of basis vectors whose product with A is in H
+    anorm: float = 0.0  # lower bound on ||A||
+    restarts: int = 0
+    exhausted: bool = False  # the basis spans the whole space
+
+
+def _thick_restart(
+    op: LinearOperator,
+    k: int,
+    which: str,
+    tol: float,
+    max_matvecs: int,
+    gen: torch.Generator,
+    v0: torch.Tensor | None,
+    m: int,
+    start: int,
+    vectors: bool,
+    progress: bool | None,
+) -> LanczosResult:
+    size = op.shape[0]
+    Q = torch.zeros((m + 1, size), dtype=op.dtype, device=op.device)
+    if v0 is None:
+        v0 = random_orthogonal(Q[:0], gen)
+    Q[0] = v0
+    st = _State(Q=Q, H=np.zeros((m + 1, m + 1)))
+    nkeep = min(k + max((m - k) // 2, 1), m - 1)
+    ritz = None
+    with progress_bar(max_matvecs, f"lanczos(k={k}, {which})", progress) as bar:
+        bar.update(op.matvecs - start)
+        while True:
+            done = False
+            while st.j < m and not st.exhausted:
+                if op.matvecs - start >= max_matvecs:
+                    done = True
+                    break
+                _expand(op, st, gen, op.matvecs - start)
+                bar.update(1)
+                if st.j >= k:
+                    ritz = _ritz(st, k, which, tol, op.dtype)
+                    nconv = int(ritz[3][ritz[4]].sum())
+                    bar.set_postfix(converged=f"{nconv}/{k}")
+                    if nconv == k:
+                        done = True
+                        break
+            if done or st.exhausted or ritz is None:
+                break
+            _restart(st, nkeep, which)
+    if ritz is None or st.j < k:
+        ritz = _ritz(st, k, which, tol, op.dtype)
+    theta, S, res, conv, idx = ritz
+    if not conv[idx].all():
+        warnings.warn(
+            f"lanczos: {int(conv[idx].sum())}/{k} eigenpairs converged to tol={tol:g} within "
+            f"max_matvecs={max_matvecs}; raise max_matvecs or ncv, or loosen tol",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    Y = None
+    if vectors:
+        Sw = torch.as_tensor(S[:, idx], dtype=op.dtype, device=op.device)
+        Y = st.Q[: st.j].T @ Sw
+    return LanczosResult(
+        eigenvalues=torch.as_tensor(theta[idx].copy()),
+        eigenvectors=Y,
+        residuals=torch.as_tensor(res[idx].copy()),
+        converged=torch.as_tensor(conv[idx].copy()),
+        matvecs=op.matvecs - start,
+        restarts=st.restarts,
+        which=which,
+        method="krylov",
+    )
+
+
+def _expand(op: LinearOperator, st: _State, gen: torch.Generator, iteration: int) -> None:
+    """One Lanczos step on basis vector ``st.j``; handles breakdown."""
+    j = st.j
+    Q3 = st.Q.unsqueeze(0)
+    h, beta = lanczos_step(op, Q3, j, [0], iteration)
+    h, b = h[0], float(beta[0])
+    st.H[: j + 1, j] = h
+    st.H[j, : j + 1] = h
+    st.anorm = max(st.anorm, math.sqrt(float(h @ h) + b * b))
+    if b <= breakdown_tolerance(st.anorm, op.shape[0], op.dtype):
+        b = 0.0
+        fresh = random_orthogonal(st.Q[: j + 1], gen)
+        if fresh is None:
+            st.exhausted = True
+        else:
+            st.Q[j + 1] = fresh
+    st.H[j + 1, j] = st.H[j, j + 1] = b
+    st.j = j + 1
+
+
+def _ritz(
+    st: _State, k: int, which: str, tol: float, dtype: torch.dtype
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Ritz values, vectors (in basis coordinates), residuals, converged, wanted idx.
+
+    Residual of Ritz pair i: ``|beta_j s_{j,i}|`` from the Lanczos relation
+    ``A Q_j = Q_j H_j + beta_j q_{j+1} e_j^T``, plus a rounding margin
+    ``(sqrt(n) + sqrt(j)) eps ||A||`` for the error in that relation: a matvec is
+    exact only to ~sqrt(n) eps ||A|| and the basis is orthonormal only to
+    ~sqrt(j) eps.
+    """
+    j = st.j
+    theta, S = scipy.linalg.eigh(st.H[:j, :j])
+    beta = 0.0 if st.exhausted else st.H[j, j - 1]
+    eps = torch.finfo(dtype).eps
+    size = st.Q.shape[1]
+    res = np.abs(beta * S[j - 1, :]) + (math.sqrt(size) + math.sqrt(j)) * eps * st.anorm
+    conv = _converged(theta, res, tol, st.anorm, dtype)
+    idx = _select(theta, k, which)
+    return theta, S, res, conv, idx
+
+
+def _restart(st: _State, nkeep: int, which: str) -> None:
+    """Thick restart: keep ``nkeep`` Ritz vectors and the residual direction."""
+    m = st.j
+    theta, S = scipy.linalg.eigh(st.H[:m, :m])
+    keep = np.sort(_select(theta, nkeep, which))
+    beta = st.H[m, m - 1]
+    Sk = torch.as_tensor(S[:, keep], dtype=st.Q.dtype, device=st.Q.device)
+    _rotate_rows(st.Q, Sk, m)
+    st.Q[nkeep] = st.Q[m]
+    coupling = beta * S[m - 1, keep]
+    st.H[:] = 0.0
+    st.H[np.arange(nkeep), np.arange(nkeep)] = theta[keep]
+    st.H[:nkeep, nkeep] = coupling
+    st.H[nkeep, :nkeep] = coupling
+    st.j = nkeep
+    st.restarts += 1
+
+
+def _rotate_rows(Q: torch.Tensor, Sk: torch.Tensor, m: int) -> None:
+    """``Q[:p] = Sk.T @ Q[:m]`` in column chunks so the temporary stays <= n elements."""
+    p = Sk.shape[1]
+    size = Q.shape[1]
+    chunk = max(size // max(p, 1), 1)
+    for c0 in range(0, size, chunk):
+        c1 = min(size, c0 + chunk)
+        Q[:p, c0:c1] = Sk.T @ Q[:m, c0:c1]
