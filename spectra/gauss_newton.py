@@ -1,0 +1,63 @@
+"""The generalised Gauss-Newton matrix G = J^T (d^2 loss / d outputs^2) J."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import Batch, mean_loss
+from .curvature import CurvatureOperator
+from .parameters import ParamSelector
+
+__all__ = ["GGNOperator", "ggn_operator"]
+
+
+class GGNOperator(CurvatureOperator):
+    """G = sum_b (m_b / N) J_b^T H_b J_b, with J_b the Jacobian of the batch's outputs
+    and H_b the Hessian of its mean loss with respect to those outputs.
+
+    Positive semi-definite for convex losses (cross-entropy, MSE); equal to the
+    Hessian minus the term carrying the outputs' second derivatives.  The model
+    must return one tensor.  Arguments as for :class:`CurvatureOperator`.
+    """
+
+    def _batch_matmat(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
+        theta = self.theta
+
+        def out_fn(t: torch.Tensor) -> torch.Tensor:
+            return self.outputs(t, batch.inputs)
+
+        def loss_of_outputs(z: torch.Tensor) -> torch.Tensor:
+            return mean_loss(self.loss_fn, z, batch.targets, batch.size, self.reduction)
+
+        z, vjp_fn = torch.func.vjp(out_fn, theta)
+        if not isinstance(z, torch.Tensor):
+            raise TypeError("the GGN needs a model (or forward=) that returns one tensor")
+        z = z.detach()
+        grad_z = torch.func.grad(loss_of_outputs)
+
+        def ggn_v(v: torch.Tensor) -> torch.Tensor:
+            jv = torch.func.jvp(out_fn, (theta,), (v,))[1]
+            hjv = torch.func.jvp(grad_z, (z,), (jv,))[1]
+            return vjp_fn(hjv)[0]
+
+        return self._vmap(ggn_v, V)
+
+
+def ggn_operator(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    data: Any,
+    *,
+    params: ParamSelector = None,
+    dtype: torch.dtype | None = None,
+    **options: Any,
+) -> GGNOperator:
+    """The generalised Gauss-Newton matrix of the sample-averaged loss (see :class:`GGNOperator`).
+
+    Same arguments, data weighting and product API as :func:`spectra.hessian_operator`.
+    """
+    return GGNOperator(model, loss_fn, data, params=params, dtype=dtype, **options)
