@@ -29,6 +29,10 @@ def lstm(n_in: int, hidden: int, layers: int = 1) -> int:
     return sum(4 * hidden * (i + hidden) + 2 * 4 * hidden for i in sizes)
 
 
+def small_lenet_count(c1: int, c2: int, h: int) -> int:
+    return conv(1, c1, 5) + conv(c1, c2, 5) + linear(16 * c2, h) + linear(h, 10)
+
+
 def mnistfc_count(h: int) -> int:
     return linear(784, h) + bn(h) + linear(h, h) + bn(h) + linear(h, 10)
 
@@ -56,7 +60,8 @@ def ptb_count(h: int, layers: int, vocab: int) -> int:
         ("small-mnistfc", {}, 50_890),
         ("char-lstm-small", {}, 32_640),
         # hand formulas
-        ("small-lenet", {"width": 0.5}, conv(1, 5, 5) + conv(5, 10, 5) + linear(160, 64) + 650),
+        ("small-lenet", {"width": 0.5}, small_lenet_count(5, 10, 64)),
+        ("small-lenet", {"width": 1.0}, small_lenet_count(10, 20, 128)),
         ("small-mnistfc", {"hidden": 32}, linear(784, 32) + linear(32, 10)),
         ("char-lstm-small", {"hidden": 8, "vocab": 20}, lstm(20, 8) + linear(8, 20, bias=False)),
         ("mnistfc", {}, mnistfc_count(1024)),
