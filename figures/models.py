@@ -111,8 +111,8 @@ def mnistfc(hidden: int = 1024, dropout: float = 0.5, batchnorm: bool = True) ->
     """mnistfc of Entropy-SGD: 784 -> hidden -> hidden -> 10.
 
     Each hidden layer is Linear - BatchNorm1d - ReLU - Dropout(``dropout``); the input gets
-    Dropout(0.2) (both as in Entropy-SGD's reference code; ``dropout=0`` and
-    ``batchnorm=False`` give the plain MLP).  1,867,786 parameters at the defaults.
+    Dropout(0.2), both as in Entropy-SGD's reference code.  ``dropout=0`` removes both
+    dropouts; with ``batchnorm=False`` too it is the plain MLP.  1,867,786 parameters at the defaults.
     """
     hidden = _positive("hidden", hidden)
     _probability("dropout", dropout)
@@ -157,8 +157,8 @@ def lenet_bn(width: float = 1.0, dropout: float = 0.5) -> nn.Sequential:
 def all_cnn_bn(width: float = 1.0, num_classes: int = 10, dropout: float = 0.5) -> nn.Sequential:
     """All-CNN-C (Springenberg et al. 2015) with BatchNorm after every conv, 3 x 32 x 32 in.
 
-    Dropout(0.2) on the input; 3x3 convs 96w, 96w, 96w/stride 2 (-> 16x16); Dropout;
-    192w, 192w, 192w/stride 2 (-> 8x8); Dropout; 3x3 192w without padding (-> 6x6),
+    Dropout(0.2) on the input (none if ``dropout=0``); 3x3 convs 96w, 96w, 96w/stride 2
+    (-> 16x16); Dropout; 192w, 192w, 192w/stride 2 (-> 8x8); Dropout; 3x3 192w without padding (-> 6x6),
     1x1 192w, 1x1 ``num_classes`` (BN and ReLU too, as in the original); global average
     pool.  Output (N, num_classes).
     1,372,254 parameters at ``width=1``.
