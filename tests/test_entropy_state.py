@@ -1,0 +1,84 @@
+"""state_dict() resume is bit-identical for every optimizer in entropy_opt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entropy_opt import SAM, SGLD, EntropyAdam, EntropySGD
+
+
+def make_model():
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+
+
+DATA_SEED = 123
+
+
+def batch(k: int):
+    g = torch.Generator().manual_seed(DATA_SEED + k)
+    return torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)
+
+
+def train(model, opt, start: int, steps: int, counter: list[int]):
+    def closure():
+        opt.zero_grad()
+        X, Y = batch(counter[0])
+        counter[0] += 1
+        loss = ((model(X) - Y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+
+
+FACTORIES = {
+    "entropy_sgd": lambda p, g: EntropySGD(p, lr=0.5, momentum=0.9, nesterov=True, L=4,
+                                           noise=1e-3, gamma=0.03, scoping_rate=0.1,
+                                           sgld_momentum=0.5, generator=g),
+    "entropy_adam": lambda p, g: EntropyAdam(p, lr=1e-2, L=3, noise=1e-3, generator=g),
+    "sgld": lambda p, g: SGLD(p, lr=0.05, noise=1e-2, generator=g),
+    "sam": lambda p, g: SAM(p, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("private_generator", [False, True])
+def test_resume_is_bit_identical(name, private_generator, tmp_path):
+    make = FACTORIES[name]
+
+    def gen():
+        return torch.Generator().manual_seed(7) if private_generator else None
+
+    torch.manual_seed(0)
+    ref_model = make_model()
+    init = {k: v.clone() for k, v in ref_model.state_dict().items()}
+    ref_opt = make(ref_model.parameters(), gen())
+    torch.manual_seed(1)
+    train(ref_model, ref_opt, 0, 20, [0])
+
+    torch.manual_seed(0)
+    model = make_model()
+    model.load_state_dict(init)
+    opt = make(model.parameters(), gen())
+    torch.manual_seed(1)
+    counter = [0]
+    train(model, opt, 0, 10, counter)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "rng": torch.get_rng_state(), "counter": counter[0]}, path)
+    del model, opt
+
+    ckpt = torch.load(path, weights_only=False)
+    model = make_model()
+    model.load_state_dict(ckpt["model"])
+    opt = make(model.parameters(), gen())
+    opt.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    train(model, opt, 10, 10, [ckpt["counter"]])
+
+    for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    if name.startswith("entropy"):
+        assert opt.state["global"]["step"] == 20
