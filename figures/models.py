@@ -158,10 +158,9 @@ def all_cnn_bn(width: float = 1.0, num_classes: int = 10, dropout: float = 0.5) 
     """All-CNN-C (Springenberg et al. 2015) with BatchNorm after every conv, 3 x 32 x 32 in.
 
     Dropout(0.2) on the input (none if ``dropout=0``); 3x3 convs 96w, 96w, 96w/stride 2
-    (-> 16x16); Dropout; 192w, 192w, 192w/stride 2 (-> 8x8); Dropout; 3x3 192w without padding (-> 6x6),
-    1x1 192w, 1x1 ``num_classes`` (BN and ReLU too, as in the original); global average
-    pool.  Output (N, num_classes).
-    1,372,254 parameters at ``width=1``.
+    (-> 16x16); Dropout; 192w, 192w, 192w/stride 2 (-> 8x8); Dropout; 3x3 192w without
+    padding (-> 6x6), 1x1 192w, 1x1 ``num_classes`` (BN and ReLU too, as in the original);
+    global average pool.  Output (N, num_classes).  1,372,254 parameters at ``width=1``.
     """
     c1, c2 = _scaled(96, width), _scaled(192, width)
     num_classes = _positive("num_classes", num_classes)
