@@ -149,7 +149,9 @@ def lanczos(
     rounding level) its Ritz pairs are exact; the iteration continues from a
     random vector orthogonal to the basis, which is also how copies of a
     repeated eigenvalue are found (a single Krylov space contains only one
-    direction of each eigenspace).  With many distinct eigenvalues and no
+    direction of each eigenspace).  Convergence is not declared until the new
+    block has run k steps (or the basis is full and restarted), so exact Ritz
+    values of the first block cannot hide larger eigenvalues of the complement.  With many distinct eigenvalues and no
     breakdown, further copies of a multiple eigenvalue can be missed, as with
     any single-vector Krylov method; ask for extra pairs or use a block method.
 
@@ -214,7 +216,7 @@ def _check_v0(v0: Any, op: LinearOperator) -> torch.Tensor:
     if v0.dtype != op.dtype:
         raise TypeError(f"v0 has dtype {v0.dtype} but the operator is {op.dtype}")
     if v0.device != op.device:
-        raise ValueError(f"v0 is on {v0.device} but the operator lives on {op.device}")
+        raise ValueError(f"v0 is on device {v0.device} but the operator lives on {op.device}")
     norm = float(v0.norm())
     if not math.isfinite(norm) or norm == 0.0:
         raise ValueError("v0 must be finite and nonzero")
@@ -289,6 +291,7 @@ class _State:
     anorm: float = 0.0  # lower bound on ||A||
     restarts: int = 0
     exhausted: bool = False  # the basis spans the whole space
+    fresh: int = 0  # steps since the last breakdown (restart: the kept vectors)
 
 
 def _thick_restart(
@@ -322,7 +325,7 @@ def _thick_restart(
                     break
                 _expand(op, st, gen, op.matvecs - start)
                 bar.update(1)
-                if st.j >= k:
+                if st.j >= k and st.fresh >= k:
                     ritz = _ritz(st, k, which, tol, op.dtype)
                     nconv = int(ritz[3][ritz[4]].sum())
                     bar.set_postfix(converged=f"{nconv}/{k}")
@@ -374,8 +377,10 @@ def _expand(op: LinearOperator, st: _State, gen: torch.Generator, iteration: int
             st.exhausted = True
         else:
             st.Q[j + 1] = fresh
+        st.fresh = -1
     st.H[j + 1, j] = st.H[j, j + 1] = b
     st.j = j + 1
+    st.fresh += 1
 
 
 def _ritz(
@@ -415,6 +420,7 @@ def _restart(st: _State, nkeep: int, which: str) -> None:
     st.H[:nkeep, nkeep] = coupling
     st.H[nkeep, :nkeep] = coupling
     st.j = nkeep
+    st.fresh = nkeep
     st.restarts += 1
 
 
