@@ -112,7 +112,8 @@ def mnistfc(hidden: int = 1024, dropout: float = 0.5, batchnorm: bool = True) ->
 
     Each hidden layer is Linear - BatchNorm1d - ReLU - Dropout(``dropout``); the input gets
     Dropout(0.2), both as in Entropy-SGD's reference code.  ``dropout=0`` removes both
-    dropouts; with ``batchnorm=False`` too it is the plain MLP.  1,867,786 parameters at the defaults.
+    dropouts; with ``batchnorm=False`` too it is the plain MLP.  1,867,786 parameters at
+    the defaults.
     """
     hidden = _positive("hidden", hidden)
     _probability("dropout", dropout)

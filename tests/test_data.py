@@ -328,9 +328,8 @@ def test_subsample_is_reproducible() -> None:
 def test_verify_hashes(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_bytes(b"abc")
-    fetch_data.verify_integrity(
-        f, "sha512-3a81oZNherrMQXNJriBBMRLm+k6JqX6iCp7u5ktV05ohkpkqJ0/BqDa6PCOj/uu9RU1EI2Q86A4qmslPpUyknw=="
-    )
+    abc_sha512 = "3a81oZNherrMQXNJriBBMRLm+k6JqX6iCp7u5ktV05ohkpkqJ0/BqDa6PCOj/uu9RU1EI2Q86A4qmslPpUyknw=="
+    fetch_data.verify_integrity(f, f"sha512-{abc_sha512}")
     with pytest.raises(fetch_data.FetchError, match="integrity mismatch"):
         fetch_data.verify_integrity(f, fetch_data.MNIST_INTEGRITY)
     fetch_data.verify_sha256(f, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
@@ -365,7 +364,10 @@ def fake_sources(monkeypatch: pytest.MonkeyPatch, log: list[str], pin: str = "v1
     monkeypatch.setattr(
         fetch_data,
         "SOURCES",
-        {"ok": fetch_data.Source("ok", pin, build_ok), "bad": fetch_data.Source("bad", pin, build_fail)},
+        {
+            "ok": fetch_data.Source("ok", pin, build_ok),
+            "bad": fetch_data.Source("bad", pin, build_fail),
+        },
     )
 
 
