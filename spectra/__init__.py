@@ -1,17 +1,32 @@
-"""hessian-spectra: curvature of neural-network loss landscapes as linear operators."""
+"""hessian-spectra: curvature of neural-network loss landscapes as linear operators.
+
+Data flows one way: model + loss + data -> operator -> algorithm -> result
+(:class:`Spectrum` or eigenpairs) -> plot or report.
+"""
 
 __version__ = "0.1.0"
 
+from . import plot  # noqa: E402
+from .exact import exact_hessian, exact_spectrum  # noqa: E402
+from .fisher import EmpiricalFisherOperator, empirical_fisher_operator  # noqa: E402
+from .gauss_newton import GGNOperator, ggn_operator  # noqa: E402
 from .hessian import HessianOperator, hessian_operator  # noqa: E402
 from .linear_operator import LinearOperator, as_linear_operator  # noqa: E402
 from .parameters import ParameterView  # noqa: E402
 from .spectrum import Spectrum  # noqa: E402
 
 __all__ = [
+    "EmpiricalFisherOperator",
+    "GGNOperator",
     "HessianOperator",
     "LinearOperator",
     "ParameterView",
     "Spectrum",
     "as_linear_operator",
+    "empirical_fisher_operator",
+    "exact_hessian",
+    "exact_spectrum",
+    "ggn_operator",
     "hessian_operator",
+    "plot",
 ]

@@ -93,7 +93,7 @@ def dense_matrix(
     the operator is symmetric), so peak memory is the matrix plus one block.
     """
     n = op.shape[0]
-    chunk = int(chunk_size or DEFAULT_CHUNK_SIZE)
+    chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     chunk = min(chunk, n)
@@ -203,7 +203,7 @@ def spectrum_of(
     """Exact spectrum of an already-built curvature operator (Hessian, GGN or Fisher)."""
     n = op.shape[0]
     itemsize = torch.empty((), dtype=op.dtype).element_size()
-    chunk = min(int(chunk_size or DEFAULT_CHUNK_SIZE), n)
+    chunk = min(DEFAULT_CHUNK_SIZE if chunk_size is None else max(int(chunk_size), 1), n)
     extra = max(4 * chunk * n * itemsize, eigensolver_workspace_bytes(n, op.dtype, op.device))
     _require_memory(n, op.dtype, op.device, extra, "the exact spectrum")
     t0 = time.perf_counter()

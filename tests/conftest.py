@@ -1,0 +1,35 @@
+"""Shared references for the tests: dense Hessians computed independently of spectra."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+def flat_params(model: nn.Module) -> tuple[list[str], list[torch.Size], torch.Tensor]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    shapes = [p.shape for _, p in named]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+    return names, shapes, theta
+
+
+def reference_hessian(model: nn.Module, loss_fn, inputs, targets) -> torch.Tensor:
+    """Hessian of loss_fn(model(inputs), targets) over ALL data at once, by
+    torch.autograd.functional.hessian (double backward, no torch.func, no batching)."""
+    names, shapes, theta = flat_params(model)
+    sizes = [s.numel() for s in shapes]
+    buffers = {n: b for n, b in model.named_buffers()}
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        params = {n: p.view(s) for n, p, s in zip(names, torch.split(t, sizes), shapes)}
+        out = torch.func.functional_call(model, {**params, **buffers}, (inputs,))
+        return loss_fn(out, targets)
+
+    return torch.autograd.functional.hessian(f, theta)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
