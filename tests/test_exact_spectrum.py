@@ -36,7 +36,8 @@ def test_exact_spectrum_matches_eigvalsh_of_reference():
     np.testing.assert_array_equal(s.top(3), s.eigenvalues[::-1][:3])
     np.testing.assert_array_equal(s.bottom(2), s.eigenvalues[:2])
     np.testing.assert_allclose(s.top(3), ref[::-1][:3], rtol=1e-12)
-    assert s.fraction_negative() == pytest.approx(np.mean(ref < 0))
+    # eigenvalues within round-off of zero may take either sign
+    assert np.mean(ref < -1e-12) <= s.fraction_negative() <= np.mean(ref < 1e-12)
     assert s.fraction_near_zero(1e-3) == pytest.approx(np.mean(np.abs(ref) <= 1e-3))
 
 
