@@ -130,11 +130,12 @@ def lanczos_step(
             f"the operator returned NaN or Inf at Lanczos iteration {iteration} "
             f"(basis vector {j}); check the model/loss for non-finite values"
         )
+    W = W.T.contiguous()  # (b, n): each probe's vector contiguous for fast GEMVs
     hs = np.zeros((len(idx), j + 1))
     betas = np.zeros(len(idx))
     for i, p in enumerate(idx):
         basis = Q[p, : j + 1]
-        w = W[:, i]
+        w = W[i]
         h = basis @ w
         w = w - basis.T @ h
         h2 = basis @ w

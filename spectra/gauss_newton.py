@@ -46,6 +46,23 @@ class GGNOperator(CurvatureOperator):
 
         return self._vmap(ggn_v, V)
 
+    def _batch_matmat_autograd(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
+        theta = self.theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            z = self.outputs(theta, batch.inputs)
+            u = torch.zeros_like(z, requires_grad=True)
+            (jt_u,) = torch.autograd.grad(z, theta, u, create_graph=True)  # J^T u, linear in u
+            zd = z.detach().requires_grad_(True)
+            loss = mean_loss(self.loss_fn, zd, batch.targets, batch.size, self.reduction)
+            (gz,) = torch.autograd.grad(loss, zd, create_graph=True)
+            cols = []
+            for j in range(V.shape[1]):
+                (jv,) = torch.autograd.grad(jt_u, u, V[:, j], retain_graph=True)
+                (hjv,) = torch.autograd.grad(gz, zd, jv, retain_graph=True)
+                (col,) = torch.autograd.grad(z, theta, hjv, retain_graph=True)
+                cols.append(col)
+        return torch.stack(cols, dim=1).detach()
+
 
 def ggn_operator(
     model: nn.Module,

@@ -81,9 +81,8 @@ def spectrum(
 
     fig = Figure(figsize=figsize)
     ax = fig.add_axes((0.1, 0.1, 0.85, 0.55))
-    edges = np.linspace(-half, half, bins + 1)
-    if not np.any(np.isclose(edges, 0.0)):
-        edges = np.union1d(edges, [-near_zero_tol, near_zero_tol])
+    # an odd bin count puts zero in the middle of one bin: the peak is one bar
+    edges = np.linspace(-half, half, bins + (1 - bins % 2) + 1)
     peak_height, rest_height = 1.0, 1.0
     zero_bin = int(np.searchsorted(edges, 0.0, side="right") - 1)
     for s, name, color in zip(items, names, colors, strict=True):
