@@ -111,7 +111,7 @@ def test_batch_split_invariance():
     model, X, y = tanh_mlp()
     loss = nn.CrossEntropyLoss()
     cuts = [0, 1, 4, 5, 9, 13, 16, 17]  # 7 uneven batches, one of a single sample
-    uneven = [(X[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    uneven = [(X[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=5)
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64)
     one = spectra.hessian_operator(model, loss, (X, y)) @ v
