@@ -130,22 +130,34 @@ def lanczos_step(
             f"the operator returned NaN or Inf at Lanczos iteration {iteration} "
             f"(basis vector {j}); check the model/loss for non-finite values"
         )
-    W = W.T.contiguous()  # (b, n): each probe's vector contiguous for fast GEMVs
-    hs = np.zeros((len(idx), j + 1))
-    betas = np.zeros(len(idx))
-    for i, p in enumerate(idx):
-        basis = Q[p, : j + 1]
-        w = W[i]
-        h = basis @ w
-        w = w - basis.T @ h
-        h2 = basis @ w
-        w = w - basis.T @ h2
-        hs[i] = (h + h2).to(torch.float64).cpu().numpy()
-        beta = float(w.norm())
-        betas[i] = beta
-        if j + 1 < Q.shape[1]:
-            Q[p, j + 1] = w / beta if beta > 0 else 0.0
+    W = W.T.contiguous()  # (b, n): each probe's vector contiguous
+    if len(idx) == Q.shape[0]:
+        # every basis active: one batched GEMV per pass instead of b small ones
+        H, W = _reorthogonalize(Q[:, : j + 1], W)
+    else:
+        parts = [_reorthogonalize(Q[p, None, : j + 1], W[i, None]) for i, p in enumerate(idx)]
+        H = torch.cat([h for h, _ in parts])
+        W = torch.cat([w for _, w in parts])
+    hs = H.to(torch.float64).cpu().numpy()
+    betas = torch.linalg.vector_norm(W, dim=1).to(torch.float64).cpu().numpy()
+    if j + 1 < Q.shape[1]:
+        for i, p in enumerate(idx):
+            Q[p, j + 1] = W[i] / betas[i] if betas[i] > 0 else 0.0
     return hs, betas
+
+
+def _reorthogonalize(
+    basis: torch.Tensor, W: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two passes of classical Gram-Schmidt of ``W`` (b, n) against ``basis`` (b, j, n).
+
+    Returns the accumulated projections (b, j) and the orthogonalised (b, n) block.
+    """
+    h = torch.bmm(basis, W.unsqueeze(2))
+    W = W - torch.bmm(basis.transpose(1, 2), h).squeeze(2)
+    h2 = torch.bmm(basis, W.unsqueeze(2))
+    W = W - torch.bmm(basis.transpose(1, 2), h2).squeeze(2)
+    return (h + h2).squeeze(2), W
 
 
 def progress_bar(total: int, desc: str, progress: bool | None) -> tqdm:
