@@ -25,12 +25,48 @@ from .linear_operator import LinearOperator
 from .parameters import ParamSelector
 from .spectrum import Spectrum
 
-__all__ = ["exact_hessian", "exact_spectrum", "dense_matrix", "available_memory_bytes"]
+__all__ = [
+    "auto_chunk_size",
+    "available_memory_bytes",
+    "dense_matrix",
+    "exact_hessian",
+    "exact_spectrum",
+    "spectrum_of",
+]
 
-#: Columns per block.  32 measured fastest per column for the paper's
-#: small-mnistfc on 2 CPU cores (see benchmarks/bench_exact.py); larger blocks
-#: only add tangent memory.
-DEFAULT_CHUNK_SIZE = 32
+#: Memory allowed for one block of tangents when ``chunk_size`` is not given.
+#: Per-vector cost falls steeply with the block size (each block re-runs the
+#: forward and backward passes over all data; see benchmarks/bench_exact.py), so
+#: blocks are as large as this budget allows, within [16, 2048] columns.
+CHUNK_BUDGET_BYTES = 1 << 30
+
+
+def auto_chunk_size(op: CurvatureOperator, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
+    """Columns per block so that one block's tangents fit in ``budget_bytes``.
+
+    A column carries a tangent through every activation of the largest batch
+    (forward) and back (backward), plus a few length-n vectors; activation sizes
+    are measured with forward hooks on one forward pass.
+    """
+    largest = max(op.source, key=lambda b: b.size)
+    elements = 0
+
+    def count(_module, _inputs, output):
+        nonlocal elements
+        if isinstance(output, torch.Tensor):
+            elements += output.numel()
+
+    leaves = [m for m in op.model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad(), op.evaluation_mode():
+            op.outputs(op.theta, largest.inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    itemsize = torch.empty((), dtype=op.dtype).element_size()
+    per_column = itemsize * (3 * elements + 4 * op.shape[0])
+    return int(min(max(budget_bytes // max(per_column, 1), 16), 2048, op.shape[0]))
 
 
 def available_memory_bytes(device: torch.device | str = "cpu") -> int:
@@ -93,10 +129,7 @@ def dense_matrix(
     the operator is symmetric), so peak memory is the matrix plus one block.
     """
     n = op.shape[0]
-    chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    chunk = min(chunk, n)
+    chunk = _resolve_chunk(op, chunk_size)
     itemsize = torch.empty((), dtype=op.dtype).element_size()
     if memory_check:
         _require_memory(n, op.dtype, op.device, 4 * chunk * n * itemsize, "the exact Hessian")
@@ -110,6 +143,16 @@ def dense_matrix(
         bar.update(stop - start)
     bar.close()
     return H, _symmetrize_inplace(H, block=max(chunk, 256))
+
+
+def _resolve_chunk(op: LinearOperator, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return min(int(chunk_size), op.shape[0])
+    if isinstance(op, CurvatureOperator):
+        return auto_chunk_size(op)
+    return min(256, op.shape[0])
 
 
 def _quiet(progress: bool | None, n: int) -> bool:
@@ -156,8 +199,9 @@ def exact_hessian(
         dtype: float32 by default: the paper's 50k-parameter networks need 10 GB
             in float32 and 20 GB in float64; use float64 for small networks when
             eigenvalues below ~1e-6 x lambda_max matter.
-        chunk_size: columns per block (default 32).  Memory is n^2 + ~4 x chunk x n
-            scalars plus the model's activations for ``chunk`` tangents.
+        chunk_size: columns per block; default :func:`auto_chunk_size` (as many as
+            fit a 1 GiB tangent budget).  Memory is n^2 + ~4 x chunk x n scalars
+            plus the model's activations for ``chunk`` tangents.
         progress: show a progress bar (default: for n >= 5000).
         return_asymmetry: also return ||H - H^T||_F / ||H||_F before symmetrising.
         options: passed to the operator (``train_mode``, ``forward``, ``backend``).
@@ -203,7 +247,7 @@ def spectrum_of(
     """Exact spectrum of an already-built curvature operator (Hessian, GGN or Fisher)."""
     n = op.shape[0]
     itemsize = torch.empty((), dtype=op.dtype).element_size()
-    chunk = min(DEFAULT_CHUNK_SIZE if chunk_size is None else max(int(chunk_size), 1), n)
+    chunk = _resolve_chunk(op, chunk_size)
     extra = max(4 * chunk * n * itemsize, eigensolver_workspace_bytes(n, op.dtype, op.device))
     _require_memory(n, op.dtype, op.device, extra, "the exact spectrum")
     t0 = time.perf_counter()
