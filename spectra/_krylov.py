@@ -130,34 +130,37 @@ def lanczos_step(
             f"the operator returned NaN or Inf at Lanczos iteration {iteration} "
             f"(basis vector {j}); check the model/loss for non-finite values"
         )
-    W = W.T.contiguous()  # (b, n): each probe's vector contiguous
+    W = W.T.contiguous()  # (b, n): each vector contiguous; orthogonalised in place below
+    if W.untyped_storage().data_ptr() == Q.untyped_storage().data_ptr():
+        W = W.clone()  # the operator returned a view of its input (e.g. the identity)
     if len(idx) == Q.shape[0]:
         # every basis active: one batched GEMV per pass instead of b small ones
-        H, W = _reorthogonalize(Q[:, : j + 1], W)
+        H = _reorthogonalize(Q[:, : j + 1], W)
     else:
-        parts = [_reorthogonalize(Q[p, None, : j + 1], W[i, None]) for i, p in enumerate(idx)]
-        H = torch.cat([h for h, _ in parts])
-        W = torch.cat([w for _, w in parts])
+        H = torch.cat([_reorthogonalize(Q[p, None, : j + 1], W[i, None]) for i, p in enumerate(idx)])
     hs = H.to(torch.float64).cpu().numpy()
     betas = torch.linalg.vector_norm(W, dim=1).to(torch.float64).cpu().numpy()
     if j + 1 < Q.shape[1]:
         for i, p in enumerate(idx):
-            Q[p, j + 1] = W[i] / betas[i] if betas[i] > 0 else 0.0
+            if betas[i] > 0:
+                torch.div(W[i], float(betas[i]), out=Q[p, j + 1])
+            else:
+                Q[p, j + 1] = 0.0
     return hs, betas
 
 
-def _reorthogonalize(
-    basis: torch.Tensor, W: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _reorthogonalize(basis: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """Two passes of classical Gram-Schmidt of ``W`` (b, n) against ``basis`` (b, j, n).
 
-    Returns the accumulated projections (b, j) and the orthogonalised (b, n) block.
+    ``W`` is updated in place; returns the accumulated projections (b, j).  The
+    correction is formed as the row product ``h^T basis`` so the basis is never
+    transposed or copied: the temporaries are one (b, n) block.
     """
-    h = torch.bmm(basis, W.unsqueeze(2))
-    W = W - torch.bmm(basis.transpose(1, 2), h).squeeze(2)
-    h2 = torch.bmm(basis, W.unsqueeze(2))
-    W = W - torch.bmm(basis.transpose(1, 2), h2).squeeze(2)
-    return (h + h2).squeeze(2), W
+    h = torch.bmm(basis, W.unsqueeze(2)).squeeze(2)
+    W.sub_(torch.bmm(h.unsqueeze(1), basis).squeeze(1))
+    h2 = torch.bmm(basis, W.unsqueeze(2)).squeeze(2)
+    W.sub_(torch.bmm(h2.unsqueeze(1), basis).squeeze(1))
+    return h + h2
 
 
 def progress_bar(total: int, desc: str, progress: bool | None) -> tqdm:
