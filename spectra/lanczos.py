@@ -314,7 +314,6 @@ def _thick_restart(
     Q[0] = v0
     st = _State(Q=Q, H=np.zeros((m + 1, m + 1)))
     nkeep = min(k + max((m - k) // 2, 1), m - 1)
-    ritz = None
     with progress_bar(max_matvecs, f"lanczos(k={k}, {which})", progress) as bar:
         bar.update(op.matvecs - start)
         while True:
@@ -326,18 +325,16 @@ def _thick_restart(
                 _expand(op, st, gen, op.matvecs - start)
                 bar.update(1)
                 if st.j >= k and st.fresh >= k:
-                    ritz = _ritz(st, k, which, tol, op.dtype)
-                    nconv = int(ritz[3][ritz[4]].sum())
+                    _, _, _, conv, idx = _ritz(st, k, which, tol, op.dtype)
+                    nconv = int(conv[idx].sum())
                     bar.set_postfix(converged=f"{nconv}/{k}")
                     if nconv == k:
                         done = True
                         break
-            if done or st.exhausted or ritz is None:
-                break
+            if done or st.exhausted or op.matvecs - start >= max_matvecs:
+                break  # (never restart without budget for a step after it)
             _restart(st, nkeep, which)
-    if ritz is None or st.j < k:
-        ritz = _ritz(st, k, which, tol, op.dtype)
-    theta, S, res, conv, idx = ritz
+    theta, S, res, conv, idx = _ritz(st, k, which, tol, op.dtype)
     if not conv[idx].all():
         warnings.warn(
             f"lanczos: {int(conv[idx].sum())}/{k} eigenpairs converged to tol={tol:g} within "

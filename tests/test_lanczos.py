@@ -245,3 +245,13 @@ def test_bad_start_vector(separated):
         warnings.simplefilter("error")
         r = lanczos(A, 2, v0=torch.ones(n, dtype=torch.float64))
     np.testing.assert_allclose(r.eigenvalues.numpy(), [10, 9], rtol=1e-8)
+
+
+@pytest.mark.parametrize("budget", [14, 15, 16, 23])
+def test_unconverged_residuals_still_bound_error(separated, budget):
+    """Stopping at, just after, and between restarts: the error bars stay honest."""
+    A, exact = separated
+    with pytest.warns(ConvergenceWarning):
+        r = lanczos(A, 5, which="SA", max_matvecs=budget, ncv=12, seed=3)
+    assert r.matvecs <= budget and r.eigenvalues.shape == (5,)
+    _check_bounds(A, r, exact)
