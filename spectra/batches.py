@@ -138,17 +138,25 @@ class DataSource:
             )
         self.device = device
         self.dtype = dtype
-        self.num_samples = 0
+        self.num_samples = 0  # N: all samples the average runs over (all ranks)
+        self.local_samples = 0  # samples in this object's data (this rank's shard)
         self.num_batches = 0
 
-    def count(self) -> int:
-        """Pass over the data once to find N; raise on empty data or malformed batches."""
+    def count(self, reduce_total: Callable[[int], int] | None = None) -> int:
+        """Pass over the data once to find N; raise on empty data or malformed batches.
+
+        ``reduce_total`` maps this shard's sample count to the total over all
+        shards (a sum over ranks when the data are distributed); by default the
+        data are all there is.  A shard may be empty; the total may not.
+        """
         sizes = [batch_size(*self._unpack(i, item)) for i, item in enumerate(self._data)]
-        if not sizes or sum(sizes) == 0:
-            raise ValueError("data is empty: no samples to average the curvature over")
-        self.num_samples = sum(sizes)
+        self.local_samples = sum(sizes)
         self.num_batches = len(sizes)
-        return self.num_samples
+        total = reduce_total(self.local_samples) if reduce_total else self.local_samples
+        if total == 0:
+            raise ValueError("data is empty: no samples to average the curvature over")
+        self.num_samples = total
+        return total
 
     def _unpack(self, index: int, item: Any) -> tuple[Inputs, Any]:
         if not (isinstance(item, tuple | list) and len(item) == 2):
@@ -172,9 +180,9 @@ class DataSource:
                 size=size,
                 weight=size / self.num_samples,
             )
-        if seen != self.num_samples:
+        if seen != self.local_samples:
             raise RuntimeError(
-                f"data yielded {seen} samples this pass but {self.num_samples} when counted; "
+                f"data yielded {seen} samples this pass but {self.local_samples} when counted; "
                 "the curvature needs the same data on every pass (no infinite or "
                 "resampling loaders)"
             )

@@ -92,6 +92,8 @@ class LinearOperator(ABC):
                 f"operator lives on {self._device} but the vector is on {x.device}; "
                 f"move it with v.to('{self._device}')"
             )
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("the vector contains NaN or Inf; curvature products need finite input")
         return x
 
     def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
