@@ -37,6 +37,7 @@ crash on parameters without a gradient; those are bugs, not options, and are not
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -118,7 +119,7 @@ def check_local_entropy_group(group: dict[str, Any]) -> None:
     check_nonneg("lr", group["lr"], "the learning rate is a step size")
     check_nonneg("weight_decay", group["weight_decay"])
     L = group["L"]
-    if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+    if isinstance(L, bool) or not isinstance(L, numbers.Integral) or L < 1:
         raise ValueError(f"L (SGLD iterations per step) must be an int >= 1, got {L!r}")
     check_nonneg("sgld_lr", group["sgld_lr"], "the paper uses 0.1 to 1")
     check_nonneg("noise", group["noise"], "the paper uses 1e-4 to 1e-3")
@@ -192,7 +193,7 @@ def _sgld_update(
 
 
 def _copy(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
-    if foreach:
+    if foreach and hasattr(torch, "_foreach_copy_"):  # added in torch 2.2
         torch._foreach_copy_(dst, src)
     else:
         for d, s in zip(dst, src, strict=True):
@@ -225,6 +226,11 @@ class LocalEntropyOptimizer(Optimizer):
         self.generator = generator
         self.diagnostics = diagnostics
         self._noise = NoiseBuffers()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its hyper-parameters are validated now (and again at every step)."""
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
 
     # -- hooks for subclasses -------------------------------------------------------------
     def _check_group(self, group: dict[str, Any]) -> None:

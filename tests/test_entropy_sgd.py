@@ -293,3 +293,13 @@ def test_missing_closure_and_sparse_gradients_raise():
 
     with pytest.raises(ValueError, match="sparse gradients"):
         opt.step(closure)
+
+
+def test_bad_value_in_a_param_group_is_caught():
+    p = torch.nn.Parameter(torch.ones(1))
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        EntropySGD([{"params": [p], "lr": -0.1}])
+    opt = EntropySGD([p])
+    opt.param_groups[0]["L"] = 0  # edited after construction: caught at the next step
+    with pytest.raises(ValueError, match="L .* >= 1"):
+        opt.step(lambda: (p**2).sum())
