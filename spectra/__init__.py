@@ -7,15 +7,24 @@ Data flows one way: model + loss + data -> operator -> algorithm -> result
 __version__ = "0.1.0"
 
 from . import plot  # noqa: E402
+from .density import spectral_density  # noqa: E402
 from .exact import exact_hessian, exact_spectrum  # noqa: E402
 from .fisher import EmpiricalFisherOperator, empirical_fisher_operator  # noqa: E402
 from .gauss_newton import GGNOperator, ggn_operator  # noqa: E402
 from .hessian import HessianOperator, hessian_operator  # noqa: E402
+from .lanczos import ConvergenceWarning, LanczosResult, lanczos  # noqa: E402
 from .linear_operator import LinearOperator, as_linear_operator  # noqa: E402
 from .parameters import ParameterView  # noqa: E402
 from .spectrum import Spectrum  # noqa: E402
+from .trace import TraceEstimate, trace  # noqa: E402
 
 __all__ = [
+    "ConvergenceWarning",
+    "LanczosResult",
+    "TraceEstimate",
+    "lanczos",
+    "spectral_density",
+    "trace",
     "EmpiricalFisherOperator",
     "GGNOperator",
     "HessianOperator",

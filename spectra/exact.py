@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import MatrixCheckpoint, operator_fingerprint
 from .curvature import CurvatureOperator
 from .dense_eigensolver import eigensolver_workspace_bytes, eigvalsh_inplace
 from .hessian import hessian_operator
@@ -120,6 +121,8 @@ def dense_matrix(
     chunk_size: int | None = None,
     progress: bool | None = None,
     memory_check: bool = True,
+    checkpoint: str | os.PathLike | MatrixCheckpoint | None = None,
+    checkpoint_every: float = 300.0,
 ) -> tuple[torch.Tensor, float]:
     """Assemble a symmetric operator into an (n, n) tensor; symmetrise it in place.
 
@@ -127,22 +130,65 @@ def dense_matrix(
     assembled matrix before symmetrisation (round-off only, for a true Hessian).
     Rows are written block by block (the operator's block product, transposed:
     the operator is symmetric), so peak memory is the matrix plus one block.
+
+    With ``checkpoint`` (a folder; CPU only) the matrix is built in a memory-mapped
+    file there and progress is committed atomically at most every
+    ``checkpoint_every`` seconds (default 5 minutes: a commit flushes the rows
+    written since the last one, so more frequent commits cost disk bandwidth).
+    A run killed at any point and restarted with the same arguments resumes from
+    the last commit and gives the same matrix, bit for bit.  The returned tensor
+    then shares memory with the file.
     """
     n = op.shape[0]
     chunk = _resolve_chunk(op, chunk_size)
     itemsize = torch.empty((), dtype=op.dtype).element_size()
     if memory_check:
         _require_memory(n, op.dtype, op.device, 4 * chunk * n * itemsize, "the exact Hessian")
-    H = torch.empty((n, n), dtype=op.dtype, device=op.device)
-    bar = tqdm(total=n, desc="Hessian columns", unit="col", disable=_quiet(progress, n))
-    for start in range(0, n, chunk):
+    store = _open_checkpoint(op, checkpoint)
+    if store is not None:
+        mapped = store.open("r+")
+        H = torch.from_numpy(mapped)
+        first = store.rows_done
+    else:
+        mapped = None
+        H = torch.empty((n, n), dtype=op.dtype, device=op.device)
+        first = 0
+    bar = tqdm(total=n, initial=first, desc="Hessian rows", unit="row",
+               disable=_quiet(progress, n))
+    last_commit = time.monotonic()
+    for start in range(first, n, chunk):
         stop = min(n, start + chunk)
         E = torch.zeros((n, stop - start), dtype=op.dtype, device=op.device)
         E[torch.arange(start, stop), torch.arange(stop - start)] = 1
         H[start:stop] = (op @ E).T
         bar.update(stop - start)
+        if store is not None and (stop == n or time.monotonic() - last_commit >= checkpoint_every):
+            store.commit(mapped, rows_done=stop)
+            last_commit = time.monotonic()
     bar.close()
-    return H, _symmetrize_inplace(H, block=max(chunk, 256))
+    block = max(chunk, 256)
+    if store is not None and "asymmetry" in store.state:
+        asym = float(store.state["asymmetry"])  # measured before an interrupted symmetrisation
+    else:
+        asym = _asymmetry(H, block)
+        if store is not None:
+            store.commit(mapped, asymmetry=asym)
+    _symmetrize_inplace(H, block)  # idempotent, so safe to redo after a crash
+    if store is not None:
+        store.commit(mapped, symmetrized=True)
+    return H, asym
+
+
+def _open_checkpoint(
+    op: LinearOperator, checkpoint: str | os.PathLike | MatrixCheckpoint | None
+) -> MatrixCheckpoint | None:
+    if checkpoint is None or isinstance(checkpoint, MatrixCheckpoint):
+        return checkpoint
+    if op.device.type != "cpu":
+        raise ValueError(
+            f"checkpoint= builds the matrix in a file on the host; the operator is on {op.device}"
+        )
+    return MatrixCheckpoint(checkpoint, operator_fingerprint(op), op.shape[0], op.dtype)
 
 
 def _resolve_chunk(op: LinearOperator, chunk_size: int | None) -> int:
@@ -159,25 +205,29 @@ def _quiet(progress: bool | None, n: int) -> bool:
     return not progress if progress is not None else n < 5000
 
 
-def _symmetrize_inplace(H: torch.Tensor, block: int) -> float:
-    """H <- (H + H^T) / 2 block-pair by block-pair; return ||H - H^T||_F / ||H||_F."""
-    n = H.shape[0]
-    diff_sq = 0.0
-    norm_sq = 0.0
+def _block_pairs(n: int, block: int):
     for i in range(0, n, block):
-        bi = slice(i, min(n, i + block))
         for j in range(i, n, block):
-            bj = slice(j, min(n, j + block))
-            upper, lower_t = H[bi, bj], H[bj, bi].T
-            d = (upper - lower_t).double()
-            diff_sq += (2.0 if i != j else 1.0) * float((d * d).sum())
-            norm_sq += float((upper.double() ** 2).sum()) + (
-                float((lower_t.double() ** 2).sum()) if i != j else 0.0
-            )
-            avg = (upper + lower_t) / 2
-            H[bi, bj] = avg
-            H[bj, bi] = avg.T
+            yield i == j, slice(i, min(n, i + block)), slice(j, min(n, j + block))
+
+
+def _asymmetry(H: torch.Tensor, block: int) -> float:
+    """||H - H^T||_F / ||H||_F, one block pair at a time (no n x n temporary)."""
+    diff_sq = norm_sq = 0.0
+    for diagonal, bi, bj in _block_pairs(H.shape[0], block):
+        upper, lower_t = H[bi, bj].double(), H[bj, bi].T.double()
+        factor = 1.0 if diagonal else 2.0
+        diff_sq += factor * float(((upper - lower_t) ** 2).sum())
+        norm_sq += float((upper**2).sum()) + (0.0 if diagonal else float((lower_t**2).sum()))
     return (diff_sq / norm_sq) ** 0.5 if norm_sq > 0 else 0.0
+
+
+def _symmetrize_inplace(H: torch.Tensor, block: int) -> None:
+    """H <- (H + H^T) / 2, block pair by block pair."""
+    for _, bi, bj in _block_pairs(H.shape[0], block):
+        avg = (H[bi, bj] + H[bj, bi].T) / 2
+        H[bi, bj] = avg
+        H[bj, bi] = avg.T
 
 
 def exact_hessian(
@@ -190,6 +240,8 @@ def exact_hessian(
     chunk_size: int | None = None,
     progress: bool | None = None,
     return_asymmetry: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 300.0,
     **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, float]:
     """The full (n, n) Hessian of the sample-averaged loss, symmetrised.
@@ -204,12 +256,16 @@ def exact_hessian(
             plus the model's activations for ``chunk`` tangents.
         progress: show a progress bar (default: for n >= 5000).
         return_asymmetry: also return ||H - H^T||_F / ||H||_F before symmetrising.
+        checkpoint: a folder; the build resumes from it after an interruption
+            (see :func:`dense_matrix`).  The matrix then lives in a file there.
+        checkpoint_every: seconds between progress commits (default 300).
         options: passed to the operator (``train_mode``, ``forward``, ``backend``).
 
     Raises ``MemoryError`` before allocating anything if the matrix does not fit.
     """
     op = hessian_operator(model, loss_fn, data, params=params, dtype=dtype, **options)
-    H, asym = dense_matrix(op, chunk_size=chunk_size, progress=progress)
+    H, asym = dense_matrix(op, chunk_size=chunk_size, progress=progress, checkpoint=checkpoint,
+                           checkpoint_every=checkpoint_every)
     return (H, asym) if return_asymmetry else H
 
 
@@ -223,6 +279,8 @@ def exact_spectrum(
     chunk_size: int | None = None,
     name: str | None = None,
     progress: bool | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 300.0,
     **options: Any,
 ) -> Spectrum:
     """All eigenvalues of the Hessian, as a :class:`~spectra.spectrum.Spectrum`.
@@ -232,9 +290,14 @@ def exact_spectrum(
     one n x n matrix plus O(n) workspace on the CPU.  The memory check covers
     both steps and runs before any allocation.  Metadata: n parameters, n samples,
     dtype, the loss at the point, the asymmetry, build and solve seconds.
+
+    With ``checkpoint`` (a folder), the build resumes after an interruption and
+    the eigenvalues are stored there once computed, so a re-run returns them
+    without rebuilding; a checkpoint of another problem is refused.
     """
     op = hessian_operator(model, loss_fn, data, params=params, dtype=dtype, **options)
-    return spectrum_of(op, chunk_size=chunk_size, name=name, progress=progress)
+    return spectrum_of(op, chunk_size=chunk_size, name=name, progress=progress,
+                       checkpoint=checkpoint, checkpoint_every=checkpoint_every)
 
 
 def spectrum_of(
@@ -243,18 +306,34 @@ def spectrum_of(
     chunk_size: int | None = None,
     name: str | None = None,
     progress: bool | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 300.0,
 ) -> Spectrum:
     """Exact spectrum of an already-built curvature operator (Hessian, GGN or Fisher)."""
     n = op.shape[0]
     itemsize = torch.empty((), dtype=op.dtype).element_size()
-    chunk = _resolve_chunk(op, chunk_size)
-    extra = max(4 * chunk * n * itemsize, eigensolver_workspace_bytes(n, op.dtype, op.device))
-    _require_memory(n, op.dtype, op.device, extra, "the exact spectrum")
+    store = _open_checkpoint(op, checkpoint)
+    eigenvalues = store.load_array("eigenvalues") if store is not None else None
+    from_checkpoint = eigenvalues is not None
     t0 = time.perf_counter()
-    H, asym = dense_matrix(op, chunk_size=chunk, progress=progress, memory_check=False)
-    t1 = time.perf_counter()
-    eigenvalues = eigvalsh_inplace(H)
-    del H
+    if eigenvalues is None:
+        chunk = _resolve_chunk(op, chunk_size)
+        extra = max(4 * chunk * n * itemsize, eigensolver_workspace_bytes(n, op.dtype, op.device))
+        _require_memory(n, op.dtype, op.device, extra, "the exact spectrum")
+        H, asym = dense_matrix(op, chunk_size=chunk, progress=progress, memory_check=False,
+                               checkpoint=store, checkpoint_every=checkpoint_every)
+        if store is not None:
+            # solve on a private copy-on-write view so the checkpointed matrix stays intact
+            del H
+            H = torch.from_numpy(store.open("c"))
+        t1 = time.perf_counter()
+        eigenvalues = eigvalsh_inplace(H)
+        del H
+        if store is not None:
+            store.save_array("eigenvalues", eigenvalues)
+    else:
+        asym = float(store.state["asymmetry"])
+        t1 = t0
     t2 = time.perf_counter()
     return Spectrum.from_eigenvalues(
         eigenvalues,
@@ -269,5 +348,6 @@ def spectrum_of(
             "build_seconds": t1 - t0,
             "solve_seconds": t2 - t1,
             "device": str(op.device),
+            "eigenvalues_from_checkpoint": from_checkpoint,
         },
     )

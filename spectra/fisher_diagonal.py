@@ -220,13 +220,17 @@ def _check_adam_like(optimizer: Any) -> None:
             f"{', '.join(REQUIRED_STATE)} with each group's betas (torch.optim.Adam, AdamW, "
             "or Entropy-Adam)"
         )
-    for key, st in optimizer.state.items():
-        lacking = [k for k in REQUIRED_STATE if k not in st]
-        if st and lacking:
+
+
+def _check_state(entries: list[_Entry], optimizer: Any) -> None:
+    """Every stepped parameter's state must hold the moments (Adamax, say, does not)."""
+    for e in entries:
+        st = optimizer.state.get(e.param)
+        lacking = [k for k in REQUIRED_STATE if k not in st] if st else []
+        if lacking:
             raise TypeError(
-                f"{type(optimizer).__name__} state for a parameter of shape "
-                f"{tuple(getattr(key, 'shape', ()))} lacks {lacking}; the Fisher diagonal "
-                f"needs {', '.join(REQUIRED_STATE)} per parameter"
+                f"{type(optimizer).__name__} state for {e.name} lacks {lacking}; the Fisher "
+                f"diagonal needs {', '.join(REQUIRED_STATE)} per parameter"
             )
 
 
@@ -370,6 +374,7 @@ def fisher_diagonal_from_adam(
     """
     _check_adam_like(optimizer)
     entries = _select(_held(optimizer, model), params, optimizer, model is not None)
+    _check_state(entries, optimizer)
     entries, skipped = _with_state(entries, optimizer, explicit=params is not None)
     values, floors, steps, betas = [], [], [], []
     for e in entries:

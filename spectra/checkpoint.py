@@ -1,0 +1,176 @@
+"""Resumable long computations: fingerprints, atomic state files, row-checkpointed matrices.
+
+A checkpoint is a folder.  ``state.json`` is replaced atomically (temp file,
+fsync, rename), so it always describes work that is on disk; anything written
+after it is ignored on resume.  A fingerprint of the problem (operator kind,
+size, dtype, sample count, loss at the point, a hash of the weights) is stored
+with it, and a checkpoint whose fingerprint differs, or whose files are
+damaged, is refused with an error, never silently reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "operator_fingerprint",
+    "MatrixCheckpoint",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint exists but cannot be used for this computation."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def operator_fingerprint(op: Any) -> dict[str, Any]:
+    """What identifies a curvature problem: operator kind, n, dtype, N, loss, weights hash.
+
+    Works for any :class:`~spectra.linear_operator.LinearOperator`; the model-
+    specific fields are added when the operator has them (curvature operators).
+    """
+    fp: dict[str, Any] = {
+        "operator": type(op).__name__,
+        "n": int(op.shape[0]),
+        "dtype": str(op.dtype),
+    }
+    if hasattr(op, "theta"):
+        theta = op.theta.detach().to("cpu").contiguous()
+        fp["weights_sha256"] = hashlib.sha256(theta.view(torch.uint8).numpy().tobytes()).hexdigest()
+        fp["num_samples"] = int(op.num_samples)
+        fp["loss"] = float(op.loss)
+        fp["params"] = hashlib.sha256("\n".join(op.view.names).encode()).hexdigest()[:16]
+    return fp
+
+
+def _same(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    diffs = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key), current.get(key)
+        if key == "loss" and isinstance(a, float) and isinstance(b, float):
+            # the loss is summed in data order, which a shuffling loader may change
+            if math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12):
+                continue
+        if a != b:
+            diffs.append(f"{key}: checkpoint has {a!r}, this run has {b!r}")
+    return diffs
+
+
+class MatrixCheckpoint:
+    """An (n, n) matrix on disk (``matrix.bin``, memory-mapped) filled row block by row block.
+
+    ``state.json`` records how many leading rows are complete; :meth:`commit`
+    flushes the mapped rows to disk *before* replacing the state, so a crash at
+    any point leaves a consistent checkpoint.
+    """
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: dict[str, Any], n: int,
+                 dtype: torch.dtype) -> None:
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.n = n
+        self.np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        self.matrix_path = self.folder / "matrix.bin"
+        self.state_path = self.folder / "state.json"
+        self.state: dict[str, Any] = {"fingerprint": fingerprint, "rows_done": 0}
+        if self.state_path.exists():
+            self._load_existing()
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            size = n * n * self.np_dtype.itemsize
+            with open(self.matrix_path, "wb") as fh:
+                fh.truncate(size)
+            atomic_write_json(self.state_path, self.state)
+
+    def _load_existing(self) -> None:
+        try:
+            state = json.loads(self.state_path.read_text())
+            rows = int(state["rows_done"])
+            stored_fp = state["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {self.folder} is damaged ({exc}); delete it to start over"
+            ) from None
+        diffs = _same(stored_fp, self.fingerprint)
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {self.folder} belongs to another computation ("
+                + "; ".join(diffs) + "); use another checkpoint path or delete it"
+            )
+        expected = self.n * self.n * self.np_dtype.itemsize
+        actual = self.matrix_path.stat().st_size if self.matrix_path.exists() else -1
+        if actual != expected or not 0 <= rows <= self.n:
+            raise CheckpointError(
+                f"checkpoint {self.folder} is damaged (matrix file {actual} bytes, expected "
+                f"{expected}; rows_done={rows}); delete it to start over"
+            )
+        self.state = state
+
+    @property
+    def rows_done(self) -> int:
+        return int(self.state["rows_done"])
+
+    def open(self, mode: str = "r+") -> np.memmap:
+        """The matrix as a memory map: ``"r+"`` to fill it, ``"c"`` for private (copy-on-write)."""
+        return np.memmap(self.matrix_path, dtype=self.np_dtype, mode=mode, shape=(self.n, self.n))
+
+    def commit(self, matrix: np.memmap, **updates: Any) -> None:
+        """Flush written rows, then record progress (``rows_done=...`` and any other fields)."""
+        matrix.flush()
+        self.state.update(updates)
+        atomic_write_json(self.state_path, self.state)
+
+    def save_array(self, name: str, array: np.ndarray) -> None:
+        """Store a result array next to the matrix (atomically) and note it in the state."""
+        buf = _npy_bytes(array)
+        atomic_write_bytes(self.folder / f"{name}.npy", buf)
+        self.state[f"has_{name}"] = True
+        atomic_write_json(self.state_path, self.state)
+
+    def load_array(self, name: str) -> np.ndarray | None:
+        if not self.state.get(f"has_{name}"):
+            return None
+        try:
+            return np.load(self.folder / f"{name}.npy", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint {self.folder}: {name}.npy is damaged ({exc}); delete it to start over"
+            ) from None
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    bio = io.BytesIO()
+    np.save(bio, array, allow_pickle=False)
+    return bio.getvalue()

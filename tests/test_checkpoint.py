@@ -1,0 +1,115 @@
+"""Resumable exact-Hessian builds: SIGKILL mid-way, resume, same result; bad checkpoints refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import spectra
+from spectra.checkpoint import CheckpointError
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from torch import nn
+    import spectra
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = nn.Sequential(nn.Linear(20, 40), nn.Tanh(), nn.Linear(40, 10)).double()
+    X, y = torch.randn(200, 20, dtype=torch.float64), torch.randint(0, 10, (200,))
+    s = spectra.exact_spectrum(model, nn.CrossEntropyLoss(), (X, y), dtype=torch.float64,
+                               chunk_size=8, checkpoint=sys.argv[1])
+    s.save(sys.argv[2])
+""")
+
+
+def problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 40), nn.Tanh(), nn.Linear(40, 10)).double()
+    X, y = torch.randn(200, 20, dtype=torch.float64), torch.randint(0, 10, (200,))
+    return model, nn.CrossEntropyLoss(), (X, y)
+
+
+def test_sigkill_mid_build_then_resume_gives_same_spectrum(tmp_path, monkeypatch):
+    # commit after every block so the kill lands between commits
+    monkeypatch.setenv("PYTHONPATH", os.getcwd())
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.replace("checkpoint=sys.argv[1])",
+                                     "checkpoint=sys.argv[1], checkpoint_every=0.0)")
+                      .replace("spectra.exact_spectrum(", "spectra.exact_spectrum("))
+    ckpt = tmp_path / "ckpt"
+    state = ckpt / "state.json"
+    proc = subprocess.Popen([sys.executable, str(script), str(ckpt), str(tmp_path / "a.npz")])
+    deadline = time.time() + 120
+    rows = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            rows = json.loads(state.read_text())["rows_done"]
+        except (OSError, ValueError, KeyError):
+            rows = 0
+        if rows >= 200:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build finished before it could be killed; make it larger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["rows_done"]
+    assert 0 < killed_at < 1250
+
+    subprocess.run([sys.executable, str(script), str(ckpt), str(tmp_path / "a.npz")], check=True)
+    resumed = spectra.Spectrum.load(tmp_path / "a.npz")
+
+    model, loss, data = problem()
+    fresh = spectra.exact_spectrum(model, loss, data, dtype=torch.float64, chunk_size=8)
+    np.testing.assert_array_equal(resumed.eigenvalues, fresh.eigenvalues)
+    # a third run reads the stored eigenvalues instead of rebuilding
+    again = spectra.exact_spectrum(model, loss, data, dtype=torch.float64, chunk_size=8,
+                                   checkpoint=ckpt)
+    assert again.info["eigenvalues_from_checkpoint"]
+    np.testing.assert_array_equal(again.eigenvalues, fresh.eigenvalues)
+
+
+def test_checkpoint_of_another_problem_is_refused(tmp_path):
+    model, loss, (X, y) = problem()
+    ckpt = tmp_path / "ckpt"
+    spectra.exact_hessian(model, loss, (X, y), dtype=torch.float64, checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match="num_samples"):
+        spectra.exact_hessian(model, loss, (X[:100], y[:100]), dtype=torch.float64,
+                              checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match="dtype"):
+        spectra.exact_hessian(model, loss, (X, y), dtype=torch.float32, checkpoint=ckpt)
+    other = nn.Sequential(nn.Linear(20, 40), nn.Tanh(), nn.Linear(40, 10)).double()
+    with pytest.raises(CheckpointError, match="weights_sha256"):
+        spectra.exact_hessian(other, loss, (X, y), dtype=torch.float64, checkpoint=ckpt)
+
+
+@pytest.mark.parametrize("damage", ["state", "matrix"])
+def test_damaged_checkpoint_is_refused(tmp_path, damage):
+    model, loss, data = problem()
+    ckpt = tmp_path / "ckpt"
+    spectra.exact_hessian(model, loss, data, dtype=torch.float64, checkpoint=ckpt)
+    if damage == "state":
+        (ckpt / "state.json").write_text("{ not json")
+    else:
+        with open(ckpt / "matrix.bin", "r+b") as fh:
+            fh.truncate(100)
+    with pytest.raises(CheckpointError, match="damaged"):
+        spectra.exact_hessian(model, loss, data, dtype=torch.float64, checkpoint=ckpt)
+
+
+def test_checkpointed_matrix_equals_in_memory_matrix(tmp_path):
+    model, loss, data = problem()
+    H1 = spectra.exact_hessian(model, loss, data, dtype=torch.float64)
+    H2 = spectra.exact_hessian(model, loss, data, dtype=torch.float64, checkpoint=tmp_path / "c")
+    assert torch.equal(H1, H2)
+    assert Path(tmp_path / "c" / "matrix.bin").stat().st_size == 1250 * 1250 * 8
