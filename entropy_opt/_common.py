@@ -72,7 +72,7 @@ class NoiseBuffers:
 
     def draw(self, tensors: Sequence[Tensor], generator: torch.Generator | None) -> list[Tensor]:
         """Fresh N(0, 1) samples shaped like ``tensors`` (views into cached buffers)."""
-        key = tuple((id(t), t.shape, t.dtype, t.device) for t in tensors)
+        key = tuple((id(t), t.shape) for t in tensors)
         if key != self._key:
             self._build(tensors)
             self._key = key

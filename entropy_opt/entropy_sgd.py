@@ -34,10 +34,10 @@ class EntropySGD(LocalEntropyOptimizer):
             value; MNIST used 1e-4).
         scoping: schedule name from :mod:`entropy_opt.scoping` (default ``"exponential"``,
             ``gamma0 (1 + scoping_rate)^t``; ``"constant"`` for a fixed gamma).
-        scoping_rate: ``gamma1`` (or ``tau`` of the bounded exponential); default 1e-3, the
-            paper's factor 1.001 per update.
         alpha: weight of the newest SGLD sample in the running mean ``mu`` (default 0.75,
             which weights later samples more, a soft burn-in).
+        scoping_rate: ``gamma1`` (or ``tau`` of the bounded exponential); default 1e-3, the
+            paper's factor 1.001 per update.
         sgld_momentum, sgld_nesterov: momentum of the inner loop (default off); its buffer
             restarts at zero every outer step.
         scale_by_gamma, noise_convention, advance_scoping, discard_first_grad,
@@ -62,9 +62,9 @@ class EntropySGD(LocalEntropyOptimizer):
         noise: float = 1e-4,
         gamma: float = 0.03,
         scoping: str = "exponential",
-        scoping_rate: float = 1e-3,
         alpha: float = 0.75,
         *,
+        scoping_rate: float = 1e-3,
         sgld_momentum: float = 0.0,
         sgld_nesterov: bool = False,
         scale_by_gamma: bool = False,

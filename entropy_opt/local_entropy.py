@@ -57,9 +57,11 @@ from .scoping import check_scoping, scoped_gamma
 
 NOISE_CONVENTIONS = ("paper", "authors")
 
-#: Keyword arguments that make the optimizers behave like the authors' public PyTorch code.
-#: (The authors' inner loop also reuses the outer momentum; pass ``sgld_momentum`` and
-#: ``sgld_nesterov`` equal to ``momentum`` and ``nesterov`` for that.)
+#: Keyword arguments that make the optimizers behave like the authors' public PyTorch code
+#: (github.com/ucla-vision/entropy-sgd, python/optim.py). Without momentum this reproduces
+#: it exactly. With momentum their code also adds the coupling and noise after the inner
+#: momentum (into its buffer when nesterov=False) and seeds the outer buffer with the first
+#: gradient; those quirks are not reproduced (``entropy_opt.reference`` has them).
 AUTHORS_CODE: dict[str, Any] = {
     "alpha": 0.25,
     "noise_convention": "authors",

@@ -6,10 +6,13 @@ in a private ``config`` dict (LR schedulers cannot reach them), every parameter 
 gradient, there is no foreach path and noise is drawn one tensor at a time.
 
 ``authors=False`` follows the paper (alpha weights the new sample, noise
-``eps sqrt(eta')``, gamma scoped, the first gradient used); ``authors=True`` reproduces the
-authors' public code (``mu <- alpha mu + (1 - alpha) x'`` with alpha = 0.75, noise
-``eps sqrt(2 eta')``, gamma frozen at gamma0, first gradient discarded, weight decay added
-again in the outer step, inner loop sharing the outer momentum).
+``eps sqrt(eta')``, gamma scoped, the first gradient used). ``authors=True`` transcribes
+``python/optim.py`` of github.com/ucla-vision/entropy-sgd, quirks included:
+``mu <- alpha mu + (1 - alpha) x'`` with their alpha = 0.75, noise ``eps sqrt(2 eta')``,
+gamma frozen at gamma0, the first gradient discarded, weight decay added again in the outer
+step, the inner loop using the outer momentum with the coupling and noise added *after* it
+(and, without Nesterov, into the momentum buffer itself), and the outer momentum buffer
+seeded with the first gradient instead of zero.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class ReferenceEntropySGD(Optimizer):
         if "t" not in state:
             state["t"] = 0
             state["wc"] = [deepcopy(w.data) for w in params]
-            state["mdw"] = [torch.zeros_like(w) for w in params]
+            # the authors seed the outer momentum with the first gradient (deepcopy of w.grad)
+            state["mdw"] = [w.grad.clone() if self.authors else torch.zeros_like(w) for w in params]
             state["mw"] = [deepcopy(w.data) for w in params]
             state["imdw"] = [torch.zeros_like(w) for w in params]
             state["eta"] = [torch.zeros_like(w) for w in params]
@@ -53,8 +57,10 @@ class ReferenceEntropySGD(Optimizer):
             state["wc"][i].copy_(w.data)
             state["mw"][i].copy_(w.data)
             state["imdw"][i].zero_()
+            if self.authors:  # their reset loop draws (and never uses) one noise sample
+                state["eta"][i].normal_()
         g = g0 if self.authors else g0 * (1 + g1) ** state["t"]
-        sigma = eps * math.sqrt(2 * llr) if self.authors else eps * math.sqrt(llr)
+        sigma = eps * math.sqrt(llr)
 
         with torch.no_grad():
             for it in range(L):
@@ -65,20 +71,24 @@ class ReferenceEntropySGD(Optimizer):
                     dw = w.grad.data.clone()
                     if wd > 0:
                         dw.add_(w.data, alpha=wd)
-                    dw.add_(state["wc"][i] - w.data, alpha=-g)
+                    if not self.authors:
+                        dw.add_(state["wc"][i] - w.data, alpha=-g)
                     if imom > 0:
                         state["imdw"][i].mul_(imom).add_(dw)
                         if inest:
                             dw.add_(state["imdw"][i], alpha=imom)
                         else:
-                            dw = state["imdw"][i].clone()
+                            dw = state["imdw"][i] if self.authors else state["imdw"][i].clone()
                     eta = state["eta"][i]
                     eta.normal_()
-                    w.data.add_(dw, alpha=-llr)
-                    w.data.add_(eta, alpha=sigma)
                     if self.authors:
+                        dw.add_(state["wc"][i] - w.data, alpha=-g)
+                        dw.add_(eta, alpha=eps / math.sqrt(0.5 * llr))
+                        w.data.add_(dw, alpha=-llr)
                         state["mw"][i].mul_(alpha).add_(w.data, alpha=1 - alpha)
                     else:
+                        w.data.add_(dw, alpha=-llr)
+                        w.data.add_(eta, alpha=sigma)
                         state["mw"][i].mul_(1 - alpha).add_(w.data, alpha=alpha)
 
             for i, w in enumerate(params):
