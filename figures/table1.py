@@ -1,0 +1,127 @@
+"""Table 1 of the paper: Entropy-SGD / Entropy-Adam against the baseline, per experiment.
+
+    python -m figures.table1 mnistfc               # full paper recipe (hours on 2 cores)
+    python -m figures.table1 mnistfc --quick       # 1 outer epoch each on 5k images
+    python -m figures.table1 char-lstm --reduced   # the documented CPU-sized variant
+    python -m figures.table1 lenet --device cuda   # GPU machines
+
+Each optimizer of the pair trains through :func:`figures.harness.train` (resumable: rerun
+the same command after an interruption) and the table ``<out>/<experiment>.md`` reports
+the final test error (or perplexity per character / word), the effective epochs and the
+wall time, next to the paper's numbers.  ``--only`` runs one side (to run the two in
+parallel processes); the table is rebuilt from whatever logs exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .harness import RunConfig, run_dir, train
+from .recipes import PAPER, RECIPES, quick
+
+__all__ = ["main", "configs", "REDUCED", "table"]
+
+#: CPU-sized variants (``--reduced``), documented in the README.
+REDUCED: dict[str, dict[str, Any]] = {
+    # char-LSTM: first 1.2M characters of Austen (of 4.3M), baseline 6 epochs (LR halved
+    # at 5), Entropy-Adam 2 epochs x L=5 = 10 effective epochs (LR halved at 1).
+    "char-lstm": {"chars": 1_200_000, "epochs": {"adam": 6, "entropy-adam": 2}},
+    # mnistfc: 20 Adam epochs (LR / 5 at 10, 15) vs Entropy-SGD 1 epoch x L=20.
+    "mnistfc": {"chars": None, "epochs": {"adam": 20, "entropy-sgd": 1}},
+}
+
+
+def configs(experiment: str, mode: str = "full") -> list[RunConfig]:
+    """The pair of configs for ``experiment`` in ``mode`` "full", "reduced" or "quick"."""
+    pair = RECIPES[experiment]
+    out = []
+    for opt, make in pair.items():
+        cfg = make()
+        if mode == "quick":
+            extra = {"chars": 200_000} if cfg.data == "austen" else {"train_size": 5000}
+            cfg = quick(cfg, epochs=1, **extra)
+        elif mode == "reduced":
+            red = REDUCED[experiment]
+            epochs = red["epochs"][opt]
+            scale = epochs / cfg.epochs
+            milestones = sorted({max(1, round(m * scale)) for m in cfg.milestones})
+            extra = {"chars": red["chars"]} if red.get("chars") else {}
+            cfg = quick(cfg, epochs=epochs, **extra).replace(
+                name=cfg.name + "-reduced", milestones=[m for m in milestones if m < epochs])
+        out.append(cfg)
+    return out
+
+
+def _metric(row: dict[str, Any], language: bool) -> tuple[str, float]:
+    if language:
+        return "test perplexity", row["test_perplexity"]
+    return "test error (%)", 100 * row["test_error"]
+
+
+def table(experiment: str, cfgs: list[RunConfig], out_dir: Path, runs_dir: Path) -> str:
+    """Markdown table from the runs' logs (missing runs are reported as such)."""
+    paper = PAPER[experiment]
+    lines = [f"## Table 1, {experiment}", "",
+             "| optimizer | ours | effective epochs | wall time (min) | paper | paper epochs |",
+             "|---|---|---|---|---|---|"]
+    for cfg in cfgs:
+        path = run_dir(cfg, runs_dir) / "log.json"
+        side = "entropy" if cfg.optimizer.startswith("entropy") else "base"
+        ref = paper[side]
+        ref_text = f"{ref[0]} +/- {ref[1]}"
+        if not path.exists():
+            lines.append(f"| {cfg.optimizer} | not run | | | {ref_text} | {paper[side + '_epochs']} |")
+            continue
+        log = json.loads(path.read_text())["log"]
+        last = log[-1]
+        label, value = _metric(last, "test_perplexity" in last)
+        done = last["epoch"] >= cfg.epochs
+        extra = "" if done else f" (partial: {last['epoch']:.2f}/{cfg.epochs} epochs)"
+        ce = f", CE {last['test_loss']:.3f} nats" if "test_perplexity" in last else ""
+        lines.append(f"| {cfg.optimizer} | {value:.3f}{ce}{extra} | {last['effective_epoch']:.1f} | "
+                     f"{last['seconds'] / 60:.1f} | {ref_text} | {paper[side + '_epochs']} |")
+    lines += ["", f"Metric: {label if 'label' in dir() else paper['metric']}; one run each "
+              "(the paper averages 4-5)."]
+    text = "\n".join(lines) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{experiment}.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(prog="python -m figures.table1", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", choices=sorted(RECIPES))
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="1 outer epoch on a data subset")
+    mode.add_argument("--reduced", action="store_true", help="the CPU-sized variant (REDUCED)")
+    p.add_argument("--only", help="run just this optimizer of the pair")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--out", default="figures/out/table1")
+    p.add_argument("--table-only", action="store_true", help="rebuild the table from logs")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mode_name = "quick" if args.quick else "reduced" if args.reduced else "full"
+    cfgs = configs(args.experiment, mode_name)
+    out = Path(args.out)
+    runs = out / "runs"
+    if not args.table_only:
+        for cfg in cfgs:
+            if args.only and cfg.optimizer != args.only:
+                continue
+            train(cfg, runs, device=args.device, progress=not args.no_progress)
+    text = table(args.experiment, cfgs, out / mode_name, runs)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The training harness: BatchNorm recompute, effective epochs, bit-identical resume,
+config checks, and smoke runs of every recipe and optimizer on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from figures.harness import (
+    OPTIMIZERS,
+    ConfigMismatchError,
+    RunConfig,
+    recompute_batchnorm,
+    run_dir,
+    train,
+)
+from figures.recipes import RECIPES, recipe
+
+TINY_IMAGES = {"n": 320, "shape": [1, 28, 28], "val_size": 32, "test_size": 32}
+TINY_KW = {
+    "sgd": {"lr": 0.05},
+    "adam": {"lr": 1e-3},
+    "entropy-sgd": {"lr": 0.5, "L": 3, "gamma": 0.03},
+    "entropy-adam": {"lr": 1e-3, "L": 3},
+    "sgld": {"lr": 0.01},
+    "sam": {"lr": 0.05, "rho": 0.05},
+}
+
+
+def tiny(optimizer: str = "adam", **overrides) -> RunConfig:
+    """mnistfc with BatchNorm and dropout at hidden 16 on 256 synthetic images."""
+    base = dict(name=f"tiny-{optimizer}", model="mnistfc", model_kwargs={"hidden": 16},
+                data="synthetic-images", data_kwargs=dict(TINY_IMAGES), optimizer=optimizer,
+                optimizer_kwargs=dict(TINY_KW[optimizer]), epochs=1, batch_size=32)
+    return RunConfig(**{**base, **overrides})
+
+
+# -- BatchNorm ---------------------------------------------------------------------------
+
+
+def test_recompute_batchnorm_gives_data_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(64, 3) * 3 + 1
+    model.train()
+    for _ in range(5):  # pollute the running statistics
+        model(torch.randn(64, 3) * 10 - 5)
+    model.eval()
+    assert recompute_batchnorm(model, [x], num_batches=1) == 1
+    z = model[0](x).detach()
+    bn = model[1]
+    torch.testing.assert_close(bn.running_mean, z.mean(0))
+    torch.testing.assert_close(bn.running_var, z.var(0, unbiased=True))
+    assert not model.training and bn.momentum == 0.1
+    # equal batches: the running mean is the mean over all of them
+    recompute_batchnorm(model, list(x.split(16)), num_batches=None)
+    torch.testing.assert_close(bn.running_mean, z.mean(0))
+    # num_batches caps the passes; a model without BatchNorm is untouched
+    assert recompute_batchnorm(model, list(x.split(16)), num_batches=2) == 2
+    assert recompute_batchnorm(nn.Linear(3, 1), [x]) == 0
+
+
+# -- Effective epochs and logs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer, L", [("adam", 1), ("sam", 2), ("entropy-sgd", 3)])
+def test_effective_epochs_count_gradient_evaluations(tmp_path, optimizer, L):
+    cfg = tiny(optimizer, epochs=1)
+    res = train(cfg, tmp_path, progress=False)
+    per_pass = (320 - 64) // 32
+    last = res.final
+    assert last["L"] == L and last["steps"] == per_pass
+    assert last["grad_evals"] == L * per_pass and last["effective_epoch"] == L
+    # one evaluation per effective epoch
+    assert len(res.log) == L
+    assert [math.floor(r["effective_epoch"]) for r in res.log] == list(range(1, L + 1))
+    d = run_dir(cfg, tmp_path)
+    assert d.name.startswith("tiny-" + optimizer + "-")
+    assert json.loads((d / "log.json").read_text())["log"] == res.log
+    header = (d / "log.csv").read_text().splitlines()[0].split(",")
+    for key in ("effective_epoch", "train_loss", "train_error", "val_error", "test_error"):
+        assert key in header
+    assert (d / "checkpoint.pt").exists() and not list(d.glob("*.tmp*"))
+
+
+# -- Resume ------------------------------------------------------------------------------------
+
+
+def _strip(log):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in log]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "entropy-sgd"])
+def test_resume_is_bit_identical(tmp_path, optimizer):
+    cfg = tiny(optimizer, epochs=3, milestones=[1, 2], lr_factor=0.5)
+    straight = train(cfg, tmp_path / "a", progress=False)
+    first = train(cfg, tmp_path / "b", progress=False, stop_after=2)
+    assert len(first.log) == 2 < len(straight.log)
+    torch.manual_seed(12345)  # the global RNG must come from the checkpoint, not from here
+    resumed = train(cfg, tmp_path / "b", progress=False)
+    assert _strip(resumed.log) == _strip(straight.log)
+    for (k, a), b in zip(straight.model.state_dict().items(),
+                         resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_for_another_config_is_refused(tmp_path):
+    a, b = tiny("adam"), tiny("adam", seed=1)
+    train(a, tmp_path, progress=False, stop_after=1)
+    run_dir(b, tmp_path).mkdir(parents=True)
+    shutil.copy(run_dir(a, tmp_path) / "checkpoint.pt", run_dir(b, tmp_path) / "checkpoint.pt")
+    with pytest.raises(ConfigMismatchError, match="resume=False"):
+        train(b, tmp_path, progress=False)
+    train(b, tmp_path, progress=False, resume=False)  # starting over is allowed
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="optimizer"):
+        tiny().replace(optimizer="lbfgs")
+    with pytest.raises(ValueError, match="epochs"):
+        tiny(epochs=0)
+    with pytest.raises(KeyError, match="choose from"):
+        recipe("resnet", "sgd")
+
+
+# -- Smoke runs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_trains_lenet_bn(tmp_path, optimizer):
+    cfg = tiny(optimizer, model="lenet-bn", model_kwargs={"width": 0.2}, epochs=1)
+    res = train(cfg, tmp_path, progress=False)
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in res.log)
+    assert (res.directory / "checkpoint.pt").exists()
+
+
+SMOKE_DATA = {
+    "mnist": ("synthetic-images", TINY_IMAGES),
+    "cifar10": ("synthetic-images", {**TINY_IMAGES, "n": 160, "shape": [3, 32, 32]}),
+    "austen": ("synthetic-tokens", {"n": 4000, "vocab": 30, "bptt": 10}),
+    "ptb": ("synthetic-tokens", {"n": 4000, "vocab": 30, "bptt": 10}),
+}
+SMOKE_MODEL = {
+    "mnistfc": {"hidden": 16}, "lenet-bn": {"width": 0.2}, "all-cnn-bn": {"width": 0.05},
+    "char-lstm": {"hidden": 16}, "ptb-lstm": {"hidden": 16},
+}
+
+
+@pytest.mark.parametrize("experiment, optimizer",
+                         [(e, o) for e, pair in RECIPES.items() for o in pair])
+def test_paper_recipes_run_at_reduced_size(tmp_path, experiment, optimizer):
+    """Every recipe's optimizer settings and schedule, at tiny width on synthetic data."""
+    cfg = recipe(experiment, optimizer)
+    data, data_kw = SMOKE_DATA[cfg.data]
+    kw = dict(cfg.optimizer_kwargs)
+    if "L" in kw:
+        kw["L"] = 2
+    small = cfg.replace(data=data, data_kwargs=data_kw, epochs=2, batch_size=16,
+                        model_kwargs={**cfg.model_kwargs, **SMOKE_MODEL[cfg.model]},
+                        optimizer_kwargs=kw, milestones=[1], bn_batches=4)
+    res = train(small, tmp_path, progress=False)
+    first, last = res.log[0], res.log[-1]
+    assert all(math.isfinite(r["train_loss"]) for r in res.log)
+    assert last["epoch"] == 2
+    if data == "synthetic-tokens":
+        assert last["val_perplexity"] == pytest.approx(math.exp(last["val_loss"]))
+        assert last["val_perplexity"] < 30  # better than uniform over the vocabulary
+    assert last["val_loss"] < first["val_loss"] + 0.5
