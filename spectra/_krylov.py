@@ -16,13 +16,23 @@ vectors on every device.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import math
+import os
 import sys
+import time
+import zipfile
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import CheckpointError, _same, atomic_write_bytes, operator_fingerprint
 from .linear_operator import LinearOperator
 
 __all__ = [
@@ -31,6 +41,8 @@ __all__ = [
     "random_orthogonal",
     "progress_bar",
     "breakdown_tolerance",
+    "KrylovCheckpoint",
+    "operator_probe",
 ]
 
 
@@ -168,3 +180,130 @@ def progress_bar(total: int, desc: str, progress: bool | None) -> tqdm:
     if progress is None:
         progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
     return tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="matvec")
+
+
+# --- checkpoints ---------------------------------------------------------------------
+
+_MAGIC = b"SPECTRA-KRYLOV-CHECKPOINT-1\n"
+_PROBE_SEED = 20240917
+
+
+def operator_probe(op: LinearOperator) -> np.ndarray:
+    """Four numbers that tell matrices of the same size apart (costs 1 matvec).
+
+    ``[||A p||, u_1.(A p), u_2.(A p), u_3.(A p)]`` for fixed pseudo-random p and
+    u_i (drawn on the CPU in float64 from a fixed seed, then cast), accumulated
+    in float64.  :func:`~spectra.checkpoint.operator_fingerprint` identifies a
+    curvature problem by its weights and data, but for a plain matrix or
+    callable it only knows n and the dtype; this probe catches a different
+    matrix of the same size.  Compared with a relative tolerance, since a
+    product summed in another order (other thread count) differs in rounding.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(_PROBE_SEED)
+    size = op.shape[0]
+    p = random_block(size, 1, gen, op.dtype, op.device)[:, 0]
+    U = torch.randn((size, 3), generator=gen, dtype=torch.float64)
+    w = (op @ p).to(torch.float64).cpu()
+    return np.concatenate([[float(w.norm())], (U.T @ w).numpy()])
+
+
+def _probe_matches(stored: np.ndarray, probe: np.ndarray, dtype: torch.dtype, n: int) -> bool:
+    """Equal up to rounding: ``tol ||A p||`` for the norm, ``tol sqrt(n) ||A p||`` for the
+    projections (||u_i|| ~ sqrt(n)), with ``tol = max(1e-8, 1e4 eps(dtype))``."""
+    if stored.shape != probe.shape or not np.all(np.isfinite(stored)):
+        return False
+    tol = max(1e-8, 1e4 * torch.finfo(dtype).eps)
+    scale = max(abs(float(probe[0])), abs(float(stored[0])))
+    bound = tol * scale * np.concatenate([[1.0], np.full(probe.size - 1, math.sqrt(n))])
+    return bool(np.all(np.abs(stored - probe) <= bound))
+
+
+class KrylovCheckpoint:
+    """One file holding the whole state of a Lanczos or SLQ run, replaced atomically.
+
+    Layout: a magic line, the SHA-256 of the payload, and the payload, an
+    ``np.savez`` archive (no pickles) with the iteration state and a JSON
+    header: the algorithm (``kind``), its arguments, the operator's
+    :func:`~spectra.checkpoint.operator_fingerprint` and :func:`operator_probe`.
+    A file that fails the digest, cannot be parsed, or whose header differs from
+    the current run raises :class:`~spectra.checkpoint.CheckpointError`.
+
+    ``path`` is a file; when it names an existing folder the file is
+    ``<folder>/<kind>.ckpt``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        kind: str,
+        op: LinearOperator,
+        args: dict[str, Any],
+        every: float,
+    ) -> None:
+        if not (isinstance(every, int | float) and every >= 0 and math.isfinite(every)):
+            raise ValueError(f"checkpoint_every must be a finite number >= 0, got {every!r}")
+        path = Path(path)
+        self.path = path / f"{kind}.ckpt" if path.is_dir() else path
+        self.every = float(every)
+        self.kind = kind
+        self.dtype = op.dtype
+        self.header = {
+            "kind": kind,
+            "args": args,
+            "fingerprint": operator_fingerprint(op),
+        }
+        self.probe = operator_probe(op)
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.every
+
+    def save(self, arrays: dict[str, Any]) -> None:
+        header = dict(self.header, probe=self.probe.tolist())
+        bio = io.BytesIO()
+        np.savez(
+            bio,
+            __header__=np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8),
+            **{k: np.asarray(v) for k, v in arrays.items()},
+        )
+        payload = bio.getvalue()
+        atomic_write_bytes(self.path, _MAGIC + hashlib.sha256(payload).digest() + payload)
+        self._last = time.monotonic()
+
+    def load(self) -> dict[str, np.ndarray] | None:
+        """The stored arrays, or None when there is no checkpoint yet."""
+        if not self.path.exists():
+            return None
+        where = f"checkpoint {self.path}"
+        try:
+            blob = self.path.read_bytes()
+            if not blob.startswith(_MAGIC):
+                raise ValueError("not a spectra Krylov checkpoint (bad magic)")
+            digest, payload = blob[len(_MAGIC): len(_MAGIC) + 32], blob[len(_MAGIC) + 32:]
+            if hashlib.sha256(payload).digest() != digest:
+                raise ValueError("checksum mismatch: the file is truncated or corrupted")
+            with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            header = json.loads(arrays.pop("__header__").tobytes().decode())
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise CheckpointError(f"{where} is damaged ({exc}); delete it to start over") from None
+        diffs = []
+        for key in ("kind", "args", "fingerprint"):
+            a, b = header.get(key), self.header[key]
+            if key == "fingerprint":
+                diffs += _same(a or {}, b)
+            elif a != b:
+                diffs.append(f"{key}: checkpoint has {a!r}, this run has {b!r}")
+        stored = np.asarray(header.get("probe", []), dtype=np.float64)
+        if not diffs and not _probe_matches(stored, self.probe, self.dtype, n=self.header[
+                "fingerprint"]["n"]):
+            diffs.append(
+                f"operator probe: checkpoint has {stored.tolist()}, this operator gives "
+                f"{self.probe.tolist()} (another matrix of the same size?)"
+            )
+        if diffs:
+            raise CheckpointError(
+                f"{where} belongs to another computation (" + "; ".join(diffs)
+                + "); use another checkpoint path or delete it"
+            )
+        return arrays
