@@ -87,10 +87,17 @@ class NoiseBuffers:
         self._flats, views = [], [None] * len(tensors)
         for (device, dtype), idx in buckets.items():
             flat = torch.empty(sum(tensors[i].numel() for i in idx), device=device, dtype=dtype)
-            offset = 0
-            for i in idx:
-                n = tensors[i].numel()
-                views[i] = flat[offset : offset + n].view_as(tensors[i])
-                offset += n
+            for i, v in zip(idx, split_views(flat, [tensors[i] for i in idx]), strict=True):
+                views[i] = v
             self._flats.append(flat)
         self._views = views  # type: ignore[assignment]
+
+
+def split_views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Consecutive views of the 1-D ``flat`` shaped like the tensors in ``like``."""
+    views, offset = [], 0
+    for t in like:
+        n = t.numel()
+        views.append(flat[offset : offset + n].view_as(t))
+        offset += n
+    return views

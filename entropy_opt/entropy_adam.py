@@ -51,6 +51,7 @@ class EntropyAdam(LocalEntropyOptimizer):
         discard_first_grad: bool = False,
         outer_weight_decay: bool = False,
         foreach: bool | None = None,
+        flat: bool = False,
         generator: torch.Generator | None = None,
         diagnostics: bool = True,
     ) -> None:
@@ -73,6 +74,7 @@ class EntropyAdam(LocalEntropyOptimizer):
             discard_first_grad=discard_first_grad,
             outer_weight_decay=outer_weight_decay,
             foreach=foreach,
+            flat=flat,
         )
         defaults.update(betas=tuple(betas), eps=eps)
         super().__init__(params, defaults, generator=generator, diagnostics=diagnostics)

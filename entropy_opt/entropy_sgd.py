@@ -44,6 +44,10 @@ class EntropySGD(LocalEntropyOptimizer):
         outer_weight_decay: choices where the authors' code departs from the paper; see
             :mod:`entropy_opt.local_entropy` and :meth:`authors_code`.
         foreach: use the ``torch._foreach_*`` kernels (default None = yes).
+        flat: during the inner loop, point the parameters (``p.data``) at views of one
+            contiguous buffer so each SGLD operation is one kernel instead of one per tensor
+            (default False). Much cheaper for models with many small tensors; results are
+            identical. Leave it off for modules that cache parameter storage (cuDNN RNNs).
         generator: ``torch.Generator`` for the SGLD noise (default: the global RNG, so
             ``torch.manual_seed`` makes runs reproducible).
         diagnostics: record gamma, ||x - mu|| and the gradient angle (one extra gradient
@@ -73,6 +77,7 @@ class EntropySGD(LocalEntropyOptimizer):
         discard_first_grad: bool = False,
         outer_weight_decay: bool = False,
         foreach: bool | None = None,
+        flat: bool = False,
         generator: torch.Generator | None = None,
         diagnostics: bool = True,
     ) -> None:
@@ -95,6 +100,7 @@ class EntropySGD(LocalEntropyOptimizer):
             discard_first_grad=discard_first_grad,
             outer_weight_decay=outer_weight_decay,
             foreach=foreach,
+            flat=flat,
         )
         defaults.update(momentum=momentum, nesterov=nesterov)
         super().__init__(params, defaults, generator=generator, diagnostics=diagnostics)

@@ -52,6 +52,7 @@ from ._common import (
     check_nonneg,
     params_with_grad,
     require_closure,
+    split_views,
 )
 from .scoping import check_scoping, scoped_gamma
 
@@ -91,6 +92,7 @@ def local_entropy_defaults(
     discard_first_grad: bool,
     outer_weight_decay: bool,
     foreach: bool | None,
+    flat: bool = False,
 ) -> dict[str, Any]:
     """Param-group entries common to every local-entropy optimizer (validated)."""
     group = dict(
@@ -111,6 +113,7 @@ def local_entropy_defaults(
         discard_first_grad=discard_first_grad,
         outer_weight_decay=outer_weight_decay,
         foreach=foreach,
+        flat=flat,
     )
     check_local_entropy_group(group)
     return group
@@ -228,6 +231,7 @@ class LocalEntropyOptimizer(Optimizer):
         self.generator = generator
         self.diagnostics = diagnostics
         self._noise = NoiseBuffers()
+        self._flat_cache: dict[int, dict] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its hyper-parameters are validated now (and again at every step)."""
@@ -279,91 +283,63 @@ class LocalEntropyOptimizer(Optimizer):
         t = glob["step"]
 
         loss = closure()
-        with torch.no_grad():
-            work = []
-            for group in groups:
-                params = params_with_grad(group, name)
-                if not params:
-                    continue
-                foreach = group["foreach"] is None or bool(group["foreach"])
-                anchors, mus, bufs = [], [], []
-                for p in params:
-                    st = self.state[p]
-                    if "anchor" not in st:
-                        st["anchor"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                        st["mu"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                    anchors.append(st["anchor"])
-                    mus.append(st["mu"])
-                    if group["sgld_momentum"]:
-                        if "sgld_buffer" not in st:
-                            st["sgld_buffer"] = torch.zeros_like(p)
-                        bufs.append(st["sgld_buffer"])
-                _copy(anchors, params, foreach)
-                _copy(mus, params, foreach)
-                if bufs:
-                    torch._foreach_zero_(bufs)
-                gamma = scoped_gamma(
-                    group["scoping"],
-                    group["gamma"],
-                    group["scoping_rate"],
-                    t if group["advance_scoping"] else 0,
-                )
-                lr_in = group["sgld_lr"]
-                factor = 2.0 if group["noise_convention"] == "authors" else 1.0
-                sigma = group["noise"] * math.sqrt(factor * lr_in)
-                grad0 = [p.grad.clone() for p in params] if self.diagnostics else None
-                work.append((group, params, anchors, mus, bufs, gamma, sigma, foreach, grad0))
-            if not work:
-                return loss
-            all_params = [p for w in work for p in w[1]]
-            any_noise = any(w[6] for w in work)
-
-        for it in range(L):
-            if it > 0 or discard:
-                closure()
+        work: list[_GroupWork] = []
+        try:
             with torch.no_grad():
-                noise = self._noise.draw(all_params, self.generator) if any_noise else None
-                offset = 0
-                for group, params, anchors, mus, bufs, gamma, sigma, foreach, _ in work:
-                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                    n = len(params)
-                    _sgld_update(
-                        params,
-                        anchors,
-                        grads,
-                        mus,
-                        bufs,
-                        noise[offset : offset + n] if noise is not None else None,
-                        lr=group["sgld_lr"],
-                        gamma=gamma,
-                        wd=group["weight_decay"],
-                        alpha=group["alpha"],
-                        momentum=group["sgld_momentum"],
-                        nesterov=group["sgld_nesterov"],
-                        sigma=sigma,
-                        foreach=foreach,
-                    )
-                    offset += n
+                for i, group in enumerate(groups):
+                    w = self._prepare(i, group, t, name)
+                    if w is not None:
+                        work.append(w)
+                if not work:
+                    return loss
+                noisy = [x for w in work if w.sigma for x in w.xp]
+            for it in range(L):
+                if it > 0 or discard:
+                    closure()
+                with torch.no_grad():
+                    noise = iter(self._noise.draw(noisy, self.generator)) if noisy else None
+                    for w in work:
+                        g = w.group
+                        _sgld_update(
+                            w.xp,
+                            w.x,
+                            w.grads(),
+                            w.mu,
+                            w.bufs,
+                            [next(noise) for _ in w.xp] if w.sigma else None,  # type: ignore[arg-type]
+                            lr=g["sgld_lr"],
+                            gamma=w.gamma,
+                            wd=g["weight_decay"],
+                            alpha=g["alpha"],
+                            momentum=g["sgld_momentum"],
+                            nesterov=g["sgld_nesterov"],
+                            sigma=w.sigma,
+                            foreach=w.foreach,
+                        )
+        finally:
+            with torch.no_grad():
+                for w in work:
+                    w.restore()
 
         with torch.no_grad():
-            sq = {"G": [], "g0": [], "sum": []}
-            gammas = []
-            for group, params, anchors, mus, _, gamma, _, foreach, grad0 in work:
-                G = torch._foreach_sub(anchors, mus)
-                if grad0 is not None:
+            sq: dict[str, list[Tensor]] = {"G": [], "g0": [], "sum": []}
+            for w in work:
+                group = w.group
+                G = torch._foreach_sub(w.x, w.mu)
+                if w.grad0 is not None:
                     sq["G"].extend(torch._foreach_norm(G))
-                    sq["g0"].extend(torch._foreach_norm(grad0))
-                    sq["sum"].extend(torch._foreach_norm(torch._foreach_add(G, grad0)))
+                    sq["g0"].extend(torch._foreach_norm(w.grad0))
+                    sq["sum"].extend(torch._foreach_norm(torch._foreach_add(G, w.grad0)))
                 if group["scale_by_gamma"]:
-                    torch._foreach_mul_(G, gamma)
+                    torch._foreach_mul_(G, w.gamma)
                 if group["outer_weight_decay"] and group["weight_decay"]:
-                    torch._foreach_add_(G, anchors, alpha=group["weight_decay"])
-                _copy(params, anchors, foreach)
-                for p, grad in zip(params, G, strict=True):
+                    torch._foreach_add_(G, w.x, alpha=group["weight_decay"])
+                G = w.unflatten(G)
+                for p, grad in zip(w.params, G, strict=True):
                     p.grad = grad
-                self._outer_update(group, params, G, foreach)
-                gammas.append(gamma)
+                self._outer_update(group, w.params, G, w.foreach)
             glob["step"] = t + 1
+            gammas = [w.gamma for w in work]
             diag: dict[str, Any] = {"gamma": gammas[0], "gammas": gammas}
             diag["loss"] = loss.detach() if isinstance(loss, Tensor) else loss
             if sq["G"]:
@@ -378,3 +354,103 @@ class LocalEntropyOptimizer(Optimizer):
                 diag.update(dist_x_mu=nG.sqrt(), cos_angle=cos, angle_deg=torch.rad2deg(cos.acos()))
             self.state["diagnostics"] = diag
         return loss
+
+    def _prepare(self, index: int, group: dict[str, Any], t: int, name: str) -> _GroupWork | None:
+        """Set up one group's inner loop: ``x`` saved, ``x' = mu = x``, buffers zeroed."""
+        params = params_with_grad(group, name)
+        if not params:
+            return None
+        gamma = scoped_gamma(
+            group["scoping"], group["gamma"], group["scoping_rate"],
+            t if group["advance_scoping"] else 0,
+        )
+        factor = 2.0 if group["noise_convention"] == "authors" else 1.0
+        sigma = group["noise"] * math.sqrt(factor * group["sgld_lr"])
+        foreach = group["foreach"] is None or bool(group["foreach"])
+        w = _GroupWork(group, params, gamma, sigma, foreach)
+        momentum = bool(group["sgld_momentum"])
+        same = len({(p.device, p.dtype) for p in params}) == 1
+        if group["flat"] and same:
+            w.make_flat(self._flat_cache.setdefault(index, {}), momentum)
+        else:
+            for p in params:
+                st = self.state[p]
+                if "anchor" not in st:
+                    st["anchor"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                    st["mu"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                w.x.append(st["anchor"])
+                w.mu.append(st["mu"])
+                if momentum:
+                    if "sgld_buffer" not in st:
+                        st["sgld_buffer"] = torch.zeros_like(p)
+                    w.bufs.append(st["sgld_buffer"])
+            w.xp = params
+            _copy(w.x, params, foreach)
+            _copy(w.mu, params, foreach)
+            if w.bufs:
+                torch._foreach_zero_(w.bufs)
+        w.grad0 = [g.clone() for g in w.grads()] if self.diagnostics else None
+        return w
+
+
+class _GroupWork:
+    """One param group's tensors during an outer step.
+
+    Per-tensor mode: ``xp`` are the parameters themselves, ``x``/``mu``/``bufs`` per-parameter
+    state. Flat mode (``flat=True``): the parameters are re-pointed (``p.data``) at views of
+    one contiguous ``x'`` buffer for the inner loop, gradients are gathered with one ``cat``,
+    and every SGLD operation is a single kernel over the flat buffers; :meth:`restore` puts
+    the original storage, which still holds ``x``, back.
+    """
+
+    def __init__(self, group: dict, params: list[Tensor], gamma: float, sigma: float,
+                 foreach: bool) -> None:
+        self.group, self.params, self.gamma, self.sigma = group, params, gamma, sigma
+        self.foreach = foreach
+        self.xp: list[Tensor] = []
+        self.x: list[Tensor] = []
+        self.mu: list[Tensor] = []
+        self.bufs: list[Tensor] = []
+        self.grad0: list[Tensor] | None = None
+        self._flat: dict | None = None
+        self._orig: list[Tensor] = []
+
+    def make_flat(self, cache: dict, momentum: bool) -> None:
+        key = tuple((id(p), p.shape) for p in self.params)
+        if cache.get("key") != key:
+            p0, n = self.params[0], sum(p.numel() for p in self.params)
+            cache.clear()
+            cache["key"] = key
+            for k in ("xp", "x", "mu", "g", "buf"):
+                cache[k] = torch.empty(n, device=p0.device, dtype=p0.dtype)
+            cache["views"] = split_views(cache["xp"], self.params)
+        self._flat = cache
+        torch.cat([p.detach().reshape(-1) for p in self.params], out=cache["x"])
+        cache["xp"].copy_(cache["x"])
+        cache["mu"].copy_(cache["x"])
+        self.xp, self.x, self.mu = [cache["xp"]], [cache["x"]], [cache["mu"]]
+        if momentum:
+            self.bufs = [cache["buf"].zero_()]
+        self._orig = [p.data for p in self.params]
+        for p, v in zip(self.params, cache["views"], strict=True):
+            p.data = v
+
+    def grads(self) -> list[Tensor]:
+        gs = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self._flat is None:
+            return gs
+        torch.cat([g.reshape(-1) for g in gs], out=self._flat["g"])
+        return [self._flat["g"]]
+
+    def restore(self) -> None:
+        """Put ``x`` back into the parameters (also after an exception in the closure)."""
+        if self._flat is None:
+            _copy(self.params, self.x, self.foreach)
+            return
+        for p, o in zip(self.params, self._orig, strict=True):
+            p.data = o  # the original storage was never written to: it still holds x
+
+    def unflatten(self, tensors: list[Tensor]) -> list[Tensor]:
+        if self._flat is None:
+            return tensors
+        return split_views(tensors[0], self.params)

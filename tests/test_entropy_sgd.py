@@ -307,3 +307,32 @@ def test_bad_value_in_a_param_group_is_caught():
     opt.param_groups[0]["L"] = 0  # edited after construction: caught at the next step
     with pytest.raises(ValueError, match="L .* >= 1"):
         opt.step(lambda: (p**2).sum())
+
+
+def test_flat_buffers_give_identical_results():
+    kw = dict(CFG, noise=1e-3, sgld_momentum=0.5, sgld_nesterov=True)
+    a, opt, *_ = mlp_run(lambda p: EntropySGD(p, **kw, flat=True))
+    b, *_ = mlp_run(lambda p: EntropySGD(p, **kw))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    p = next(iter(opt.param_groups[0]["params"]))
+    assert p.grad.shape == p.shape and p.data.data_ptr() != opt._flat_cache[0]["xp"].data_ptr()
+
+
+def test_flat_parameters_restored_when_closure_raises():
+    x = torch.nn.Parameter(torch.ones(3))
+    opt = EntropySGD([x], L=3, flat=True)
+    calls = [0]
+    storage = x.data.data_ptr()
+
+    def closure():
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("data loader failed")
+        opt.zero_grad()
+        loss = (x**2).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="data loader"):
+        opt.step(closure)
+    assert x.data.data_ptr() == storage and torch.equal(x.detach(), torch.ones(3))

@@ -38,6 +38,8 @@ FACTORIES = {
                                            noise=1e-3, gamma=0.03, scoping_rate=0.1,
                                            sgld_momentum=0.5, generator=g),
     "entropy_adam": lambda p, g: EntropyAdam(p, lr=1e-2, L=3, noise=1e-3, generator=g),
+    "entropy_sgd_flat": lambda p, g: EntropySGD(p, lr=0.5, L=3, noise=1e-3, flat=True,
+                                                generator=g),
     "sgld": lambda p, g: SGLD(p, lr=0.05, noise=1e-2, generator=g),
     "sam": lambda p, g: SAM(p, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9),
 }
