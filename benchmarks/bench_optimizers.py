@@ -5,8 +5,9 @@
 An outer step makes L closure calls, so the fair baseline is L steps of ``torch.optim.SGD``
 (foreach) with the same closure; "ratio" is (one outer step) / (L SGD steps), and
 "own cost" is the time the optimizer adds to L bare closure calls (forward, backward and
-zero_grad only). Rows: EntropySGD with foreach on and off, with the paper's thermal noise
-and without it (the arithmetic alone; on CPUs drawing N(0, I) is a large share), and the
+zero_grad only). Rows: EntropySGD with foreach on and off and with ``flat=True`` (one
+contiguous buffer), with the paper's thermal noise and without it (the arithmetic alone; on
+CPUs drawing N(0, I) is a large share), EntropyAdam, and the
 per-parameter implementation written the way the authors wrote theirs
 (``entropy_opt.reference``). Models: mnistfc 784-1024-1024-10 at batch 128, and 200 small
 Linear(32, 32) layers (400 tensors) at batch 128; inputs are random. Variants are timed
@@ -74,6 +75,8 @@ def variants(L: int) -> dict[str, Callable]:
         "EntropySGD foreach": lambda p: EntropySGD(p, **paper, foreach=True),
         "EntropySGD for-loop": lambda p: EntropySGD(p, **paper, foreach=False),
         "EntropySGD foreach, noise=0": lambda p: EntropySGD(p, **dict(paper, noise=0.0)),
+        "EntropySGD flat": lambda p: EntropySGD(p, **paper, flat=True),
+        "EntropySGD flat, noise=0": lambda p: EntropySGD(p, **dict(paper, noise=0.0), flat=True),
         "EntropyAdam foreach": lambda p: EntropyAdam(p, **dict(paper, lr=1e-3)),
         "reference per-parameter": lambda p: ReferenceEntropySGD(p, ref_cfg),
     }
