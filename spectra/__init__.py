@@ -10,8 +10,14 @@ from . import plot  # noqa: E402
 from .density import spectral_density  # noqa: E402
 from .exact import exact_hessian, exact_spectrum  # noqa: E402
 from .fisher import EmpiricalFisherOperator, empirical_fisher_operator  # noqa: E402
+from .fisher_diagonal import (  # noqa: E402
+    FisherDiagonal,
+    empirical_fisher_diagonal,
+    fisher_diagonal_from_adam,
+)
 from .gauss_newton import GGNOperator, ggn_operator  # noqa: E402
 from .hessian import HessianOperator, hessian_operator  # noqa: E402
+from .hessian_diagonal import DiagonalEstimate, hessian_diagonal  # noqa: E402
 from .lanczos import ConvergenceWarning, LanczosResult, lanczos  # noqa: E402
 from .linear_operator import LinearOperator, as_linear_operator  # noqa: E402
 from .parameters import ParameterView  # noqa: E402
@@ -19,6 +25,11 @@ from .spectrum import Spectrum  # noqa: E402
 from .trace import TraceEstimate, trace  # noqa: E402
 
 __all__ = [
+    "DiagonalEstimate",
+    "FisherDiagonal",
+    "empirical_fisher_diagonal",
+    "fisher_diagonal_from_adam",
+    "hessian_diagonal",
     "ConvergenceWarning",
     "LanczosResult",
     "TraceEstimate",
