@@ -1,6 +1,6 @@
 """Cost of one Entropy-SGD outer step against L plain SGD steps with the same closure.
 
-    python -m benchmarks.bench_optimizers [--L 20] [--repeats 5] [--threads N]
+    python -m benchmarks.bench_optimizers [--L 10] [--repeats 5] [--threads N]
 
 An outer step makes L closure calls, so the fair baseline is L steps of ``torch.optim.SGD``
 (foreach) with the same closure; "ratio" is (one outer step) / (L SGD steps), and
@@ -11,7 +11,10 @@ CPUs drawing N(0, I) is a large share), EntropyAdam, and the
 per-parameter implementation written the way the authors wrote theirs
 (``entropy_opt.reference``). Models: mnistfc 784-1024-1024-10 at batch 128, and 200 small
 Linear(32, 32) layers (400 tensors) at batch 128; inputs are random. Variants are timed
-interleaved and the median over repeats is reported. Prints a markdown table.
+interleaved and the median over repeats is reported. Times are process CPU time, not wall
+time, so that other jobs on a shared machine distort them less; run with ``--threads 1``
+there (several multi-threaded processes on few cores slow each other down many-fold).
+Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -100,10 +103,10 @@ def time_model(name: str, build: Callable, L: int, repeats: int) -> list[tuple]:
     times: dict[str, list[float]] = {v: [] for v in runs}
     for rep in range(repeats + 1):
         for vname, fn in runs.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             fn()
             if rep:  # the first round is warm-up
-                times[vname].append(time.perf_counter() - t0)
+                times[vname].append(time.process_time() - t0)
     med = {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
     bare, sgd = med["bare closures x L"], med["SGD x L (foreach)"]
     return [(name, v, ms, ms / sgd, (ms - bare) / bare) for v, ms in med.items()]
@@ -111,7 +114,7 @@ def time_model(name: str, build: Callable, L: int, repeats: int) -> list[tuple]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--L", type=int, default=20, help="SGLD iterations per outer step")
+    ap.add_argument("--L", type=int, default=10, help="SGLD iterations per outer step")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds (after 1 warm-up)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args(argv)
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += time_model(name, build, args.L, args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.machine()}, L={args.L}, batch 128, median of {args.repeats}\n")
-    print("| model | variant | ms / outer step | ratio vs L SGD steps | own cost vs L closures |")
+    print("| model | variant | CPU ms / outer step | ratio vs L SGD steps | own cost vs L closures |")
     print("|---|---|---:|---:|---:|")
     for name, v, ms, ratio, own in rows:
         print(f"| {name} | {v} | {ms:.1f} | {ratio:.3f} | {100 * own:+.1f}% |")
