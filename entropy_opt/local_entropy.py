@@ -30,6 +30,11 @@ as default (``AUTHORS_CODE`` collects the authors' values):
                         True: ``G = gamma (x - mu)`` (Alg. 1 line 7, the true gradient of
                         -F). The authors' code uses False.
 
+``flat`` (default False) only changes the memory layout of the inner loop: the
+parameters are pointed at views of one contiguous buffer, so each SGLD operation is one
+kernel rather than one per tensor (a large saving for many small tensors, a small loss for
+a few large ones, which pay one extra gather of the gradients per iteration).
+
 The authors keep hyper-parameters in a private config (LR schedulers have no effect) and
 crash on parameters without a gradient; those are bugs, not options, and are not copied.
 """
@@ -421,7 +426,7 @@ class _GroupWork:
             p0, n = self.params[0], sum(p.numel() for p in self.params)
             cache.clear()
             cache["key"] = key
-            for k in ("xp", "x", "mu", "g", "buf"):
+            for k in ("xp", "x", "mu", "g"):
                 cache[k] = torch.empty(n, device=p0.device, dtype=p0.dtype)
             cache["views"] = split_views(cache["xp"], self.params)
         self._flat = cache
@@ -430,6 +435,8 @@ class _GroupWork:
         cache["mu"].copy_(cache["x"])
         self.xp, self.x, self.mu = [cache["xp"]], [cache["x"]], [cache["mu"]]
         if momentum:
+            if "buf" not in cache:
+                cache["buf"] = torch.empty_like(cache["x"])
             self.bufs = [cache["buf"].zero_()]
         self._orig = [p.data for p in self.params]
         for p, v in zip(self.params, cache["views"], strict=True):
