@@ -1,0 +1,256 @@
+"""The figure presets, as data.
+
+A preset maps each figure name to its configuration: a :class:`SpectrumFigure` for the
+Hessian-spectrum figures (Fig 1, 3a, 3b) and a :class:`LandscapeFigure` for the Fig 2
+cartoon.  Every field is JSON-serialisable (``dataclasses.asdict``) because the whole
+configuration, preset name included, is part of the cache key.
+
+Presets:
+
+- ``default``: the paper's architectures at reduced width, the Hessian over a few
+  thousand training samples, in float64, so that ``make figures`` (all four figures from a
+  cold cache) takes a few minutes on 2 CPU cores.
+- ``paper``: the paper's sizes (47,658 / 50,890 / 32,640 parameters) and run counts
+  (2 / 2 / 5), the Hessian over 10,000 training samples (all 256 lines for the LSTM), in
+  float32 (a 50k x 50k matrix is 10 GB).  Hours on 2 cores; see ``--dry-run``.
+- ``smoke``: tiny networks on synthetic data (no files needed), for the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+__all__ = [
+    "DataConfig",
+    "OptimConfig",
+    "SpectrumFigure",
+    "LandscapeFigure",
+    "PRESETS",
+    "FIGURES",
+    "get",
+    "as_dict",
+]
+
+#: The figures, in the order ``python -m figures all`` makes them.
+FIGURES: tuple[str, ...] = ("fig1", "fig2", "fig3a", "fig3b")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which samples a figure trains on, tests on and takes the Hessian over.
+
+    Attributes:
+        source: ``"mnist"`` or ``"austen"`` (real files, see :mod:`figures.data`), or
+            ``"synthetic-images"`` / ``"synthetic-text"`` (generated from ``seed``; tests).
+        n_train: training samples (images, or lines of text).  ``0`` = the whole split.
+        n_test: test samples (images, or lines of text following the training lines).
+        n_hessian: the Hessian averages the loss over the first ``n_hessian`` training
+            samples (the loss the optimizer minimised, restricted to a fixed subset).
+        hessian_batch: samples per batch in the Hessian's products (memory only; the
+            operator is the same for any split).
+        line_len, vocab_size: character lines (text sources).
+        seed: seed of the training subset.
+    """
+
+    source: str
+    n_train: int
+    n_test: int
+    n_hessian: int
+    hessian_batch: int = 1000
+    line_len: int = 32
+    vocab_size: int = 96
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and schedule: ``name`` is ``"adam"`` or ``"sgd"`` (with ``momentum``,
+    ``nesterov``); the learning rate is multiplied by ``decay`` every ``decay_every``
+    epochs (0 = never)."""
+
+    name: str
+    lr: float
+    epochs: int
+    batch_size: int
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    decay_every: int = 0
+    decay: float = 1.0
+
+
+@dataclass(frozen=True)
+class SpectrumFigure:
+    """One Hessian-spectrum figure: train ``runs`` models, diagonalise each Hessian, plot.
+
+    Attributes:
+        model: a name in :data:`figures.models.REGISTRY`; ``model_kwargs`` its arguments.
+        data, optim: see :class:`DataConfig`, :class:`OptimConfig`.
+        runs: independent runs (seeds ``seed``, ``seed + 1``, ...), overlaid.
+        dtype: ``"float32"`` or ``"float64"`` for the Hessian.
+        near_zero_tol: the paper's threshold for "near zero" in this figure.
+        center: half-width of the central histogram window (None: the plot's default).
+        hessian_chunk: Hessian columns per block (speed/memory only; None: the
+            library's choice from a 1 GiB tangent budget).
+        checkpoint: build the Hessian through the library's resumable row checkpoint
+            (in ``<cache>/checkpoints/``), for the hour-long paper-size spectra.
+        hessian_forward: ``"model"`` (``model(x)``) or ``"unrolled-lstm"`` (the same
+            LSTM written as explicit cell steps, which ``torch.func.vmap`` batches; the
+            fused ``nn.LSTM`` kernel has no batching rule and is ~10x slower there).
+        paper: the paper's numbers for this figure, quoted beside ours.
+        note: what differs from the paper, for the caption and JSON.
+    """
+
+    model: str
+    model_kwargs: dict[str, Any]
+    data: DataConfig
+    optim: OptimConfig
+    runs: int
+    near_zero_tol: float
+    paper: dict[str, Any]
+    seed: int = 0
+    dtype: str = "float64"
+    center: float | None = None
+    hessian_chunk: int | None = None
+    checkpoint: bool = False
+    hessian_forward: str = "model"
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class LandscapeFigure:
+    """Fig 2: f(x) = -sum_i depth_i exp(-(x - c_i)^2 / (2 width_i^2)); the wells are
+    (depth, centre, width) triples, the first the wide one, the second the sharp one.
+    ``gammas`` are the two scopings of the local entropy, ``x_range`` the plotted
+    interval and ``step`` the quadrature's grid spacing."""
+
+    wells: tuple[tuple[float, float, float], ...] = ((1.0, -1.5, 0.8), (2.0, 1.5, 0.05))
+    gammas: tuple[float, ...] = (1.0, 20.0)
+    x_range: tuple[float, float] = (-4.0, 4.0)
+    n_points: int = 801
+    step: float = 1e-3
+
+
+_PAPER_FIG1 = {"test_error": 0.024, "near_zero_tol": 1e-4, "fraction_near_zero": 0.94,
+               "top": 40.0, "bottom": -0.46, "n_params": 47658, "runs": 2,
+               "optimizer": "Adam"}
+_PAPER_FIG3A = {"test_error": 0.025, "near_zero_tol": 1e-2, "fraction_near_zero": 0.90,
+                "n_params": 50890, "runs": 2, "optimizer": "SGD with momentum"}
+_PAPER_FIG3B = {"near_zero_tol": 1e-5, "fraction_near_zero": 0.95, "n_params": 32640,
+                "runs": 5, "optimizer": "Adam", "text": "256 lines x 32 characters"}
+
+_DEFAULT: dict[str, Any] = {
+    "fig1": SpectrumFigure(
+        model="small-lenet",
+        model_kwargs={"width": 0.35},
+        data=DataConfig("mnist", n_train=10000, n_test=10000, n_hessian=1500),
+        optim=OptimConfig("adam", lr=2e-3, epochs=12, batch_size=100, decay_every=4, decay=0.5),
+        runs=2,
+        near_zero_tol=1e-4,
+        paper=_PAPER_FIG1,
+        note="reduced width 0.35; trained on 10k MNIST images, Hessian over 1.5k of them",
+    ),
+    "fig2": LandscapeFigure(),
+    "fig3a": SpectrumFigure(
+        model="small-mnistfc",
+        model_kwargs={"hidden": 4},
+        data=DataConfig("mnist", n_train=10000, n_test=10000, n_hessian=2000),
+        optim=OptimConfig("sgd", lr=0.05, epochs=20, batch_size=100, momentum=0.9,
+                          nesterov=True, decay_every=8, decay=0.5),
+        runs=2,
+        near_zero_tol=1e-2,
+        paper=_PAPER_FIG3A,
+        note="reduced hidden width 4; trained on 10k MNIST images, Hessian over 2k of them",
+    ),
+    "fig3b": SpectrumFigure(
+        model="char-lstm-small",
+        model_kwargs={"hidden": 8},
+        data=DataConfig("austen", n_train=256, n_test=256, n_hessian=256, hessian_batch=256),
+        optim=OptimConfig("adam", lr=1e-2, epochs=60, batch_size=32, decay_every=20, decay=0.5),
+        runs=2,
+        hessian_forward="unrolled-lstm",
+        near_zero_tol=1e-5,
+        paper=_PAPER_FIG3B,
+        note="reduced hidden width 8 and 2 runs instead of 5; the paper's 256 x 32 text",
+    ),
+}
+
+_PAPER: dict[str, Any] = {
+    "fig1": replace(
+        _DEFAULT["fig1"],
+        model_kwargs={"width": 1.0},
+        data=DataConfig("mnist", n_train=0, n_test=10000, n_hessian=10000),
+        optim=OptimConfig("adam", lr=1e-3, epochs=20, batch_size=128, decay_every=8, decay=0.5),
+        dtype="float32",
+        checkpoint=True,
+        note="the paper's size; Hessian over 10k training images",
+    ),
+    "fig2": LandscapeFigure(),
+    "fig3a": replace(
+        _DEFAULT["fig3a"],
+        model_kwargs={"hidden": 64},
+        data=DataConfig("mnist", n_train=0, n_test=10000, n_hessian=10000),
+        optim=OptimConfig("sgd", lr=0.05, epochs=30, batch_size=128, momentum=0.9,
+                          nesterov=True, decay_every=10, decay=0.5),
+        dtype="float32",
+        checkpoint=True,
+        note="the paper's parameter count (64 hidden units); Hessian over 10k training images",
+    ),
+    "fig3b": replace(
+        _DEFAULT["fig3b"],
+        model_kwargs={"hidden": 48},
+        optim=OptimConfig("adam", lr=5e-3, epochs=200, batch_size=32, decay_every=50,
+                          decay=0.5),
+        runs=5,
+        dtype="float32",
+        checkpoint=True,
+        note="the paper's size and run count",
+    ),
+}
+
+_SMOKE: dict[str, Any] = {
+    "fig1": replace(
+        _DEFAULT["fig1"],
+        model_kwargs={"width": 0.1},
+        data=DataConfig("synthetic-images", n_train=64, n_test=32, n_hessian=32,
+                        hessian_batch=16),
+        optim=OptimConfig("adam", lr=1e-2, epochs=2, batch_size=32),
+        note="smoke test on synthetic images",
+    ),
+    "fig2": LandscapeFigure(n_points=101, step=5e-3),
+    "fig3a": replace(
+        _DEFAULT["fig3a"],
+        model_kwargs={"hidden": 2},
+        data=DataConfig("synthetic-images", n_train=64, n_test=32, n_hessian=32),
+        optim=OptimConfig("sgd", lr=0.05, epochs=2, batch_size=32, momentum=0.9),
+        note="smoke test on synthetic images",
+    ),
+    "fig3b": replace(
+        _DEFAULT["fig3b"],
+        model_kwargs={"hidden": 2, "vocab": 12},
+        data=DataConfig("synthetic-text", n_train=8, n_test=4, n_hessian=8, hessian_batch=4,
+                        line_len=6, vocab_size=12),
+        optim=OptimConfig("adam", lr=1e-2, epochs=2, batch_size=4),
+        note="smoke test on synthetic text",
+    ),
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"default": _DEFAULT, "paper": _PAPER, "smoke": _SMOKE}
+
+
+def get(preset: str, figure: str) -> Any:
+    """The configuration of ``figure`` in ``preset`` (KeyError naming the valid choices)."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    if figure not in PRESETS[preset]:
+        raise KeyError(f"preset {preset!r} has no figure {figure!r}; it has {sorted(PRESETS[preset])}")
+    return PRESETS[preset][figure]
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    """A configuration as a plain JSON-ready dict (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(asdict(config)))
+
