@@ -81,6 +81,7 @@ __all__ = [
     "evaluate",
     "recompute_batchnorm",
     "run_dir",
+    "setup_run",
     "train",
 ]
 
@@ -568,7 +569,10 @@ def _write_logs(directory: Path, log: list[dict[str, Any]], config: RunConfig) -
         os.replace(tmp, directory / "log.csv")
 
 
-def _setup(config: RunConfig, device: torch.device) -> tuple[nn.Module, Task]:
+def setup_run(config: RunConfig, device: torch.device | str = "cpu") -> tuple[nn.Module, Task]:
+    """The task and the freshly initialised model (seeded by ``config.seed``) of a run;
+    every optimizer with the same seed and model starts from these weights."""
+    device = torch.device(device)
     task = build_task(config)
     torch.manual_seed(config.seed)
     model_kwargs = dict(config.model_kwargs)
@@ -610,7 +614,7 @@ def train(
     directory = run_dir(config, out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=1, sort_keys=True))
-    fresh, task = _setup(config, device)
+    fresh, task = setup_run(config, device)
     if model is None:
         model = fresh
     else:
