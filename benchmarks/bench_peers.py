@@ -315,6 +315,51 @@ def trace_table(model, X, y, exact_trace: float, budgets, seeds: int) -> list[st
     return rows
 
 
+MEMORY_CHILD = """
+import sys, json, torch
+torch.set_num_threads(1)
+from torch import nn
+import spectra
+from benchmarks.bench_peers import mnistfc_problem
+model, X, y = mnistfc_problem(64, 2000, 1000, 1)
+H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y))
+v = torch.randn(H.shape[0], dtype=torch.float64)
+def hwm():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM"))
+def reset_peak():  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+reset_peak()
+for _ in range(3):
+    H @ v  # the model's own peak: a single-vector product, warmed up
+base = hwm()
+reset_peak()
+r = spectra.lanczos(H, k=5, tol=1e-6)
+peak = hwm()
+print(json.dumps({"n": H.shape[0], "base_kb": base, "peak_kb": peak, "ncv": 20}))
+"""
+
+
+def memory_table() -> list[str]:
+    """Peak RSS (VmHWM, reset through /proc/self/clear_refs) of lanczos(k=5) above the peak
+    of a warmed-up single-vector product, in a child process (Linux only)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD], capture_output=True, text=True,
+                         check=True)
+    d = json.loads(out.stdout.strip().splitlines()[-1])
+    vec_kb = d["n"] * 8 / 1024
+    above = (d["peak_kb"] - d["base_kb"]) / vec_kb
+    stored = d["ncv"] + 1
+    return [f"\n### memory: lanczos(k=5) on small-mnistfc (n = {d['n']:,}, float64)\n",
+            "| peak RSS above the model's own (vectors of n) | bound: stored (ncv + 1 = "
+            f"{stored}) + 4 | within |", "|---:|---:|:-:|",
+            f"| {above:.1f} | {stored + 4} | {'yes' if above <= stored + 4 else 'no'} |"]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -323,6 +368,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cnn-samples", type=int, default=128)
     ap.add_argument("--skip", nargs="*", default=[], choices=["mnistfc", "allcnn", "density",
                                                                "trace"])
+    ap.add_argument("--memory", action="store_true",
+                    help="also the RSS memory row (at n = 5e4 a vector is 0.4 MB and glibc's "
+                         "arenas move RSS by +-30 vectors between identical calls: not "
+                         "conclusive; bench_matrix_free measures the bound at large n)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -338,6 +387,10 @@ def main(argv: list[str] | None = None) -> None:
         model, X, y = mnistfc_problem(64, 2000 if args.quick else 10000, 1000, 2)
         lines += top5_table("small-mnistfc, MNIST, 1,000 samples", model, X, y, args.quick)
         print("\n".join(lines), flush=True)
+    if args.memory:
+        rows = memory_table()
+        print("\n".join(rows), flush=True)
+        lines += rows
     if "allcnn" not in args.skip:
         model, X, y = allcnn_problem(args.cnn_width, args.cnn_samples, 20)
         rows = top5_table(f"All-CNN-BN width {args.cnn_width}, {args.cnn_samples} synthetic "
