@@ -1,0 +1,95 @@
+"""Laplace local entropy against closed forms and quadrature; the flatness comparison."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import integrate
+
+from figures.compare import CompareConfig, compare
+from spectra import Spectrum
+from spectra.local_entropy import laplace_local_entropy, laplace_table
+
+
+def _log_integral_1d(f0: float, lam: float, gamma: float) -> float:
+    """log int exp(-f(x') - gamma/2 x'^2) dx' for f = f0 + lam/2 x'^2, at x = x* = 0."""
+    value, _ = integrate.quad(lambda t: math.exp(-f0 - 0.5 * (lam + gamma) * t * t),
+                              -np.inf, np.inf, epsabs=0, epsrel=1e-12)
+    return math.log(value)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 5.0, -0.05])
+@pytest.mark.parametrize("gamma", [0.1, 1.0])
+def test_laplace_equals_1d_quadrature(lam, gamma):
+    le = laplace_local_entropy([lam], gamma, loss=0.7)
+    assert le.excluded == 0
+    assert le.total == pytest.approx(_log_integral_1d(0.7, lam, gamma), rel=1e-10, abs=1e-10)
+    # closed form: -f + n/2 log(2 pi) - 1/2 sum log(lambda + gamma)
+    closed = -0.7 + 0.5 * math.log(2 * math.pi) - 0.5 * math.log(lam + gamma)
+    assert le.total == pytest.approx(closed, rel=1e-12)
+    assert le.constant == pytest.approx(0.5 * math.log(2 * math.pi / gamma))
+
+
+def test_laplace_equals_2d_quadrature_with_rotated_hessian():
+    lam = np.array([2.0, 0.01])
+    c, s = math.cos(0.6), math.sin(0.6)
+    R = np.array([[c, -s], [s, c]])
+    H = R @ np.diag(lam) @ R.T
+    gamma, f0 = 0.5, 1.3
+    A = H + gamma * np.eye(2)
+
+    def integrand(y: float, x: float) -> float:
+        v = np.array([x, y])
+        return math.exp(-f0 - 0.5 * v @ A @ v)
+
+    value, _ = integrate.dblquad(integrand, -12, 12, -12, 12, epsabs=1e-13, epsrel=1e-10)
+    le = laplace_local_entropy(Spectrum.from_eigenvalues(lam, loss=f0), gamma)
+    assert le.loss == f0  # taken from the spectrum
+    assert le.total == pytest.approx(math.log(value), rel=1e-7)
+
+
+def test_flat_is_higher_and_negative_curvature_is_excluded():
+    flat = laplace_local_entropy([0.0, 0.0, 1e-6], 0.01)
+    sharp = laplace_local_entropy([10.0, 10.0, 10.0], 0.01)
+    assert flat.log_volume == pytest.approx(0, abs=1e-3) and sharp.log_volume < flat.log_volume
+    le = laplace_local_entropy([-0.5, -0.01, 1.0], gamma=0.1)
+    assert le.excluded == 1
+    assert le.log_volume == pytest.approx(-0.5 * (math.log1p(-0.1) + math.log1p(10.0)))
+    with pytest.raises(ValueError, match="gamma"):
+        laplace_local_entropy([1.0], 0.0)
+
+
+def test_quadrature_spectrum_weights_count_eigenvalues():
+    # a quadrature measure with 2 nodes standing for n = 1000 eigenvalues
+    s = Spectrum.from_quadrature([0.0, 4.0], [0.75, 0.25], n_params=1000, loss=0.0)
+    le = laplace_local_entropy(s, 1.0)
+    assert le.log_volume == pytest.approx(-0.5 * 250 * math.log(5.0))
+    table = laplace_table(s, (0.1, 1.0))
+    assert list(table) == [0.1, 1.0] and table[1.0] == le
+
+
+def test_compare_end_to_end_on_synthetic_data(tmp_path):
+    cfg = CompareConfig(hidden=1, train_size=192, test_size=64, effective_epochs=2,
+                        batch_size=32, spectrum_samples=64, synthetic=True,
+                        optimizers={"sgd": {"lr": 0.05}, "adam": {"lr": 1e-3},
+                                    "entropy-sgd": {"lr": 0.5, "L": 2},
+                                    "sam": {"lr": 0.05, "rho": 0.05}})
+    res = compare(cfg, tmp_path, progress=False)
+    assert res.data == "synthetic-images"
+    assert [r["optimizer"] for r in res.rows] == ["(initialisation)", "sgd", "adam",
+                                                  "entropy-sgd", "sam"]
+    n = res.rows[0]["n_params"]
+    assert n == 784 * 1 + 1 + 1 * 10 + 10
+    # one initialisation: every run's first spectrum is the same "init"
+    assert res.spectra["init"].n_params == n and len(res.spectra) == 5
+    for r in res.rows:
+        assert r["top"] >= 0 and 0 <= r["fraction_near_zero"] <= 1
+        assert r["trace"] == pytest.approx(res.spectra[
+            "init" if r["optimizer"].startswith("(") else r["optimizer"]].trace())
+    for r in res.rows[1:]:
+        assert r["effective_epochs"] == 2
+    for path in res.paths.values():
+        assert path.exists() and path.stat().st_size > 0
+    assert "entropy-sgd" in res.table and "F@0.001" in res.table
