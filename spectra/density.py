@@ -93,6 +93,7 @@ def spectral_density(
             Size: up to ``num_probes x (num_steps + 1) x n`` numbers (the
             bases), e.g. 0.4 GB for 10 probes x 100 steps at n = 5e4 in float64;
             each save writes it whole.  Costs 1 extra matvec (not counted).
+            With a distributed operator, give each rank its own path.
         checkpoint_every: seconds between saves (default 300; 0: every step).
 
     Returns:

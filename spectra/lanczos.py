@@ -171,6 +171,8 @@ def lanczos(
             ``(ncv + 2) n`` numbers of the operator's dtype (the basis), e.g.
             0.2 GB for n = 1e6, ncv = 20 in float32.  Costs 1 extra matvec (the
             probe, not counted in ``matvecs``).  Ignored by the dense path.
+            With a distributed operator every rank holds (and writes) the
+            same state: give each rank its own path.
         checkpoint_every: seconds between saves (default 300; 0 saves at every
             step).
 
