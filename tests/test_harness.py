@@ -21,7 +21,7 @@ from figures.harness import (
 )
 from figures.recipes import RECIPES, recipe
 
-TINY_IMAGES = {"n": 320, "shape": [1, 28, 28], "val_size": 32, "test_size": 32}
+TINY_IMAGES = {"n": 192, "shape": [1, 28, 28], "val_size": 32, "test_size": 32}
 TINY_KW = {
     "sgd": {"lr": 0.05},
     "adam": {"lr": 1e-3},
@@ -33,7 +33,7 @@ TINY_KW = {
 
 
 def tiny(optimizer: str = "adam", **overrides) -> RunConfig:
-    """mnistfc with BatchNorm and dropout at hidden 16 on 256 synthetic images."""
+    """mnistfc with BatchNorm and dropout at hidden 16 on 128 synthetic training images."""
     base = dict(name=f"tiny-{optimizer}", model="mnistfc", model_kwargs={"hidden": 16},
                 data="synthetic-images", data_kwargs=dict(TINY_IMAGES), optimizer=optimizer,
                 optimizer_kwargs=dict(TINY_KW[optimizer]), epochs=1, batch_size=32)
@@ -72,7 +72,7 @@ def test_recompute_batchnorm_gives_data_statistics():
 def test_effective_epochs_count_gradient_evaluations(tmp_path, optimizer, L):
     cfg = tiny(optimizer, epochs=1)
     res = train(cfg, tmp_path, progress=False)
-    per_pass = (320 - 64) // 32
+    per_pass = (192 - 64) // 32
     last = res.final
     assert last["L"] == L and last["steps"] == per_pass
     assert last["grad_evals"] == L * per_pass and last["effective_epoch"] == L
@@ -141,9 +141,9 @@ def test_every_optimizer_trains_lenet_bn(tmp_path, optimizer):
 
 SMOKE_DATA = {
     "mnist": ("synthetic-images", TINY_IMAGES),
-    "cifar10": ("synthetic-images", {**TINY_IMAGES, "n": 160, "shape": [3, 32, 32]}),
-    "austen": ("synthetic-tokens", {"n": 4000, "vocab": 30, "bptt": 10}),
-    "ptb": ("synthetic-tokens", {"n": 4000, "vocab": 30, "bptt": 10}),
+    "cifar10": ("synthetic-images", {**TINY_IMAGES, "n": 128, "shape": [3, 32, 32]}),
+    "austen": ("synthetic-tokens", {"n": 2000, "vocab": 30, "bptt": 10}),
+    "ptb": ("synthetic-tokens", {"n": 2000, "vocab": 30, "bptt": 10}),
 }
 SMOKE_MODEL = {
     "mnistfc": {"hidden": 16}, "lenet-bn": {"width": 0.2}, "all-cnn-bn": {"width": 0.05},
