@@ -224,9 +224,10 @@ def _figures(spec: dict[str, spectra.Spectrum], out: Path, cfg: CompareConfig) -
     for ax, k in zip(axes, labels, strict=True):
         for key, color in (("init", "0.6"), (k, "C0")):
             counts, _ = spec[key].histogram(bins=edges)
-            ax.stairs(np.maximum(counts, 0.5), edges, color=color,
+            ax.stairs(counts, edges, color=color,
                       label="initialisation" if key == "init" else "minimum")
         ax.set_yscale("log")
+        ax.set_ylim(bottom=0.8)
         ax.set_title(k)
         ax.set_xlabel("eigenvalue")
         ax.legend(fontsize=7)

@@ -591,7 +591,6 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
-    model: nn.Module | None = None,
 ) -> RunResult:
     """Train per ``config``; log, evaluate and checkpoint at every effective epoch.
 
@@ -605,21 +604,16 @@ def train(
         stop_after: stop (as if killed) after this many evaluations of this call; for
             tests and time-boxed runs.  The checkpoint lets a later call go on.
         on_eval: called with each new log row.
-        model: start from this model's weights instead of a fresh seeded initialisation
-            (the flatness comparison starts every optimizer from one initialisation); its
-            state is copied, the object itself is trained.
+
+    The initial weights come from ``config.seed`` alone (:func:`setup_run`), so runs that
+    differ only in the optimizer start from the same point.
     Returns a :class:`RunResult`; the model is left at the final weights in eval mode.
     """
     device = torch.device(device)
     directory = run_dir(config, out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=1, sort_keys=True))
-    fresh, task = setup_run(config, device)
-    if model is None:
-        model = fresh
-    else:
-        model.to(device)
-    del fresh
+    model, task = setup_run(config, device)
     opt = build_optimizer(config.optimizer, model.parameters(), config.optimizer_kwargs)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(config.milestones), config.lr_factor)
     stream = task.stream()

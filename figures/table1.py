@@ -57,10 +57,9 @@ def configs(experiment: str, mode: str = "full") -> list[RunConfig]:
     return out
 
 
-def _metric(row: dict[str, Any], language: bool) -> tuple[str, float]:
-    if language:
-        return "test perplexity", row["test_perplexity"]
-    return "test error (%)", 100 * row["test_error"]
+def _metric(row: dict[str, Any]) -> float:
+    """Test perplexity for language models, test error in % otherwise."""
+    return row["test_perplexity"] if "test_perplexity" in row else 100 * row["test_error"]
 
 
 def table(experiment: str, cfgs: list[RunConfig], out_dir: Path, runs_dir: Path) -> str:
@@ -79,14 +78,15 @@ def table(experiment: str, cfgs: list[RunConfig], out_dir: Path, runs_dir: Path)
             continue
         log = json.loads(path.read_text())["log"]
         last = log[-1]
-        label, value = _metric(last, "test_perplexity" in last)
+        value = _metric(last)
         done = last["epoch"] >= cfg.epochs
         extra = "" if done else f" (partial: {last['epoch']:.2f}/{cfg.epochs} epochs)"
         ce = f", CE {last['test_loss']:.3f} nats" if "test_perplexity" in last else ""
         lines.append(f"| {cfg.optimizer} | {value:.3f}{ce}{extra} | {last['effective_epoch']:.1f} | "
                      f"{last['seconds'] / 60:.1f} | {ref_text} | {paper[side + '_epochs']} |")
-    lines += ["", f"Metric: {label if 'label' in dir() else paper['metric']}; one run each "
-              "(the paper averages 4-5)."]
+    lines += ["", f"Metric: {paper['metric']} (ours: test error in %, or exp(cross-entropy) "
+              "per token with the cross-entropy in nats); one run each (the paper averages "
+              "4-5 runs)."]
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{experiment}.md").write_text(text)

@@ -171,3 +171,24 @@ def test_paper_recipes_run_at_reduced_size(tmp_path, experiment, optimizer):
         assert last["val_perplexity"] == pytest.approx(math.exp(last["val_loss"]))
         assert last["val_perplexity"] < 30  # better than uniform over the vocabulary
     assert last["val_loss"] < first["val_loss"] + 0.5
+
+
+# -- Table 1 script --------------------------------------------------------------------------
+
+
+def test_table1_modes_and_partial_table(tmp_path):
+    from figures import table1
+
+    full = table1.configs("mnistfc")
+    assert [c.epochs for c in full] == [100, 5]
+    assert full[0].milestones == [30, 60, 90] and full[1].optimizer_kwargs["L"] == 20
+    quick = table1.configs("mnistfc", "quick")
+    assert all(c.epochs == 1 and c.data_kwargs["train_size"] == 5000 for c in quick)
+    reduced = table1.configs("char-lstm", "reduced")
+    assert [c.epochs for c in reduced] == [5, 1]
+    assert all(c.data_kwargs["chars"] == 500_000 for c in reduced)
+    cfg = tiny("adam", name=quick[0].name, epochs=2)
+    train(cfg, tmp_path / "runs", progress=False, stop_after=1)
+    text = table1.table("mnistfc", [cfg, quick[1]], tmp_path, tmp_path / "runs")
+    assert "partial: 1.00/2 epochs" in text and "not run" in text and "1.39 +/- 0.03" in text
+    assert (tmp_path / "mnistfc.md").read_text() == text
