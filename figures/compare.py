@@ -170,7 +170,7 @@ def measure(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], cfg: Comp
             loss = float(_loss(model(data[0]), data[1]))
         s = spectra.Spectrum(s.eigenvalues, s.weights, n_params=s.n_params, kind=s.kind,
                              loss=loss, name=name, info=s.info)
-        stats = {"top": float(np.max(top.eigenvalues)), "trace": float(tr.estimate),
+        stats = {"top": float(top.eigenvalues.max()), "trace": float(tr.estimate),
                  "trace_stderr": float(tr.stderr), "method": "lanczos+slq+hutch++"}
     stats.update(
         loss=s.loss, n_params=s.n_params,
