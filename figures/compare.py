@@ -17,9 +17,11 @@ mode.  Reported side by side: test error, the loss f at the minimum on those sam
 eigenvalue, trace, fraction of |lambda| <= ``near_zero_tol``, negative mass and the
 Laplace local entropy ``-f - 1/2 sum log(1 + lambda / gamma)`` for each gamma (see
 :mod:`spectra.local_entropy`; eigenvalues <= -gamma are excluded and counted).
-Outputs in ``<out>/<model>/``: ``table.md``, ``results.json``, ``spectra.png`` (overlaid
-spectra at the minima), ``before_after.png`` (initialisation vs minimum per optimizer)
-and each spectrum as ``.npz``.
+Outputs (``<out>`` defaults to ``figures/out``): ``compare-<model>.md`` (the table),
+``compare-<model>.json`` (all numbers and the config), ``compare-<model>-spectra.png``
+(overlaid spectra at the minima), ``compare-<model>-before-after.png`` (initialisation vs
+minimum per optimizer); the runs and each spectrum (``.npz``) under
+``<out>/compare/<model>/``.
 
 Without MNIST in ``data/`` the comparison falls back to synthetic images (and says so).
 """
@@ -205,7 +207,8 @@ def _markdown(rows: list[dict[str, Any]], cfg: CompareConfig, data: str) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def _figures(spec: dict[str, spectra.Spectrum], out: Path, cfg: CompareConfig) -> dict[str, Path]:
+def _figures(spec: dict[str, spectra.Spectrum], stem: Path, cfg: CompareConfig
+             ) -> dict[str, Path]:
     labels = [k for k in spec if k != "init"]
     paths = {}
     if cfg.exact:
@@ -214,7 +217,7 @@ def _figures(spec: dict[str, spectra.Spectrum], out: Path, cfg: CompareConfig) -
                                     title=f"Hessian spectra at the minima ({cfg.model})")
     else:
         fig = spectra.plot.density([spec[k] for k in labels], labels=labels)
-    paths["spectra"] = out / "spectra.png"
+    paths["spectra"] = stem.with_name(stem.name + "-spectra.png")
     fig.savefig(paths["spectra"], dpi=120, bbox_inches="tight")
     fig = Figure(figsize=(4 * len(labels), 3.4))
     axes = fig.subplots(1, len(labels), squeeze=False)[0]
@@ -232,18 +235,19 @@ def _figures(spec: dict[str, spectra.Spectrum], out: Path, cfg: CompareConfig) -
         ax.set_xlabel("eigenvalue")
         ax.legend(fontsize=7)
     axes[0].set_ylabel("count")
-    paths["before_after"] = out / "before_after.png"
+    paths["before_after"] = stem.with_name(stem.name + "-before-after.png")
     fig.savefig(paths["before_after"], dpi=120, bbox_inches="tight")
     return paths
 
 
-def compare(cfg: CompareConfig | None = None, out_dir: str | Path = "figures/out/compare",
+def compare(cfg: CompareConfig | None = None, out_dir: str | Path = "figures/out",
             *, device: str = "cpu", progress: bool = True) -> Comparison:
     """Train each optimizer of ``cfg`` from one initialisation and compare the minima."""
     cfg = cfg or CompareConfig()
     t0 = time.perf_counter()
-    out = Path(out_dir) / cfg.model
+    out = Path(out_dir) / "compare" / cfg.model
     out.mkdir(parents=True, exist_ok=True)
+    stem = Path(out_dir) / f"compare-{cfg.model}"
     data = "synthetic-images" if cfg.synthetic else "mnist"
     if data == "mnist":
         try:
@@ -272,11 +276,11 @@ def compare(cfg: CompareConfig | None = None, out_dir: str | Path = "figures/out
     for k, s in spec.items():
         s.save(out / f"spectrum-{k}.npz")
     table = _markdown(rows, cfg, data)
-    (out / "table.md").write_text(table)
-    (out / "results.json").write_text(json.dumps(
+    paths = {"table": stem.with_suffix(".md"), "results": stem.with_suffix(".json")}
+    paths["table"].write_text(table)
+    paths["results"].write_text(json.dumps(
         {"config": asdict(cfg), "data": data, "rows": rows}, indent=1, default=str))
-    paths = {"table": out / "table.md", "results": out / "results.json",
-             **_figures(spec, out, cfg)}
+    paths.update(_figures(spec, stem, cfg))
     return Comparison(rows, spec, table, paths, data, time.perf_counter() - t0)
 
 
@@ -295,7 +299,7 @@ def main(argv: list[str] | None = None) -> Comparison:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--synthetic", action="store_true")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="figures/out/compare")
+    p.add_argument("--out", default="figures/out")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     names = [o for o in a.optimizers.split(",") if o]

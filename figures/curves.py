@@ -1,11 +1,12 @@
 """Figs. 4-6: validation error (or perplexity) against effective epochs, from harness logs.
 
     python -m figures.curves                                   # every pair found
-    python -m figures.curves --runs figures/out/table1/runs --out figures/out/curves
+    python -m figures.curves --runs figures/out/table1/runs --out figures/out
 
 Each experiment of :data:`figures.recipes.RECIPES` whose runs exist under ``--runs`` (any
 mode: full, reduced or quick, matched by run-name prefix; the newest log wins) gets one
-figure ``<out>/<experiment>.png``: validation (solid) and test (dashed) error in %, or
+figure ``<out>/<fig>-<experiment>.png`` (``fig4a-mnistfc``, ``fig4b-lenet``,
+``fig5-allcnn``, ``fig6a-ptb``, ``fig6b-char-lstm``): validation (solid) and test (dashed) error in %, or
 perplexity for language models, against effective epochs (epochs x L, Sec. 5.2), one
 colour per optimizer, plus the training loss in a second panel (Fig. 5a).
 """
@@ -21,7 +22,11 @@ from matplotlib.figure import Figure
 
 from .recipes import RECIPES
 
-__all__ = ["load_logs", "plot_pair", "main"]
+__all__ = ["FIGURE", "load_logs", "plot_pair", "main"]
+
+#: the paper's panel for each experiment
+FIGURE = {"mnistfc": "fig4a", "lenet": "fig4b", "allcnn": "fig5", "ptb": "fig6a",
+          "char-lstm": "fig6b"}
 
 
 def load_logs(runs: Path, prefix: str) -> dict[str, list[dict[str, Any]]]:
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(prog="python -m figures.curves", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="figures/out/table1/runs")
-    p.add_argument("--out", default="figures/out/curves")
+    p.add_argument("--out", default="figures/out")
     a = p.parse_args(argv)
     runs, out = Path(a.runs), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 name, log = list(found.items())[-1]
                 logs[name.rsplit("-", 1)[0]] = log
         if logs:
-            path = out / f"{experiment}.png"
+            path = out / f"{FIGURE[experiment]}-{experiment}.png"
             plot_pair(logs, experiment).savefig(path, dpi=120, bbox_inches="tight")
             written.append(path)
             print(f"wrote {path} ({', '.join(logs)})")

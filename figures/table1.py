@@ -8,7 +8,8 @@
 Each optimizer of the pair trains through :func:`figures.harness.train` (resumable: rerun
 the same command after an interruption) and the table ``<out>/<experiment>.md`` reports
 the final test error (or perplexity per character / word), the effective epochs and the
-wall time, next to the paper's numbers.  ``--only`` runs one side (to run the two in
+wall time, next to the paper's numbers, in ``figures/out/table1-<experiment>.md``
+(``-quick`` / ``-reduced`` for the variants).  ``--only`` runs one side (to run the two in
 parallel processes); the table is rebuilt from whatever logs exist.
 """
 
@@ -62,21 +63,22 @@ def _metric(row: dict[str, Any]) -> float:
     return row["test_perplexity"] if "test_perplexity" in row else 100 * row["test_error"]
 
 
-def table(experiment: str, cfgs: list[RunConfig], out_dir: Path, runs_dir: Path) -> str:
-    """Markdown table from the runs' logs (missing runs are reported as such)."""
+def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path) -> str:
+    """Markdown table from the runs' logs, written to ``path`` and returned (missing runs
+    are reported as such, unfinished ones as partial)."""
     paper = PAPER[experiment]
     lines = [f"## Table 1, {experiment}", "",
              "| optimizer | ours | effective epochs | wall time (min) | paper | paper epochs |",
              "|---|---|---|---|---|---|"]
     for cfg in cfgs:
-        path = run_dir(cfg, runs_dir) / "log.json"
+        log_path = run_dir(cfg, runs_dir) / "log.json"
         side = "entropy" if cfg.optimizer.startswith("entropy") else "base"
         ref = paper[side]
         ref_text = f"{ref[0]} +/- {ref[1]}"
-        if not path.exists():
+        if not log_path.exists():
             lines.append(f"| {cfg.optimizer} | not run | | | {ref_text} | {paper[side + '_epochs']} |")
             continue
-        log = json.loads(path.read_text())["log"]
+        log = json.loads(log_path.read_text())["log"]
         last = log[-1]
         value = _metric(last)
         done = last["epoch"] >= cfg.epochs
@@ -88,8 +90,8 @@ def table(experiment: str, cfgs: list[RunConfig], out_dir: Path, runs_dir: Path)
               "per token with the cross-entropy in nats); one run each (the paper averages "
               "4-5 runs)."]
     text = "\n".join(lines) + "\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{experiment}.md").write_text(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
     return text
 
 
@@ -103,7 +105,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--only", help="run just this optimizer of the pair")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--out", default="figures/out/table1")
+    p.add_argument("--out", default="figures/out",
+                   help="tables go to <out>/table1-<experiment>[-<mode>].md, runs to "
+                        "<out>/table1/runs/")
     p.add_argument("--table-only", action="store_true", help="rebuild the table from logs")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -112,13 +116,14 @@ def main(argv: list[str] | None = None) -> str:
     mode_name = "quick" if args.quick else "reduced" if args.reduced else "full"
     cfgs = configs(args.experiment, mode_name)
     out = Path(args.out)
-    runs = out / "runs"
+    runs = out / "table1" / "runs"
     if not args.table_only:
         for cfg in cfgs:
             if args.only and cfg.optimizer != args.only:
                 continue
             train(cfg, runs, device=args.device, progress=not args.no_progress)
-    text = table(args.experiment, cfgs, out / mode_name, runs)
+    suffix = "" if mode_name == "full" else f"-{mode_name}"
+    text = table(args.experiment, cfgs, out / f"table1-{args.experiment}{suffix}.md", runs)
     print(text)
     return text
 

@@ -189,6 +189,10 @@ def test_table1_modes_and_partial_table(tmp_path):
     assert all(c.data_kwargs["chars"] == 500_000 for c in reduced)
     cfg = tiny("adam", name=quick[0].name, epochs=2)
     train(cfg, tmp_path / "runs", progress=False, stop_after=1)
-    text = table1.table("mnistfc", [cfg, quick[1]], tmp_path, tmp_path / "runs")
+    text = table1.table("mnistfc", [cfg, quick[1]], tmp_path / "t.md", tmp_path / "runs")
     assert "partial: 1.00/2 epochs" in text and "not run" in text and "1.39 +/- 0.03" in text
-    assert (tmp_path / "mnistfc.md").read_text() == text
+    assert (tmp_path / "t.md").read_text() == text
+    from figures import curves
+
+    assert curves.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path)]) == [
+        tmp_path / "fig4a-mnistfc.png"]
