@@ -1,0 +1,274 @@
+"""Tests for the figure scripts: Fig 2's quadrature, the cache, the training loop, the
+plotting layout and every figure's run() on the synthetic 'smoke' preset (no data files,
+no network)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import spectra
+from figures import __main__ as cli
+from figures import fig2, pipeline, presets, report
+from figures.cache import MARKER, Cache, config_key
+from figures.models import char_lstm_small
+from figures.training import evaluate_error, train
+
+# --------------------------------------------------------------------------------------
+# Fig 2: local entropy by quadrature
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,c,gamma", [(3.0, 0.7, 0.5), (40.0, -1.2, 5.0), (0.2, 0.0, 20.0)])
+def test_local_entropy_matches_gaussian_closed_form(k: float, c: float, gamma: float) -> None:
+    """f = k/2 (x - c)^2: the integral of exp(-k/2 (x'-c)^2 - gamma/2 (x-x')^2) is Gaussian,
+    F = 1/2 log(2 pi / (k + gamma)) - k gamma / (2 (k + gamma)) (x - c)^2."""
+    x = np.linspace(-3, 3, 41)
+    numeric = fig2.local_entropy(lambda z: 0.5 * k * (z - c) ** 2, x, gamma,
+                                 bounds=(-40.0, 40.0), step=2e-3)
+    exact = 0.5 * math.log(2 * math.pi / (k + gamma)) - k * gamma / (2 * (k + gamma)) * (x - c) ** 2
+    np.testing.assert_allclose(numeric, exact, rtol=0, atol=1e-8)
+
+
+def test_local_entropy_scalar_input_and_bad_gamma() -> None:
+    value = fig2.local_entropy(lambda z: 0.0 * z, 0.3, 2.0)
+    assert np.ndim(value) == 0
+    assert value == pytest.approx(0.5 * math.log(2 * math.pi / 2.0), abs=1e-10)
+    with pytest.raises(ValueError):
+        fig2.local_entropy(lambda z: z, 0.0, 0.0)
+
+
+def test_negative_local_entropy_prefers_the_wide_valley() -> None:
+    cfg = presets.get("default", "fig2")
+    f = fig2.wells(cfg.wells)
+    x = np.linspace(*cfg.x_range, 801)
+    (_, c_wide, _), (_, c_sharp, _) = cfg.wells
+    assert abs(x[np.argmin(f(x))] - c_sharp) < 0.02  # f's global minimum is the sharp one
+    for gamma in cfg.gammas:
+        negF = -fig2.local_entropy(f, x, gamma, step=cfg.step)
+        assert abs(x[np.argmin(negF)] - c_wide) < 0.5, gamma
+
+
+# --------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------
+
+
+def _counting(value: dict):
+    calls = {"n": 0}
+
+    def compute() -> dict:
+        calls["n"] += 1
+        return value
+
+    def save(v: dict, folder: Path) -> None:
+        (folder / "v.json").write_text(json.dumps(v))
+
+    def read(folder: Path) -> dict:
+        return json.loads((folder / "v.json").read_text())
+
+    return calls, compute, save, read
+
+
+def test_cache_key_changes_with_any_config_field() -> None:
+    base = {"preset": "default", "seed": 0, "data": {"n": 10}, "code": "abc"}
+    keys = {config_key(base)}
+    for change in ({"preset": "paper"}, {"seed": 1}, {"data": {"n": 11}}, {"code": "abd"}):
+        keys.add(config_key({**base, **change}))
+    assert len(keys) == 5
+    assert config_key(dict(reversed(list(base.items())))) == config_key(base)  # order-free
+
+
+def test_cache_roundtrip_and_hit(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    calls, compute, save, read = _counting({"a": 1})
+    config = {"x": 1}
+    assert cache.get_or_compute(config, compute, save, read) == ({"a": 1}, False)
+    assert cache.get_or_compute(config, compute, save, read) == ({"a": 1}, True)
+    assert calls["n"] == 1
+    entry = cache.entry_dir(config_key(config))
+    assert (entry / MARKER).exists() and (entry / "config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "no_marker", "bad_marker", "missing_file"])
+def test_cache_damaged_entry_is_recomputed(tmp_path: Path, damage: str) -> None:
+    cache = Cache(tmp_path)
+    calls, compute, save, read = _counting({"a": 1})
+    config = {"x": 2}
+    cache.get_or_compute(config, compute, save, read)
+    entry = cache.entry_dir(config_key(config))
+    if damage == "corrupt":
+        (entry / "v.json").write_text('{"a": 9')  # truncated
+    elif damage == "no_marker":
+        (entry / MARKER).unlink()  # a write that never finished
+    elif damage == "bad_marker":
+        (entry / MARKER).write_text("not json")
+    else:
+        (entry / "v.json").unlink()
+    value, hit = cache.get_or_compute(config, compute, save, read)
+    assert (value, hit, calls["n"]) == ({"a": 1}, False, 2)
+    assert cache.is_complete(config_key(config))
+
+
+def test_cache_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+
+    def save(v: dict, folder: Path) -> None:
+        (folder / "part").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_compute({"x": 3}, lambda: {"a": 1}, save, lambda f: {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_disabled_always_computes(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c", enabled=False)
+    calls, compute, save, read = _counting({"a": 1})
+    for _ in range(2):
+        assert cache.get_or_compute({"x": 4}, compute, save, read) == ({"a": 1}, False)
+    assert calls["n"] == 2 and not (tmp_path / "c").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Training loop and the unrolled LSTM
+# --------------------------------------------------------------------------------------
+
+
+def _toy() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g)
+    return x, (x[:, 0] > 0).long()
+
+
+def test_train_is_deterministic_and_learns() -> None:
+    data = _toy()
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        model = nn.Linear(5, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        res = train(model, nn.CrossEntropyLoss(), data, opt, epochs=5, batch_size=16, seed=7,
+                    progress=False)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+    assert res.steps == 20 and len(res.epoch_losses) == 5
+    assert res.epoch_losses[-1] < res.epoch_losses[0]
+    assert evaluate_error(model, data) < 0.2
+
+
+def test_train_supports_closure_optimizers() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+    res = train(model, nn.CrossEntropyLoss(), _toy(), opt, epochs=2, batch_size=64, seed=0,
+                progress=False)
+    assert res.epoch_losses[-1] < res.epoch_losses[0]
+
+
+def test_unrolled_lstm_is_the_same_function() -> None:
+    torch.manual_seed(0)
+    model = char_lstm_small(hidden=3, vocab=7)
+    x = torch.nn.functional.one_hot(torch.randint(0, 7, (4, 5)), 7).float()
+    torch.testing.assert_close(pipeline.unrolled_lstm_forward(model, x), model(x),
+                               rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Plotting API
+# --------------------------------------------------------------------------------------
+
+
+def test_spectrum_plot_has_centre_and_two_insets_and_caption() -> None:
+    rng = np.random.default_rng(0)
+    ev = np.concatenate([rng.normal(0, 1e-6, 90), rng.uniform(0.01, 5, 8), [-0.05, -0.01]])
+    runs = [spectra.Spectrum.from_eigenvalues(ev * s, name=f"run {i}")
+            for i, s in enumerate((1.0, 1.1))]
+    fig = spectra.plot.spectrum(runs, near_zero_tol=1e-4, title="t")
+    n_axes = len(fig.axes)
+    assert n_axes >= 3  # central histogram + negative and positive tail insets
+    report.add_caption(fig, "line one\nline two")
+    assert len(fig.axes) == n_axes
+    assert any("line two" in t.get_text() for t in fig.texts)
+    central = fig.axes[0]
+    assert central.get_yscale() == "log" and central.get_position().y0 > 0.1
+
+
+# --------------------------------------------------------------------------------------
+# Every figure on the smoke preset (synthetic data)
+# --------------------------------------------------------------------------------------
+
+SPECTRUM_KEYS = {"fraction_near_zero", "top", "bottom", "trace", "n_params", "n_samples",
+                 "test_error", "train_loss", "grad_norm"}
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("figs")
+    results = {name: cli._module(name).run("smoke", out, "cpu", True) for name in presets.FIGURES}
+    return out, results
+
+
+@pytest.mark.parametrize("name", presets.FIGURES)
+def test_figure_writes_png_pdf_json(smoke_out: tuple[Path, dict], name: str) -> None:
+    out, results = smoke_out
+    for ext in ("png", "pdf", "json"):
+        assert (out / f"{name}.{ext}").stat().st_size > 0
+    stats = json.loads((out / f"{name}.json").read_text())
+    assert stats["preset"] == "smoke" and "paper" in stats and "caption" in stats
+    if name == "fig2":
+        assert stats["minimum_of_negF_in_wide_valley"] is True
+        return
+    cfg = presets.get("smoke", name)
+    assert len(stats["runs"]) == cfg.runs == stats["n_runs"]
+    for run in stats["runs"]:
+        assert SPECTRUM_KEYS <= run.keys()
+        assert run["n_params"] == stats["n_params"] and run["bottom"] <= run["top"]
+    assert stats["near_zero_tol"] == cfg.paper["near_zero_tol"]
+    assert SPECTRUM_KEYS & set(stats["mean"]) >= {"fraction_near_zero", "test_error", "top"}
+
+
+def test_rerun_reads_weights_and_spectra_from_cache(smoke_out: tuple[Path, dict]) -> None:
+    out, results = smoke_out
+    again = cli._module("fig3a").run("smoke", out, "cpu", True)
+    assert all(r["weights_cached"] and r["spectrum_cached"] for r in again["runs"])
+    assert again["mean"] == results["fig3a"]["mean"]
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+def test_cli_list_unknown_and_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["list"]) == 0
+    assert "fig3b" in capsys.readouterr().out
+    assert cli.main(["fig9"]) == 2
+    err = capsys.readouterr().err
+    assert "fig9" in err and "fig1" in err and "all" in err
+    assert cli.main(["all", "--preset", "smoke", "--dry-run"]) == 0
+    plans = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["figure"] for p in plans] == list(presets.FIGURES)
+    assert all(p["memory_ok"] for p in plans if "memory_ok" in p)
+
+
+def test_paper_preset_has_the_paper_sizes() -> None:
+    sizes = {name: pipeline.plan_spectrum_figure(name, "paper")
+             for name in ("fig1", "fig3a", "fig3b")}
+    assert {k: v["n_params"] for k, v in sizes.items()} == \
+        {"fig1": 47658, "fig3a": 50890, "fig3b": 32640}
+    assert {k: v["runs"] for k, v in sizes.items()} == {"fig1": 2, "fig3a": 2, "fig3b": 5}
+
+
+def test_cli_missing_data_names_make_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HS_MNIST_DIR", str(tmp_path))
+    assert cli.main(["fig1", "--out", str(tmp_path / "out")]) == 1
+    assert "make data" in capsys.readouterr().err
