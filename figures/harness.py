@@ -539,14 +539,19 @@ class RunResult:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -626,7 +631,8 @@ def train(
 
     ckpt_path = directory / CHECKPOINT
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ckpt["digest"] != config.digest():
             raise ConfigMismatchError(
                 f"{ckpt_path} was written for config {ckpt['digest']} "
