@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--out", default="figures/out",
                    help="tables go to <out>/table1-<experiment>[-<mode>].md, runs to "
                         "<out>/table1/runs/")
+    p.add_argument("--runs", default=None, help="run directories (default <out>/table1/runs)")
     p.add_argument("--table-only", action="store_true", help="rebuild the table from logs")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> str:
     mode_name = "quick" if args.quick else "reduced" if args.reduced else "full"
     cfgs = configs(args.experiment, mode_name)
     out = Path(args.out)
-    runs = out / "table1" / "runs"
+    runs = Path(args.runs) if args.runs else out / "table1" / "runs"
     if not args.table_only:
         for cfg in cfgs:
             if args.only and cfg.optimizer != args.only:
