@@ -204,6 +204,12 @@ def _markdown(rows: list[dict[str, Any]], cfg: CompareConfig, data: str) -> str:
             "F@gamma = -f - 1/2 sum log(1 + lambda/gamma) (Laplace local entropy without "
             "the constant n/2 log(2 pi/gamma); higher = flatter), eigenvalues <= -gamma "
             "excluded (count in parentheses).\n")
+    if not cfg.exact:
+        note += ("Matrix-free: top eigenvalue from Lanczos, trace from Hutch++, the rest from "
+                 "the SLQ quadrature (Gauss nodes and weights): the near-zero fraction is "
+                 "the weight of nodes within the tolerance and the excluded counts are "
+                 "node weights x n, both coarse at SLQ's resolution; sum log(1 + lambda/"
+                 "gamma) is the SLQ estimate of tr log(I + H/gamma).\n")
     return "\n".join(lines) + "\n" + note
 
 
