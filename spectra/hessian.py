@@ -18,10 +18,44 @@ __all__ = ["HessianOperator", "hessian_operator"]
 class HessianOperator(CurvatureOperator):
     """H = sum_b (m_b / N) grad^2 Lbar_b(theta); see :class:`CurvatureOperator` for arguments.
 
-    ``H @ V`` runs forward-over-reverse (``jvp`` of ``grad``) per batch, vectorised
-    over the k columns of V with ``vmap``: one forward and backward pass of the
-    model carry k tangents at once.
+    ``H @ V`` for a block runs forward-over-reverse (``jvp`` of ``grad``) per batch,
+    vectorised over the k columns of V with ``vmap``: one forward and backward
+    pass of the model carry k tangents at once.  A single vector (what Lanczos
+    asks for) goes through double backward instead, which is cheaper for one
+    column; with ``cache_graph`` the gradient's graph is built once and each
+    product is then one backward pass through it (as PyHessian does).
+
+    Args:
+        cache_graph: keep each batch's gradient graph between single-vector
+            products.  Default: when the data are one batch and the model is in
+            eval mode (the graph holds that batch's activations; with many
+            batches that would hold the whole data set's).  Never in train mode,
+            where every product must be re-evaluated to detect randomness.
+        Other arguments: see :class:`CurvatureOperator`.
     """
+
+    def __init__(self, *args: Any, cache_graph: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if cache_graph is None:
+            cache_graph = self.source.num_batches == 1
+        self.cache_graph = bool(cache_graph) and not self.train_mode
+        self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _batch_product(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
+        if self.backend == "auto" and V.shape[1] == 1:
+            return self._batch_matmat_autograd(batch, V)
+        return super()._batch_product(batch, V)
+
+    def _gradient_graph(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(theta leaf, gradient with its graph) for ``batch``, cached if allowed."""
+        if batch.index in self._graphs:
+            return self._graphs[batch.index]
+        theta = self.theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.batch_loss(theta, batch), theta, create_graph=True)
+        if self.cache_graph:
+            self._graphs[batch.index] = (theta, g)
+        return theta, g
 
     def _batch_matmat(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
         theta = self.theta
@@ -33,12 +67,12 @@ class HessianOperator(CurvatureOperator):
         return self._vmap(hvp, V)
 
     def _batch_matmat_autograd(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
-        theta = self.theta.detach().requires_grad_(True)
+        theta, g = self._gradient_graph(batch)
+        k = V.shape[1]
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(self.batch_loss(theta, batch), theta, create_graph=True)
             cols = [
-                torch.autograd.grad(g, theta, V[:, j], retain_graph=j + 1 < V.shape[1])[0]
-                for j in range(V.shape[1])
+                torch.autograd.grad(g, theta, V[:, j], retain_graph=self.cache_graph or j + 1 < k)[0]
+                for j in range(k)
             ]
         return torch.stack(cols, dim=1).detach()
 

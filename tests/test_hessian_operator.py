@@ -227,3 +227,20 @@ def test_gradient_matches_autograd():
     ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
     torch.testing.assert_close(H.gradient(), ref, rtol=1e-12, atol=1e-14)
     assert H.loss == pytest.approx(float(loss), rel=1e-12)
+
+
+def test_single_vector_path_and_graph_cache_agree_with_block_path():
+    model, X, y = conv_net()
+    loss = nn.CrossEntropyLoss()
+    cached = spectra.hessian_operator(model, loss, (X, y))
+    assert cached.cache_graph  # one batch, eval mode
+    uncached = spectra.hessian_operator(model, loss, [(X[:4], y[:4]), (X[4:], y[4:])])
+    assert not uncached.cache_graph  # several batches: would hold every batch's graph
+    block = spectra.hessian_operator(model, loss, (X, y), backend="func")
+    V = torch.randn(cached.shape[0], 3, dtype=F64)
+    expected = block @ V
+    for j in range(3):
+        for op in (cached, uncached):
+            torch.testing.assert_close(op @ V[:, j], expected[:, j], rtol=1e-11, atol=1e-13)
+    assert len(cached._graphs) == 1
+    assert not spectra.hessian_operator(model, loss, (X, y), train_mode=True).cache_graph
