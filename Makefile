@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 PRESET ?= default
 STAMP := $(VENV)/.installed
 
-.PHONY: test figures data bench lint clean
+.PHONY: test figures data bench anchors lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,8 +30,20 @@ data: $(STAMP)
 figures: $(STAMP) data
 	$(BIN)/python -m figures all --preset $(PRESET)
 
+# `make bench` runs every benchmark; the peer comparison uses .venv-anchors when it exists
+# (`make anchors` creates it: PyHessian, hessian-eigenthings, curvlinops, with torch kept at
+# $(TORCH); curvlinops/backpack go in without their torchvision dependency, which they do
+# not need for Hessian products and which would pull in a multi-GB CUDA torch here).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks all
+
+anchors: .venv-anchors/.installed
+.venv-anchors/.installed: pyproject.toml
+	test -x .venv-anchors/bin/python || $(PY) -m venv .venv-anchors
+	.venv-anchors/bin/pip install -q "$(TORCH)" && echo "$(TORCH)" > .venv-anchors/pin.txt
+	.venv-anchors/bin/pip install -q -c .venv-anchors/pin.txt -e . pyhessian hessian-eigenthings einops einconv linear_operator opt-einsum
+	.venv-anchors/bin/pip install -q --no-deps curvlinops-for-pytorch backpack-for-pytorch
+	touch $@
 
 clean:
 	rm -rf $(VENV) figures/out/cache
