@@ -104,13 +104,14 @@ def test_matrix_free_measure_agrees_with_exact():
     from figures.models import mnistfc
 
     torch.manual_seed(0)
-    model = mnistfc(hidden=3, dropout=0.0, batchnorm=False).eval()
+    model = mnistfc(hidden=2, dropout=0.0, batchnorm=False).eval()
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(64, 1, 28, 28, generator=g), torch.randint(10, (64,), generator=g))
-    cfg = CompareConfig(model="mnistfc", hidden=3, slq_steps=40, trace_matvecs=300)
+    cfg = CompareConfig(model="mnistfc", hidden=2, lanczos_k=2, slq_probes=2, slq_steps=30,
+                        trace_matvecs=150)
     s_free, free = measure(model, data, cfg, "free")
     s_exact, exact = measure(model, data, CompareConfig(model="small-mnistfc"), "exact")
     assert s_free.kind == "quadrature" and free["method"].startswith("lanczos")
     assert free["top"] == pytest.approx(exact["top"], rel=1e-3)
-    assert free["trace"] == pytest.approx(exact["trace"], rel=0.2)
+    assert free["trace"] == pytest.approx(exact["trace"], rel=0.3)
     assert free["loss"] == pytest.approx(exact["loss"], rel=1e-5)

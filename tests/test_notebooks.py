@@ -30,6 +30,10 @@ def test_notebook_outputs_are_stripped(path):
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("HS_NOTEBOOK_OUT", str(tmp_path))  # the kernel inherits it
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    # one BLAS/OpenMP thread in the kernel: on an oversubscribed machine a multi-threaded
+    # OpenBLAS eigvalsh of a 1,600 x 1,600 matrix took 15 s instead of 0.4 s
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(ROOT)}})
