@@ -89,6 +89,9 @@ def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path) ->
     lines += ["", f"Metric: {paper['metric']} (ours: test error in %, or exp(cross-entropy) "
               "per token with the cross-entropy in nats); one run each (the paper averages "
               "4-5 runs)."]
+    if experiment == "char-lstm":
+        lines.append("The paper's char-LSTM 'perplexity' (1.22) can only be a cross-entropy in "
+                     "nats (exp of it would mean 0.2 nats/char); compare it with our CE.")
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
