@@ -17,6 +17,7 @@ miss: the entry is removed and recomputed.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -51,16 +52,23 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def code_version(paths: Iterable[str | os.PathLike]) -> str:
-    """SHA-256 over the contents of source files (in the given order), so editing the
-    code that computes a result changes the key of that result.  A missing file
-    contributes its name only."""
+def code_version(sources: Iterable[str | os.PathLike | Any]) -> str:
+    """SHA-256 over source code, so editing the code that computes a result changes the
+    key of that result (and editing, say, plotting code does not).
+
+    Each item is a file path (its contents; a missing file contributes its name only)
+    or a module, class or function (its source text, via ``inspect.getsource``).
+    """
     h = hashlib.sha256()
-    for p in paths:
-        path = Path(p)
-        h.update(path.name.encode())
-        if path.is_file():
-            h.update(path.read_bytes())
+    for item in sources:
+        if isinstance(item, str | os.PathLike):
+            path = Path(item)
+            h.update(path.name.encode())
+            if path.is_file():
+                h.update(path.read_bytes())
+        else:
+            h.update(getattr(item, "__qualname__", getattr(item, "__name__", "")).encode())
+            h.update(inspect.getsource(item).encode())
     return h.hexdigest()[:16]
 
 

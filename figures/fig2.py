@@ -89,7 +89,7 @@ def local_entropy(
 def _plot(x: np.ndarray, fx: np.ndarray, curves: dict[float, np.ndarray],
           cfg: presets.LandscapeFigure, caption: str) -> Figure:
     fig = Figure(figsize=(7.0, 4.2))
-    ax = fig.add_axes((0.1, 0.13, 0.86, 0.8))
+    ax = fig.add_axes((0.1, 0.13, 0.86, 0.84))
     ax.plot(x, fx, color="k", lw=1.6, label="f(x)")
     for i, (gamma, negF) in enumerate(curves.items()):
         ax.plot(x, negF, color=f"C{i}", lw=1.4, label=f"−F(x, γ={gamma:g}) (shifted)")
@@ -98,13 +98,12 @@ def _plot(x: np.ndarray, fx: np.ndarray, curves: dict[float, np.ndarray],
     (_, c_wide, _), (_, c_sharp, _) = cfg.wells[0], cfg.wells[1]
     for c, label in ((c_wide, "x_robust"), (c_sharp, "x_non-robust")):
         ax.axvline(c, color="0.6", lw=0.8, ls=":")
-        ax.annotate(label, (c, ax.get_ylim()[1]), xytext=(3, -12), textcoords="offset points",
+        ax.annotate(label, (c, ax.get_ylim()[0]), xytext=(3, 4), textcoords="offset points",
                     fontsize=8, color="0.3")
     ax.set_xlabel("x (parameter space)")
     ax.set_ylabel("energy")
-    ax.set_title("Local entropy concentrates on wide valleys", fontsize=10)
     ax.legend(fontsize=8, loc="lower left")
-    report.add_caption(fig, caption)
+    report.add_caption(fig, caption, title="Fig 2: local entropy concentrates on wide valleys")
     return fig
 
 

@@ -49,7 +49,7 @@ __all__ = [
 
 _ROOT = Path(__file__).resolve().parent.parent
 #: Source files whose contents version the cached weights and spectra.
-_TRAIN_CODE = [_ROOT / "figures" / f for f in ("training.py", "models.py", "pipeline.py")]
+_TRAIN_CODE_FILES = [_ROOT / "figures" / f for f in ("training.py", "models.py")]
 _SPECTRUM_CODE = [
     _ROOT / "spectra" / f
     for f in ("exact.py", "hessian.py", "curvature.py", "batches.py", "parameters.py",
@@ -230,7 +230,9 @@ def _weights_config(figure: str, preset: str, cfg: presets.SpectrumFigure, seed:
         "data": asdict(cfg.data),
         "data_identity": data.identity,
         "optim": asdict(cfg.optim),
-        "code": code_version(_TRAIN_CODE),
+        "code": code_version([*_TRAIN_CODE_FILES, load_data, _synthetic_images, _synthetic_text,
+                              loss_for, sequence_cross_entropy, make_optimizer, _build_model,
+                              train_or_load]),
         "torch": torch.__version__,
     }
 
@@ -289,7 +291,7 @@ def spectrum_or_load(
         "chunk": cfg.hessian_chunk,
         "forward": cfg.hessian_forward,
         "name": name,
-        "code": code_version(_SPECTRUM_CODE),
+        "code": code_version([*_SPECTRUM_CODE, unrolled_lstm_forward, spectrum_or_load]),
     }
 
     checkpoint = None
@@ -408,9 +410,11 @@ def run_spectrum_figure(
         "data_identity": data.identity,
     }
     stats["caption"] = (caption or default_caption)(stats)
-    fig = spectra.plot.spectrum(spectra_list, near_zero_tol=cfg.near_zero_tol, center=cfg.center,
-                                title=title)
-    report.add_caption(fig, stats["caption"])
+    fig = spectra.plot.spectrum(spectra_list, near_zero_tol=cfg.near_zero_tol, center=cfg.center)
+    central = fig.axes[0]
+    if central.get_legend() is not None:  # keep it clear of the "peak clipped" note at the top
+        central.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.0, 0.88))
+    report.add_caption(fig, stats["caption"], title=title)
     stats["seconds"] = time.perf_counter() - t0
     report.write_outputs(out_dir, figure, fig, stats)
     return stats
@@ -419,6 +423,8 @@ def run_spectrum_figure(
 def default_caption(stats: dict[str, Any]) -> str:
     """Caption naming the preset, data, model size and our numbers beside the paper's."""
     m, p, tol = stats["mean"], stats["paper"], stats["near_zero_tol"]
+    unit = "lines" if stats["config"]["data"]["source"].endswith(("text", "austen")) \
+        else "images"
     paper_frac = p.get("fraction_near_zero")
     paper_err = p.get("test_error")
     ours = (f"ours: {100 * m['fraction_near_zero']:.1f}% of |λ| ≤ {tol:g}, "
@@ -433,7 +439,7 @@ def default_caption(stats: dict[str, Any]) -> str:
     )
     return (f"{stats['model']} ({stats['n_params']:,} params), {stats['optimizer']}, "
             f"{stats['dataset']}, {stats['n_runs']} runs, Hessian over {stats['n_samples']:,} "
-            f"training samples, preset '{stats['preset']}'.\n{ours}\n{paper}")
+            f"training {unit}, preset '{stats['preset']}'.\n{ours}\n{paper}")
 
 
 def plan_spectrum_figure(figure: str, preset: str, device: str = "cpu") -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +18,25 @@ from .cache import write_atomic
 __all__ = ["add_caption", "write_outputs", "summary_table"]
 
 
-def add_caption(fig: Figure, text: str, fontsize: float = 8.0) -> None:
-    """Grow ``fig`` at the bottom by a strip holding ``text`` (left-aligned), keeping every
-    axes' size and layout: the existing axes are rescaled into the upper part."""
-    lines = text.count("\n") + 1
+def add_caption(fig: Figure, text: str, fontsize: float = 8.0, title: str | None = None) -> None:
+    """Grow ``fig`` by a strip at the bottom holding ``text`` (wrapped to the figure's
+    width) and, with ``title``, a strip at the top holding it; every axes keeps its size
+    and relative place (the axes are remapped into the old canvas's part)."""
     width, height = fig.get_size_inches()
-    strip = (lines + 1.2) * fontsize * 1.35 / 72.0  # inches
-    new_height = height + strip
-    scale = height / new_height
+    chars = max(int(width * 72 / (fontsize * 0.52)), 20)
+    wrapped = "\n".join(textwrap.fill(line, chars) for line in text.splitlines())
+    line_h = fontsize * 1.4 / 72.0
+    bottom = (wrapped.count("\n") + 1) * line_h + 0.2  # inches
+    top = 0.4 if title else 0.0
+    new_height = height + bottom + top
     for ax in fig.axes:
         pos = ax.get_position()
-        ax.set_position((pos.x0, pos.y0 * scale + (1 - scale), pos.width, pos.height * scale))
+        y0 = (bottom + pos.y0 * height) / new_height
+        ax.set_position((pos.x0, y0, pos.width, pos.height * height / new_height))
     fig.set_size_inches(width, new_height)
-    fig.text(0.02, (strip - 0.15) / new_height, text, ha="left", va="top", fontsize=fontsize,
-             wrap=True)
+    fig.text(0.02, (bottom - 0.1) / new_height, wrapped, ha="left", va="top", fontsize=fontsize)
+    if title:
+        fig.suptitle(title, y=1 - 0.08 / new_height, va="top", fontsize=11)
 
 
 def _json_default(obj: Any) -> Any:
@@ -72,6 +78,11 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _pct(value: float | None, spec: str) -> str:
+    width = int(spec.split(".")[0]) + 1
+    return "-".rjust(width) if value is None else format(100 * value, spec) + "%"
+
+
 def summary_table(results: dict[str, dict[str, Any]]) -> str:
     """A plain-text table of the headline numbers of each figure, ours beside the paper's."""
     head = (f"{'figure':7} {'params':>7} {'runs':>4} {'tol':>6} {'near0':>7} {'paper':>6} "
@@ -85,9 +96,9 @@ def summary_table(results: dict[str, dict[str, Any]]) -> str:
         rows.append(
             f"{name:7} {s['n_params']:7d} {s['n_runs']:4d} {s['near_zero_tol']:6.0e} "
             f"{100 * m['fraction_near_zero']:6.1f}% "
-            f"{_fmt(100 * p['fraction_near_zero'] if 'fraction_near_zero' in p else None, '5.0f')}% "
+            f"{_pct(p.get('fraction_near_zero'), '5.0f')} "
             f"{m['top']:9.3g} {m['bottom']:10.3g} {100 * m['test_error']:7.2f}% "
-            f"{_fmt(100 * p['test_error'] if 'test_error' in p else None, '5.1f')}% "
+            f"{_pct(p.get('test_error'), '5.1f')} "
             f"{s['seconds']:6.1f}"
         )
     return "\n".join(rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -210,10 +211,16 @@ SPECTRUM_KEYS = {"fraction_near_zero", "top", "bottom", "trace", "n_params", "n_
 
 
 @pytest.fixture(scope="module")
-def smoke_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def smoke_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict]]:
     out = tmp_path_factory.mktemp("figs")
-    results = {name: cli._module(name).run("smoke", out, "cpu", True) for name in presets.FIGURES}
-    return out, results
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: threads only add overhead (as the CLI does)
+    try:
+        results = {name: cli._module(name).run("smoke", out, "cpu", True)
+                   for name in presets.FIGURES}
+        yield out, results
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", presets.FIGURES)
