@@ -173,7 +173,10 @@ def measure(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], cfg: Comp
         s = spectra.Spectrum(s.eigenvalues, s.weights, n_params=s.n_params, kind=s.kind,
                              loss=loss, name=name, info=s.info)
         stats = {"top": float(top.eigenvalues.max()), "trace": float(tr.estimate),
-                 "trace_stderr": float(tr.stderr), "method": "lanczos+slq+hutch++"}
+                 "trace_stderr": float(tr.stderr), "method": "lanczos+slq+hutch++",
+                 # |theta - lambda| <= residual for some eigenvalue: the top's error bar
+                 "top_residual": float(top.residuals[0]),
+                 "top_converged": bool(top.converged[0])}
     stats.update(
         loss=s.loss, n_params=s.n_params,
         fraction_near_zero=s.fraction_near_zero(cfg.near_zero_tol),
