@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .spectrum import Spectrum
 
@@ -106,7 +107,7 @@ def spectrum(
     ax.set_xlim(-half, half)
     ax.legend(fontsize=8, loc="upper right")
     if title:
-        ax.set_title(title, fontsize=10, pad=150)
+        fig.suptitle(title, fontsize=11)
 
     neg = fig.add_axes((0.1, 0.74, 0.38, 0.2))
     pos = fig.add_axes((0.57, 0.74, 0.38, 0.2))
@@ -124,6 +125,7 @@ def _tail(ax: Axes, items: list[Spectrum], colors: list[str], lo: float, hi: flo
     ax.set_ylim(bottom=0.8)
     ax.set_title(f"{label} [{lo:.3g}, {hi:.3g}]", fontsize=8)
     ax.tick_params(labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # tick labels must not collide at any scale
 
 
 def signed_panels(
