@@ -308,9 +308,12 @@ def main(argv: list[str] | None = None) -> Comparison:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--synthetic", action="store_true")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default="figures/out")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     names = [o for o in a.optimizers.split(",") if o]
     unknown = set(names) - set(DEFAULT_OPTIMIZERS)
     if unknown:
