@@ -200,3 +200,13 @@ def test_table1_modes_and_partial_table(tmp_path):
 
     assert curves.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path)]) == [
         tmp_path / "fig4a-mnistfc.png"]
+
+
+def test_evaluation_sees_batchnorm_statistics_of_x_not_of_the_sgld_iterates(tmp_path):
+    cfg = tiny("entropy-sgd", model_kwargs={"hidden": 16, "dropout": 0.0}, bn_batches=3)
+    res = train(cfg, tmp_path, progress=False)
+    bn = next(m for m in res.model.modules() if isinstance(m, nn.BatchNorm1d))
+    logged = bn.running_mean.clone(), bn.running_var.clone()
+    recompute_batchnorm(res.model, res.task.bn_batches(3), 3)
+    torch.testing.assert_close((bn.running_mean, bn.running_var), logged)
+    assert int(bn.num_batches_tracked) == 3
