@@ -134,13 +134,27 @@ def test_config_errors():
 # -- Smoke runs ------------------------------------------------------------------------------
 
 
+SMOKE_SETUPS = {
+    "lenet-bn": dict(model_kwargs={"width": 0.2}, data="synthetic-images",
+                     data_kwargs={**TINY_IMAGES, "n": 128}),
+    "all-cnn-bn": dict(model_kwargs={"width": 0.05}, data="synthetic-images",
+                       data_kwargs={**TINY_IMAGES, "n": 112, "shape": [3, 32, 32]}),
+    "ptb-lstm": dict(model_kwargs={"hidden": 16}, data="synthetic-tokens",
+                     data_kwargs={"n": 1500, "vocab": 30, "bptt": 10}, batch_size=8),
+}
+
+
+@pytest.mark.parametrize("model", SMOKE_SETUPS)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_every_optimizer_trains_lenet_bn(tmp_path, optimizer):
-    cfg = tiny(optimizer, model="lenet-bn", model_kwargs={"width": 0.2}, epochs=1,
-               data_kwargs={**TINY_IMAGES, "n": 128}, bn_batches=2)
+def test_every_optimizer_trains_the_paper_models(tmp_path, model, optimizer):
+    """LeNet-BN, All-CNN-BN (reduced width) and PTB-LSTM (reduced width and vocabulary,
+    synthetic tokens) through the harness with every optimizer: finite losses, logs and
+    a checkpoint."""
+    cfg = tiny(optimizer, model=model, epochs=1, bn_batches=2, **SMOKE_SETUPS[model])
     res = train(cfg, tmp_path, progress=False)
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in res.log)
-    assert (res.directory / "checkpoint.pt").exists()
+    for name in ("checkpoint.pt", "log.json", "log.csv", "config.json"):
+        assert (res.directory / name).exists()
 
 
 SMOKE_DATA = {
