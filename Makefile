@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# One BLAS/OpenMP thread per process: the suite is many small products and several tests
+# start subprocesses, where extra threads only oversubscribe the cores.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 data: $(STAMP)
 	$(BIN)/python -m figures.fetch_data --dest data

@@ -1,9 +1,11 @@
 """Command line: ``python -m figures <name>|all|list [--preset P] [--device D] [--out DIR]
 [--no-cache] [--dry-run] [--threads N]``.
 
-``all`` makes every figure in order (fig1, fig2, fig3a, fig3b, fig3c, fisher-compare) and prints a summary table
-and the total wall time; ``list`` names the figures and presets; ``--dry-run`` prints each
-figure's plan (parameters, runs, samples, memory against what is free) without training.
+``all`` makes every figure in order (fig1, fig2, fig3a, fig3b, fig3c, fisher-compare) and
+prints a summary table and the total wall time; ``list`` names the figures and presets;
+``--dry-run`` prints each figure's plan (parameters, runs, samples, memory against what is
+free) without training.  ``compare``, ``table1`` and ``curves`` run the optimizer
+experiments with their own options (``python -m figures compare --help``).
 """
 
 from __future__ import annotations
@@ -43,10 +45,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Experiments with their own command lines (training harness, issue 7), not part of ``all``:
+#: ``python -m figures compare|table1|curves [their options]``.
+EXPERIMENTS = {"compare": "figures.compare", "table1": "figures.table1", "curves": "figures.curves"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in EXPERIMENTS:
+        importlib.import_module(EXPERIMENTS[argv[0]]).main(argv[1:])
+        return 0
     args = _parser().parse_args(argv)
     if args.name == "list":
         print("figures:", ", ".join(MODULES))
+        print("experiments (own options, not in 'all'):", ", ".join(EXPERIMENTS))
         print("presets:", ", ".join(presets.PRESETS))
         return 0
     names = list(MODULES) if args.name == "all" else [args.name]
