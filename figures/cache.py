@@ -21,11 +21,12 @@ import inspect
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+
+from spectra.checkpoint import atomic_write_bytes as write_atomic
 
 __all__ = ["Cache", "config_key", "canonical_json", "code_version", "MARKER"]
 
@@ -70,21 +71,6 @@ def code_version(sources: Iterable[str | os.PathLike | Any]) -> str:
             h.update(getattr(item, "__qualname__", getattr(item, "__name__", "")).encode())
             h.update(inspect.getsource(item).encode())
     return h.hexdigest()[:16]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder + ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Cache:

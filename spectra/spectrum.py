@@ -12,15 +12,17 @@ all three kinds summarise, save, load and plot the same way.
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .checkpoint import atomic_write_bytes
 
 __all__ = ["Spectrum", "library_versions", "default_sigma"]
 
@@ -244,22 +246,9 @@ class Spectrum:
             meta_json = json.dumps(meta, allow_nan=True)
         except TypeError as exc:
             raise ValueError(f"Spectrum.info must be JSON-serialisable: {exc}") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    eigenvalues=self.eigenvalues,
-                    weights=self.weights,
-                    meta=np.array(meta_json),
-                )
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        np.savez(buf, eigenvalues=self.eigenvalues, weights=self.weights, meta=np.array(meta_json))
+        atomic_write_bytes(path, buf.getvalue())
         return path
 
     @classmethod

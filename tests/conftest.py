@@ -33,3 +33,13 @@ def reference_hessian(model: nn.Module, loss_fn, inputs, targets) -> torch.Tenso
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread: the suite is many small products, where more threads on a
+    2-core machine only spin-wait (measured 8-100x slowdowns on a loaded box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

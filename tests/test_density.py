@@ -11,15 +11,6 @@ from spectra.density import spectral_density
 from spectra.spectrum import Spectrum, default_sigma
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small GEMVs on a shared 2-core box: extra threads only add spin-waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sym(lam: np.ndarray, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     n = lam.size

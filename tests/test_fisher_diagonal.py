@@ -27,15 +27,6 @@ from spectra.spectrum import Spectrum
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Thousands of tiny optimizer steps: thread hand-offs would dominate (13x on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- helpers ---------------------------------------------------------------------------
 
 

@@ -16,13 +16,6 @@ from spectra.lanczos import ConvergenceWarning, LanczosResult, lanczos
 EPS = torch.finfo(torch.float64).eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small GEMVs on a shared 2-core box: extra threads only add spin-waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _sym(lam: np.ndarray, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:

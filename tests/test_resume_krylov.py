@@ -70,12 +70,6 @@ def matrix(n: int = N, seed: int = 0) -> torch.Tensor:
     return 0.5 * (A + A.T)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _child(algo: str, ckpt: Path, out: Path, delay: float) -> subprocess.Popen:
