@@ -322,7 +322,7 @@ def test_signed_panels_plot_a_fisher_diagonal():
 
 
 def test_entropy_adam_state_contract():
-    entropy_opt = pytest.importorskip("entropy_opt")
+    import entropy_opt
     model = small_net()
     opt = entropy_opt.EntropyAdam(model.parameters(), lr=1e-3, L=2)
     X = torch.randn(16, 4, dtype=F64)
