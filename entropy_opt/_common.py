@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,6 +56,26 @@ def params_with_grad(group: dict, who: str) -> list[Tensor]:
             )
         out.append(p)
     return out
+
+
+class GeneratorStateMixin:
+    """``state_dict`` carries the optimizer's private ``generator`` (if any), so a resumed
+    run draws the same noise as an uninterrupted one.  Mix in before ``Optimizer``."""
+
+    generator: torch.Generator | None
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()  # type: ignore[misc]
+        if self.generator is not None:
+            sd["generator_state"] = self.generator.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        gen_state = state_dict.pop("generator_state", None)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        if gen_state is not None and self.generator is not None:
+            self.generator.set_state(gen_state)
 
 
 class NoiseBuffers:

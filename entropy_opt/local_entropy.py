@@ -51,6 +51,7 @@ from torch.optim import Optimizer
 
 from ._common import (
     Closure,
+    GeneratorStateMixin,
     NoiseBuffers,
     check_fraction,
     check_momentum,
@@ -210,7 +211,7 @@ def _copy(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
             d.copy_(s)
 
 
-class LocalEntropyOptimizer(Optimizer):
+class LocalEntropyOptimizer(GeneratorStateMixin, Optimizer):
     """Base class: runs the SGLD inner loop, then calls :meth:`_outer_update`.
 
     Subclasses pass their full ``defaults`` (built with :func:`local_entropy_defaults` plus
@@ -252,19 +253,6 @@ class LocalEntropyOptimizer(Optimizer):
     ) -> None:
         raise NotImplementedError
 
-    # -- state_dict carries the private generator so a resumed run is bit-identical --------
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        if self.generator is not None:
-            sd["generator_state"] = self.generator.get_state()
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        gen_state = state_dict.pop("generator_state", None)
-        super().load_state_dict(state_dict)
-        if gen_state is not None and self.generator is not None:
-            self.generator.set_state(gen_state)
 
     # -- the step ----------------------------------------------------------------------------
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._common import Closure, NoiseBuffers, check_nonneg, params_with_grad
+from ._common import Closure, GeneratorStateMixin, NoiseBuffers, check_nonneg, params_with_grad
 
 
-class SGLD(Optimizer):
+class SGLD(GeneratorStateMixin, Optimizer):
     """SGLD with the polynomially decaying step ``eta_t = lr / (1 + t)^b`` (App. C.1).
 
     Update, in the convention of Algorithm 1 line 6 (eq. 12's factor 1/2 is absorbed in
@@ -49,19 +49,6 @@ class SGLD(Optimizer):
         super().__init__(params, defaults)
         self.generator = generator
         self._noise = NoiseBuffers()
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        if self.generator is not None:
-            sd["generator_state"] = self.generator.get_state()
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        gen_state = state_dict.pop("generator_state", None)
-        super().load_state_dict(state_dict)
-        if gen_state is not None and self.generator is not None:
-            self.generator.set_state(gen_state)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
