@@ -32,6 +32,7 @@ from spectra.fisher_diagonal import fisher_diagonal_from_adam
 from . import data as fdata
 from . import models, presets, report
 from .cache import Cache, code_version
+from .loop import evaluate_error, evaluate_loss, fit
 from .pipeline import (
     _TRAIN_CODE_FILES,
     FigureData,
@@ -40,7 +41,6 @@ from .pipeline import (
     _tensor_digest,
     make_optimizer,
 )
-from .training import evaluate_error, evaluate_loss, train
 
 __all__ = ["NAME", "TITLE", "run", "plan", "load_image_data", "train_adam_or_load",
            "CIFAR_MISSING"]
@@ -140,7 +140,7 @@ def train_adam_or_load(
     def compute() -> tuple[dict[str, Tensor], dict[str, Any], np.ndarray]:
         model = _build(cfg, seed).to(device)
         opt, sched = make_optimizer(cfg.optim, model.parameters())
-        result = train(model, loss_fn, data.train, opt, cfg.optim.epochs, cfg.optim.batch_size,
+        result = fit(model, loss_fn, data.train, opt, cfg.optim.epochs, cfg.optim.batch_size,
                        seed, device, scheduler=sched, progress=progress,
                        desc=f"{figure} run seed={seed}")
         diag = fisher_diagonal_from_adam(opt, model=model, unbiased=unbiased)

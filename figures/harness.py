@@ -1,4 +1,5 @@
-"""The training harness: one loop for every model and optimizer of the paper.
+"""The training harness: configs, evaluation, logs and checkpoints around the one loop
+(:func:`figures.loop.run_loop`), for every model and optimizer of the paper.
 
 ``train(config)`` trains the model a :class:`RunConfig` names with SGD (Nesterov), Adam,
 Entropy-SGD, Entropy-Adam, SGLD or SAM, evaluates at every *effective epoch*, logs to
@@ -62,11 +63,23 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from entropy_opt import SAM, SGLD, EntropyAdam, EntropySGD
 
 from . import data as D
+from .loop import (
+    ImageStream,
+    LoopCounters,
+    RunningMetrics,
+    TokenStream,
+    batch_error,
+    calls_per_step,
+    cross_entropy,
+    evaluate_metrics,
+    forward,
+    recompute_batchnorm,
+    run_loop,
+)
 from .models import build
 
 __all__ = [
@@ -86,8 +99,6 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "adam", "entropy-sgd", "entropy-adam", "sgld", "sam")
-#: optimizers whose every closure call samples a new mini-batch (Alg. 1 line 4)
-FRESH_BATCH_PER_CALL = ("entropy-sgd", "entropy-adam")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -166,73 +177,6 @@ def run_dir(config: RunConfig, out_dir: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------
 # Data: mini-batch streams and tasks
 # --------------------------------------------------------------------------------------
-
-
-class ImageStream:
-    """Endless shuffled mini-batches of ``(x, y)``; pass ``p`` uses permutation
-    ``randperm(n, seed=(seed, p))``, so the position ``(pass, index)`` is the whole state.
-    The last short batch of a pass is dropped so every step sees ``batch_size`` samples."""
-
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, seed: int) -> None:
-        if len(x) < batch_size:
-            raise ValueError(f"{len(x)} training samples < batch_size {batch_size}")
-        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
-        self.per_pass = len(x) // batch_size
-        self.pass_, self.index = 0, 0
-        self._perm: Tensor | None = None
-
-    def _permutation(self) -> Tensor:
-        if self._perm is None:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.pass_)
-            self._perm = torch.randperm(len(self.x), generator=g)
-        return self._perm
-
-    def next(self) -> tuple[Tensor, Tensor]:
-        if self.index == self.per_pass:
-            self.pass_, self.index, self._perm = self.pass_ + 1, 0, None
-        b = self.batch_size
-        idx = self._permutation()[self.index * b : (self.index + 1) * b]
-        self.index += 1
-        return self.x[idx], self.y[idx]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pass": self.pass_, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pass_, self.index, self._perm = state["pass"], state["index"], None
-
-
-class TokenStream:
-    """Truncated-BPTT windows over a batchified token stream (B, T), in order.
-
-    ``next()`` returns ``((x, state), y)``: the LSTM state carried from the previous window
-    (detached; None at the start of each pass).  The model's new state is handed back
-    through :meth:`carry` by the loss, so every closure call continues the sequence, and is
-    part of :meth:`state_dict` (checkpoints may fall mid-pass)."""
-
-    def __init__(self, ids: Tensor, batch_size: int, bptt: int) -> None:
-        self.data = D.batchify(ids, batch_size)
-        self.bptt = bptt
-        self.per_pass = (self.data.shape[1] - 2) // bptt + 1
-        self.pass_, self.index = 0, 0
-        self.state: tuple[Tensor, Tensor] | None = None
-
-    def next(self) -> tuple[tuple[Tensor, Any], Tensor]:
-        if self.index == self.per_pass:
-            self.pass_, self.index, self.state = self.pass_ + 1, 0, None
-        i = self.index * self.bptt
-        n = min(self.bptt, self.data.shape[1] - 1 - i)
-        self.index += 1
-        return (self.data[:, i : i + n], self.state), self.data[:, i + 1 : i + 1 + n]
-
-    def carry(self, state: tuple[Tensor, Tensor]) -> None:
-        self.state = tuple(s.detach() for s in state)  # type: ignore[assignment]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pass": self.pass_, "index": self.index, "state": self.state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pass_, self.index, self.state = state["pass"], state["index"], state["state"]
 
 
 @dataclass
@@ -371,103 +315,31 @@ def build_task(config: RunConfig) -> Task:
 
 
 # --------------------------------------------------------------------------------------
-# Loss, metrics, BatchNorm
+# Metrics
 # --------------------------------------------------------------------------------------
-
-
-def _forward(model: nn.Module, inputs: Any) -> tuple[Tensor, Any]:
-    """Logits and (for sequence inputs ``(x, state)``) the new LSTM state."""
-    if isinstance(inputs, tuple):
-        x, state = inputs
-        return model(x, state, return_state=True)
-    return model(inputs), None
-
-
-def _loss_and_error(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    flat = logits.reshape(-1, logits.shape[-1])
-    loss = nn.functional.cross_entropy(flat, y.reshape(-1))
-    with torch.no_grad():
-        err = (flat.argmax(1) != y.reshape(-1)).float().mean()
-    return loss, err
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple | list):
-        return type(obj)(_to(o, device) for o in obj)
-    return obj
-
-
-@torch.no_grad()
-def recompute_batchnorm(model: nn.Module, batches: Any, num_batches: int | None = None) -> int:
-    """Reset every BatchNorm's running statistics and recompute them at the current weights.
-
-    Runs forward passes in train mode without gradients over up to ``num_batches`` inputs
-    from ``batches`` (an iterable of input tensors, or of ``(inputs, targets)`` pairs), with
-    ``momentum=None`` so the running mean/var become the plain average of the per-batch
-    mean/unbiased variance; with one batch holding all the data they are the data's exact
-    statistics.  The model's mode and each layer's momentum are restored.  Returns the
-    number of batches used (0, touching nothing, for a model without BatchNorm).
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return 0
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    was_training = model.training
-    model.train()
-    used = 0
-    try:
-        for batch in batches:
-            if num_batches is not None and used >= num_batches:
-                break
-            x = batch[0] if isinstance(batch, tuple | list) else batch
-            device = next(model.parameters()).device
-            _forward(model, (x.to(device), None) if not x.is_floating_point() else x.to(device))
-            used += 1
-    finally:
-        for m, mom in zip(bns, momenta, strict=True):
-            m.momentum = mom
-        model.train(was_training)
-    return used
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, split: str, device: torch.device) -> dict[str, float]:
-    """Eval-mode metrics on one split: ``error`` (and ``loss``; for language tasks also
+    """Eval-mode metrics on one split: ``loss`` and ``error`` (for language tasks also
     ``perplexity`` = exp(mean cross-entropy per token), the state carried across windows)."""
+    if task.kind == "classification":
+        return evaluate_metrics(model, task.splits[split], cross_entropy,
+                                task.eval_batch_size, device)
+    running = RunningMetrics()
     was = model.training
     model.eval()
-    total_loss, wrong, count = 0.0, 0.0, 0
     try:
-        if task.kind == "classification":
-            x, y = task.splits[split]
-            for i in range(0, len(x), task.eval_batch_size):
-                xb, yb = x[i : i + task.eval_batch_size], y[i : i + task.eval_batch_size]
-                logits, _ = _forward(model, xb.to(device))
-                loss, err = _loss_and_error(logits, yb.to(device))
-                total_loss += float(loss) * len(yb)
-                wrong += float(err) * len(yb)
-                count += len(yb)
-        else:
-            stream = TokenStream(task.splits[split], task.eval_batch_size, task.bptt)
-            for _ in range(stream.per_pass):
-                (x, state), y = stream.next()
-                logits, new_state = _forward(model, (x.to(device), state))
-                stream.carry(new_state)
-                loss, err = _loss_and_error(logits, y.to(device))
-                total_loss += float(loss) * y.numel()
-                wrong += float(err) * y.numel()
-                count += y.numel()
+        stream = TokenStream(task.splits[split], task.eval_batch_size, task.bptt)
+        for _ in range(stream.per_pass):
+            (x, state), y = stream.next()
+            logits, new_state = forward(model, (x.to(device), state))
+            stream.carry(new_state)
+            y = y.to(device)
+            running.add(cross_entropy(logits, y), batch_error(logits, y), y.numel())
     finally:
         model.train(was)
-    out = {"loss": total_loss / count, "error": wrong / count}
-    if task.kind == "language":
-        out["perplexity"] = math.exp(out["loss"])
-    return out
+    return {"loss": running.loss, "error": running.error, "perplexity": math.exp(running.loss)}
 
 
 # --------------------------------------------------------------------------------------
@@ -506,15 +378,6 @@ def build_optimizer(name: str, params: Any, kwargs: dict[str, Any]) -> torch.opt
             return SAM(params, torch.optim.SGD, **kw)
         return SAM(params, torch.optim.Adam, **kw)
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
-
-
-def calls_per_step(name: str, optimizer: torch.optim.Optimizer) -> int:
-    """Closure calls (gradient evaluations) per step: ``L`` (``L + 1`` with
-    ``discard_first_grad``) for the local-entropy optimizers, 2 for SAM, else 1."""
-    if name in FRESH_BATCH_PER_CALL:
-        g = optimizer.param_groups[0]
-        return g["L"] + int(g["discard_first_grad"])
-    return 2 if name == "sam" else 1
 
 
 # --------------------------------------------------------------------------------------
@@ -622,11 +485,9 @@ def train(
     opt = build_optimizer(config.optimizer, model.parameters(), config.optimizer_kwargs)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(config.milestones), config.lr_factor)
     stream = task.stream()
-    per_pass = stream.per_pass
-    L = calls_per_step(config.optimizer, opt)
-    total_steps = config.epochs * per_pass
+    counters = LoopCounters()
     log: list[dict[str, Any]] = []
-    steps, calls, elapsed = 0, 0, 0.0
+    elapsed = 0.0
     torch.manual_seed(config.seed + 1)  # dropout / noise stream, independent of the init
 
     ckpt_path = directory / CHECKPOINT
@@ -641,102 +502,59 @@ def train(
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         stream.load_state_dict(ckpt["stream"])
-        steps, calls, elapsed, log = ckpt["steps"], ckpt["calls"], ckpt["elapsed"], ckpt["log"]
+        counters = LoopCounters(ckpt["steps"], ckpt["calls"])
+        elapsed, log = ckpt["elapsed"], ckpt["log"]
         _set_rng_state(ckpt["rng"])
 
-    def next_batch() -> tuple[Any, Tensor]:
-        inputs, y = stream.next()
-        return _to(inputs, device), y.to(device)
-
-    acc = {"loss": 0.0, "error": 0.0, "n": 0}
-    pending: list[tuple[Any, Tensor] | None] = [None]
-
-    @torch.enable_grad()  # SAM and others may call it under no_grad
-    def closure() -> Tensor:
-        nonlocal calls
-        if config.optimizer in FRESH_BATCH_PER_CALL or pending[0] is None:
-            pending[0] = next_batch()
-        inputs, y = pending[0]
-        opt.zero_grad(set_to_none=True)
-        logits, state = _forward(model, inputs)
-        loss, err = _loss_and_error(logits, y)
-        loss.backward()
-        if config.clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-        if state is not None and isinstance(stream, TokenStream):
-            stream.carry(state)
-        if first[0]:
-            first[0] = False
-            acc["loss"] += float(loss.detach())
-            acc["error"] += float(err)
-            acc["n"] += 1
-        calls += 1
-        return loss
-
-    first = [True]
     evals_this_call = 0
-    next_eval = (calls // per_pass // config.eval_every + 1) * config.eval_every * per_pass
-    bar = tqdm(total=total_steps, initial=steps, desc=directory.name, unit="step",
-               disable=not progress, dynamic_ncols=True, leave=False)
     t0 = time.perf_counter()
-    model.train()
-    while steps < total_steps:
-        first[0], pending[0] = True, None
-        loss = opt.step(closure)
-        if not math.isfinite(float(loss.detach())):
-            bar.close()
-            raise FloatingPointError(f"{config.name}: loss became {float(loss)} at step {steps}")
-        steps += 1
-        bar.update(1)
-        if steps % per_pass == 0:
-            sched.step()
-        if calls >= next_eval or steps == total_steps:
-            elapsed += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            row = _evaluate_row(model, task, config, device, acc, steps, calls, per_pass, L, opt)
-            row["seconds"] = elapsed
-            elapsed += time.perf_counter() - t0  # evaluation time counts too
-            t0 = time.perf_counter()
-            log.append(row)
-            acc.update(loss=0.0, error=0.0, n=0)
-            next_eval = (calls // per_pass // config.eval_every + 1) * config.eval_every * per_pass
-            _atomic_save({
-                "digest": config.digest(), "config": config.to_dict(),
-                "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "stream": stream.state_dict(),
-                "steps": steps, "calls": calls, "elapsed": elapsed, "log": log,
-                "rng": _rng_state(),
-            }, ckpt_path)
-            _write_logs(directory, log, config)
-            bar.set_postfix(val=f"{row.get('val_perplexity', row['val_error']):.4g}")
-            if on_eval is not None:
-                on_eval(row)
-            evals_this_call += 1
-            if stop_after is not None and evals_this_call >= stop_after and steps < total_steps:
-                break
-    bar.close()
-    model.eval()
+
+    def on_boundary(counters: LoopCounters, running: RunningMetrics) -> bool:
+        nonlocal elapsed, t0, evals_this_call
+        elapsed += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        row = _evaluate_row(model, task, config, device, running, counters, stream.per_pass, opt)
+        row["seconds"] = elapsed
+        elapsed += time.perf_counter() - t0  # evaluation time counts too
+        log.append(row)
+        _atomic_save({
+            "digest": config.digest(), "config": config.to_dict(),
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "stream": stream.state_dict(),
+            "steps": counters.steps, "calls": counters.calls, "elapsed": elapsed, "log": log,
+            "rng": _rng_state(),
+        }, ckpt_path)
+        _write_logs(directory, log, config)
+        t0 = time.perf_counter()
+        if on_eval is not None:
+            on_eval(row)
+        evals_this_call += 1
+        return stop_after is not None and evals_this_call >= stop_after
+
+    run_loop(model, opt, stream, total_steps=config.epochs * stream.per_pass,
+             on_boundary=on_boundary, every=config.eval_every, unit="calls",
+             scheduler=sched, clip_grad_norm=config.clip_grad_norm, counters=counters,
+             device=device, progress=progress, desc=directory.name)
     return RunResult(model, log, directory, task, config)
 
 
 def _evaluate_row(
     model: nn.Module, task: Task, config: RunConfig, device: torch.device,
-    acc: dict[str, float], steps: int, calls: int, per_pass: int, L: int,
+    running: RunningMetrics, counters: LoopCounters, per_pass: int,
     opt: torch.optim.Optimizer,
 ) -> dict[str, Any]:
     """One log row: counters, the running train metrics, BN recompute, val/test metrics."""
     recompute_batchnorm(model, (b.to(device) for b in task.bn_batches(config.bn_batches)),
                         config.bn_batches)
-    n = max(acc["n"], 1)
     row: dict[str, Any] = {
-        "effective_epoch": calls / per_pass,
-        "epoch": steps / per_pass,
-        "steps": steps,
-        "grad_evals": calls,
-        "L": L,
+        "effective_epoch": counters.calls / per_pass,
+        "epoch": counters.steps / per_pass,
+        "steps": counters.steps,
+        "grad_evals": counters.calls,
+        "L": calls_per_step(opt),
         "lr": opt.param_groups[0]["lr"],
-        "train_loss": acc["loss"] / n,
-        "train_error": acc["error"] / n,
+        "train_loss": running.loss,
+        "train_error": running.error,
     }
     if "gamma" in opt.param_groups[0]:
         row["gamma"] = float(opt.param_groups[0]["gamma"])

@@ -33,7 +33,8 @@ from spectra.exact import available_memory_bytes
 from . import data as fdata
 from . import models, presets, report
 from .cache import Cache, code_version, config_key
-from .training import evaluate_error, evaluate_loss, train
+from .harness import build_optimizer
+from .loop import evaluate_error, evaluate_loss, fit
 
 __all__ = [
     "FigureData",
@@ -49,7 +50,7 @@ __all__ = [
 
 _ROOT = Path(__file__).resolve().parent.parent
 #: Source files whose contents version the cached weights and spectra.
-_TRAIN_CODE_FILES = [_ROOT / "figures" / f for f in ("training.py", "models.py")]
+_TRAIN_CODE_FILES = [_ROOT / "figures" / f for f in ("loop.py", "models.py")]
 _SPECTRUM_CODE = [
     _ROOT / "spectra" / f
     for f in ("exact.py", "hessian.py", "curvature.py", "batches.py", "parameters.py",
@@ -160,15 +161,12 @@ def loss_for(cfg: presets.SpectrumFigure) -> Callable[[Tensor, Tensor], Tensor]:
 def make_optimizer(
     cfg: presets.OptimConfig, params: Any
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-    """The optimizer and (if ``decay_every``) a StepLR schedule stepped per epoch."""
-    if cfg.name == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr,
-                                                      weight_decay=cfg.weight_decay)
-    elif cfg.name == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                              weight_decay=cfg.weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {cfg.name!r}; choose 'adam' or 'sgd'")
+    """The optimizer (:func:`figures.harness.build_optimizer`, so any of its names) and,
+    if ``decay_every``, a StepLR schedule stepped per epoch."""
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if cfg.name in ("sgd", "sam"):
+        kwargs.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
+    opt = build_optimizer(cfg.name, params, kwargs)
     sched = (torch.optim.lr_scheduler.StepLR(opt, cfg.decay_every, cfg.decay)
              if cfg.decay_every else None)
     return opt, sched
@@ -249,7 +247,7 @@ def train_or_load(
     def compute() -> tuple[dict[str, Tensor], dict[str, Any]]:
         model = _build_model(cfg, seed).to(device)
         opt, sched = make_optimizer(cfg.optim, model.parameters())
-        result = train(model, loss_fn, data.train, opt, cfg.optim.epochs, cfg.optim.batch_size,
+        result = fit(model, loss_fn, data.train, opt, cfg.optim.epochs, cfg.optim.batch_size,
                        seed, device, scheduler=sched, progress=progress,
                        desc=f"{figure} run seed={seed}")
         record = {

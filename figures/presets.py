@@ -70,8 +70,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimizer and schedule: ``name`` is ``"adam"`` or ``"sgd"`` (with ``momentum``,
-    ``nesterov``); the learning rate is multiplied by ``decay`` every ``decay_every``
+    """Optimizer and schedule: ``name`` is one of :data:`figures.harness.OPTIMIZERS`, e.g.
+    ``"adam"`` or ``"sgd"`` (with ``momentum``, ``nesterov``); the learning rate is multiplied by ``decay`` every ``decay_every``
     epochs (0 = never)."""
 
     name: str

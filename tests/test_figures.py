@@ -18,8 +18,8 @@ import spectra
 from figures import __main__ as cli
 from figures import fig2, pipeline, presets, report
 from figures.cache import MARKER, Cache, config_key
+from figures.loop import evaluate_error, fit
 from figures.models import char_lstm_small
-from figures.training import evaluate_error, train
 
 # --------------------------------------------------------------------------------------
 # Fig 2: local entropy by quadrature
@@ -156,7 +156,7 @@ def test_train_is_deterministic_and_learns() -> None:
         torch.manual_seed(3)
         model = nn.Linear(5, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-        res = train(model, nn.CrossEntropyLoss(), data, opt, epochs=5, batch_size=16, seed=7,
+        res = fit(model, nn.CrossEntropyLoss(), data, opt, epochs=5, batch_size=16, seed=7,
                     progress=False)
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(weights[0], weights[1])
@@ -169,7 +169,7 @@ def test_train_supports_closure_optimizers() -> None:
     torch.manual_seed(0)
     model = nn.Linear(5, 2)
     opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
-    res = train(model, nn.CrossEntropyLoss(), _toy(), opt, epochs=2, batch_size=64, seed=0,
+    res = fit(model, nn.CrossEntropyLoss(), _toy(), opt, epochs=2, batch_size=64, seed=0,
                 progress=False)
     assert res.epoch_losses[-1] < res.epoch_losses[0]
 
