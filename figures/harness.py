@@ -458,6 +458,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     stop_after: int | None = None,
+    max_effective_epochs: float | None = None,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train per ``config``; log, evaluate and checkpoint at every effective epoch.
@@ -471,6 +472,9 @@ def train(
         progress: tqdm bar over optimizer steps.
         stop_after: stop (as if killed) after this many evaluations of this call; for
             tests and time-boxed runs.  The checkpoint lets a later call go on.
+        max_effective_epochs: stop (resumably, as ``stop_after``) at the first evaluation at
+            or past this many effective epochs; e.g. the first 25 of a 50-epoch baseline to
+            compare it with a 25-effective-epoch Entropy-Adam run at equal cost.
         on_eval: called with each new log row.
 
     The initial weights come from ``config.seed`` alone (:func:`setup_run`), so runs that
@@ -509,6 +513,14 @@ def train(
     evals_this_call = 0
     t0 = time.perf_counter()
 
+    def reached_cap(counters: LoopCounters) -> bool:
+        return (max_effective_epochs is not None
+                and counters.calls / stream.per_pass >= max_effective_epochs - 1e-9)
+
+    if reached_cap(counters):
+        model.eval()
+        return RunResult(model, log, directory, task, config)
+
     def on_boundary(counters: LoopCounters, running: RunningMetrics) -> bool:
         nonlocal elapsed, t0, evals_this_call
         elapsed += time.perf_counter() - t0
@@ -529,7 +541,7 @@ def train(
         if on_eval is not None:
             on_eval(row)
         evals_this_call += 1
-        return stop_after is not None and evals_this_call >= stop_after
+        return (stop_after is not None and evals_this_call >= stop_after) or reached_cap(counters)
 
     run_loop(model, opt, stream, total_steps=config.epochs * stream.per_pass,
              on_boundary=on_boundary, every=config.eval_every, unit="calls",

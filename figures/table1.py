@@ -86,6 +86,7 @@ def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path) ->
         ce = f", CE {last['test_loss']:.3f} nats" if "test_perplexity" in last else ""
         lines.append(f"| {cfg.optimizer} | {value:.3f}{ce}{extra} | {last['effective_epoch']:.1f} | "
                      f"{last['seconds'] / 60:.1f} | {ref_text} | {paper[side + '_epochs']} |")
+    lines += _equal_cost_line(cfgs, runs_dir)
     lines += ["", f"Metric: {paper['metric']} (ours: test error in %, or exp(cross-entropy) "
               "per token with the cross-entropy in nats); one run each (the paper averages "
               "4-5 runs)."]
@@ -96,6 +97,27 @@ def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return text
+
+
+def _equal_cost_line(cfgs: list[RunConfig], runs_dir: Path) -> list[str]:
+    """The baseline's metric at the local-entropy run's last effective epoch (the paper's
+    claim is about equal cost: Figs. 4-6 share the effective-epoch axis)."""
+    logs = {}
+    for cfg in cfgs:
+        path = run_dir(cfg, runs_dir) / "log.json"
+        if path.exists():
+            logs["entropy" if cfg.optimizer.startswith("entropy") else "base"] = (
+                cfg.optimizer, json.loads(path.read_text())["log"])
+    if len(logs) < 2 or not logs["entropy"][1]:
+        return []
+    (base_name, base), (ent_name, ent) = logs["base"], logs["entropy"]
+    cost = ent[-1]["effective_epoch"]
+    earlier = [row for row in base if row["effective_epoch"] <= cost + 1e-9]
+    if not earlier:
+        return []
+    row = earlier[-1]
+    return ["", f"At equal cost ({row['effective_epoch']:.1f} vs {cost:.1f} effective epochs): "
+                f"{base_name} {_metric(row):.3f}, {ent_name} {_metric(ent[-1]):.3f}."]
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -113,6 +135,9 @@ def main(argv: list[str] | None = None) -> str:
                         "<out>/table1/runs/")
     p.add_argument("--runs", default=None, help="run directories (default <out>/table1/runs)")
     p.add_argument("--table-only", action="store_true", help="rebuild the table from logs")
+    p.add_argument("--max-effective-epochs", type=float, default=None,
+                   help="stop (resumably) at this many effective epochs, e.g. 25 to run the "
+                        "first half of the 50-epoch char-LSTM baseline")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
@@ -125,7 +150,8 @@ def main(argv: list[str] | None = None) -> str:
         for cfg in cfgs:
             if args.only and cfg.optimizer != args.only:
                 continue
-            train(cfg, runs, device=args.device, progress=not args.no_progress)
+            train(cfg, runs, device=args.device, progress=not args.no_progress,
+                  max_effective_epochs=args.max_effective_epochs)
     suffix = "" if mode_name == "full" else f"-{mode_name}"
     text = table(args.experiment, cfgs, out / f"table1-{args.experiment}{suffix}.md", runs)
     print(text)

@@ -112,6 +112,27 @@ def test_resume_is_bit_identical(tmp_path, optimizer):
         assert torch.equal(a, b), k
 
 
+def test_max_effective_epochs_stops_resumably_and_table_compares_at_equal_cost(tmp_path):
+    from figures import table1
+
+    base = tiny("adam", epochs=4)
+    ent = tiny("entropy-sgd", epochs=1, optimizer_kwargs={**TINY_KW["entropy-sgd"], "L": 2})
+    capped = train(base, tmp_path, progress=False, max_effective_epochs=2)
+    assert [row["effective_epoch"] for row in capped.log] == [1.0, 2.0]
+    again = train(base, tmp_path, progress=False, max_effective_epochs=2)  # nothing to do
+    assert len(again.log) == 2
+    train(ent, tmp_path, progress=False)
+    text = table1.table("mnistfc", [base, ent], tmp_path / "t.md", tmp_path)
+    ent_log = json.loads((run_dir(ent, tmp_path) / "log.json").read_text())["log"]
+    assert ent_log[-1]["effective_epoch"] == 2.0
+    expected = (f"At equal cost (2.0 vs 2.0 effective epochs): adam "
+                f"{100 * capped.log[-1]['test_error']:.3f}, entropy-sgd "
+                f"{100 * ent_log[-1]['test_error']:.3f}.")
+    assert expected in text
+    finished = train(base, tmp_path, progress=False)  # lifting the cap goes on to the end
+    assert [row["effective_epoch"] for row in finished.log] == [1.0, 2.0, 3.0, 4.0]
+
+
 def test_checkpoint_for_another_config_is_refused(tmp_path):
     a, b = tiny("adam"), tiny("adam", seed=1)
     train(a, tmp_path, progress=False, stop_after=1)
