@@ -569,7 +569,9 @@ def _evaluate_row(
         "train_error": running.error,
     }
     if "gamma" in opt.param_groups[0]:
-        row["gamma"] = float(opt.param_groups[0]["gamma"])
+        # the scoped gamma of the last step; the group holds only the initial gamma0
+        diagnostics = opt.state.get("diagnostics") or {}
+        row["gamma"] = float(diagnostics.get("gamma", opt.param_groups[0]["gamma"]))
     for split in ("val", "test"):
         for key, value in evaluate(model, task, split, device).items():
             row[f"{split}_{key}"] = value

@@ -133,6 +133,15 @@ def test_max_effective_epochs_stops_resumably_and_table_compares_at_equal_cost(t
     assert [row["effective_epoch"] for row in finished.log] == [1.0, 2.0, 3.0, 4.0]
 
 
+def test_log_reports_the_scoped_gamma_not_gamma0(tmp_path):
+    kw = {**TINY_KW["entropy-sgd"], "L": 2, "gamma": 1e-3, "scoping": "exponential",
+          "scoping_rate": 0.1}
+    result = train(tiny("entropy-sgd", epochs=2, optimizer_kwargs=kw), tmp_path, progress=False)
+    for row in result.log:  # the last step used t = steps - 1
+        assert row["gamma"] == pytest.approx(1e-3 * 1.1 ** (row["steps"] - 1), rel=1e-12)
+    assert result.log[-1]["gamma"] > 1.5e-3
+
+
 def test_checkpoint_for_another_config_is_refused(tmp_path):
     a, b = tiny("adam"), tiny("adam", seed=1)
     train(a, tmp_path, progress=False, stop_after=1)
