@@ -21,8 +21,9 @@ Evaluation and checkpoints happen at the first step boundary at or after each mu
 schedule (``MultiStepLR`` on ``schedule.milestones``) counts *outer* epochs of ``N`` steps,
 as the paper's recipes do ("drops by a factor of 10 after the second epoch").
 
-Train loss / error at an evaluation are the mean over the steps since the previous one of
-the loss and error of the first closure call of each step, which is always at x (for
+Train loss / error at an evaluation are the mean over the steps since the previous one
+(each weighted by its number of targets) of the loss and error of the first closure call of
+each step, which is always at x (for
 Entropy-SGD the first SGLD iterate is x' = x): a running estimate in train mode (dropout
 on), as Figs. 4-6 plot.  Validation (a held-out split of the training set) and test errors
 are computed in eval mode after :func:`recompute_batchnorm`.
