@@ -116,8 +116,12 @@ def _equal_cost_line(cfgs: list[RunConfig], runs_dir: Path) -> list[str]:
     if not earlier:
         return []
     row = earlier[-1]
+    def text(r: dict[str, Any]) -> str:
+        ce = f" (CE {r['test_loss']:.3f} nats)" if "test_perplexity" in r else ""
+        return f"{_metric(r):.3f}{ce}"
+
     return ["", f"At equal cost ({row['effective_epoch']:.1f} vs {cost:.1f} effective epochs): "
-                f"{base_name} {_metric(row):.3f}, {ent_name} {_metric(ent[-1]):.3f}."]
+                f"{base_name} {text(row)}, {ent_name} {text(ent[-1])}."]
 
 
 def main(argv: list[str] | None = None) -> str:
