@@ -3,8 +3,9 @@
     python -m figures.curves                                   # every pair found
     python -m figures.curves --runs figures/out/table1/runs --out figures/out
 
-Each experiment of :data:`figures.recipes.RECIPES` whose runs exist under ``--runs`` (any
-mode: full, reduced or quick, matched by run-name prefix; the newest log wins) gets one
+Each experiment of :data:`figures.recipes.RECIPES` whose runs exist under ``--runs`` (the
+full run of each recipe if there is one, else its newest reduced or quick run, plus any
+variant ``<recipe name>-<suffix>`` such as an ablation; see :func:`pick_runs`) gets one
 figure ``<out>/<fig>-<experiment>.png`` (``fig4a-mnistfc``, ``fig4b-lenet``,
 ``fig5-allcnn``, ``fig6a-ptb``, ``fig6b-char-lstm``): validation (solid) and test (dashed) error in %, or
 perplexity for language models, against effective epochs (epochs x L, Sec. 5.2), one
@@ -22,7 +23,7 @@ from matplotlib.figure import Figure
 
 from .recipes import RECIPES
 
-__all__ = ["FIGURE", "load_logs", "plot_pair", "main"]
+__all__ = ["FIGURE", "load_logs", "pick_runs", "plot_pair", "main"]
 
 #: the paper's panel for each experiment
 FIGURE = {"mnistfc": "fig4a", "lenet": "fig4b", "allcnn": "fig5", "ptb": "fig6a",
@@ -37,6 +38,26 @@ def load_logs(runs: Path, prefix: str) -> dict[str, list[dict[str, Any]]]:
         if f.exists():
             out[d.name] = json.loads(f.read_text())["log"]
     return out
+
+
+def _label(directory_name: str) -> str:
+    return directory_name.rsplit("-", 1)[0]  # drop the config digest
+
+
+def pick_runs(runs: Path, name: str) -> dict[str, list[dict[str, Any]]]:
+    """The logs to plot for recipe run ``name``, keyed by label: the full run if there is
+    one (else the newest ``-reduced`` / ``-quick`` one), plus every other variant
+    ``<name>-<suffix>`` (e.g. an ablation ``-lr1e-2`` made through the Python API)."""
+    found = load_logs(runs, name)
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for directory, log in found.items():  # oldest first: the newest of a label wins
+        if log:
+            label = _label(directory)
+            by_label.pop(label, None)  # re-insert, so the order is oldest to newest
+            by_label[label] = log
+    shortened = [k for k in by_label if k.endswith(("-quick", "-reduced"))]
+    keep = [] if name in by_label or not shortened else shortened[-1:]
+    return {k: v for k, v in by_label.items() if k not in shortened or k in keep}
 
 
 def plot_pair(logs: dict[str, list[dict[str, Any]]], title: str) -> Figure:
@@ -76,10 +97,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for experiment, pair in RECIPES.items():
         logs: dict[str, list[dict[str, Any]]] = {}
         for make in pair.values():
-            found = load_logs(runs, make().name)
-            if found:
-                name, log = list(found.items())[-1]
-                logs[name.rsplit("-", 1)[0]] = log
+            logs.update(pick_runs(runs, make().name))
         if logs:
             path = out / f"{FIGURE[experiment]}-{experiment}.png"
             plot_pair(logs, experiment).savefig(path, dpi=120, bbox_inches="tight")

@@ -254,3 +254,23 @@ def test_evaluation_sees_batchnorm_statistics_of_x_not_of_the_sgld_iterates(tmp_
     recompute_batchnorm(res.model, res.task.bn_batches(3), 3)
     torch.testing.assert_close((bn.running_mean, bn.running_var), logged)
     assert int(bn.num_batches_tracked) == 3
+
+
+def test_curves_pick_the_full_run_and_its_variants(tmp_path):
+    import os
+
+    from figures.curves import pick_runs
+
+    def run(directory: str, value: float, age: int) -> None:
+        (tmp_path / directory).mkdir()
+        path = tmp_path / directory / "log.json"
+        path.write_text(json.dumps({"log": [{"val_error": value}]}))
+        os.utime(tmp_path / directory, (1e9 + age, 1e9 + age))
+
+    run("x-adam-quick-00000000", 0.5, 1)
+    run("x-adam-reduced-11111111", 0.4, 2)
+    assert list(pick_runs(tmp_path, "x-adam")) == ["x-adam-reduced"]  # newest shortened run
+    run("x-adam-22222222", 0.3, 3)
+    run("x-adam-lr1e-2-33333333", 0.2, 4)
+    picked = pick_runs(tmp_path, "x-adam")
+    assert picked == {"x-adam": [{"val_error": 0.3}], "x-adam-lr1e-2": [{"val_error": 0.2}]}
