@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -63,32 +64,56 @@ def _metric(row: dict[str, Any]) -> float:
     return row["test_perplexity"] if "test_perplexity" in row else 100 * row["test_error"]
 
 
-def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path) -> str:
+def _row_text(cfg: RunConfig, log: list[dict[str, Any]]) -> str:
+    last = log[-1]
+    done = last["epoch"] >= cfg.epochs
+    extra = "" if done else f" (partial: {last['epoch']:.2f}/{cfg.epochs} epochs)"
+    ce = f", CE {last['test_loss']:.3f} nats" if "test_perplexity" in last else ""
+    return f"{_metric(last):.3f}{ce}{extra}"
+
+
+def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path,
+          seeds: tuple[int, ...] = (0,)) -> str:
     """Markdown table from the runs' logs, written to ``path`` and returned (missing runs
-    are reported as such, unfinished ones as partial)."""
+    are reported as such, unfinished ones as partial).  With several ``seeds`` each row
+    gives the mean +/- sample standard deviation over the finished runs and lists every
+    seed's value; the configs' own seed is replaced by each of ``seeds``."""
     paper = PAPER[experiment]
     lines = [f"## Table 1, {experiment}", "",
              "| optimizer | ours | effective epochs | wall time (min) | paper | paper epochs |",
              "|---|---|---|---|---|---|"]
     for cfg in cfgs:
-        log_path = run_dir(cfg, runs_dir) / "log.json"
         side = "entropy" if cfg.optimizer.startswith("entropy") else "base"
         ref = paper[side]
-        ref_text = f"{ref[0]} +/- {ref[1]}"
-        if not log_path.exists():
-            lines.append(f"| {cfg.optimizer} | not run | | | {ref_text} | {paper[side + '_epochs']} |")
+        tail = f"{ref[0]} +/- {ref[1]} | {paper[side + '_epochs']} |"
+        logs = {}
+        for seed in seeds:
+            log_path = run_dir(cfg.replace(seed=seed), runs_dir) / "log.json"
+            if log_path.exists() and (log := json.loads(log_path.read_text())["log"]):
+                logs[seed] = log
+        if not logs:
+            lines.append(f"| {cfg.optimizer} | not run | | | {tail}")
             continue
-        log = json.loads(log_path.read_text())["log"]
-        last = log[-1]
-        value = _metric(last)
-        done = last["epoch"] >= cfg.epochs
-        extra = "" if done else f" (partial: {last['epoch']:.2f}/{cfg.epochs} epochs)"
-        ce = f", CE {last['test_loss']:.3f} nats" if "test_perplexity" in last else ""
-        lines.append(f"| {cfg.optimizer} | {value:.3f}{ce}{extra} | {last['effective_epoch']:.1f} | "
-                     f"{last['seconds'] / 60:.1f} | {ref_text} | {paper[side + '_epochs']} |")
-    lines += _equal_cost_line(cfgs, runs_dir)
+        last = next(iter(logs.values()))[-1]
+        minutes = "/".join(f"{log[-1]['seconds'] / 60:.1f}" for log in logs.values())
+        if len(seeds) == 1:
+            ours = _row_text(cfg, logs[seeds[0]])
+        else:
+            finished = [_metric(log[-1]) for log in logs.values() if log[-1]["epoch"] >= cfg.epochs]
+            each = ", ".join(f"seed {k}: {_row_text(cfg, log)}" for k, log in logs.items())
+            if len(finished) >= 2:
+                ours = (f"{statistics.mean(finished):.3f} +/- {statistics.stdev(finished):.3f} "
+                        f"({len(finished)} runs; {each})")
+            else:
+                ours = each
+        lines.append(f"| {cfg.optimizer} | {ours} | {last['effective_epoch']:.1f} | "
+                     f"{minutes} | {tail}")
+    for seed in seeds:
+        lines += _equal_cost_line([c.replace(seed=seed) for c in cfgs], runs_dir,
+                                  f"seed {seed}, " if len(seeds) > 1 else "")
+    runs_text = "one run each" if len(seeds) == 1 else "mean +/- standard deviation over seeds"
     lines += ["", f"Metric: {paper['metric']} (ours: test error in %, or exp(cross-entropy) "
-              "per token with the cross-entropy in nats); one run each (the paper averages "
+              f"per token with the cross-entropy in nats); {runs_text} (the paper averages "
               "4-5 runs)."]
     if experiment == "char-lstm":
         lines.append("The paper's char-LSTM 'perplexity' (1.22) can only be a cross-entropy in "
@@ -99,7 +124,7 @@ def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path) ->
     return text
 
 
-def _equal_cost_line(cfgs: list[RunConfig], runs_dir: Path) -> list[str]:
+def _equal_cost_line(cfgs: list[RunConfig], runs_dir: Path, label: str = "") -> list[str]:
     """The baseline's metric at the local-entropy run's last effective epoch (the paper's
     claim is about equal cost: Figs. 4-6 share the effective-epoch axis)."""
     logs = {}
@@ -120,7 +145,7 @@ def _equal_cost_line(cfgs: list[RunConfig], runs_dir: Path) -> list[str]:
         ce = f" (CE {r['test_loss']:.3f} nats)" if "test_perplexity" in r else ""
         return f"{_metric(r):.3f}{ce}"
 
-    return ["", f"At equal cost ({row['effective_epoch']:.1f} vs {cost:.1f} effective epochs): "
+    return ["", f"At equal cost ({label}{row['effective_epoch']:.1f} vs {cost:.1f} effective epochs): "
                 f"{base_name} {text(row)}, {ent_name} {text(ent[-1])}."]
 
 
@@ -142,6 +167,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--max-effective-epochs", type=float, default=None,
                    help="stop (resumably) at this many effective epochs, e.g. 25 to run the "
                         "first half of the 50-epoch char-LSTM baseline")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="train / tabulate these seeds (default 0); several give mean +/- std")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
@@ -151,13 +178,14 @@ def main(argv: list[str] | None = None) -> str:
     out = Path(args.out)
     runs = Path(args.runs) if args.runs else out / "table1" / "runs"
     if not args.table_only:
-        for cfg in cfgs:
+        for cfg in (c.replace(seed=seed) for seed in args.seeds for c in cfgs):
             if args.only and cfg.optimizer != args.only:
                 continue
             train(cfg, runs, device=args.device, progress=not args.no_progress,
                   max_effective_epochs=args.max_effective_epochs)
     suffix = "" if mode_name == "full" else f"-{mode_name}"
-    text = table(args.experiment, cfgs, out / f"table1-{args.experiment}{suffix}.md", runs)
+    text = table(args.experiment, cfgs, out / f"table1-{args.experiment}{suffix}.md", runs,
+                 tuple(args.seeds))
     print(text)
     return text
 

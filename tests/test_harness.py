@@ -274,3 +274,22 @@ def test_curves_pick_the_full_run_and_its_variants(tmp_path):
     run("x-adam-lr1e-2-33333333", 0.2, 4)
     picked = pick_runs(tmp_path, "x-adam")
     assert picked == {"x-adam": [{"val_error": 0.3}], "x-adam-lr1e-2": [{"val_error": 0.2}]}
+
+
+def test_table1_over_seeds_reports_mean_and_standard_deviation(tmp_path):
+    import statistics
+
+    from figures import table1
+
+    base = tiny("adam", epochs=1)
+    ent = tiny("entropy-sgd", epochs=1, optimizer_kwargs={**TINY_KW["entropy-sgd"], "L": 2})
+    errors = [100 * train(base.replace(seed=s), tmp_path, progress=False).final["test_error"]
+              for s in (0, 1)]
+    train(ent, tmp_path, progress=False)  # seed 0 only
+    text = table1.table("mnistfc", [base, ent], tmp_path / "t.md", tmp_path, seeds=(0, 1))
+    adam_row = next(line for line in text.splitlines() if line.startswith("| adam"))
+    assert (f"{statistics.mean(errors):.3f} +/- {statistics.stdev(errors):.3f} (2 runs; "
+            f"seed 0: {errors[0]:.3f}, seed 1: {errors[1]:.3f})") in adam_row
+    ent_row = next(line for line in text.splitlines() if line.startswith("| entropy-sgd"))
+    assert "seed 0:" in ent_row and "+/-" not in ent_row.split("|")[2]
+    assert "At equal cost (seed 0, " in text and "At equal cost (seed 1, " not in text
