@@ -23,41 +23,50 @@ from matplotlib.figure import Figure
 
 from .recipes import RECIPES
 
-__all__ = ["FIGURE", "load_logs", "pick_runs", "plot_pair", "main"]
+__all__ = ["FIGURE", "pick_runs", "plot_pair", "main"]
 
 #: the paper's panel for each experiment
 FIGURE = {"mnistfc": "fig4a", "lenet": "fig4b", "allcnn": "fig5", "ptb": "fig6a",
           "char-lstm": "fig6b"}
 
 
-def load_logs(runs: Path, prefix: str) -> dict[str, list[dict[str, Any]]]:
-    """Logs of runs whose directory name starts with ``prefix``, keyed by directory name."""
-    out = {}
-    for d in sorted(runs.glob(prefix + "*"), key=lambda p: p.stat().st_mtime):
-        f = d / "log.json"
-        if f.exists():
-            out[d.name] = json.loads(f.read_text())["log"]
-    return out
+def _label(directory_name: str, log_config: dict[str, Any]) -> str:
+    label = directory_name.rsplit("-", 1)[0]  # drop the config digest
+    seed = log_config.get("seed", 0)
+    return label if not seed else f"{label} seed {seed}"
 
 
-def _label(directory_name: str) -> str:
-    return directory_name.rsplit("-", 1)[0]  # drop the config digest
+def _shortened(label: str) -> str | None:
+    """The label without its ``-quick`` / ``-reduced`` suffix, None if it has none."""
+    for suffix in ("-quick", "-reduced"):
+        if suffix in label:
+            return label.replace(suffix, "", 1)
+    return None
 
 
 def pick_runs(runs: Path, name: str) -> dict[str, list[dict[str, Any]]]:
-    """The logs to plot for recipe run ``name``, keyed by label: the full run if there is
-    one (else the newest ``-reduced`` / ``-quick`` one), plus every other variant
-    ``<name>-<suffix>`` (e.g. an ablation ``-lr1e-2`` made through the Python API)."""
-    found = load_logs(runs, name)
+    """The logs to plot for recipe run ``name``, keyed by label (the run name, plus the seed
+    if not 0): every full run, i.e. the recipe's and its variants ``<name>-<suffix>`` (e.g.
+    an ablation ``-lr1e-2`` made through the Python API), and for each of them that has no
+    full run its newest ``-reduced`` / ``-quick`` run."""
     by_label: dict[str, list[dict[str, Any]]] = {}
-    for directory, log in found.items():  # oldest first: the newest of a label wins
-        if log:
-            label = _label(directory)
+    for d in sorted(runs.glob(name + "*"), key=lambda p: p.stat().st_mtime):  # oldest first
+        f = d / "log.json"
+        if not f.exists():
+            continue
+        content = json.loads(f.read_text())
+        if content["log"]:
+            label = _label(d.name, content.get("config", {}))
             by_label.pop(label, None)  # re-insert, so the order is oldest to newest
-            by_label[label] = log
-    shortened = [k for k in by_label if k.endswith(("-quick", "-reduced"))]
-    keep = [] if name in by_label or not shortened else shortened[-1:]
-    return {k: v for k, v in by_label.items() if k not in shortened or k in keep}
+            by_label[label] = content["log"]
+    out = {k: v for k, v in by_label.items() if _shortened(k) is None}
+    newest_short: dict[str, str] = {}
+    for k in by_label:
+        full = _shortened(k)
+        if full is not None and full not in out:
+            newest_short[full] = k  # later = newer
+    out.update({k: by_label[k] for k in newest_short.values()})
+    return out
 
 
 def plot_pair(logs: dict[str, list[dict[str, Any]]], title: str) -> Figure:

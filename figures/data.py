@@ -715,7 +715,8 @@ def batchify(ids: Tensor, batch_size: int) -> Tensor:
     if ids.dim() != 1:
         raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
     if batch_size < 1 or len(ids) < 2 * batch_size:
-        raise ValueError(f"need batch_size >= 1 and >= 2 tokens per row; got {batch_size}")
+        raise ValueError(f"need batch_size >= 1 and >= 2 tokens per row; got {len(ids)} "
+                         f"tokens for {batch_size} rows: use more text or a smaller batch_size")
     steps = len(ids) // batch_size
     return ids[: steps * batch_size].view(batch_size, steps)
 

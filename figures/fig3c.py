@@ -32,6 +32,7 @@ from spectra.fisher_diagonal import fisher_diagonal_from_adam
 from . import data as fdata
 from . import models, presets, report
 from .cache import Cache, code_version
+from .harness import build_optimizer
 from .loop import evaluate_error, evaluate_loss, fit
 from .pipeline import (
     _TRAIN_CODE_FILES,
@@ -132,7 +133,8 @@ def train_adam_or_load(
         "data": presets.as_dict(cfg.data), "data_identity": data.identity,
         "optim": presets.as_dict(cfg.optim), "unbiased": unbiased,
         "code": code_version([*_TRAIN_CODE_FILES, _FISHER_CODE, _images, load_image_data,
-                              _three_channels, make_optimizer, _build, train_adam_or_load]),
+                              _three_channels, make_optimizer, build_optimizer, _build,
+                              train_adam_or_load]),
         "torch": torch.__version__,
     }
     loss_fn = nn.CrossEntropyLoss()

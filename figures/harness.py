@@ -176,7 +176,7 @@ def run_dir(config: RunConfig, out_dir: str | os.PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------------------
-# Data: mini-batch streams and tasks
+# Data: tasks (the mini-batch streams are in figures.loop)
 # --------------------------------------------------------------------------------------
 
 
@@ -382,7 +382,7 @@ def build_optimizer(name: str, params: Any, kwargs: dict[str, Any]) -> torch.opt
 
 
 # --------------------------------------------------------------------------------------
-# The loop
+# Runs: config -> checkpointed figures.loop.run_loop
 # --------------------------------------------------------------------------------------
 
 
@@ -482,6 +482,8 @@ def train(
     differ only in the optimizer start from the same point.
     Returns a :class:`RunResult`; the model is left at the final weights in eval mode.
     """
+    if max_effective_epochs is not None and not max_effective_epochs > 0:
+        raise ValueError(f"max_effective_epochs must be > 0, got {max_effective_epochs}")
     device = torch.device(device)
     directory = run_dir(config, out_dir)
     directory.mkdir(parents=True, exist_ok=True)

@@ -124,7 +124,9 @@ class TokenStream:
     part of :meth:`state_dict` (checkpoints may fall mid-pass)."""
 
     def __init__(self, ids: Tensor, batch_size: int, bptt: int) -> None:
-        self.data = D.batchify(ids, batch_size)
+        if bptt < 1:
+            raise ValueError(f"bptt must be >= 1, got {bptt}")
+        self.data = D.batchify(ids, batch_size)  # refuses < 2 tokens per row
         self.bptt = bptt
         self.per_pass = (self.data.shape[1] - 2) // bptt + 1
         self.pass_, self.index = 0, 0
@@ -388,6 +390,7 @@ def run_loop(
     running = RunningMetrics()
     pending: list[Any] = [None]
     first = [True]
+    first_loss: list[Tensor | None] = [None]
 
     def next_boundary() -> int:
         done = counters.calls if unit == "calls" else counters.steps
@@ -395,7 +398,8 @@ def run_loop(
 
     @torch.enable_grad()  # SAM and others may call it under no_grad
     def closure() -> Tensor:
-        if fresh or pending[0] is None:
+        drew = fresh or pending[0] is None
+        if drew:
             inputs, y = stream.next()
             pending[0] = (_to(inputs, device), y.to(device))
         inputs, y = pending[0]
@@ -405,9 +409,11 @@ def run_loop(
         loss.backward()
         if clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        stream.carry(state)
+        if drew:  # a repeat call on the same window (SAM's perturbed pass) must not carry
+            stream.carry(state)
         if first[0]:
             first[0] = False
+            first_loss[0] = loss.detach()
             running.add(loss, batch_error(logits, y), y.numel())
         counters.calls += 1
         return loss
@@ -418,8 +424,13 @@ def run_loop(
     model.train()
     try:
         while counters.steps < total_steps:
-            first[0], pending[0] = True, None
+            first[0], pending[0], first_loss[0] = True, None, None
             loss = optimizer.step(closure)
+            if loss is None:  # the Optimizer API allows step() to return nothing
+                loss = first_loss[0]
+            if loss is None:
+                raise RuntimeError(f"{desc}: {type(optimizer).__name__}.step never called "
+                                   "the closure; run_loop needs closure-driven optimizers")
             value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
             if not math.isfinite(value):
                 raise FloatingPointError(
@@ -447,8 +458,9 @@ class TrainResult:
     """What :func:`fit` produced besides the weights (which stay in the model).
 
     Attributes:
-        epoch_losses: per pass over the data, the mean first-call mini-batch loss (in train
-            mode, so with dropout; weighted by batch size).
+        epoch_losses: per outer epoch (``ceil(n / batch_size)`` steps: one data pass, or
+            ``L`` passes for the local-entropy optimizers), the mean first-call mini-batch
+            loss (in train mode, so with dropout; weighted by batch size).
         steps: optimizer steps taken.
         seconds: wall time of the loop.
     """
@@ -474,14 +486,15 @@ def fit(
     progress: bool = True,
     desc: str = "train",
 ) -> TrainResult:
-    """Train ``model`` in place for ``epochs`` passes over in-memory ``train_data``.
+    """Train ``model`` in place for ``epochs`` outer epochs over in-memory ``train_data``.
 
     Args:
         model: the network (already on ``device``); left in eval mode.
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` mean over the batch.
         train_data: ``(inputs, targets)`` tensors, moved to ``device`` batch by batch.
         optimizer: any ``torch.optim.Optimizer``, stepped as ``optimizer.step(closure)``.
-        epochs: passes over the data (outer epochs; 0 trains nothing).
+        epochs: outer epochs of ``ceil(n / batch_size)`` steps (one data pass each, ``L``
+            for the local-entropy optimizers); 0 trains nothing.
         batch_size: samples per step; the last short batch of a pass is kept, so a pass is
             ``ceil(n / batch_size)`` steps.
         seed: seeds the global RNG (dropout, optimizer noise) and the batch order

@@ -164,7 +164,7 @@ def make_optimizer(
     """The optimizer (:func:`figures.harness.build_optimizer`, so any of its names) and,
     if ``decay_every``, a StepLR schedule stepped per epoch."""
     kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    if cfg.name in ("sgd", "sam"):
+    if cfg.name in ("sgd", "sam", "entropy-sgd"):
         kwargs.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
     opt = build_optimizer(cfg.name, params, kwargs)
     sched = (torch.optim.lr_scheduler.StepLR(opt, cfg.decay_every, cfg.decay)
@@ -229,7 +229,8 @@ def _weights_config(figure: str, preset: str, cfg: presets.SpectrumFigure, seed:
         "data_identity": data.identity,
         "optim": asdict(cfg.optim),
         "code": code_version([*_TRAIN_CODE_FILES, load_data, _synthetic_images, _synthetic_text,
-                              loss_for, sequence_cross_entropy, make_optimizer, _build_model,
+                              loss_for, sequence_cross_entropy, make_optimizer, build_optimizer,
+                              _build_model,
                               train_or_load]),
         "torch": torch.__version__,
     }

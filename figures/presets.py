@@ -70,8 +70,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimizer and schedule: ``name`` is one of :data:`figures.harness.OPTIMIZERS`, e.g.
-    ``"adam"`` or ``"sgd"`` (with ``momentum``, ``nesterov``); the learning rate is multiplied by ``decay`` every ``decay_every``
+    """Optimizer and schedule: ``name`` is one of :data:`figures.harness.OPTIMIZERS`, built
+    with ``lr``, ``weight_decay`` and (for ``"sgd"``, ``"sam"``, ``"entropy-sgd"``)
+    ``momentum`` and ``nesterov``, its other options at their constructor defaults (the
+    figures use ``"adam"`` and ``"sgd"``); the learning rate is multiplied by ``decay`` every ``decay_every``
     epochs (0 = never)."""
 
     name: str

@@ -73,11 +73,13 @@ def _row_text(cfg: RunConfig, log: list[dict[str, Any]]) -> str:
 
 
 def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path,
-          seeds: tuple[int, ...] = (0,)) -> str:
+          seeds: tuple[int, ...] | None = None) -> str:
     """Markdown table from the runs' logs, written to ``path`` and returned (missing runs
     are reported as such, unfinished ones as partial).  With several ``seeds`` each row
     gives the mean +/- sample standard deviation over the finished runs and lists every
-    seed's value; the configs' own seed is replaced by each of ``seeds``."""
+    seed's value; the configs' own seed is replaced by each of ``seeds`` (default: the
+    configs' own seed alone)."""
+    seeds = tuple(dict.fromkeys(seeds)) if seeds else (cfgs[0].seed,)
     paper = PAPER[experiment]
     lines = [f"## Table 1, {experiment}", "",
              "| optimizer | ours | effective epochs | wall time (min) | paper | paper epochs |",
@@ -137,6 +139,8 @@ def _equal_cost_line(cfgs: list[RunConfig], runs_dir: Path, label: str = "") -> 
         return []
     (base_name, base), (ent_name, ent) = logs["base"], logs["entropy"]
     cost = ent[-1]["effective_epoch"]
+    if base[-1]["effective_epoch"] < cost - 1e-9:  # the baseline has not got that far yet
+        return []
     earlier = [row for row in base if row["effective_epoch"] <= cost + 1e-9]
     if not earlier:
         return []
@@ -178,14 +182,14 @@ def main(argv: list[str] | None = None) -> str:
     out = Path(args.out)
     runs = Path(args.runs) if args.runs else out / "table1" / "runs"
     if not args.table_only:
-        for cfg in (c.replace(seed=seed) for seed in args.seeds for c in cfgs):
+        for cfg in (c.replace(seed=seed) for seed in dict.fromkeys(args.seeds) for c in cfgs):
             if args.only and cfg.optimizer != args.only:
                 continue
             train(cfg, runs, device=args.device, progress=not args.no_progress,
                   max_effective_epochs=args.max_effective_epochs)
     suffix = "" if mode_name == "full" else f"-{mode_name}"
     text = table(args.experiment, cfgs, out / f"table1-{args.experiment}{suffix}.md", runs,
-                 tuple(args.seeds))
+                 tuple(dict.fromkeys(args.seeds)))
     print(text)
     return text
 

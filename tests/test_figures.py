@@ -279,3 +279,23 @@ def test_cli_missing_data_names_make_data(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("HS_MNIST_DIR", str(tmp_path))
     assert cli.main(["fig1", "--out", str(tmp_path / "out")]) == 1
     assert "make data" in capsys.readouterr().err
+
+
+def test_fit_accepts_optimizers_whose_step_returns_none() -> None:
+    class QuietSGD(torch.optim.SGD):
+        def step(self, closure=None):  # type: ignore[override]
+            super().step(closure)
+            return None
+
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2)
+    res = fit(model, nn.CrossEntropyLoss(), _toy(), QuietSGD(model.parameters(), lr=0.5),
+              epochs=3, batch_size=16, seed=0, progress=False)
+    assert len(res.epoch_losses) == 3 and res.epoch_losses[-1] < res.epoch_losses[0]
+
+
+def test_token_stream_refuses_text_too_short_for_the_batch() -> None:
+    from figures.loop import TokenStream
+
+    with pytest.raises(ValueError, match="smaller batch_size"):
+        TokenStream(torch.arange(30), batch_size=20, bptt=5)

@@ -261,10 +261,10 @@ def test_curves_pick_the_full_run_and_its_variants(tmp_path):
 
     from figures.curves import pick_runs
 
-    def run(directory: str, value: float, age: int) -> None:
+    def run(directory: str, value: float, age: int, seed: int = 0) -> None:
         (tmp_path / directory).mkdir()
         path = tmp_path / directory / "log.json"
-        path.write_text(json.dumps({"log": [{"val_error": value}]}))
+        path.write_text(json.dumps({"config": {"seed": seed}, "log": [{"val_error": value}]}))
         os.utime(tmp_path / directory, (1e9 + age, 1e9 + age))
 
     run("x-adam-quick-00000000", 0.5, 1)
@@ -274,6 +274,11 @@ def test_curves_pick_the_full_run_and_its_variants(tmp_path):
     run("x-adam-lr1e-2-33333333", 0.2, 4)
     picked = pick_runs(tmp_path, "x-adam")
     assert picked == {"x-adam": [{"val_error": 0.3}], "x-adam-lr1e-2": [{"val_error": 0.2}]}
+    run("x-adam-44444444", 0.1, 5, seed=1)  # another seed is another line
+    run("x-adam-lr1e-2-quick-55555555", 0.6, 6)  # a full run of that variant exists
+    run("x-adam-wd-quick-66666666", 0.7, 7)  # a variant with only a shortened run
+    assert list(pick_runs(tmp_path, "x-adam")) == [
+        "x-adam", "x-adam-lr1e-2", "x-adam seed 1", "x-adam-wd-quick"]
 
 
 def test_table1_over_seeds_reports_mean_and_standard_deviation(tmp_path):
@@ -281,7 +286,7 @@ def test_table1_over_seeds_reports_mean_and_standard_deviation(tmp_path):
 
     from figures import table1
 
-    base = tiny("adam", epochs=1)
+    base = tiny("adam", epochs=2)
     ent = tiny("entropy-sgd", epochs=1, optimizer_kwargs={**TINY_KW["entropy-sgd"], "L": 2})
     errors = [100 * train(base.replace(seed=s), tmp_path, progress=False).final["test_error"]
               for s in (0, 1)]
@@ -293,3 +298,8 @@ def test_table1_over_seeds_reports_mean_and_standard_deviation(tmp_path):
     ent_row = next(line for line in text.splitlines() if line.startswith("| entropy-sgd"))
     assert "seed 0:" in ent_row and "+/-" not in ent_row.split("|")[2]
     assert "At equal cost (seed 0, " in text and "At equal cost (seed 1, " not in text
+    stopped = base.replace(epochs=1, name="short")
+    train(stopped, tmp_path, progress=False)
+    short = table1.table("mnistfc", [stopped, ent], tmp_path / "s.md", tmp_path)
+    assert "| adam | " in short and "not run" not in short
+    assert "At equal cost" not in short  # a baseline that stopped short is not compared
