@@ -389,8 +389,7 @@ def run_loop(
     fresh = fresh_batch_per_call(optimizer)
     running = RunningMetrics()
     pending: list[Any] = [None]
-    first = [True]
-    first_loss: list[Tensor | None] = [None]
+    first_loss: list[Tensor | None] = [None]  # None until the step's first closure call
 
     def next_boundary() -> int:
         done = counters.calls if unit == "calls" else counters.steps
@@ -411,8 +410,7 @@ def run_loop(
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         if drew:  # a repeat call on the same window (SAM's perturbed pass) must not carry
             stream.carry(state)
-        if first[0]:
-            first[0] = False
+        if first_loss[0] is None:
             first_loss[0] = loss.detach()
             running.add(loss, batch_error(logits, y), y.numel())
         counters.calls += 1
@@ -424,7 +422,7 @@ def run_loop(
     model.train()
     try:
         while counters.steps < total_steps:
-            first[0], pending[0], first_loss[0] = True, None, None
+            pending[0], first_loss[0] = None, None
             loss = optimizer.step(closure)
             if loss is None:  # the Optimizer API allows step() to return nothing
                 loss = first_loss[0]

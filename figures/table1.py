@@ -64,12 +64,21 @@ def _metric(row: dict[str, Any]) -> float:
     return row["test_perplexity"] if "test_perplexity" in row else 100 * row["test_error"]
 
 
+def _metric_text(row: dict[str, Any]) -> str:
+    """The metric of a log row, with the cross-entropy for language models."""
+    ce = f" (CE {row['test_loss']:.3f} nats)" if "test_perplexity" in row else ""
+    return f"{_metric(row):.3f}{ce}"
+
+
 def _row_text(cfg: RunConfig, log: list[dict[str, Any]]) -> str:
     last = log[-1]
     done = last["epoch"] >= cfg.epochs
     extra = "" if done else f" (partial: {last['epoch']:.2f}/{cfg.epochs} epochs)"
-    ce = f", CE {last['test_loss']:.3f} nats" if "test_perplexity" in last else ""
-    return f"{_metric(last):.3f}{ce}{extra}"
+    return f"{_metric_text(last)}{extra}"
+
+
+def _side(cfg: RunConfig) -> str:
+    return "entropy" if cfg.optimizer.startswith("entropy") else "base"
 
 
 def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path,
@@ -80,29 +89,30 @@ def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path,
     seed's value; the configs' own seed is replaced by each of ``seeds`` (default: the
     configs' own seed alone)."""
     seeds = tuple(dict.fromkeys(seeds)) if seeds else (cfgs[0].seed,)
+    logs: dict[tuple[int, int], list[dict[str, Any]]] = {}  # (config index, seed) -> log
+    for i, cfg in enumerate(cfgs):
+        for seed in seeds:
+            log_path = run_dir(cfg.replace(seed=seed), runs_dir) / "log.json"
+            if log_path.exists() and (log := json.loads(log_path.read_text())["log"]):
+                logs[i, seed] = log
     paper = PAPER[experiment]
     lines = [f"## Table 1, {experiment}", "",
              "| optimizer | ours | effective epochs | wall time (min) | paper | paper epochs |",
              "|---|---|---|---|---|---|"]
-    for cfg in cfgs:
-        side = "entropy" if cfg.optimizer.startswith("entropy") else "base"
-        ref = paper[side]
-        tail = f"{ref[0]} +/- {ref[1]} | {paper[side + '_epochs']} |"
-        logs = {}
-        for seed in seeds:
-            log_path = run_dir(cfg.replace(seed=seed), runs_dir) / "log.json"
-            if log_path.exists() and (log := json.loads(log_path.read_text())["log"]):
-                logs[seed] = log
-        if not logs:
+    for i, cfg in enumerate(cfgs):
+        ref = paper[_side(cfg)]
+        tail = f"{ref[0]} +/- {ref[1]} | {paper[_side(cfg) + '_epochs']} |"
+        mine = {seed: logs[i, seed] for seed in seeds if (i, seed) in logs}
+        if not mine:
             lines.append(f"| {cfg.optimizer} | not run | | | {tail}")
             continue
-        last = next(iter(logs.values()))[-1]
-        minutes = "/".join(f"{log[-1]['seconds'] / 60:.1f}" for log in logs.values())
+        last = next(iter(mine.values()))[-1]
+        minutes = "/".join(f"{log[-1]['seconds'] / 60:.1f}" for log in mine.values())
         if len(seeds) == 1:
-            ours = _row_text(cfg, logs[seeds[0]])
+            ours = _row_text(cfg, mine[seeds[0]])
         else:
-            finished = [_metric(log[-1]) for log in logs.values() if log[-1]["epoch"] >= cfg.epochs]
-            each = ", ".join(f"seed {k}: {_row_text(cfg, log)}" for k, log in logs.items())
+            finished = [_metric(log[-1]) for log in mine.values() if log[-1]["epoch"] >= cfg.epochs]
+            each = ", ".join(f"seed {k}: {_row_text(cfg, log)}" for k, log in mine.items())
             if len(finished) >= 2:
                 ours = (f"{statistics.mean(finished):.3f} +/- {statistics.stdev(finished):.3f} "
                         f"({len(finished)} runs; {each})")
@@ -110,9 +120,12 @@ def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path,
                 ours = each
         lines.append(f"| {cfg.optimizer} | {ours} | {last['effective_epoch']:.1f} | "
                      f"{minutes} | {tail}")
+    sides = {_side(cfg): i for i, cfg in enumerate(cfgs)}
     for seed in seeds:
-        lines += _equal_cost_line([c.replace(seed=seed) for c in cfgs], runs_dir,
-                                  f"seed {seed}, " if len(seeds) > 1 else "")
+        if {"base", "entropy"} <= sides.keys():
+            b, e = sides["base"], sides["entropy"]
+            lines += _equal_cost_line(cfgs[b].optimizer, logs.get((b, seed)), cfgs[e].optimizer,
+                                      logs.get((e, seed)), f"seed {seed}, " if len(seeds) > 1 else "")
     runs_text = "one run each" if len(seeds) == 1 else "mean +/- standard deviation over seeds"
     lines += ["", f"Metric: {paper['metric']} (ours: test error in %, or exp(cross-entropy) "
               f"per token with the cross-entropy in nats); {runs_text} (the paper averages "
@@ -126,31 +139,22 @@ def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path,
     return text
 
 
-def _equal_cost_line(cfgs: list[RunConfig], runs_dir: Path, label: str = "") -> list[str]:
+def _equal_cost_line(base_name: str, base: list[dict[str, Any]] | None, ent_name: str,
+                     ent: list[dict[str, Any]] | None, label: str = "") -> list[str]:
     """The baseline's metric at the local-entropy run's last effective epoch (the paper's
-    claim is about equal cost: Figs. 4-6 share the effective-epoch axis)."""
-    logs = {}
-    for cfg in cfgs:
-        path = run_dir(cfg, runs_dir) / "log.json"
-        if path.exists():
-            logs["entropy" if cfg.optimizer.startswith("entropy") else "base"] = (
-                cfg.optimizer, json.loads(path.read_text())["log"])
-    if len(logs) < 2 or not logs["entropy"][1]:
+    claim is about equal cost: Figs. 4-6 share the effective-epoch axis); nothing until
+    both runs exist and the baseline has got that far."""
+    if not base or not ent:
         return []
-    (base_name, base), (ent_name, ent) = logs["base"], logs["entropy"]
     cost = ent[-1]["effective_epoch"]
-    if base[-1]["effective_epoch"] < cost - 1e-9:  # the baseline has not got that far yet
+    if base[-1]["effective_epoch"] < cost - 1e-9:
         return []
     earlier = [row for row in base if row["effective_epoch"] <= cost + 1e-9]
     if not earlier:
         return []
     row = earlier[-1]
-    def text(r: dict[str, Any]) -> str:
-        ce = f" (CE {r['test_loss']:.3f} nats)" if "test_perplexity" in r else ""
-        return f"{_metric(r):.3f}{ce}"
-
-    return ["", f"At equal cost ({label}{row['effective_epoch']:.1f} vs {cost:.1f} effective epochs): "
-                f"{base_name} {text(row)}, {ent_name} {text(ent[-1])}."]
+    return ["", f"At equal cost ({label}{row['effective_epoch']:.1f} vs {cost:.1f} effective "
+                f"epochs): {base_name} {_metric_text(row)}, {ent_name} {_metric_text(ent[-1])}."]
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> str:
                   max_effective_epochs=args.max_effective_epochs)
     suffix = "" if mode_name == "full" else f"-{mode_name}"
     text = table(args.experiment, cfgs, out / f"table1-{args.experiment}{suffix}.md", runs,
-                 tuple(dict.fromkeys(args.seeds)))
+                 tuple(args.seeds))
     print(text)
     return text
 
