@@ -1,114 +1,144 @@
-"""Data handling for curvature operators, and the one data-weighting rule.
+"""Data handling for curvature operators: what a sample is, and the one data-weighting rule.
 
-Every operator is the curvature of the loss *averaged over samples*:
+Every operator is the curvature of the loss the user wrote, over all the data
+(see :mod:`spectra.reduction`): a batch's loss is weighted by its share T_b / T
+of the counted loss terms for a mean, by 1 for a sum, so the operator does not
+depend on how the same data are split into batches and a short last batch
+biases nothing (PyHessian and hessian-eigenthings weight 1 / num_batches).
+:class:`DataSource` is the only place that holds these weights.
 
-    L(theta) = (1/N) sum_i l_i(theta)  =  sum_b (m_b / N) * Lbar_b(theta)
+A **sample** is one index along ``batch_dim`` (default 0) of the inputs: every
+input tensor that has that dimension must agree on its size (size-1 tensors
+broadcast); otherwise the layout is ambiguous and is refused, naming
+``batch_dim=`` and ``count_samples=``.  Samples matter for the per-sample
+gradients of the empirical Fisher, for plain-function means, and in reports.
 
-where batch b holds m_b samples and ``Lbar_b`` is its per-sample mean loss.
-Weighting each batch by m_b / N (not 1 / num_batches, as PyHessian and
-hessian-eigenthings do) makes the operator independent of how the same data are
-split into batches; a short last batch biases nothing.  :class:`DataSource` is
-the only place that computes these weights, and :func:`mean_loss` the only
-place that turns a user's loss into a per-sample mean.
+Each pass re-reads the data; a cheap content fingerprint of every batch (shape,
+dtype, sum and a strided position-weighted sum of every tensor) is compared
+with the first pass, so a reshuffling loader is refused instead of silently
+giving every product different data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["DataSource", "Batch", "mean_loss", "batch_size", "move_inputs"]
+__all__ = ["DataSource", "Batch", "batch_size", "move_inputs", "batch_leaves"]
 
-Inputs = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
+Inputs = Any  # a tensor, a tuple/list of tensors, or a mapping of tensors
+CountSamples = Callable[[Any, Any], int]
+
+_LEAF = (torch.Tensor, np.ndarray)
 
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch, moved to the operator's device and dtype, with its weight m_b / N."""
+    """One batch, moved to the operator's device and dtype, with its weight in the loss.
+
+    ``size`` is its number of samples, ``terms`` the number of loss terms its
+    loss divides by (1 for a sum), ``weight`` its loss's weight in the total
+    (T_b / T for a mean, 1 for a sum).
+    """
 
     index: int
     inputs: Inputs
     targets: Any
     size: int
     weight: float
+    terms: float
 
 
 def _is_pair(data: Any) -> bool:
     return (
         isinstance(data, tuple | list)
         and len(data) == 2
-        and isinstance(data[1], torch.Tensor)
-        and isinstance(data[0], torch.Tensor | tuple | list | dict)
+        and (data[1] is None or isinstance(data[1], _LEAF))
+        and isinstance(data[0], _LEAF + (tuple, list, Mapping))
     )
 
 
-def batch_size(inputs: Inputs, targets: Any) -> int:
-    """Number of samples in a batch: the leading dimension of the targets (else inputs)."""
-    for obj in (targets, inputs):
-        t = _first_tensor(obj)
-        if t is not None:
-            if t.ndim == 0:
-                raise ValueError(
-                    "a batch tensor is 0-dimensional; batches need a leading sample dimension"
-                )
-            return int(t.shape[0])
+def batch_leaves(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in ``obj`` (recursively in tuples, lists and mappings), in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, tuple | list):
+        return [t for item in obj for t in batch_leaves(item)]
+    return []
+
+
+def batch_size(inputs: Inputs, targets: Any, batch_dim: int = 0) -> int:
+    """Number of samples in a batch: the size of the inputs' dimension ``batch_dim``.
+
+    Every input tensor with at least ``batch_dim + 1`` dimensions must have the same
+    size there (size 1 broadcasts); the targets are used only when the inputs hold
+    no tensors.  Raises ``ValueError`` naming the sizes when they disagree.
+    """
+    for what, obj in (("inputs", inputs), ("targets", targets)):
+        leaves = batch_leaves(obj)
+        if not leaves:
+            continue
+        sizes = {int(t.shape[batch_dim]) for t in leaves if t.ndim > batch_dim}
+        if not sizes:
+            raise ValueError(
+                f"no {what} tensor has a dimension {batch_dim} (batch_dim={batch_dim}); "
+                "batches need a sample dimension: pass batch_dim= or count_samples="
+            )
+        if len(sizes) > 1:
+            sizes.discard(1)
+        if len(sizes) > 1:
+            raise ValueError(
+                f"the {what} tensors disagree on the sample count along batch_dim={batch_dim} "
+                f"(sizes {sorted(sizes)}), so what a sample is is ambiguous; pass batch_dim= "
+                "(e.g. batch_dim=1 for time-major sequences) or "
+                "count_samples=lambda inputs, targets: <number of samples>"
+            )
+        return sizes.pop()
     raise ValueError("a batch holds no tensors: expected (inputs, targets) with tensors")
 
 
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, tuple | list):
-        for item in obj:
-            t = _first_tensor(item)
-            if t is not None:
-                return t
-    return None
+def move_inputs(obj: Any, device: torch.device | None, dtype: torch.dtype | None) -> Any:
+    """Move tensors (recursively in tuples/lists/mappings) to ``device``; cast floats to ``dtype``.
 
+    ``device=None`` leaves tensors where they are.
 
-def move_inputs(obj: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
-    """Move tensors (recursively in tuples/lists/dicts) to ``device``; cast floats to ``dtype``."""
+    NumPy arrays become tensors; a mapping that is not a dict (a Hugging Face
+    ``BatchEncoding``, a ``UserDict``) becomes a dict with the same keys.
+    """
+    if isinstance(obj, np.ndarray):
+        obj = torch.as_tensor(obj)
     if isinstance(obj, torch.Tensor):
         if dtype is not None and obj.is_floating_point():
             return obj.to(device=device, dtype=dtype)
         return obj.to(device=device)
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return {k: move_inputs(v, device, dtype) for k, v in obj.items()}
     if isinstance(obj, tuple | list):
         return type(obj)(move_inputs(v, device, dtype) for v in obj)
     return obj
 
 
-def loss_reduction(loss_fn: Callable[..., torch.Tensor]) -> str:
-    """``"mean"`` or ``"sum"``, read from a ``torch.nn`` loss's ``reduction`` attribute.
+def _fingerprint(inputs: Any, targets: Any) -> tuple:
+    """Shape, dtype, sum and a strided position-weighted sum of every tensor.
 
-    Plain functions are assumed to average over the batch, as the ``torch.nn``
-    losses do by default; ``reduction="none"`` is refused because the operator
-    needs a scalar loss per batch.
+    Computed where the data live (no copy to the host), in float64; identical
+    data give identical marks, and reshuffled samples change the sums.
     """
-    reduction = getattr(loss_fn, "reduction", "mean")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(
-            f"loss_fn has reduction={reduction!r}; curvature needs a scalar batch loss: "
-            "use reduction='mean' (or 'sum', which is rescaled to a per-sample mean)"
-        )
-    return reduction
-
-
-def mean_loss(
-    loss_fn: Callable[..., torch.Tensor], outputs: Any, targets: Any, size: int, reduction: str
-) -> torch.Tensor:
-    """The per-sample mean loss of one batch (a ``sum``-reduced loss is divided by m_b)."""
-    loss = loss_fn(outputs, targets)
-    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
-    return loss / size if reduction == "sum" else loss
+    marks = []
+    for t in batch_leaves(move_inputs((inputs, targets), None, None)):
+        flat = t.detach().reshape(-1)
+        probe = flat[:: max(1, flat.numel() // 1024)].to(torch.float64)
+        weights = torch.arange(1, probe.numel() + 1, dtype=torch.float64, device=probe.device)
+        total = flat.sum(dtype=torch.float64) if flat.numel() else flat.new_zeros((), dtype=torch.float64)
+        # hex strings: exact, and NaN compares equal to itself
+        marks.append((tuple(t.shape), str(t.dtype), float(total).hex(), float(probe @ weights).hex()))
+    return tuple(marks)
 
 
 class DataSource:
@@ -116,31 +146,61 @@ class DataSource:
 
     Args:
         data: one ``(inputs, targets)`` pair or any re-iterable of pairs (a list,
-            a ``DataLoader``).  A one-shot iterator (a generator) is materialised
-            once, since every matvec passes over the data again.
+            a ``DataLoader``); ``targets`` may be None (a loss computed by the
+            model).  A one-shot iterator (a generator) is materialised once,
+            since every matvec passes over the data again.  NumPy arrays are
+            converted to tensors.
         device, dtype: where batches go; floating inputs are cast to ``dtype``.
+        batch_dim: the inputs' sample dimension (see the module docstring).
+        count_samples: ``(inputs, targets) -> int`` for layouts the rule cannot
+            read; overrides ``batch_dim`` for counting.
 
-    The total sample count N is found by one pass (:meth:`count`), so the
-    weights m_b / N are exact for any batching, uneven last batch included.
+    :meth:`count` passes over the data once to find each batch's samples and
+    fingerprint; the operator then sets the batches' weights with
+    :meth:`set_weights` (they need the loss, which this class never sees).
     """
 
     def __init__(
-        self, data: Any, device: torch.device, dtype: torch.dtype | None
+        self,
+        data: Any,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        *,
+        batch_dim: int = 0,
+        count_samples: CountSamples | None = None,
     ) -> None:
         if _is_pair(data):
             self._data: Iterable[Any] = [tuple(data)]
-        elif isinstance(data, Iterable) and not isinstance(data, torch.Tensor | str | dict):
+        elif isinstance(data, Iterable) and not isinstance(data, _LEAF + (str, Mapping)):
             self._data = list(data) if iter(data) is data else data
         else:
             raise TypeError(
                 "data must be an (inputs, targets) pair or an iterable of such pairs "
                 f"(e.g. a DataLoader), got {type(data).__name__}"
             )
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
+            raise ValueError(f"batch_dim must be an int >= 0, got {batch_dim!r}")
+        if count_samples is not None and not callable(count_samples):
+            raise TypeError("count_samples must be a callable (inputs, targets) -> int")
         self.device = device
         self.dtype = dtype
-        self.num_samples = 0  # N: all samples the average runs over (all ranks)
+        self.batch_dim = batch_dim
+        self._count_samples = count_samples
+        self.num_samples = 0  # N: all samples (all ranks)
         self.local_samples = 0  # samples in this object's data (this rank's shard)
         self.num_batches = 0
+        self._sizes: list[int] = []
+        self._fingerprints: list[tuple] = []
+        self._weights: list[float] | None = None
+        self._terms: list[float] | None = None
+
+    def _size(self, inputs: Any, targets: Any) -> int:
+        if self._count_samples is None:
+            return batch_size(inputs, targets, self.batch_dim)
+        size = self._count_samples(inputs, targets)
+        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 0:
+            raise ValueError(f"count_samples returned {size!r}; it must return an int >= 0")
+        return int(size)
 
     def count(self, reduce_total: Callable[[int], int] | None = None) -> int:
         """Pass over the data once to find N; raise on empty data or malformed batches.
@@ -149,14 +209,25 @@ class DataSource:
         shards (a sum over ranks when the data are distributed); by default the
         data are all there is.  A shard may be empty; the total may not.
         """
-        sizes = [batch_size(*self._unpack(i, item)) for i, item in enumerate(self._data)]
-        self.local_samples = sum(sizes)
-        self.num_batches = len(sizes)
+        self._sizes, self._fingerprints = [], []
+        for i, item in enumerate(self._data):
+            inputs, targets = self._unpack(i, item)
+            self._sizes.append(self._size(inputs, targets))
+            self._fingerprints.append(_fingerprint(inputs, targets))
+        self.local_samples = sum(self._sizes)
+        self.num_batches = len(self._sizes)
         total = reduce_total(self.local_samples) if reduce_total else self.local_samples
         if total == 0:
             raise ValueError("data is empty: no samples to average the curvature over")
         self.num_samples = total
         return total
+
+    def set_weights(self, weights: list[float], terms: list[float]) -> None:
+        """Each batch's weight in the total loss and its term count (from the loss's rule)."""
+        if not len(weights) == len(terms) == self.num_batches:
+            raise ValueError(f"expected {self.num_batches} weights and term counts")
+        self._weights = [float(w) for w in weights]
+        self._terms = [float(t) for t in terms]
 
     def _unpack(self, index: int, item: Any) -> tuple[Inputs, Any]:
         if not (isinstance(item, tuple | list) and len(item) == 2):
@@ -168,22 +239,31 @@ class DataSource:
     def __iter__(self) -> Iterator[Batch]:
         if not self.num_samples:
             self.count()
-        seen = 0
+        index = -1
         for index, item in enumerate(self._data):
             inputs, targets = self._unpack(index, item)
-            size = batch_size(inputs, targets)
-            seen += size
+            if index >= self.num_batches or _fingerprint(inputs, targets) != self._fingerprints[
+                index
+            ]:
+                raise RuntimeError(
+                    f"batch {index} differs from the first pass over the data: the curvature "
+                    "needs the same data on every pass. A DataLoader with shuffle=True (or "
+                    "random augmentation, or a resampling/infinite loader) gives every product "
+                    "different data; use shuffle=False, or fix the data once with "
+                    "data = list(loader)"
+                )
             yield Batch(
                 index=index,
                 inputs=move_inputs(inputs, self.device, self.dtype),
                 targets=move_inputs(targets, self.device, self.dtype),
-                size=size,
-                weight=size / self.num_samples,
+                size=self._sizes[index],
+                weight=self._weights[index] if self._weights is not None else float("nan"),
+                terms=self._terms[index] if self._terms is not None else float("nan"),
             )
-        if seen != self.local_samples:
+        if index + 1 != self.num_batches:
             raise RuntimeError(
-                f"data yielded {seen} samples this pass but {self.local_samples} when counted; "
-                "the curvature needs the same data on every pass (no infinite or "
+                f"data yielded {index + 1} batches this pass but {self.num_batches} when "
+                "counted; the curvature needs the same data on every pass (no infinite or "
                 "resampling loaders)"
             )
 

@@ -1,25 +1,32 @@
 """Base class for curvature operators over (model, loss, data).
 
 Holds everything the Hessian, GGN and empirical Fisher share: the parameter
-layout, the data source and its weighting, a pure function theta -> loss built
-on ``torch.func.functional_call`` (the model is never mutated), eval/train mode
-handling, dtype resolution and the non-finite checks.  Subclasses implement one
-method, :meth:`CurvatureOperator._batch_matmat`, the per-batch product.
+layout, the data source and the loss's reduction rule (which together weight
+the batches), a pure function theta -> loss built on
+``torch.func.functional_call`` (the model is never mutated), the context every
+product runs in (eval/train mode, the attention kernel, constant padding rows),
+dtype resolution, the non-finite checks and the check that the vectorised and
+the single-vector paths agree.  Subclasses implement
+:meth:`CurvatureOperator._batch_matmat` (vectorised) and
+:meth:`CurvatureOperator._batch_matmat_autograd` (double backward).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .batches import Batch, DataSource, loss_reduction, mean_loss
+from .batches import Batch, CountSamples, DataSource, batch_leaves
 from .linear_operator import LinearOperator
 from .parameters import ParameterView, ParamSelector
+from .reduction import LossReduction, LossTerms, detect_kind, resolve_reduction
 
 __all__ = ["CurvatureOperator", "default_forward"]
 
@@ -27,8 +34,8 @@ ForwardFn = Callable[[nn.Module, Any], Any]
 
 
 def default_forward(model: nn.Module, inputs: Any) -> Any:
-    """``model(x)`` for a tensor, ``model(*x)`` for a tuple/list, ``model(**x)`` for a dict."""
-    if isinstance(inputs, dict):
+    """``model(x)`` for a tensor, ``model(*x)`` for a tuple/list, ``model(**x)`` for a mapping."""
+    if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, tuple | list):
         return model(*inputs)
@@ -53,6 +60,11 @@ def resolve_dtype(requested: torch.dtype | None, model_dtype: torch.dtype) -> to
     Eigenvalues near zero (|lambda| ~ 1e-4 and below, the paper's bulk) are lost
     in float16/bfloat16 rounding, so those are never used for curvature.
     """
+    if requested is not None and not isinstance(requested, torch.dtype):
+        raise TypeError(
+            f"dtype must be a torch.dtype such as torch.float64, got {requested!r} "
+            f"({type(requested).__name__})"
+        )
     dtype = requested or model_dtype
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
@@ -66,15 +78,108 @@ def resolve_dtype(requested: torch.dtype | None, model_dtype: torch.dtype) -> to
     return dtype
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The eager module under a ``torch.compile`` wrapper (products run eagerly on it).
+
+    torch.compile traces neither double backward nor ``torch.func`` transforms
+    of its graphs, so curvature is computed on the original module, which holds
+    the same parameters.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def resolve_batch_dim(
+    model: nn.Module, batch_dim: int | None, count_samples: CountSamples | None
+) -> int:
+    """``batch_dim``, defaulting to 0 unless the model declares a time-major layout.
+
+    A module with ``batch_first=False`` (``nn.LSTM``/``GRU``/``RNN``,
+    ``nn.MultiheadAttention``, ``nn.Transformer*`` by default) reads its inputs as
+    (time, batch, ...); whether the model's own inputs are laid out that way only
+    the user knows, so the operator refuses to guess.
+    """
+    if batch_dim is not None or count_samples is not None:
+        return 0 if batch_dim is None else batch_dim
+    time_major = [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if getattr(m, "batch_first", None) is False
+    ]
+    if time_major:
+        shown = ", ".join(time_major[:3]) + (", ..." if len(time_major) > 3 else "")
+        raise ValueError(
+            f"the model has modules with batch_first=False ({shown}), so its samples may run "
+            "along dimension 1 of the inputs; say which: batch_dim=1 for (time, batch, ...) "
+            "inputs, batch_dim=0 if the inputs are batch-major (e.g. the model transposes "
+            "them), or count_samples=lambda inputs, targets: <number of samples>"
+        )
+    return 0
+
+
+def _embedding_with_constant_padding(module: nn.Embedding, indices: torch.Tensor) -> torch.Tensor:
+    """``module(indices)`` with the padding row a constant of the function.
+
+    PyTorch never sends gradient into the padding row (its backward drops the
+    positions that read it), but forward-mode AD does carry a tangent through
+    it, so ``jvp``-of-``grad`` and double backward would disagree (a wrong,
+    non-symmetric block product).  Making the row a constant makes every path
+    compute the same thing: the Hessian with that row held fixed.
+    """
+    w = module.weight
+    rows = torch.zeros(w.shape[0], 1, dtype=torch.bool, device=w.device)
+    rows[module.padding_idx] = True
+    w = torch.where(rows, w.detach(), w)
+    return torch.nn.functional.embedding(
+        indices, w, None, module.max_norm, module.norm_type, module.scale_grad_by_freq,
+        module.sparse,
+    )
+
+
+@contextmanager
+def _constant_padding_rows(model: nn.Module) -> Iterator[None]:
+    patched = [
+        (m, m.__dict__.get("forward"))
+        for m in model.modules()
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None
+    ]
+    for m, _ in patched:
+        m.forward = lambda indices, m=m: _embedding_with_constant_padding(m, indices)
+    try:
+        yield
+    finally:
+        for m, own in patched:
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
+
+
+def path_tolerance(dtype: torch.dtype) -> float:
+    """Largest relative difference two exact product paths may show in ``dtype``.
+
+    Round-off in float64 is ~1e-15 and float32 internals of a float64 model
+    (Hugging Face's RMSNorm) ~1e-7; a path computing something else is off by
+    O(1e-2..1).
+    """
+    return max(1e-6, 1e4 * torch.finfo(dtype).eps)
+
+
 class CurvatureOperator(LinearOperator):
-    """Curvature of the sample-averaged loss of ``model`` on ``data`` at its current weights.
+    """Curvature of the loss ``loss_fn`` gives over all of ``data``, at the model's current weights.
 
     Args:
         model: the network; its parameters are read once (a snapshot), never changed.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``, e.g. ``nn.CrossEntropyLoss()``;
-            ``reduction="sum"`` is rescaled to a per-sample mean.
+            A ``torch.compile`` wrapper is unwrapped (products run eagerly).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, e.g. ``nn.CrossEntropyLoss()``.
+            The operator is the curvature of that loss over the whole data: a mean
+            stays the mean over every counted loss term (``ignore_index`` targets
+            excluded), a sum stays the sum (see :mod:`spectra.reduction`).
         data: an ``(inputs, targets)`` pair or an iterable of pairs (a DataLoader);
-            inputs may be a tensor, a tuple or a dict of tensors.
+            inputs may be a tensor, a tuple or a mapping of tensors; targets may
+            be None.  Every pass must see the same data (checked).
         params: which parameters span the operator (see :class:`ParameterView`);
             default all trainable ones.  The others are held fixed.
         dtype: computation dtype; default the parameters' (half precisions become
@@ -84,17 +189,34 @@ class CurvatureOperator(LinearOperator):
             stochastic function is not defined; with True, the first product is
             computed twice and must agree.
         forward: ``forward(model, inputs) -> outputs``; default calls the model on
-            a tensor, unpacks a tuple, or passes a dict as keyword arguments.
+            a tensor, unpacks a tuple, or passes a mapping as keyword arguments.
         backend: ``"func"`` (torch.func transforms, vectorised over columns),
             ``"autograd"`` (double backward, a loop over columns), or ``"auto"``
-            (func, falling back to autograd where torch.func cannot trace the model).
+            (func, falling back to autograd where torch.func cannot trace the model
+            or where the two disagree).
         chunk_size: columns vectorised at once by ``torch.func.vmap``; default all
             (bounded by the caller's block).  Lower it to cap memory.
         process_group: a ``torch.distributed`` process group (or ``True`` for the
             default group).  Each rank passes its own shard of the data; products,
-            gradient and loss are all-reduced with every sample weighted 1/N over
-            the union of shards (shards may differ in size).  Every rank must call
+            gradient and loss are all-reduced with the same weighting over the
+            union of shards (shards may differ in size).  Every rank must call
             every product, with the same vector, as in any collective.
+        batch_dim: the inputs' sample dimension (default 0; a model with a
+            ``batch_first=False`` module must say it, e.g. 1 for time-major inputs).
+        count_samples: ``(inputs, targets) -> int`` for layouts ``batch_dim`` cannot
+            describe.
+        reduction: ``"mean"`` or ``"sum"`` for a plain-function loss (torch.nn losses
+            carry their own); default: detected from the loss on duplicated data.
+        loss_terms: ``(outputs, targets) -> count``: how many terms a batch's mean
+            divides by, for a plain function that averages over anything but
+            samples (e.g. unmasked tokens).  Default: torch.nn losses by their rule,
+            plain functions by samples.
+
+    Attention: every product runs with PyTorch's math kernel for
+    ``scaled_dot_product_attention`` (the fused CPU/CUDA kernels have no second
+    derivatives); the user's kernel choice is restored after each product.
+    ``nn.Embedding(padding_idx=p)`` rows ``p`` are constants (PyTorch never trains
+    them), so their rows and columns of the operator are zero on every path.
 
     Backends, and why: ``"func"`` is the fastest (one vectorised pass carries all
     k tangents); ``"autograd"`` works wherever double backward does;
@@ -106,6 +228,12 @@ class CurvatureOperator(LinearOperator):
     eps^(2/3) times problem-dependent constants: ~1e-10 relative in float64
     (5e-11 measured on a tanh MLP in tests/test_hostile_inputs.py), ~1e-4 in
     float32, so use it in float64.
+
+    Checked on first use: the vectorised and the double-backward product of one
+    random probe on the first batch must agree to :func:`path_tolerance`; with
+    ``backend="auto"`` a disagreement switches to double backward (the
+    derivative of the gradient PyTorch trains with) with a warning, with
+    ``"func"`` it raises.  The measured difference is :attr:`precision`.
     """
 
     def __init__(
@@ -121,31 +249,45 @@ class CurvatureOperator(LinearOperator):
         backend: str = "auto",
         chunk_size: int | None = None,
         process_group: Any = None,
+        batch_dim: int | None = None,
+        count_samples: CountSamples | None = None,
+        reduction: str | None = None,
+        loss_terms: LossTerms | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {loss_fn!r}")
+        model = unwrap_compiled(model)
         self.view = ParameterView(model, params)
         dtype = resolve_dtype(dtype, self.view.dtype)
         super().__init__(self.view.n, dtype, self.view.device)
         self.model = model
         self.loss_fn = loss_fn
-        self.reduction = loss_reduction(loss_fn)
+        kind, terms_rule, sum_loss, how = resolve_reduction(loss_fn, reduction, loss_terms)
         self.train_mode = bool(train_mode)
         self.backend = backend
         self.chunk_size = chunk_size
+        self.batch_dim = resolve_batch_dim(model, batch_dim, count_samples)
         self._module = _Forward(model, forward or default_forward)
         self.process_group = _resolve_group(process_group)
-        self.source = DataSource(data, self.device, dtype)
+        self.source = DataSource(
+            data, self.device, dtype, batch_dim=self.batch_dim, count_samples=count_samples
+        )
         self.source.count(self._sum_over_ranks_int if self.process_group is not None else None)
         self.theta = self.view.flat_params(dtype)
         self._fixed = {f"model.{k}": v for k, v in self.view.fixed_state(dtype).items()}
         self._stochastic_checked = not self.train_mode
-        self.loss = self._loss_at_point()
+        self._paths_checked = backend not in ("auto", "func")
+        self._precision = torch.finfo(dtype).eps
+        self.reduction, self.num_terms, self.loss = self._scan(
+            kind, terms_rule, sum_loss, how, loss_terms is not None
+        )
 
     # --- the model as a pure function of theta ---------------------------------
     @property
     def num_samples(self) -> int:
-        """N, the number of samples the curvature averages over."""
+        """N, the number of samples in the data (all ranks)."""
         return self.source.num_samples
 
     def outputs(self, theta: torch.Tensor, inputs: Any) -> Any:
@@ -154,35 +296,122 @@ class CurvatureOperator(LinearOperator):
         return torch.func.functional_call(self._module, (named, self._fixed), (inputs,))
 
     def batch_loss(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Per-sample mean loss of ``batch`` at ``theta``."""
-        out = self.outputs(theta, batch.inputs)
-        return mean_loss(self.loss_fn, out, batch.targets, batch.size, self.reduction)
+        """The loss of ``batch`` at ``theta``, reduced as ``loss_fn`` reduces it."""
+        return self.loss_of_outputs(self.outputs(theta, batch.inputs), batch.targets)
+
+    def loss_of_outputs(self, outputs: Any, targets: Any) -> torch.Tensor:
+        """``loss_fn(outputs, targets)``, checked to be a scalar tensor."""
+        loss = self.loss_fn(outputs, targets)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
+        return loss
+
+    def batches(self) -> Iterator[Batch]:
+        """The batches that carry weight (a mean's batches with no counted term are skipped)."""
+        return (b for b in self.source if b.weight != 0.0)
 
     @contextmanager
     def evaluation_mode(self) -> Iterator[None]:
-        """Put the model in eval (or, if asked, train) mode; restore every module's flag after."""
+        """The context of every evaluation: the model in eval (or, if asked, train)
+        mode with every module's flag restored after, the math attention kernel,
+        and constant padding rows of embeddings."""
         flags = [(m, m.training) for m in self.model.modules()]
         self.model.train(self.train_mode)
         try:
-            yield
+            with ExitStack() as stack:
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+                stack.enter_context(_constant_padding_rows(self.model))
+                yield
         finally:
             for m, flag in flags:
                 m.training = flag
 
-    def _loss_at_point(self) -> float:
-        total = 0.0
+    def _scan(
+        self,
+        kind: str | None,
+        terms_rule: LossTerms | None,
+        sum_loss: Callable[..., torch.Tensor] | None,
+        how: str,
+        terms_given: bool,
+    ) -> tuple[LossReduction, float, float]:
+        """One pass at the point: each batch's loss and term count, the weights, the loss."""
+        losses, terms = [], []
+        rule: LossReduction | None = None
         with torch.no_grad(), self.evaluation_mode():
             for batch in self.source:
-                loss = self.batch_loss(self.theta, batch)
-                if not torch.isfinite(loss):
+                out = self.outputs(self.theta, batch.inputs)
+                loss = self.loss_of_outputs(out, batch.targets)
+                if rule is None:
+                    if kind is None:
+                        kind = detect_kind(self.loss_fn, out, batch.targets, loss)
+                        how = "detected"
+                    if kind is None:
+                        if self.source.num_batches > 1 or self.process_group is not None:
+                            raise ValueError(
+                                "cannot tell whether loss_fn averages or sums over the batch "
+                                "(its outputs or targets cannot be duplicated to test it), and "
+                                "with several batches the weighting depends on it: pass "
+                                "reduction='mean' or 'sum' (and loss_terms= for a mean over "
+                                "anything but samples)"
+                            )
+                        kind, how = "mean", "assumed (one batch)"
+                    rule = LossReduction(kind, how, terms_rule, sum_loss)
+                    if not terms_given:
+                        self._check_terms(rule, out, batch, loss)
+                count = rule.terms(out, batch.targets, batch.size)
+                if count > 0 and not torch.isfinite(loss):
                     raise ValueError(
                         f"loss is {loss.item()} on batch {batch.index} at the current weights; "
                         "curvature is undefined there (check the inputs and weights for NaN/Inf)"
                     )
-                total += batch.weight * float(loss)
-        if self.process_group is not None:
-            total = float(self._sum_over_ranks(torch.tensor([total], dtype=torch.float64))[0])
-        return total
+                losses.append(float(loss) if count > 0 else 0.0)
+                terms.append(count)
+        assert rule is not None
+        local_terms = sum(terms) if rule.kind == "mean" else 1.0
+        total_terms = float(self._sum_over_ranks(torch.tensor([local_terms], dtype=torch.float64))[0])
+        if rule.kind == "mean":
+            if total_terms <= 0:
+                raise ValueError(
+                    "the loss counts no terms in the data (every target ignored?); there is "
+                    "no curvature to average"
+                )
+            weights = [t / total_terms for t in terms]
+        else:
+            weights = [1.0] * len(terms)
+        self.source.set_weights(weights, terms)
+        loss = sum(w * v for w, v in zip(weights, losses, strict=True))
+        loss = float(self._sum_over_ranks(torch.tensor([loss], dtype=torch.float64))[0])
+        return rule, total_terms, loss
+
+    def _check_terms(self, rule: LossReduction, out: Any, batch: Batch, loss: torch.Tensor) -> None:
+        """Refuse term counts that cannot be right; cheap, on the first batch only."""
+        if rule.kind != "mean":
+            return
+        if rule.sum_loss is not None:
+            total = float(rule.sum_loss(out, batch.targets))
+            count = rule.terms(out, batch.targets, batch.size)
+            if count > 0 and math.isfinite(total):
+                tol = 1e3 * torch.finfo(self.dtype).eps * max(abs(total), 1e-30)
+                if abs(float(loss) * count - total) > tol:
+                    raise ValueError(
+                        f"{type(self.loss_fn).__name__}'s mean is not its sum over {count:g} "
+                        f"terms on batch {batch.index} (mean {float(loss):.6g}, sum "
+                        f"{total:.6g}); pass loss_terms=lambda outputs, targets: <count>"
+                    )
+        elif rule.terms_rule is None and (self.source.num_batches > 1 or self.process_group):
+            negative = [
+                t for t in batch_leaves(batch.targets)
+                if not t.is_floating_point() and t.numel() and int(t.min()) < 0
+            ]
+            if negative:
+                raise ValueError(
+                    f"the targets hold negative labels ({int(negative[0].min())}: ignored "
+                    "positions, as Hugging Face's -100?) but loss_fn is a plain function, so "
+                    "the batches are weighted by samples, which is wrong if it skips them. "
+                    "Use nn.CrossEntropyLoss(ignore_index=...) (counted automatically) or "
+                    "pass loss_terms=lambda outputs, targets: (targets != -100).sum()"
+                )
 
     # --- distributed reduction ----------------------------------------------------
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
@@ -195,16 +424,29 @@ class CurvatureOperator(LinearOperator):
         return int(self._sum_over_ranks(torch.tensor([value], dtype=torch.int64))[0])
 
     def gradient(self) -> torch.Tensor:
-        """The gradient (n,) of the averaged loss at the point, with the same weighting."""
+        """The gradient (n,) of the loss over all data at the point, with the same weighting."""
         grad = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
         with self.evaluation_mode():
-            for batch in self.source:
+            for batch in self.batches():
                 grad.add_(torch.func.grad(self.batch_loss)(self.theta, batch), alpha=batch.weight)
         return self._sum_over_ranks(grad)
 
     # --- products -------------------------------------------------------------------
+    @property
+    def precision(self) -> float:
+        """Relative accuracy of this operator's products: the larger of the dtype's
+        epsilon and the measured disagreement of two exact paths on one probe
+        (float32 internals of a float64 model show here).  Algorithms set their
+        tolerances from it."""
+        if not self._paths_checked:
+            with self.evaluation_mode():
+                self._check_paths()
+        return self._precision
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         with self.evaluation_mode():
+            if not self._paths_checked:
+                self._check_paths()
             out = self._accumulate(V)
             if not self._stochastic_checked:
                 again = self._accumulate(V)
@@ -218,9 +460,45 @@ class CurvatureOperator(LinearOperator):
                 self._stochastic_checked = True
         return out
 
+    def _check_paths(self) -> None:
+        """Compare the vectorised and the double-backward product on one probe."""
+        self._paths_checked = True
+        batch = self._probe_batch(next(self.batches()))
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        probe = torch.randn((self.shape[0], 1), generator=gen, dtype=torch.float64)
+        probe = probe.to(dtype=self.dtype, device=self.device)
+        try:
+            block = self._batch_matmat(batch, probe)
+        except (RuntimeError, NotImplementedError):
+            return  # no vectorised path here; _batch_product falls back as documented
+        try:
+            single = self._batch_matmat_autograd(batch, probe)
+        except (RuntimeError, NotImplementedError):
+            return  # the vectorised path is the only one
+        scale = max(float(single.norm()), float(block.norm()), 1e-300)
+        diff = float((block - single).norm()) / scale
+        self._precision = max(self._precision, diff)
+        if diff <= path_tolerance(self.dtype):
+            return
+        message = (
+            f"{type(self).__name__}: the vectorised (torch.func) and the double-backward "
+            f"products of one probe differ by {diff:.2e} relative (tolerance "
+            f"{path_tolerance(self.dtype):.1e}) on batch {batch.index}: some operation of "
+            "the model has a backward that is not the derivative of its forward (a custom "
+            "autograd.Function, scale_grad_by_freq, a straight-through estimator, ...)"
+        )
+        if self.backend == "func":
+            raise RuntimeError(message + "; use backend='autograd'")
+        warnings.warn(message + "; using double backward for every product", stacklevel=4)
+        self.backend = "autograd"
+
+    def _probe_batch(self, batch: Batch) -> Batch:
+        """The batch the path check runs on (subclasses may take a part of it)."""
+        return batch
+
     def _accumulate(self, V: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(V)
-        for batch in self.source:
+        for batch in self.batches():
             prod = self._batch_product(batch, V)
             if not torch.isfinite(prod).all():
                 raise FloatingPointError(

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import MatrixCheckpoint, operator_fingerprint
-from .curvature import CurvatureOperator
+from .curvature import CurvatureOperator, path_tolerance
 from .dense_eigensolver import eigensolver_workspace_bytes, eigvalsh_inplace
 from .hessian import hessian_operator
 from .linear_operator import LinearOperator
@@ -127,7 +127,9 @@ def dense_matrix(
     """Assemble a symmetric operator into an (n, n) tensor; symmetrise it in place.
 
     Returns ``(matrix, asymmetry)`` with asymmetry = ||A - A^T||_F / ||A||_F of the
-    assembled matrix before symmetrisation (round-off only, for a true Hessian).
+    assembled matrix before symmetrisation (round-off only, for a true Hessian);
+    an asymmetry above :func:`asymmetry_tolerance` raises ``ValueError`` instead
+    of being symmetrised away.
     Rows are written block by block (the operator's block product, transposed:
     the operator is symmetric), so peak memory is the matrix plus one block.
 
@@ -171,6 +173,7 @@ def dense_matrix(
         asym = float(store.state["asymmetry"])  # measured before an interrupted symmetrisation
     else:
         asym = _asymmetry(H, block)
+        _refuse_asymmetry(op, asym)
         if store is not None:
             store.commit(mapped, asymmetry=asym)
     _symmetrize_inplace(H, block)  # idempotent, so safe to redo after a crash
@@ -220,6 +223,27 @@ def _asymmetry(H: torch.Tensor, block: int) -> float:
         diff_sq += factor * float(((upper - lower_t) ** 2).sum())
         norm_sq += float((upper**2).sum()) + (0.0 if diagonal else float((lower_t**2).sum()))
     return (diff_sq / norm_sq) ** 0.5 if norm_sq > 0 else 0.0
+
+
+def asymmetry_tolerance(op: LinearOperator) -> float:
+    """Largest ||A - A^T||_F / ||A||_F an assembled symmetric operator may show.
+
+    Round-off of the products, scaled up from the operator's measured
+    ``precision`` where it has one; a wrong product is far above it.
+    """
+    return max(path_tolerance(op.dtype), 100 * float(getattr(op, "precision", 0.0)))
+
+
+def _refuse_asymmetry(op: LinearOperator, asym: float) -> None:
+    tol = asymmetry_tolerance(op)
+    if asym > tol:
+        raise ValueError(
+            f"the assembled matrix is not symmetric: ||A - A^T||_F / ||A||_F = {asym:.2e}, far "
+            f"above the rounding level of its products ({tol:.1e}); its products do not "
+            "compute a symmetric matrix (for a curvature operator: an operation whose "
+            "backward is not the derivative of its forward). Try backend='autograd'; "
+            "symmetrising would hide the error"
+        )
 
 
 def _symmetrize_inplace(H: torch.Tensor, block: int) -> None:

@@ -1,53 +1,158 @@
-"""The empirical Fisher F = (1/N) sum_i g_i g_i^T from per-sample gradients."""
+"""The empirical Fisher F = c sum_i g_i g_i^T from per-sample gradients."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
-from .batches import Batch, mean_loss
+from .batches import Batch
 from .curvature import CurvatureOperator
 from .parameters import ParamSelector
 
 __all__ = ["EmpiricalFisherOperator", "empirical_fisher_operator"]
 
+#: Samples of the first batch on which the vectorised and the looped per-sample
+#: gradients are compared when the operator is first used.
+PROBE_SAMPLES = 4
+
 
 class EmpiricalFisherOperator(CurvatureOperator):
-    """F = sum_b (m_b / N) mean_{i in b} g_i g_i^T, g_i the gradient of sample i's loss.
+    """F = c sum_i g_i g_i^T over all samples i, g_i the gradient of sample i's summed loss.
 
-    Per-sample gradients come from ``vmap(grad)`` over the batch (each sample is
-    run as a batch of one, so BatchNorm must be in eval mode, the default).  A
-    product costs one per-sample-gradient pass; ``chunk_size`` also bounds how
-    many samples' gradients are held at once (default: the whole batch, m x n).
+    Convention (curvlinops'): for a loss L = c sum_i l_i, where l_i is sample i's
+    loss summed over its counted terms, c = 1/T for a mean over T counted terms
+    and c = 1 for a sum.  With one term per sample (classification, a plain
+    per-sample mean) this is (1/N) sum_i g_i g_i^T.  It is **per sample, not per
+    term**: a sequence's gradient sums over its tokens before the outer
+    product, so cross-token products are included (a per-token Fisher would
+    drop them); ignored tokens (``ignore_index``) contribute nothing.
+
+    Per-sample gradients come from ``vmap(grad)`` over ``batch_dim`` (each sample
+    is run as a batch of one, so BatchNorm must be in eval mode, the default),
+    or, for models ``vmap`` cannot trace (BERT's masks, multi-layer or time-major
+    LSTMs), from a loop over samples with autograd (``backend="autograd"``, or
+    automatically with ``"auto"``).  A product costs one per-sample-gradient
+    pass; ``chunk_size`` also bounds how many samples' gradients are held at once
+    (default: the whole batch, m x n).  Targets must have the sample dimension.
     """
 
     def per_sample_gradients(self, batch: Batch) -> torch.Tensor:
-        """(m, n) gradients of each sample's loss at the point."""
+        """(m, n) gradients of each sample's summed loss at the point."""
+        if self.backend != "autograd":
+            try:
+                return self._per_sample_vmap(batch)
+            except (RuntimeError, NotImplementedError) as exc:
+                if self.backend == "func":
+                    raise
+                warnings.warn(
+                    f"torch.func cannot vectorise per-sample gradients of this model "
+                    f"({type(exc).__name__}: {str(exc)[:120]}); looping over samples instead",
+                    stacklevel=3,
+                )
+                self.backend = "autograd"
+        return self._per_sample_loop(batch)
 
-        def sample_loss(theta: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
-            x1 = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), x)
-            y1 = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), y)
-            return mean_loss(self.loss_fn, self.outputs(theta, x1), y1, 1, self.reduction)
+    def _sample_dims(self, batch: Batch) -> tuple[Any, Any]:
+        """in_dims for ``vmap`` over samples: ``batch_dim`` where a tensor has the samples."""
+        d, m = self.batch_dim, batch.size
+
+        def dim(t: Any) -> int | None:
+            ok = isinstance(t, torch.Tensor) and t.ndim > d and t.shape[d] == m
+            return d if ok else None
+
+        target_dims = tree_map(dim, batch.targets)
+        if batch.targets is not None and all(
+            x is None for x in torch.utils._pytree.tree_leaves(target_dims)
+        ):
+            raise ValueError(
+                f"the empirical Fisher needs each sample's targets, but no target tensor has "
+                f"{m} entries along batch_dim={d} (shapes "
+                f"{[tuple(t.shape) for t in torch.utils._pytree.tree_leaves(batch.targets)]}); "
+                "give the targets the inputs' sample dimension (e.g. (batch, time) labels "
+                "rather than flattened ones)"
+            )
+        return tree_map(dim, batch.inputs), target_dims
+
+    def _sample_loss(self, theta: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+        return self.reduction.summed(self.loss_fn, self.outputs(theta, x), y)
+
+    def _per_sample_vmap(self, batch: Batch) -> torch.Tensor:
+        in_x, in_y = self._sample_dims(batch)
+        d = self.batch_dim
+
+        def one(theta: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+            y1 = _unsqueeze_where(y, in_y, d)
+            x1 = _unsqueeze_where(x, in_x, d)
+            return self._sample_loss(theta, x1, y1)
 
         return torch.func.vmap(
-            torch.func.grad(sample_loss), in_dims=(None, 0, 0), chunk_size=self.chunk_size
+            torch.func.grad(one), in_dims=(None, in_x, in_y), chunk_size=self.chunk_size
         )(self.theta, batch.inputs, batch.targets)
 
+    def _per_sample_loop(self, batch: Batch) -> torch.Tensor:
+        in_x, in_y = self._sample_dims(batch)
+        d = self.batch_dim
+        theta = self.theta.detach().requires_grad_(True)
+        rows = []
+        with torch.enable_grad():
+            for i in range(batch.size):
+                x = _select_where(batch.inputs, in_x, d, i)
+                y = _select_where(batch.targets, in_y, d, i)
+                (g,) = torch.autograd.grad(self._sample_loss(theta, x, y), theta,
+                                           allow_unused=True, materialize_grads=True)
+                rows.append(g.detach())
+        return torch.stack(rows)
+
+    def _probe_batch(self, batch: Batch) -> Batch:
+        """The first few samples of ``batch``: a loop over all of them would be slow."""
+        m = min(batch.size, PROBE_SAMPLES)
+        in_x, in_y = self._sample_dims(batch)
+        d = self.batch_dim
+
+        def head(obj: Any, dims: Any) -> Any:
+            return tree_map(
+                lambda t, k: t.narrow(d, 0, m) if k is not None else t, obj, dims,
+                is_leaf=lambda t: t is None,
+            ) if obj is not None else None
+
+        return Batch(batch.index, head(batch.inputs, in_x), head(batch.targets, in_y), m,
+                     batch.weight, batch.terms)
+
     def _batch_matmat(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
-        G = self.per_sample_gradients(batch)
-        return G.T @ (G @ V) / batch.size
+        G = self._per_sample_vmap(batch)
+        return G.T @ (G @ V) / batch.terms
+
+    def _batch_matmat_autograd(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
+        G = self._per_sample_loop(batch)
+        return G.T @ (G @ V) / batch.terms
 
     def diagonal(self) -> torch.Tensor:
-        """diag(F) as an (n,) tensor: sum_b (m_b / N) mean_i g_i^2, exact, one data pass."""
+        """diag(F) as an (n,) tensor: c sum_i g_i^2, exact, one data pass."""
         diag = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
         with self.evaluation_mode():
-            for batch in self.source:
+            for batch in self.batches():
                 G = self.per_sample_gradients(batch)
-                diag.add_((G * G).mean(dim=0), alpha=batch.weight)
-        return diag
+                diag.add_((G * G).sum(dim=0), alpha=batch.weight / batch.terms)
+        return self._sum_over_ranks(diag)
+
+
+def _unsqueeze_where(obj: Any, dims: Any, d: int) -> Any:
+    if obj is None:
+        return None
+    return tree_map(lambda t, k: t.unsqueeze(d) if k is not None else t, obj, dims,
+                    is_leaf=lambda t: t is None)
+
+
+def _select_where(obj: Any, dims: Any, d: int, i: int) -> Any:
+    if obj is None:
+        return None
+    return tree_map(lambda t, k: t.narrow(d, i, 1) if k is not None else t, obj, dims,
+                    is_leaf=lambda t: t is None)
 
 
 def empirical_fisher_operator(
@@ -59,7 +164,7 @@ def empirical_fisher_operator(
     dtype: torch.dtype | None = None,
     **options: Any,
 ) -> EmpiricalFisherOperator:
-    """The empirical Fisher of the sample-averaged loss (see :class:`EmpiricalFisherOperator`).
+    """The empirical Fisher of the loss over all data (see :class:`EmpiricalFisherOperator`).
 
     Same arguments, data weighting and product API as :func:`spectra.hessian_operator`.
     """

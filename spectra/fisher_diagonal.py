@@ -419,17 +419,21 @@ def empirical_fisher_diagonal(
     centered: bool = False,
     **options: Any,
 ) -> torch.Tensor:
-    """diag of the empirical Fisher, ``(1/N) sum_i g_i^2``, from per-sample gradients.
+    """diag of the empirical Fisher, ``c sum_i g_i^2``, from per-sample gradients.
 
+    ``c`` is 1/T for a mean over T loss terms (1/N with one term per sample),
+    1 for a sum; see :class:`spectra.EmpiricalFisherOperator` for the convention.
     A thin wrapper over :meth:`spectra.EmpiricalFisherOperator.diagonal`
-    (``vmap(grad)`` per batch, batches weighted m_b / N, eval mode by default):
-    exact at the model's current weights, one per-sample-gradient pass.
+    (``vmap(grad)`` per batch, eval mode by default): exact at the model's
+    current weights, one per-sample-gradient pass.
 
     Args:
         model, loss_fn, data, params, dtype: as for :func:`spectra.hessian_operator`.
-        centered: subtract the squared mean gradient, giving the per-sample
-            variance ``(1/N) sum_i g_i^2 - ((1/N) sum_i g_i)^2``: the quantity the
-            Adam estimate approximates (divided by the batch size; see the module
+        centered: subtract the mean per-sample gradient, giving
+            ``c sum_i (g_i - gbar)^2`` with ``gbar = (1/N) sum_i g_i``; with one term
+            per sample and a mean, the per-sample variance
+            ``(1/N) sum_i g_i^2 - ((1/N) sum_i g_i)^2``: the quantity the Adam
+            estimate approximates (divided by the batch size; see the module
             docstring).  Costs one more gradient pass.
         options: operator options (``train_mode``, ``forward``, ``chunk_size`` to
             bound memory: a batch's per-sample gradients take m x n scalars).
@@ -441,6 +445,7 @@ def empirical_fisher_diagonal(
     op = EmpiricalFisherOperator(model, loss_fn, data, params=params, dtype=dtype, **options)
     diag = op.diagonal()
     if centered:
-        grad = op.gradient()
-        diag = diag - grad * grad
+        grad = op.gradient()  # = c sum_i g_i = c N gbar
+        c = 1.0 / op.num_terms if op.reduction.kind == "mean" else 1.0
+        diag = diag - grad * grad / (c * op.num_samples)
     return diag

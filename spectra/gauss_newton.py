@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import Batch, mean_loss
+from .batches import Batch
 from .curvature import CurvatureOperator
 from .parameters import ParamSelector
 
@@ -31,11 +31,10 @@ class GGNOperator(CurvatureOperator):
             return self.outputs(t, batch.inputs)
 
         def loss_of_outputs(z: torch.Tensor) -> torch.Tensor:
-            return mean_loss(self.loss_fn, z, batch.targets, batch.size, self.reduction)
+            return self.loss_of_outputs(z, batch.targets)
 
         z, vjp_fn = torch.func.vjp(out_fn, theta)
-        if not isinstance(z, torch.Tensor):
-            raise TypeError("the GGN needs a model (or forward=) that returns one tensor")
+        _check_outputs(z)
         z = z.detach()
         grad_z = torch.func.grad(loss_of_outputs)
 
@@ -50,10 +49,11 @@ class GGNOperator(CurvatureOperator):
         theta = self.theta.detach().requires_grad_(True)
         with torch.enable_grad():
             z = self.outputs(theta, batch.inputs)
+            _check_outputs(z)
             u = torch.zeros_like(z, requires_grad=True)
             (jt_u,) = torch.autograd.grad(z, theta, u, create_graph=True)  # J^T u, linear in u
             zd = z.detach().requires_grad_(True)
-            loss = mean_loss(self.loss_fn, zd, batch.targets, batch.size, self.reduction)
+            loss = self.loss_of_outputs(zd, batch.targets)
             (gz,) = torch.autograd.grad(loss, zd, create_graph=True)
             cols = []
             for j in range(V.shape[1]):
@@ -62,6 +62,21 @@ class GGNOperator(CurvatureOperator):
                 (col,) = torch.autograd.grad(z, theta, hjv, retain_graph=True)
                 cols.append(col)
         return torch.stack(cols, dim=1).detach()
+
+
+def _check_outputs(z: Any) -> None:
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(
+            f"the GGN needs a model (or forward=) that returns one tensor, got "
+            f"{type(z).__name__}; e.g. forward=lambda m, x: m(**x).logits"
+        )
+    if z.ndim == 0:
+        raise ValueError(
+            "the GGN needs the model's outputs before the loss (e.g. logits), but forward "
+            "returns a scalar, which looks like a loss (the Hugging Face `.loss` idiom): "
+            "return the logits from forward= and pass the loss as loss_fn, or use the "
+            "Hessian, which accepts a forward that returns the loss"
+        )
 
 
 def ggn_operator(

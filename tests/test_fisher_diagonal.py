@@ -77,9 +77,12 @@ def test_linear_regression_closed_form():
     torch.testing.assert_close(diag, (G * G).mean(0), rtol=1e-12, atol=1e-12)
     centered = empirical_fisher_diagonal(model, nn.MSELoss(), data, centered=True)
     torch.testing.assert_close(centered, G.var(0, unbiased=False), rtol=1e-12, atol=1e-12)
-    # the same as the operator's own diagonal (a thin wrapper, same weighting)
+    # the same as the operator's own diagonal (a thin wrapper, same weighting); a sum
+    # stays a sum: sum_i g_i^2
     op = empirical_fisher_operator(model, nn.MSELoss(reduction="sum"), (X, y))
-    torch.testing.assert_close(op.diagonal(), diag, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(op.diagonal(), N * diag, rtol=1e-12, atol=1e-12)
+    summed = empirical_fisher_diagonal(model, nn.MSELoss(reduction="sum"), data, centered=True)
+    torch.testing.assert_close(summed, N * G.var(0, unbiased=False), rtol=1e-12, atol=1e-10)
 
 
 def test_logistic_regression_closed_form():

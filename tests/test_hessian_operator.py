@@ -120,14 +120,17 @@ def test_batch_split_invariance():
         assert float((other - one).abs().max()) <= 1e-12 * float(one.abs().max())
 
 
-def test_sum_reduction_is_rescaled_to_a_mean():
+def test_sum_reduction_stays_a_sum():
+    """curvlinops' convention: a sum over all data is N times the mean over all data."""
     model, X, y = tanh_mlp()
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64)
     mean = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y)) @ v
     summed = spectra.hessian_operator(
         model, nn.CrossEntropyLoss(reduction="sum"), [(X[:5], y[:5]), (X[5:], y[5:])]
     ) @ v
-    torch.testing.assert_close(summed, mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(summed, len(y) * mean, rtol=1e-12, atol=1e-12)
+    ref = reference_hessian(model, nn.CrossEntropyLoss(reduction="sum"), X, y)
+    torch.testing.assert_close(summed, ref @ v, rtol=1e-12, atol=1e-12)
 
 
 def test_parameter_subset_is_principal_block():

@@ -1,0 +1,208 @@
+"""What the user's loss reduces over: the rule that turns batch losses into one loss.
+
+An operator is the curvature of the loss the user wrote, over the whole data
+(curvlinops' convention):
+
+* a **mean** stays the mean over all loss terms the loss counts, over all
+  batches: L = (sum_b S_b) / T, where S_b is batch b's summed loss and T the
+  total number of counted terms.  A batch's mean loss Lbar_b = S_b / T_b is
+  therefore weighted by T_b / T.  What a "term" is follows the loss:
+  ``nn.CrossEntropyLoss``/``nn.NLLLoss`` count the targets that are not
+  ``ignore_index`` (the sum of their class weights with ``weight=``);
+  element-wise losses (MSE, L1, BCE, ...) count the elements; any other
+  module loss with a ``reduction`` attribute is measured (its ``"sum"`` copy
+  divided by its mean); a plain function counts samples unless
+  ``loss_terms=`` says otherwise.
+* a **sum** stays the sum: L = sum_b S_b, every batch weighted 1.
+
+Nothing is guessed where it matters: a plain function's reduction is detected
+by evaluating it on its outputs and targets duplicated (a mean is unchanged,
+a sum doubles), and an ambiguous case raises with the option to pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LossReduction", "resolve_reduction"]
+
+LossTerms = Callable[[Any, Any], Any]
+
+#: Module losses whose mean divides by the number of elements of the (broadcast)
+#: outputs and targets.
+_ELEMENTWISE = (
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.BCELoss,
+    nn.BCEWithLogitsLoss,
+    nn.SoftMarginLoss,
+    nn.PoissonNLLLoss,
+    nn.KLDivLoss,
+)
+
+#: Module losses whose mean divides by the number of samples (dimension 0 of the outputs).
+_PER_SAMPLE = (nn.MultiMarginLoss, nn.MultiLabelMarginLoss, nn.MultiLabelSoftMarginLoss)
+
+
+@dataclass(frozen=True)
+class LossReduction:
+    """How one loss reduces, resolved once per operator.
+
+    Attributes:
+        kind: ``"mean"`` or ``"sum"``.
+        how: where ``kind`` came from (``"reduction attribute"``, ``"given"``,
+            ``"detected"``, ``"assumed (one batch)"``), for reports.
+        terms_rule: ``(outputs, targets) -> count`` for a mean: the number of
+            terms it divides by.  None: count samples (plain functions without
+            ``loss_terms=``).
+        sum_loss: the same loss with ``reduction="sum"`` for module losses (None
+            for plain functions), used to check the term rule and for per-sample
+            losses that must not divide by a count that can be zero.
+    """
+
+    kind: str
+    how: str
+    terms_rule: LossTerms | None
+    sum_loss: Callable[..., torch.Tensor] | None
+
+    def summed(self, loss_fn: Callable[..., torch.Tensor], outputs: Any, targets: Any) -> Any:
+        """The loss summed over its terms, not divided by their count (traceable).
+
+        For one sample this is its contribution to the total up to the common
+        factor 1/T, and stays finite when the sample has no counted term.
+        """
+        if self.kind == "sum":
+            return loss_fn(outputs, targets)
+        if self.sum_loss is not None:
+            return self.sum_loss(outputs, targets)
+        if self.terms_rule is None:  # a plain mean over samples
+            return loss_fn(outputs, targets)
+        return loss_fn(outputs, targets) * self.terms_rule(outputs, targets)
+
+    def terms(self, outputs: Any, targets: Any, samples: int) -> float:
+        """The number of loss terms a batch's mean divides by (1.0 for a sum)."""
+        if self.kind == "sum":
+            return 1.0
+        if self.terms_rule is None:
+            return float(samples)
+        count = self.terms_rule(outputs, targets)
+        count = float(count.detach().sum()) if isinstance(count, torch.Tensor) else float(count)
+        if not (math.isfinite(count) and count >= 0):
+            raise ValueError(f"loss_terms returned {count}; it must be a finite count >= 0")
+        return count
+
+
+def resolve_reduction(
+    loss_fn: Callable[..., torch.Tensor],
+    reduction: str | None = None,
+    loss_terms: LossTerms | None = None,
+) -> tuple[str | None, LossTerms | None, Callable[..., torch.Tensor] | None, str]:
+    """What can be known about ``loss_fn`` before seeing data.
+
+    Returns ``(kind or None, terms_rule, sum_loss, how)``; ``kind`` is None for a
+    plain function without ``reduction=``, to be detected on the first batch by
+    :func:`detect_kind`.  Raises for ``reduction="none"`` and for a ``reduction=``
+    that contradicts the module's own attribute.
+    """
+    if reduction is not None and reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    attr = getattr(loss_fn, "reduction", None) if isinstance(loss_fn, nn.Module) else None
+    if attr is None:
+        return reduction, loss_terms, None, "given" if reduction else ""
+    if attr not in ("mean", "sum", "batchmean"):
+        raise ValueError(
+            f"{type(loss_fn).__name__} has reduction={attr!r}; curvature needs a scalar "
+            "loss per batch: use reduction='mean' or 'sum'"
+        )
+    kind = "sum" if attr == "sum" else "mean"
+    if reduction is not None and reduction != kind:
+        raise ValueError(
+            f"reduction={reduction!r} was given but {type(loss_fn).__name__} has "
+            f"reduction={attr!r}; leave reduction= out for torch.nn losses"
+        )
+    summed = copy.copy(loss_fn)
+    summed.reduction = "sum"
+    return kind, loss_terms or _module_terms(loss_fn), summed, "reduction attribute"
+
+
+def _module_terms(loss_fn: nn.Module) -> LossTerms:
+    if isinstance(loss_fn, nn.CrossEntropyLoss | nn.NLLLoss):
+        return lambda outputs, targets: _class_terms(
+            targets, loss_fn.ignore_index, loss_fn.weight
+        )
+    if isinstance(loss_fn, nn.KLDivLoss) and loss_fn.reduction == "batchmean":
+        return lambda outputs, targets: outputs.shape[0] if outputs.ndim else 1
+    if isinstance(loss_fn, _ELEMENTWISE):
+        return lambda outputs, targets: math.prod(
+            torch.broadcast_shapes(outputs.shape, targets.shape)
+        )
+    if isinstance(loss_fn, _PER_SAMPLE):
+        return lambda outputs, targets: outputs.shape[0] if outputs.ndim > 1 else 1
+    summed = copy.copy(loss_fn)
+    summed.reduction = "sum"
+    return lambda outputs, targets: _measured_terms(loss_fn, summed, outputs, targets)
+
+
+def _class_terms(targets: torch.Tensor, ignore_index: int, weight: torch.Tensor | None) -> Any:
+    if targets.is_floating_point():  # class probabilities: one term per position
+        return targets.numel() // targets.shape[1] if targets.ndim > 1 else 1
+    counted = targets != ignore_index
+    if weight is None:
+        return counted.sum()
+    return (weight[targets.masked_fill(~counted, 0)] * counted).sum()
+
+
+def _measured_terms(loss_fn: nn.Module, summed: nn.Module, outputs: Any, targets: Any) -> float:
+    with torch.no_grad():
+        mean, total = float(loss_fn(outputs, targets)), float(summed(outputs, targets))
+    if mean == 0.0 or not math.isfinite(mean):
+        raise ValueError(
+            f"cannot tell how many terms {type(loss_fn).__name__} averages over (its mean is "
+            f"{mean} on this batch); pass loss_terms=lambda outputs, targets: <count>"
+        )
+    return total / mean
+
+
+def detect_kind(
+    loss_fn: Callable[..., torch.Tensor], outputs: Any, targets: Any, loss: torch.Tensor
+) -> str | None:
+    """``"mean"`` or ``"sum"`` for a plain function, from its value on duplicated data.
+
+    A mean over samples (or terms) is unchanged when every sample appears twice;
+    a sum doubles.  Returns None when the outputs or targets cannot be duplicated
+    (not tensors, or no common leading dimension); raises when the loss does
+    neither, naming ``reduction=``.
+    """
+    if not (isinstance(outputs, torch.Tensor) and outputs.ndim >= 1):
+        return None
+    if isinstance(targets, torch.Tensor):
+        if targets.ndim < 1 or targets.shape[0] != outputs.shape[0]:
+            return None
+        targets2 = torch.cat([targets, targets])
+    elif targets is None:
+        targets2 = None
+    else:
+        return None
+    with torch.no_grad():
+        twice = float(loss_fn(torch.cat([outputs, outputs]), targets2))
+    once = float(loss)
+    scale = max(abs(once), 1e-30)
+    tol = 1e-4 * scale
+    if abs(twice - once) <= tol:
+        return "mean"
+    if abs(twice - 2 * once) <= 2 * tol:
+        return "sum"
+    raise ValueError(
+        f"loss_fn is neither a mean nor a sum over samples (value {once:.6g} on a batch, "
+        f"{twice:.6g} on the batch duplicated); pass reduction='mean' or 'sum' and, for a "
+        "mean over anything but samples, loss_terms=lambda outputs, targets: <count>"
+    )
