@@ -63,7 +63,11 @@ def _is_pair(data: Any) -> bool:
 
 
 def batch_leaves(obj: Any) -> list[torch.Tensor]:
-    """Every tensor in ``obj`` (recursively in tuples, lists and mappings), in order."""
+    """Every tensor in ``obj`` (recursively in tuples, lists and mappings), in order.
+
+    NumPy arrays count as tensors (viewed, not copied)."""
+    if isinstance(obj, np.ndarray):
+        return [torch.as_tensor(obj)]
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, Mapping):
@@ -131,7 +135,7 @@ def _fingerprint(inputs: Any, targets: Any) -> tuple:
     data give identical marks, and reshuffled samples change the sums.
     """
     marks = []
-    for t in batch_leaves(move_inputs((inputs, targets), None, None)):
+    for t in batch_leaves((inputs, targets)):
         flat = t.detach().reshape(-1)
         probe = flat[:: max(1, flat.numel() // 1024)].to(torch.float64)
         weights = torch.arange(1, probe.numel() + 1, dtype=torch.float64, device=probe.device)

@@ -359,6 +359,7 @@ class CurvatureOperator(LinearOperator):
                     rule = LossReduction(kind, how, terms_rule, sum_loss)
                     if not terms_given:
                         self._check_terms(rule, out, batch, loss)
+                self._check_ignored_labels(rule, batch)
                 count = rule.terms(out, batch.targets, batch.size)
                 if count > 0 and not torch.isfinite(loss):
                     raise ValueError(
@@ -399,19 +400,25 @@ class CurvatureOperator(LinearOperator):
                         f"terms on batch {batch.index} (mean {float(loss):.6g}, sum "
                         f"{total:.6g}); pass loss_terms=lambda outputs, targets: <count>"
                     )
-        elif rule.terms_rule is None and (self.source.num_batches > 1 or self.process_group):
-            negative = [
-                t for t in batch_leaves(batch.targets)
-                if not t.is_floating_point() and t.numel() and int(t.min()) < 0
-            ]
-            if negative:
-                raise ValueError(
-                    f"the targets hold negative labels ({int(negative[0].min())}: ignored "
-                    "positions, as Hugging Face's -100?) but loss_fn is a plain function, so "
-                    "the batches are weighted by samples, which is wrong if it skips them. "
-                    "Use nn.CrossEntropyLoss(ignore_index=...) (counted automatically) or "
-                    "pass loss_terms=lambda outputs, targets: (targets != -100).sum()"
-                )
+
+    def _check_ignored_labels(self, rule: LossReduction, batch: Batch) -> None:
+        """A plain mean weighted by samples is wrong if it skips labels: refuse to guess."""
+        if rule.kind != "mean" or rule.terms_rule is not None or rule.sum_loss is not None:
+            return
+        if self.source.num_batches == 1 and self.process_group is None:
+            return  # one batch: its weight is 1 whatever the loss averages over
+        negative = [
+            t for t in batch_leaves(batch.targets)
+            if not t.is_floating_point() and t.numel() and int(t.min()) < 0
+        ]
+        if negative:
+            raise ValueError(
+                f"the targets of batch {batch.index} hold negative labels "
+                f"({int(negative[0].min())}: ignored positions, as Hugging Face's -100?) but "
+                "loss_fn is a plain function, so the batches are weighted by samples, which is "
+                "wrong if it skips them. Use nn.CrossEntropyLoss(ignore_index=...) (counted "
+                "automatically) or pass loss_terms=lambda outputs, targets: (targets != -100).sum()"
+            )
 
     # --- distributed reduction ----------------------------------------------------
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
