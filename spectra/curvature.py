@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .batches import Batch, CountSamples, DataSource, batch_leaves
 from .linear_operator import LinearOperator
@@ -157,14 +159,30 @@ def _constant_padding_rows(model: nn.Module) -> Iterator[None]:
                 m.forward = own
 
 
-def path_tolerance(dtype: torch.dtype) -> float:
-    """Largest relative difference two exact product paths may show in ``dtype``.
+def path_tolerance(eps: float) -> float:
+    """Largest relative difference two exact product paths may show when the
+    computation rounds at ``eps`` (the lowest precision it runs in).
 
     Round-off in float64 is ~1e-15 and float32 internals of a float64 model
     (Hugging Face's RMSNorm) ~1e-7; a path computing something else is off by
     O(1e-2..1).
     """
-    return max(1e-6, 1e4 * torch.finfo(dtype).eps)
+    return max(1e-6, 1e4 * eps)
+
+
+class _LowestPrecision(TorchDispatchMode):
+    """Records the largest machine epsilon among the floating results of every op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eps = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.eps = max(self.eps, torch.finfo(t.dtype).eps)
+        return out
 
 
 class CurvatureOperator(LinearOperator):
@@ -230,7 +248,8 @@ class CurvatureOperator(LinearOperator):
     float32, so use it in float64.
 
     Checked on first use: the vectorised and the double-backward product of one
-    random probe on the first batch must agree to :func:`path_tolerance`; with
+    random probe on the first batch must agree to :func:`path_tolerance` of
+    :attr:`internal_eps`; with
     ``backend="auto"`` a disagreement switches to double backward (the
     derivative of the gradient PyTorch trains with) with a warning, with
     ``"func"`` it raises.  The measured difference is :attr:`precision`.
@@ -280,6 +299,9 @@ class CurvatureOperator(LinearOperator):
         self._stochastic_checked = not self.train_mode
         self._paths_checked = backend not in ("auto", "func")
         self._precision = torch.finfo(dtype).eps
+        #: machine epsilon of the lowest precision the forward pass computes in (float32
+        #: internals of a float64 model, e.g. Hugging Face's RMSNorm, show here)
+        self.internal_eps = self._precision
         self.reduction, self.num_terms, self.loss = self._scan(
             kind, terms_rule, sum_loss, how, loss_terms is not None
         )
@@ -340,8 +362,15 @@ class CurvatureOperator(LinearOperator):
         rule: LossReduction | None = None
         with torch.no_grad(), self.evaluation_mode():
             for batch in self.source:
-                out = self.outputs(self.theta, batch.inputs)
-                loss = self.loss_of_outputs(out, batch.targets)
+                if rule is None:  # the first batch: which precision does the model run in?
+                    with _LowestPrecision() as lowest:
+                        out = self.outputs(self.theta, batch.inputs)
+                        loss = self.loss_of_outputs(out, batch.targets)
+                    self.internal_eps = max(torch.finfo(self.dtype).eps, lowest.eps)
+                    self._precision = self.internal_eps
+                else:
+                    out = self.outputs(self.theta, batch.inputs)
+                    loss = self.loss_of_outputs(out, batch.targets)
                 if rule is None:
                     if kind is None:
                         kind = detect_kind(self.loss_fn, out, batch.targets, loss)
@@ -441,9 +470,10 @@ class CurvatureOperator(LinearOperator):
     # --- products -------------------------------------------------------------------
     @property
     def precision(self) -> float:
-        """Relative accuracy of this operator's products: the larger of the dtype's
-        epsilon and the measured disagreement of two exact paths on one probe
-        (float32 internals of a float64 model show here).  Algorithms set their
+        """Relative accuracy of this operator's products: the largest of the dtype's
+        epsilon, the epsilon of the lowest precision the forward pass computes in
+        (:attr:`internal_eps`, seen on the first batch) and the measured
+        disagreement of two exact paths on one probe.  Algorithms set their
         tolerances from it."""
         if not self._paths_checked:
             with self.evaluation_mode():
@@ -485,12 +515,13 @@ class CurvatureOperator(LinearOperator):
         scale = max(float(single.norm()), float(block.norm()), 1e-300)
         diff = float((block - single).norm()) / scale
         self._precision = max(self._precision, diff)
-        if diff <= path_tolerance(self.dtype):
+        tol = path_tolerance(self.internal_eps)
+        if diff <= tol:
             return
         message = (
             f"{type(self).__name__}: the vectorised (torch.func) and the double-backward "
             f"products of one probe differ by {diff:.2e} relative (tolerance "
-            f"{path_tolerance(self.dtype):.1e}) on batch {batch.index}: some operation of "
+            f"{tol:.1e}) on batch {batch.index}: some operation of "
             "the model has a backward that is not the derivative of its forward (a custom "
             "autograd.Function, scale_grad_by_freq, a straight-through estimator, ...)"
         )

@@ -231,7 +231,8 @@ def asymmetry_tolerance(op: LinearOperator) -> float:
     Round-off of the products, scaled up from the operator's measured
     ``precision`` where it has one; a wrong product is far above it.
     """
-    return max(path_tolerance(op.dtype), 100 * float(getattr(op, "precision", 0.0)))
+    eps = float(getattr(op, "internal_eps", torch.finfo(op.dtype).eps))
+    return max(path_tolerance(eps), 100 * float(getattr(op, "precision", 0.0)))
 
 
 def _refuse_asymmetry(op: LinearOperator, asym: float) -> None:
