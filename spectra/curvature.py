@@ -141,6 +141,19 @@ def _embedding_with_constant_padding(module: nn.Embedding, indices: torch.Tensor
 
 
 @contextmanager
+def _no_attention_fastpath() -> Iterator[None]:
+    """Keep ``nn.MultiheadAttention``/``nn.TransformerEncoder`` off their fused inference
+    path (native MHA kernels, nested tensors), which has no derivatives and which
+    torch.func transforms do not stop them from taking; the setting is restored."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+@contextmanager
 def _constant_padding_rows(model: nn.Module) -> Iterator[None]:
     patched = [
         (m, m.__dict__.get("forward"))
@@ -343,6 +356,7 @@ class CurvatureOperator(LinearOperator):
         try:
             with ExitStack() as stack:
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+                stack.enter_context(_no_attention_fastpath())
                 stack.enter_context(_constant_padding_rows(self.model))
                 yield
         finally:
@@ -558,7 +572,7 @@ class CurvatureOperator(LinearOperator):
                 raise
             warnings.warn(
                 f"torch.func cannot trace this model ({type(exc).__name__}: {str(exc)[:120]}); "
-                "using the double-backward path instead",
+                "using the torch.autograd path instead",
                 stacklevel=4,
             )
             self.backend = "autograd"

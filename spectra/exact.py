@@ -369,6 +369,9 @@ def spectrum_of(
         name=name,
         info={
             "operator": type(op).__name__,
+            "reduction": op.reduction.kind,
+            "loss_terms": op.num_terms,
+            "precision": op.precision,
             "asymmetry": asym,
             "build_seconds": t1 - t0,
             "solve_seconds": t2 - t1,
