@@ -411,7 +411,9 @@ class CurvatureOperator(LinearOperator):
                     )
                 losses.append(float(loss) if count > 0 else 0.0)
                 terms.append(count)
-        assert rule is not None
+        if rule is None:  # an empty shard of distributed data: the other ranks hold the terms
+            rule = LossReduction(kind or "mean", how or "assumed (empty shard)", terms_rule,
+                                 sum_loss)
         local_terms = sum(terms) if rule.kind == "mean" else 1.0
         total_terms = float(self._sum_over_ranks(torch.tensor([local_terms], dtype=torch.float64))[0])
         if rule.kind == "mean":
@@ -514,7 +516,10 @@ class CurvatureOperator(LinearOperator):
     def _check_paths(self) -> None:
         """Compare the vectorised and the double-backward product on one probe."""
         self._paths_checked = True
-        batch = self._probe_batch(next(self.batches()))
+        first = next(self.batches(), None)
+        if first is None:
+            return  # an empty shard of distributed data
+        batch = self._probe_batch(first)
         gen = torch.Generator(device="cpu").manual_seed(1234)
         probe = torch.randn((self.shape[0], 1), generator=gen, dtype=torch.float64)
         probe = probe.to(dtype=self.dtype, device=self.device)
