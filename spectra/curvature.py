@@ -477,11 +477,40 @@ class CurvatureOperator(LinearOperator):
 
     def gradient(self) -> torch.Tensor:
         """The gradient (n,) of the loss over all data at the point, with the same weighting."""
+        return self.loss_and_gradient()[1]
+
+    def loss_and_gradient(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+        """The loss over all data and its gradient (n,) at ``theta`` (default: the point).
+
+        The same function the operator is the curvature of (same batches, weights,
+        mode and kernels), for algorithms that move away from the point (sharpness
+        by gradient ascent, perturbations); one forward and backward pass per batch.
+        """
+        if theta is None:
+            theta = self.theta
+        elif not (isinstance(theta, torch.Tensor) and theta.shape == self.theta.shape):
+            raise ValueError(f"theta must be a tensor of shape {tuple(self.theta.shape)}")
+        theta = theta.to(dtype=self.dtype, device=self.device)
         grad = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        value = torch.zeros((), dtype=torch.float64, device=self.device)
         with self.evaluation_mode():
             for batch in self.batches():
-                grad.add_(torch.func.grad(self.batch_loss)(self.theta, batch), alpha=batch.weight)
-        return self._sum_over_ranks(grad)
+                g, loss = torch.func.grad_and_value(self.batch_loss)(theta, batch)
+                grad.add_(g, alpha=batch.weight)
+                value += batch.weight * loss.detach().double()
+        self._sum_over_ranks(grad)
+        return float(self._sum_over_ranks(value.reshape(1))[0]), grad
+
+    def loss_at(self, theta: torch.Tensor) -> float:
+        """The loss over all data at ``theta`` (forward passes only)."""
+        if not (isinstance(theta, torch.Tensor) and theta.shape == self.theta.shape):
+            raise ValueError(f"theta must be a tensor of shape {tuple(self.theta.shape)}")
+        theta = theta.to(dtype=self.dtype, device=self.device)
+        value = torch.zeros(1, dtype=torch.float64, device=self.device)
+        with torch.no_grad(), self.evaluation_mode():
+            for batch in self.batches():
+                value += batch.weight * self.batch_loss(theta, batch).double()
+        return float(self._sum_over_ranks(value)[0])
 
     # --- products -------------------------------------------------------------------
     @property
