@@ -315,6 +315,8 @@ class CurvatureOperator(LinearOperator):
         #: machine epsilon of the lowest precision the forward pass computes in (float32
         #: internals of a float64 model, e.g. Hugging Face's RMSNorm, show here)
         self.internal_eps = self._precision
+        #: reduction: how the loss reduces; num_terms: T, the count a mean divides by
+        #: (1.0 for a sum); loss: the loss over all data at the point
         self.reduction, self.num_terms, self.loss = self._scan(
             kind, terms_rule, sum_loss, how, loss_terms is not None
         )
@@ -382,26 +384,11 @@ class CurvatureOperator(LinearOperator):
                         loss = self.loss_of_outputs(out, batch.targets)
                     self.internal_eps = max(torch.finfo(self.dtype).eps, lowest.eps)
                     self._precision = self.internal_eps
+                    rule = self._first_batch_rule(kind, how, terms_rule, sum_loss, out, batch,
+                                                  loss, terms_given)
                 else:
                     out = self.outputs(self.theta, batch.inputs)
                     loss = self.loss_of_outputs(out, batch.targets)
-                if rule is None:
-                    if kind is None:
-                        kind = detect_kind(self.loss_fn, out, batch.targets, loss)
-                        how = "detected"
-                    if kind is None:
-                        if self.source.num_batches > 1 or self.process_group is not None:
-                            raise ValueError(
-                                "cannot tell whether loss_fn averages or sums over the batch "
-                                "(its outputs or targets cannot be duplicated to test it), and "
-                                "with several batches the weighting depends on it: pass "
-                                "reduction='mean' or 'sum' (and loss_terms= for a mean over "
-                                "anything but samples)"
-                            )
-                        kind, how = "mean", "assumed (one batch)"
-                    rule = LossReduction(kind, how, terms_rule, sum_loss)
-                    if not terms_given:
-                        self._check_terms(rule, out, batch, loss)
                 self._check_ignored_labels(rule, batch)
                 count = rule.terms(out, batch.targets, batch.size)
                 if count > 0 and not torch.isfinite(loss):
@@ -414,9 +401,9 @@ class CurvatureOperator(LinearOperator):
         if rule is None:  # an empty shard of distributed data: the other ranks hold the terms
             rule = LossReduction(kind or "mean", how or "assumed (empty shard)", terms_rule,
                                  sum_loss)
-        local_terms = sum(terms) if rule.kind == "mean" else 1.0
-        total_terms = float(self._sum_over_ranks(torch.tensor([local_terms], dtype=torch.float64))[0])
         if rule.kind == "mean":
+            total_terms = float(self._sum_over_ranks(
+                torch.tensor([sum(terms)], dtype=torch.float64))[0])
             if total_terms <= 0:
                 raise ValueError(
                     "the loss counts no terms in the data (every target ignored?); there is "
@@ -424,11 +411,39 @@ class CurvatureOperator(LinearOperator):
                 )
             weights = [t / total_terms for t in terms]
         else:
-            weights = [1.0] * len(terms)
+            total_terms, weights = 1.0, [1.0] * len(terms)
         self.source.set_weights(weights, terms)
         loss = sum(w * v for w, v in zip(weights, losses, strict=True))
         loss = float(self._sum_over_ranks(torch.tensor([loss], dtype=torch.float64))[0])
         return rule, total_terms, loss
+
+    def _first_batch_rule(
+        self,
+        kind: str | None,
+        how: str,
+        terms_rule: LossTerms | None,
+        sum_loss: Callable[..., torch.Tensor] | None,
+        out: Any,
+        batch: Batch,
+        loss: torch.Tensor,
+        terms_given: bool,
+    ) -> LossReduction:
+        """The loss's reduction, detected on the first batch where the loss does not say."""
+        if kind is None:
+            kind, how = detect_kind(self.loss_fn, out, batch.targets, loss), "detected"
+        if kind is None:
+            if self.source.num_batches > 1 or self.process_group is not None:
+                raise ValueError(
+                    "cannot tell whether loss_fn averages or sums over the batch (its outputs "
+                    "or targets cannot be duplicated to test it), and with several batches the "
+                    "weighting depends on it: pass reduction='mean' or 'sum' (and loss_terms= "
+                    "for a mean over anything but samples)"
+                )
+            kind, how = "mean", "assumed (one batch)"
+        rule = LossReduction(kind, how, terms_rule, sum_loss)
+        if not terms_given:
+            self._check_terms(rule, out, batch, loss)
+        return rule
 
     def _check_terms(self, rule: LossReduction, out: Any, batch: Batch, loss: torch.Tensor) -> None:
         """Refuse term counts that cannot be right; cheap, on the first batch only."""
