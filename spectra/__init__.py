@@ -15,6 +15,8 @@ from .fisher_diagonal import (  # noqa: E402
     empirical_fisher_diagonal,
     fisher_diagonal_from_adam,
 )
+from .flatness_report import FlatnessReport, Measure, flatness  # noqa: E402
+from .flatness_table import FlatnessTable, compare_minima  # noqa: E402
 from .gauss_newton import GGNOperator, ggn_operator  # noqa: E402
 from .hessian import HessianOperator, hessian_operator  # noqa: E402
 from .hessian_diagonal import DiagonalEstimate, hessian_diagonal  # noqa: E402
@@ -25,6 +27,11 @@ from .spectrum import Spectrum  # noqa: E402
 from .trace import TraceEstimate, trace  # noqa: E402
 
 __all__ = [
+    "FlatnessReport",
+    "FlatnessTable",
+    "Measure",
+    "compare_minima",
+    "flatness",
     "DiagonalEstimate",
     "FisherDiagonal",
     "empirical_fisher_diagonal",

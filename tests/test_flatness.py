@@ -1,0 +1,133 @@
+"""spectra.flatness and spectra.compare_minima: measures against dense references,
+exact vs matrix-free agreement, persistence, and the table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import reference_hessian
+from torch import nn
+
+import spectra
+from spectra.flatness_table import split_data
+from spectra.flatness_report import FlatnessFileError, FlatnessReport
+
+F64 = torch.float64
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+
+
+def dataset(m: int = 60):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(m, 6, generator=g, dtype=F64), torch.randint(0, 3, (m,), generator=g)
+
+
+def test_exact_measures_match_the_dense_reference():
+    model, (X, y) = mlp(), dataset()
+    loss = nn.CrossEntropyLoss()
+    report = spectra.flatness(model, loss, (X, y), rhos=(), near_zero_tols=(1e-3,),
+                              gammas=(0.1,))
+    ev = np.linalg.eigvalsh(reference_hessian(model, loss, X, y).numpy())
+    assert report.info["method"] == "exact" and report.info["n_params"] == ev.size
+    assert report["top_eigenvalue"] == pytest.approx(ev[-1], rel=1e-10)
+    assert report["lambda_min"] == pytest.approx(ev[0], rel=1e-8, abs=1e-12)
+    assert report["trace"] == pytest.approx(ev.sum(), rel=1e-10)
+    assert report["negative_mass"] == pytest.approx(-ev[ev < 0].sum(), rel=1e-8, abs=1e-14)
+    assert report["near_zero_fraction@0.001"] == pytest.approx(np.mean(np.abs(ev) <= 1e-3))
+    f = float(loss(model(X), y))
+    kept = ev[ev > -0.1]
+    assert report["local_entropy@0.1"] == pytest.approx(
+        -f - 0.5 * np.log1p(kept / 0.1).sum(), rel=1e-10)
+    assert report["loss"] == pytest.approx(f, rel=1e-12)
+    np.testing.assert_allclose(report.measure("top_eigenvalue").details["top_k"],
+                               ev[::-1][:5], rtol=1e-10)
+
+
+def test_matrix_free_agrees_with_exact_within_its_error_bars():
+    model, (X, y) = mlp(), dataset()
+    loss = nn.CrossEntropyLoss()
+    common = dict(rhos=(), near_zero_tols=(1e-3,), gammas=(1.0,), progress=False)
+    exact = spectra.flatness(model, loss, (X, y), **common)
+    free = spectra.flatness(model, loss, (X, y), method="matrix-free", slq_probes=8,
+                            slq_steps=40, **common)
+    assert free.info["method"] == "matrix-free"
+    for key in ("top_eigenvalue", "lambda_min"):
+        m = free.measure(key)
+        assert m.method == "lanczos"
+        assert abs(m.value - exact[key]) <= m.error_bound + 1e-8 * abs(exact[key])
+    tr = free.measure("trace")
+    assert tr.method == "hutch++" and abs(tr.value - exact["trace"]) <= 4 * tr.stderr + 1e-9
+    # SLQ's measures are unbiased over probes (given enough steps): within their errors
+    for key in ("local_entropy@1", "near_zero_fraction@0.001", "negative_mass"):
+        m = free.measure(key)
+        assert m.method == "slq" and m.stderr is not None and m.details["probes"] == 8
+        assert abs(m.value - exact[key]) <= 4 * m.stderr + 1e-3 * abs(exact[key]), key
+
+
+def test_report_is_a_mapping_saves_atomically_and_loads(tmp_path):
+    model, data = mlp(), dataset()
+    report = spectra.flatness(model, nn.CrossEntropyLoss(), data, rhos=(), name="run")
+    assert set(report) >= {"loss", "top_eigenvalue", "trace", "lambda_min"}
+    assert dict(report)["trace"] == report["trace"]
+    with pytest.raises(KeyError, match="it has: loss"):
+        report["sharpest"]
+    assert "top_eigenvalue" in report.summary()
+    path = report.save(tmp_path / "r")
+    assert path.name == "r.json" and not list(tmp_path.glob("*.tmp*"))
+    back = FlatnessReport.load(path)
+    assert dict(back) == dict(report) and back.name == "run"
+    assert back.measure("top_eigenvalue") == report.measure("top_eigenvalue")
+    np.testing.assert_array_equal(back.spectrum.eigenvalues, report.spectrum.eigenvalues)
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"format": "something else"}))
+    for bad in ("bad.json", "other.json"):
+        with pytest.raises(FlatnessFileError, match="not a readable flatness report"):
+            FlatnessReport.load(tmp_path / bad)
+
+
+def test_bad_arguments_are_refused_before_any_work():
+    model, data = mlp(), dataset()
+    loss = nn.CrossEntropyLoss()
+    for kwargs, match in [({"method": "fast"}, "method"), ({"gammas": (0.0,)}, "gammas"),
+                          ({"rhos": (-1,)}, "rhos"), ({"sharpness": ("best",)}, "sharpness"),
+                          ({"top_k": 0}, "top_k"), ({"feature_layer": "nope"}, "0.weight")]:
+        with pytest.raises(ValueError, match=match):
+            spectra.flatness(model, loss, data, **kwargs)
+
+
+def test_compare_minima_table_from_models_and_state_dicts(tmp_path):
+    data = dataset(60)
+    a, b = mlp(0), mlp(1)
+    table = spectra.compare_minima({"a": a, "b": b.state_dict()}, nn.CrossEntropyLoss(), data,
+                                   factory=lambda: mlp(5), subsets=3, rhos=())
+    direct = spectra.flatness(b, nn.CrossEntropyLoss(), data, rhos=())
+    assert table.value("b", "top_eigenvalue") == pytest.approx(direct["top_eigenvalue"])
+    # the spread over disjoint subsets: the std of the measure on each third of the data
+    thirds = [spectra.flatness(a, nn.CrossEntropyLoss(), part, rhos=())["trace"]
+              for part in split_data(data, 3)]
+    assert table.spread("a", "trace") == pytest.approx(np.std(thirds, ddof=1), rel=1e-10)
+    md = table.to_markdown(["top_eigenvalue", "trace"])
+    assert md.count("\n| ") == 2 and "+/-" in md and "3 disjoint data subsets" in md
+    csv_text = table.to_csv(tmp_path / "t.csv")
+    assert (tmp_path / "t.csv").read_text() == csv_text and csv_text.startswith("name,")
+    fig = table.plot(["top_eigenvalue", "trace"])
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 3
+    with pytest.raises(ValueError, match="factory="):
+        spectra.compare_minima({"b": b.state_dict()}, nn.CrossEntropyLoss(), data)
+
+
+def test_split_data_is_disjoint_and_complete():
+    X, y = dataset(10)
+    parts = split_data(({"x": X, "scale": torch.ones(1, 6)}, y), 3)
+    assert [len(p[1]) for p in parts] == [3, 4, 3]
+    torch.testing.assert_close(torch.cat([p[0]["x"] for p in parts]), X)
+    assert all(p[0]["scale"].shape == (1, 6) for p in parts)
+    assert [len(p) for p in split_data([(X, y)] * 5, 2)] == [3, 2]
+    with pytest.raises(ValueError, match="subsets"):
+        split_data((X, y), 1)
