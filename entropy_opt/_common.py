@@ -1,8 +1,11 @@
-"""Helpers shared by every optimizer here: argument checks, gradient collection, noise."""
+"""Helpers shared by every optimizer here: argument checks, gradient collection, noise,
+state dicts that carry their optimizer's name and are checked on load."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+import numbers
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -11,10 +14,40 @@ from torch import Tensor
 Closure = Callable[[], Tensor]
 
 
+def _is_finite(value: Any) -> bool:
+    try:
+        return not isinstance(value, bool | str) and math.isfinite(value)
+    except (TypeError, ValueError, RuntimeError):  # not a number, or a tensor of several
+        return False
+
+
 def check_nonneg(name: str, value: float, hint: str = "") -> None:
-    """Raise ``ValueError`` unless ``value >= 0``."""
-    if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"{name} must be >= 0, got {value!r}{'; ' + hint if hint else ''}")
+    """Raise ``ValueError`` unless ``value`` is a finite number ``>= 0``.
+
+    Infinite or NaN hyper-parameters are refused: they never mean anything and
+    turn every weight into NaN at the first step.
+    """
+    if not (_is_finite(value) and value >= 0.0):
+        raise ValueError(
+            f"{name} must be >= 0 and finite, got {value!r}{'; ' + hint if hint else ''}"
+        )
+
+
+def check_finite_group(group: dict[str, Any], who: str) -> None:
+    """Raise ``ValueError`` naming the first non-finite number among ``group``'s entries.
+
+    Covers hyper-parameters this package does not know individually, e.g. those a
+    base optimizer of :class:`~entropy_opt.SAM` takes (``lr``, ``momentum``,
+    ``betas``), which ``torch.optim`` accepts as ``inf`` or ``nan``.
+    """
+    for key, value in group.items():
+        if key == "params":
+            continue
+        items = value if isinstance(value, tuple | list) else (value,)
+        for item in items:
+            numeric = isinstance(item, numbers.Real | Tensor) and not isinstance(item, bool)
+            if numeric and not _is_finite(item):
+                raise ValueError(f"{who}: hyper-parameter {key} must be finite, got {value!r}")
 
 
 def check_fraction(name: str, value: float, hint: str = "") -> None:
@@ -58,20 +91,102 @@ def params_with_grad(group: dict, who: str) -> list[Tensor]:
     return out
 
 
-class GeneratorStateMixin:
-    """``state_dict`` carries the optimizer's private ``generator`` (if any), so a resumed
-    run draws the same noise as an uninterrupted one.  Mix in before ``Optimizer``."""
+#: Key of a state dict under which the optimizers here record their class name.
+OPTIMIZER_KEY = "optimizer"
+
+
+def _source_name(state_dict: dict[str, Any], group_keys: set[str]) -> str:
+    """Which optimizer a state dict comes from: its recorded name, else the ``torch.optim``
+    classes whose param groups have exactly its keys (a fresh instance of each is built
+    on a dummy parameter, only on this error path)."""
+    if OPTIMIZER_KEY in state_dict:
+        return str(state_dict[OPTIMIZER_KEY])
+    names = []
+    for name in sorted(dir(torch.optim)):
+        cls = getattr(torch.optim, name)
+        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+            try:
+                keys = set(cls([torch.zeros(1, requires_grad=True)]).defaults)
+            except Exception:  # noqa: BLE001 - the base class, or needs arguments
+                continue
+            if keys == group_keys:
+                names.append(name)
+    return "/".join(names) if names else "another optimizer"
+
+
+def check_state_dict(
+    opt: torch.optim.Optimizer,
+    state_dict: dict[str, Any],
+    state_keys: Collection[str] | None = None,
+    extra_state: Collection[str] = (),
+) -> None:
+    """Refuse, before anything is loaded, a state dict ``opt`` could not step with.
+
+    ``torch.optim`` replaces the param groups by the saved ones and keeps the saved
+    per-parameter state, so a state dict of another optimizer loads without complaint
+    and the next step dies with ``KeyError``.  Here every saved group must hold every
+    hyper-parameter of ``opt.defaults`` (extra keys, e.g. a scheduler's
+    ``initial_lr``, are fine), a recorded optimizer name must be ``opt``'s, and, when
+    ``state_keys`` is given, per-parameter state may only hold those keys (and
+    non-parameter state only ``extra_state``).  The error names both optimizers.
+    """
+    who = type(opt).__name__
+    groups = state_dict.get("param_groups")
+    state = state_dict.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict) or not all(
+            isinstance(g, dict) for g in groups):
+        raise ValueError(f"{who}.load_state_dict: not an optimizer state dict (it needs 'state' "
+                         f"and 'param_groups', got keys {sorted(state_dict)})")
+    problems = []
+    recorded = state_dict.get(OPTIMIZER_KEY)
+    if recorded is not None and recorded != who:
+        problems.append(f"it records optimizer {recorded!r}")
+    for i, group in enumerate(groups):
+        missing = sorted(set(opt.defaults) - set(group))
+        if missing:
+            problems.append(f"param group {i} lacks {who}'s hyper-parameters {missing}")
+            break
+    if state_keys is not None:
+        for key, entry in state.items():
+            allowed = state_keys if isinstance(key, int) else ()
+            if not isinstance(key, int) and key in extra_state:
+                continue
+            unknown = sorted(set(entry) - set(allowed)) if isinstance(entry, dict) else [key]
+            if unknown:
+                problems.append(f"state {key!r} holds {unknown}, which {who} does not keep")
+                break
+    if problems:
+        group_keys = set(groups[0]) - {"params"} if groups else set()
+        source = _source_name(state_dict, group_keys)
+        raise ValueError(
+            f"{who}.load_state_dict: this state dict comes from {source}, not {who} ("
+            + "; ".join(problems) + f"). Load it into the optimizer that wrote it, or start "
+            f"{who} afresh"
+        )
+
+
+class StateDictMixin:
+    """State dicts that record the optimizer's class and carry its private ``generator``
+    (if any, so a resumed run draws the same noise as an uninterrupted one); loading
+    refuses another optimizer's (:func:`check_state_dict`) before touching anything.
+    Subclasses list their per-parameter state keys in ``STATE_KEYS`` and their
+    non-parameter state entries in ``EXTRA_STATE``.  Mix in before ``Optimizer``."""
 
     generator: torch.Generator | None
+    STATE_KEYS: frozenset[str] = frozenset()
+    EXTRA_STATE: frozenset[str] = frozenset()
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()  # type: ignore[misc]
+        sd[OPTIMIZER_KEY] = type(self).__name__
         if self.generator is not None:
             sd["generator_state"] = self.generator.get_state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_dict(self, state_dict, self.STATE_KEYS, self.EXTRA_STATE)  # type: ignore[arg-type]
         state_dict = dict(state_dict)
+        state_dict.pop(OPTIMIZER_KEY, None)
         gen_state = state_dict.pop("generator_state", None)
         super().load_state_dict(state_dict)  # type: ignore[misc]
         if gen_state is not None and self.generator is not None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._common import check_nonneg
 from .local_entropy import AUTHORS_CODE, LocalEntropyOptimizer, local_entropy_defaults
 
 
@@ -84,6 +85,8 @@ class EntropyAdam(LocalEntropyOptimizer):
         """An instance with the authors' code choices (:data:`AUTHORS_CODE`); kwargs override."""
         return cls(params, **{**AUTHORS_CODE, **kwargs})
 
+    STATE_KEYS = LocalEntropyOptimizer.STATE_KEYS | {"step", "exp_avg", "exp_avg_sq"}
+
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         _check_adam(group["betas"], group["eps"])
@@ -125,5 +128,4 @@ class EntropyAdam(LocalEntropyOptimizer):
 def _check_adam(betas: tuple[float, float], eps: float) -> None:
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if not eps >= 0.0:
-        raise ValueError(f"eps (Adam's denominator guard) must be >= 0, got {eps!r}")
+    check_nonneg("eps", eps, "eps is Adam's denominator guard")

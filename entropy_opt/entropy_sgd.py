@@ -118,6 +118,8 @@ class EntropySGD(LocalEntropyOptimizer):
         opts.update(kwargs)
         return cls(params, **opts)
 
+    STATE_KEYS = LocalEntropyOptimizer.STATE_KEYS | {"momentum_buffer"}
+
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         check_momentum(group["momentum"], group["nesterov"])

@@ -51,8 +51,8 @@ from torch.optim import Optimizer
 
 from ._common import (
     Closure,
-    GeneratorStateMixin,
     NoiseBuffers,
+    StateDictMixin,
     check_fraction,
     check_momentum,
     check_nonneg,
@@ -211,7 +211,7 @@ def _copy(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
             d.copy_(s)
 
 
-class LocalEntropyOptimizer(GeneratorStateMixin, Optimizer):
+class LocalEntropyOptimizer(StateDictMixin, Optimizer):
     """Base class: runs the SGLD inner loop, then calls :meth:`_outer_update`.
 
     Subclasses pass their full ``defaults`` (built with :func:`local_entropy_defaults` plus
@@ -223,7 +223,14 @@ class LocalEntropyOptimizer(GeneratorStateMixin, Optimizer):
     ``angle_deg`` between ``x - mu`` and the plain gradient at x (Sec. 5.4 monitors it).
     Diagnostics are 0-dim tensors so that recording them never forces a device sync.
     ``self.state["global"]["step"]`` counts completed outer steps (the scoping ``t``).
+
+    Hyper-parameters must be finite (checked at construction and at every step), and
+    ``load_state_dict`` refuses another optimizer's state dict; subclasses add their
+    outer rule's per-parameter state keys to ``STATE_KEYS``.
     """
+
+    STATE_KEYS = frozenset({"anchor", "mu", "sgld_buffer"})
+    EXTRA_STATE = frozenset({"global", "diagnostics"})
 
     def __init__(
         self,

@@ -24,12 +24,15 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from ._common import check_finite_group
+
 
 class ReferenceEntropySGD(Optimizer):
     """Per-parameter Algorithm 1; ``config`` keys: lr, momentum, nesterov, weight_decay, L,
     sgld_lr, noise, gamma, scoping_rate, alpha, sgld_momentum, sgld_nesterov (paper mode)."""
 
     def __init__(self, params: Any, config: dict[str, Any], authors: bool = False) -> None:
+        check_finite_group(config, "ReferenceEntropySGD")
         super().__init__(params, dict(lr=config["lr"]))
         self.config = dict(config)
         self.authors = authors

@@ -8,7 +8,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._common import Closure, check_nonneg, params_with_grad, require_closure
+from ._common import (
+    OPTIMIZER_KEY,
+    Closure,
+    check_finite_group,
+    check_nonneg,
+    check_state_dict,
+    params_with_grad,
+    require_closure,
+)
 
 
 class SAM(Optimizer):
@@ -26,12 +34,18 @@ class SAM(Optimizer):
 
     ``step(closure)`` calls the closure twice (at ``x``, then at the perturbed point) and
     returns the loss at ``x``.
+
+    Every numeric hyper-parameter, the base optimizer's included, must be finite (checked
+    here and at every step: ``torch.optim`` itself accepts ``lr=inf``).  ``state_dict``
+    records "SAM"; ``load_state_dict`` refuses a state dict that lacks any hyper-parameter
+    of this SAM and its base optimizer (another optimizer's) before loading anything.
     """
 
     def __init__(
         self, params: Any, base_optimizer: type[Optimizer], rho: float = 0.05, **kwargs: Any
     ) -> None:
         check_nonneg("rho", rho, "rho is the radius of the sharpness neighbourhood")
+        check_finite_group(kwargs, "SAM")
         super().__init__(params, dict(rho=rho, **kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -41,6 +55,9 @@ class SAM(Optimizer):
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         """Ascent step, gradient at the perturbed point, base step from the original point."""
         closure = require_closure(closure, "SAM")
+        for group in self.param_groups:
+            check_nonneg("rho", group["rho"])
+            check_finite_group(group, "SAM")
         loss = closure()
         active = [params_with_grad(g, "SAM") for g in self.param_groups]
         flat = [p for ps in active for p in ps]
@@ -50,7 +67,6 @@ class SAM(Optimizer):
         gnorm = torch.linalg.vector_norm(torch.stack(norms))
         perturbations = []
         for group, params in zip(self.param_groups, active, strict=True):
-            check_nonneg("rho", group["rho"])
             e = torch._foreach_mul([p.grad for p in params], group["rho"] / (gnorm + 1e-12))
             torch._foreach_add_(params, e)
             perturbations.append(e)
@@ -61,8 +77,10 @@ class SAM(Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return self.base_optimizer.state_dict()
+        return {**self.base_optimizer.state_dict(), OPTIMIZER_KEY: "SAM"}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_dict(self, state_dict)
+        state_dict = {k: v for k, v in state_dict.items() if k != OPTIMIZER_KEY}
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._common import Closure, GeneratorStateMixin, NoiseBuffers, check_nonneg, params_with_grad
+from ._common import Closure, NoiseBuffers, StateDictMixin, check_nonneg, params_with_grad
 
 
-class SGLD(GeneratorStateMixin, Optimizer):
+class SGLD(StateDictMixin, Optimizer):
     """SGLD with the polynomially decaying step ``eta_t = lr / (1 + t)^b`` (App. C.1).
 
     Update, in the convention of Algorithm 1 line 6 (eq. 12's factor 1/2 is absorbed in
@@ -31,7 +31,12 @@ class SGLD(GeneratorStateMixin, Optimizer):
         weight_decay: L2 coefficient (a Gaussian prior; default 0).
         foreach: use ``torch._foreach_*`` kernels (default None = yes).
         generator: ``torch.Generator`` for the noise (default: the global RNG).
+
+    Every hyper-parameter must be a finite number >= 0 (checked here and at every step).
+    ``load_state_dict`` refuses another optimizer's state dict.
     """
+
+    STATE_KEYS = frozenset({"step"})
 
     def __init__(
         self,

@@ -32,7 +32,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, _same, atomic_write_bytes, operator_fingerprint
+from .checkpoint import (
+    CheckpointError,
+    _same,
+    atomic_write_bytes,
+    check_writable,
+    operator_fingerprint,
+)
 from .linear_operator import LinearOperator
 
 __all__ = [
@@ -42,6 +48,7 @@ __all__ = [
     "progress_bar",
     "breakdown_tolerance",
     "KrylovCheckpoint",
+    "checkpoint_file",
     "operator_probe",
 ]
 
@@ -218,6 +225,19 @@ def _probe_matches(stored: np.ndarray, probe: np.ndarray, dtype: torch.dtype, n:
     return bool(np.all(np.abs(stored - probe) <= bound))
 
 
+def checkpoint_file(path: str | os.PathLike, kind: str, every: float) -> Path:
+    """The checkpoint file for ``path`` (``<path>/<kind>.ckpt`` for an existing folder),
+    checked writable, and ``every`` checked; raises before any product is spent."""
+    if not (isinstance(every, int | float) and every >= 0 and math.isfinite(every)):
+        raise ValueError(f"checkpoint_every must be a finite number >= 0, got {every!r}")
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"checkpoint must be a path (str or os.PathLike), got {path!r}")
+    path = Path(path)
+    path = path / f"{kind}.ckpt" if path.is_dir() else path
+    check_writable(path)
+    return path
+
+
 class KrylovCheckpoint:
     """One file holding the whole state of a Lanczos or SLQ run, replaced atomically.
 
@@ -240,10 +260,7 @@ class KrylovCheckpoint:
         args: dict[str, Any],
         every: float,
     ) -> None:
-        if not (isinstance(every, int | float) and every >= 0 and math.isfinite(every)):
-            raise ValueError(f"checkpoint_every must be a finite number >= 0, got {every!r}")
-        path = Path(path)
-        self.path = path / f"{kind}.ckpt" if path.is_dir() else path
+        self.path = checkpoint_file(path, kind, every)
         self.every = float(every)
         self.kind = kind
         self.dtype = op.dtype

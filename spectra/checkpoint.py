@@ -23,6 +23,7 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "check_writable",
     "atomic_write_bytes",
     "atomic_write_json",
     "operator_fingerprint",
@@ -31,7 +32,39 @@ __all__ = [
 
 
 class CheckpointError(ValueError):
-    """A checkpoint exists but cannot be used for this computation."""
+    """A checkpoint cannot be used for this computation: it belongs to another one, is
+    damaged, or its path cannot be written."""
+
+
+def check_writable(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless a file can be created at ``path``, now.
+
+    Run before the first product of a checkpointed computation, so that a typo in
+    the path costs nothing rather than the whole run.  The parent folder must exist
+    (it is not created: a missing folder is more often a mistake than a wish) and
+    accept a new file, which is tested by creating and removing an empty one, the
+    only test that also holds for root, read-only mounts and ACLs.
+    """
+    parent = path.parent
+    why = None
+    if path.is_dir():
+        why = "it is a folder"
+    elif not parent.exists():
+        why = f"the folder {parent} does not exist; create it first"
+    elif not parent.is_dir():
+        why = f"{parent} is a file, not a folder"
+    else:
+        try:
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as exc:
+            why = f"no file can be created in {parent} ({exc.strerror or exc})"
+    if why is not None:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be written: {why}. Pass a path in a writable, "
+            "existing folder (or checkpoint=None)"
+        )
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from ._checks import check_int, check_seed
 from ._krylov import (
     KrylovCheckpoint,
     breakdown_tolerance,
@@ -72,6 +73,8 @@ def spectral_density(
             few tens of steps; 100 steps resolve a neural network's
             bulk-plus-outliers shape.
         seed: seeds the probes and the symmetry check; deterministic given it.
+            An int in ``[0, 2**63)``; None is refused (pick one, so the run can be
+            repeated).
         n: size, for a callable ``op``.
         check_symmetry: probe symmetry once (2 matvecs); raise ``ValueError``.
         max_basis_bytes: the reorthogonalisation basis holds ``num_probes x
@@ -93,7 +96,9 @@ def spectral_density(
             Size: up to ``num_probes x (num_steps + 1) x n`` numbers (the
             bases), e.g. 0.4 GB for 10 probes x 100 steps at n = 5e4 in float64;
             each save writes it whole.  Costs 1 extra matvec (not counted).
-            With a distributed operator, give each rank its own path.
+            With a distributed operator, give each rank its own path.  The
+            folder must exist and be writable; that is checked before the first
+            product.
         checkpoint_every: seconds between saves (default 300; 0: every step).
 
     Returns:
@@ -105,19 +110,23 @@ def spectral_density(
         its rule ``sigma_rule``: :func:`~spectra.spectrum.default_sigma`, 1/200
         of the node range, used by ``.density(grid)`` when no sigma is passed.
 
+    Counts (``num_probes``, ``num_steps``, ``max_basis_bytes``) may be integral
+    floats (``5.0``); other non-integers are refused.
+
     Cost: ``num_probes x num_steps`` matvecs (+2 for the symmetry check).
     """
     op = as_linear_operator(op, n=n)
     size = op.shape[0]
-    _check_positive_int("num_probes", num_probes)
-    _check_positive_int("num_steps", num_steps)
-    steps = min(int(num_steps), size)
-    _check_memory(num_probes, steps, size, op.dtype, max_basis_bytes)
+    num_probes = check_int("num_probes", num_probes)
+    num_steps = check_int("num_steps", num_steps)
+    seed = check_seed(seed)
+    steps = min(num_steps, size)
+    _check_memory(num_probes, steps, size, op.dtype, check_int("max_basis_bytes", max_basis_bytes))
     ckpt, saved = None, None
     if checkpoint is not None:
-        args = {"num_probes": int(num_probes), "num_steps": int(steps), "seed": int(seed),
+        args = {"num_probes": num_probes, "num_steps": steps, "seed": seed,
                 "check_symmetry": bool(check_symmetry)}
-        ckpt = KrylovCheckpoint(checkpoint, "slq", op, args, checkpoint_every)
+        ckpt = KrylovCheckpoint(checkpoint, "slq", op, args, checkpoint_every)  # checks first
         saved = ckpt.load()
     start = op.matvecs
     if check_symmetry and saved is None:
@@ -130,10 +139,10 @@ def spectral_density(
     sigma = default_sigma(nodes)
     info = {
         "method": "slq",
-        "num_probes": int(num_probes),
-        "num_steps": int(num_steps),
+        "num_probes": num_probes,
+        "num_steps": num_steps,
         "steps_per_probe": [int(x) for x in lengths],
-        "seed": int(seed),
+        "seed": seed,
         "matvecs": int(op.matvecs - start),
         "sigma": float(sigma),
         "sigma_rule": SIGMA_RULE,
@@ -143,11 +152,6 @@ def spectral_density(
     return Spectrum.from_quadrature(
         nodes, weights, size, name=name, dtype=str(op.dtype).replace("torch.", ""), info=info
     )
-
-
-def _check_positive_int(label: str, value: Any) -> None:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{label} must be a positive integer, got {value!r}")
 
 
 def _check_memory(

@@ -27,15 +27,23 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from ._checks import check_int, check_real, check_seed
 from ._krylov import (
     KrylovCheckpoint,
     breakdown_tolerance,
+    checkpoint_file,
     lanczos_step,
     progress_bar,
     random_orthogonal,
 )
 from .checkpoint import CheckpointError
-from .linear_operator import LinearOperator, as_linear_operator, check_symmetric
+from .linear_operator import (
+    DenseOperator,
+    LinearOperator,
+    as_linear_operator,
+    check_symmetric,
+    operator_precision,
+)
 
 __all__ = ["lanczos", "LanczosResult", "ConvergenceWarning"]
 
@@ -53,6 +61,15 @@ _WHICH = {
 #: Operators of at most this size are solved densely (n matvecs + ``eigh``).
 DENSE_THRESHOLD = 200
 
+#: ``tol=None`` gives ``max(DEFAULT_TOL, TOL_OVER_FLOOR x floor)``, where ``floor`` is
+#: the rounding floor of the residuals (see :func:`lanczos`): 1e-6 wherever the
+#: arithmetic allows it (float64), else 10x what the products can resolve (float32).
+DEFAULT_TOL = 1e-6
+TOL_OVER_FLOOR = 10.0
+#: Smallest ``tol / floor`` accepted, and the multiple of the floor at which a pair
+#: whose relative tolerance is out of reach (an eigenvalue near zero) is converged.
+MIN_TOL_OVER_FLOOR = 2.0
+
 
 class ConvergenceWarning(RuntimeWarning):
     """Not all requested eigenpairs reached the tolerance within the matvec budget."""
@@ -69,12 +86,13 @@ class LanczosResult:
             None when ``return_eigenvectors=False``.
         residuals: (k,) float64, ``||A v - theta v||``; bounds ``|theta - lambda|``
             for some eigenvalue ``lambda`` of the operator.
-        converged: (k,) bool, ``residual <= tol * max(|theta|, sqrt(eps) ||A||)``.
+        converged: (k,) bool: the residual reached ``tol`` (see :func:`lanczos`).
         matvecs: operator applications used (including the 2 of the symmetry
             check and, for dense solves, the n of assembling the matrix).
         restarts: number of thick restarts.
         which: the normalised selection ("LA", "SA", "LM" or "BE").
         method: "krylov" or "dense".
+        tol: the relative tolerance used (``tol=None`` resolved by the default rule).
     """
 
     eigenvalues: torch.Tensor
@@ -85,6 +103,7 @@ class LanczosResult:
     restarts: int
     which: str
     method: str = "krylov"
+    tol: float = math.nan
 
     @property
     def all_converged(self) -> bool:
@@ -98,8 +117,8 @@ class LanczosResult:
             f"LanczosResult(which={self.which!r}, eigenvalues=[{ev}], "
             f"max_residual={float(self.residuals.max()):.2e}, "
             f"converged={int(self.converged.sum())}/{self.converged.numel()}, "
-            f"matvecs={self.matvecs}, restarts={self.restarts}, method={self.method!r}, "
-            f"eigenvectors={vec})"
+            f"tol={self.tol:.1e}, matvecs={self.matvecs}, restarts={self.restarts}, "
+            f"method={self.method!r}, eigenvectors={vec})"
         )
 
 
@@ -107,7 +126,7 @@ def lanczos(
     op: Any,
     k: int,
     which: str = "LA",
-    tol: float = 1e-6,
+    tol: float | None = None,
     max_matvecs: int | None = None,
     seed: int = 0,
     *,
@@ -132,16 +151,29 @@ def lanczos(
         which: "LA"/"largest" (default: the top eigenvalues), "SA"/"smallest",
             "LM"/"magnitude", or "BE"/"both" (k // 2 from the bottom, the rest
             from the top, as in ARPACK).
-        tol: relative residual tolerance, > 0: a pair is converged when
-            ``||A v - theta v|| <= tol * max(|theta|, sqrt(eps) ||A||_est)``; the
-            floor lets eigenvalues that are zero to working precision converge.
-            Tolerances below ~10 sqrt(n) eps(dtype) cannot be reached.
+        tol: relative residual tolerance, 0 < tol < 1: a pair is converged when
+            ``||A v - theta v|| <= max(tol max(|theta|, sqrt(eps) ||A||_est),
+            2 floor ||A||_est)``.  ``floor`` is the rounding floor every residual
+            carries: ``precision + sqrt(ncv) eps`` (the error of one product plus
+            the basis's loss of orthogonality; ``eps`` of the operator's dtype,
+            ``precision`` the operator's declared relative accuracy, or
+            ``sqrt(n) eps`` for an operator that declares none).  Its term lets eigenvalues too small for a
+            relative tolerance to be attainable (near zero) converge once their
+            residual is at the floor: they are then known to an absolute
+            ``residual``, as well as the arithmetic allows.  Default (None):
+            ``max(1e-6, 10 floor)``, i.e. 1e-6 in float64 and ~10x what the
+            products resolve in float32 (e.g. 7e-6 for a float32 MLP Hessian of
+            precision 1.4e-7; 7e-5 for a float32 matrix of n = 3000 that declares
+            none): an unreachable default would report a right answer as
+            unconverged.  A tol below ``2 floor``
+            cannot be reached and raises ``ValueError``.
         max_matvecs: budget of operator applications, all included (default
             ``max(100 k, 1000)``).  When it runs out the result is returned with
             ``converged`` False for the unfinished pairs and a
             :class:`ConvergenceWarning`.
         seed: seeds the start vector, the symmetry probe and any restart vector
-            after a breakdown; the result is deterministic given it.
+            after a breakdown; the result is deterministic given it.  An int in
+            ``[0, 2**63)``; None is refused (pick one, so the run can be repeated).
         n: size, for a callable ``op``.
         v0: start vector (n,) in the operator's dtype and device (default random
             normal).
@@ -172,7 +204,9 @@ def lanczos(
             0.2 GB for n = 1e6, ncv = 20 in float32.  Costs 1 extra matvec (the
             probe, not counted in ``matvecs``).  Ignored by the dense path.
             With a distributed operator every rank holds (and writes) the
-            same state: give each rank its own path.
+            same state: give each rank its own path.  The folder must exist and
+            be writable; that is checked before the first product (also for the
+            dense path, which does not write).
         checkpoint_every: seconds between saves (default 300; 0 saves at every
             step).
 
@@ -192,24 +226,35 @@ def lanczos(
     op = as_linear_operator(op, n=n)
     size = op.shape[0]
     which_n = _check_which(which)
-    _check_k(k, size)
-    if not (isinstance(tol, int | float) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    k = _check_k(k, size)
+    seed = check_seed(seed)
+    if tol is not None:
+        tol = check_real("tol", tol)
+        if not 0 < tol < 1:
+            raise ValueError(
+                f"tol must satisfy 0 < tol < 1, got {tol!r}: it is a relative residual "
+                "tolerance (tol=1 would accept eigenvalues off by 100%); typical values are "
+                "1e-8 to 1e-3, or tol=None for the default of the operator's precision"
+            )
     m = _basis_size(ncv, k, size)
     if max_matvecs is None:
         max_matvecs = max(100 * k, 1000)
+    max_matvecs = check_int("max_matvecs", max_matvecs)
     if max_matvecs < k + 3:
         raise ValueError(f"max_matvecs={max_matvecs} is too small for k={k}; need >= k + 3")
     if v0 is not None:
         v0 = _check_v0(v0, op)
+    if checkpoint is not None:
+        checkpoint = checkpoint_file(checkpoint, "lanczos", checkpoint_every)
 
     if dense is None:
         dense = size <= max(DENSE_THRESHOLD, 2 * m) or k >= size
+    acc = _accuracy(op, tol, m, dense)
     ckpt, saved = None, None
     if checkpoint is not None and not dense:
         args = {
-            "k": int(k), "which": which_n, "tol": float(tol), "seed": int(seed), "ncv": int(m),
-            "max_matvecs": int(max_matvecs), "check_symmetry": bool(check_symmetry),
+            "k": k, "which": which_n, "tol": acc.tol, "seed": seed, "ncv": int(m),
+            "max_matvecs": max_matvecs, "check_symmetry": bool(check_symmetry),
             "v0_sha256": None if v0 is None else _sha256(v0),
         }
         ckpt = KrylovCheckpoint(checkpoint, "lanczos", op, args, checkpoint_every)
@@ -218,10 +263,10 @@ def lanczos(
     if check_symmetry and saved is None:
         check_symmetric(op, seed=seed)
     if dense:
-        return _dense(op, k, which_n, tol, start, return_eigenvectors)
+        return _dense(op, k, which_n, acc, start, return_eigenvectors)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     return _thick_restart(
-        op, k, which_n, tol, max_matvecs, gen, v0, m, start, return_eigenvectors, progress,
+        op, k, which_n, acc, max_matvecs, gen, v0, m, start, return_eigenvectors, progress,
         ckpt, saved,
     )
 
@@ -235,18 +280,72 @@ def _check_which(which: str) -> str:
     return _WHICH[which]
 
 
-def _check_k(k: Any, size: int) -> None:
-    if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+def _check_k(k: Any, size: int) -> int:
+    k = check_int("k", k)
     if k > size:
         raise ValueError(f"k={k} eigenpairs requested but the operator has size n={size}")
+    return k
 
 
 def _basis_size(ncv: int | None, k: int, size: int) -> int:
-    m = max(2 * k + 10, 20) if ncv is None else int(ncv)
+    m = max(2 * k + 10, 20) if ncv is None else check_int("ncv", ncv)
     if ncv is not None and m <= k:
         raise ValueError(f"ncv={ncv} must exceed k={k}")
     return max(min(m, size - 1), 1)
+
+
+@dataclass(frozen=True)
+class _Accuracy:
+    """The tolerance of a run and the rounding floor of its residuals (relative to ||A||)."""
+
+    tol: float
+    eps: float  # of the operator's dtype
+    floor: float
+
+    def converged(self, theta: np.ndarray, res: np.ndarray, anorm: float) -> np.ndarray:
+        relative = self.tol * np.maximum(np.abs(theta), math.sqrt(self.eps) * anorm)
+        return res <= np.maximum(relative, MIN_TOL_OVER_FLOOR * self.floor * anorm)
+
+    def advice(self, dtype: torch.dtype) -> str:
+        """What to change when pairs do not converge."""
+        text = (f"raise max_matvecs or ncv, or loosen tol; the residuals cannot fall below "
+                f"~{self.floor:.1e} x ||A|| in {dtype}")
+        if dtype != torch.float64:
+            text += " (for more accuracy, build the operator in float64: dtype=torch.float64)"
+        return text
+
+
+def _accuracy(op: LinearOperator, tol: float | None, m: int, dense: bool) -> _Accuracy:
+    """Resolve ``tol`` against the rounding floor of the path taken (see :func:`lanczos`).
+
+    Krylov path: one product is accurate to the declared ``precision`` (else to
+    ``sqrt(n) eps``, the rounding of an n-term sum) relative to ||A||, and the basis
+    is orthonormal to ``sqrt(ncv) eps``.  Dense path: ``eigh`` in float64 is backward
+    stable to ``n eps64``, and the assembled matrix carries the products' error,
+    except for a stored matrix, whose identity-column products are exact.
+    """
+    size = op.shape[0]
+    eps = torch.finfo(op.dtype).eps
+    declared = operator_precision(op)
+    product = math.sqrt(size) * eps if declared is None else declared
+    if dense:
+        exact = isinstance(op, DenseOperator) or declared is None
+        floor = size * torch.finfo(torch.float64).eps + (0.0 if exact else product)
+    else:
+        floor = product + math.sqrt(m) * eps
+    default = max(DEFAULT_TOL, TOL_OVER_FLOOR * floor)
+    if tol is None:
+        tol = default
+    elif tol < MIN_TOL_OVER_FLOOR * floor:
+        where = f"n={size}" + (f", precision={declared:.1e}" if declared else "")
+        raise ValueError(
+            f"tol={tol:g} cannot be reached: {op.dtype} products of this operator ({where}) "
+            f"leave residuals of ~{floor:.1e} x ||A||; use tol >= "
+            f"{MIN_TOL_OVER_FLOOR * floor:.1e} (or tol=None, the default: {default:.1e})"
+            + ("" if op.dtype == torch.float64 else
+               ", or build the operator in float64 (dtype=torch.float64) for more accuracy")
+        )
+    return _Accuracy(tol=float(tol), eps=eps, floor=floor)
 
 
 def _check_v0(v0: Any, op: LinearOperator) -> torch.Tensor:
@@ -284,7 +383,7 @@ def _select(theta: np.ndarray, count: int, which: str) -> np.ndarray:
 
 
 def _dense(
-    op: LinearOperator, k: int, which: str, tol: float, start: int, vectors: bool
+    op: LinearOperator, k: int, which: str, acc: _Accuracy, start: int, vectors: bool
 ) -> LanczosResult:
     """Assemble the matrix and use ``torch.linalg.eigh`` in float64."""
     A = op.to_dense().to(torch.float64)
@@ -296,10 +395,11 @@ def _dense(
     th = theta_t[torch.as_tensor(idx, device=theta_t.device)]
     res = torch.linalg.vector_norm(A @ V - V * th, dim=0).cpu()
     anorm = float(np.abs(theta).max()) if theta.size else 0.0
-    # backward error of eigh: O(n eps ||A||); added so the bound is honest
-    res = res + A.shape[0] * torch.finfo(torch.float64).eps * anorm
+    # backward error of eigh, O(n eps ||A||), and any declared error of the products:
+    # added so the bound is honest
+    res = res + acc.floor * anorm
     thn = th.cpu().numpy()
-    conv = _converged(thn, res.numpy(), tol, anorm, op.dtype)
+    conv = acc.converged(thn, res.numpy(), anorm)
     return LanczosResult(
         eigenvalues=th.cpu().clone(),
         eigenvectors=V.to(op.dtype) if vectors else None,
@@ -309,14 +409,8 @@ def _dense(
         restarts=0,
         which=which,
         method="dense",
+        tol=acc.tol,
     )
-
-
-def _converged(
-    theta: np.ndarray, res: np.ndarray, tol: float, anorm: float, dtype: torch.dtype
-) -> np.ndarray:
-    floor = math.sqrt(torch.finfo(dtype).eps) * anorm
-    return res <= tol * np.maximum(np.abs(theta), floor)
 
 
 # --- Krylov path -------------------------------------------------------------------
@@ -339,7 +433,7 @@ def _thick_restart(
     op: LinearOperator,
     k: int,
     which: str,
-    tol: float,
+    acc: _Accuracy,
     max_matvecs: int,
     gen: torch.Generator,
     v0: torch.Tensor | None,
@@ -378,7 +472,7 @@ def _thick_restart(
                 _expand(op, st, gen, op.matvecs - start)
                 bar.update(1)
                 if st.j >= k and st.fresh >= k:
-                    _, _, _, conv, idx = _ritz(st, k, which, tol, op.dtype)
+                    _, _, _, conv, idx = _ritz(st, k, which, acc)
                     nconv = int(conv[idx].sum())
                     bar.set_postfix(converged=f"{nconv}/{k}")
                     if nconv == k:
@@ -391,11 +485,11 @@ def _thick_restart(
             save(False)
         if not finished:
             save(True)
-    theta, S, res, conv, idx = _ritz(st, k, which, tol, op.dtype)
+    theta, S, res, conv, idx = _ritz(st, k, which, acc)
     if not conv[idx].all():
         warnings.warn(
-            f"lanczos: {int(conv[idx].sum())}/{k} eigenpairs converged to tol={tol:g} within "
-            f"max_matvecs={max_matvecs}; raise max_matvecs or ncv, or loosen tol",
+            f"lanczos: {int(conv[idx].sum())}/{k} eigenpairs converged to tol={acc.tol:.1e} "
+            f"within max_matvecs={max_matvecs} (ncv={m}); {acc.advice(op.dtype)}",
             ConvergenceWarning,
             stacklevel=3,
         )
@@ -412,6 +506,7 @@ def _thick_restart(
         restarts=st.restarts,
         which=which,
         method="krylov",
+        tol=acc.tol,
     )
 
 
@@ -475,23 +570,21 @@ def _expand(op: LinearOperator, st: _State, gen: torch.Generator, iteration: int
 
 
 def _ritz(
-    st: _State, k: int, which: str, tol: float, dtype: torch.dtype
+    st: _State, k: int, which: str, acc: _Accuracy
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Ritz values, vectors (in basis coordinates), residuals, converged, wanted idx.
 
     Residual of Ritz pair i: ``|beta_j s_{j,i}|`` from the Lanczos relation
-    ``A Q_j = Q_j H_j + beta_j q_{j+1} e_j^T``, plus a rounding margin
-    ``(sqrt(n) + sqrt(j)) eps ||A||`` for the error in that relation: a matvec is
-    exact only to ~sqrt(n) eps ||A|| and the basis is orthonormal only to
-    ~sqrt(j) eps.
+    ``A Q_j = Q_j H_j + beta_j q_{j+1} e_j^T``, plus the rounding floor
+    ``acc.floor ||A||`` for the error in that relation: a product is exact only to
+    ~precision ||A|| (``sqrt(n) eps ||A||`` undeclared) and the basis is orthonormal
+    only to ~sqrt(ncv) eps.
     """
     j = st.j
     theta, S = scipy.linalg.eigh(st.H[:j, :j])
     beta = 0.0 if st.exhausted else st.H[j, j - 1]
-    eps = torch.finfo(dtype).eps
-    size = st.Q.shape[1]
-    res = np.abs(beta * S[j - 1, :]) + (math.sqrt(size) + math.sqrt(j)) * eps * st.anorm
-    conv = _converged(theta, res, tol, st.anorm, dtype)
+    res = np.abs(beta * S[j - 1, :]) + acc.floor * st.anorm
+    conv = acc.converged(theta, res, st.anorm)
     idx = _select(theta, k, which)
     return theta, S, res, conv, idx
 

@@ -11,22 +11,30 @@ all three kinds summarise, save, load and plot the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import io
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._checks import check_int
 from .checkpoint import atomic_write_bytes
 
-__all__ = ["Spectrum", "library_versions", "default_sigma"]
+__all__ = ["Spectrum", "SpectrumFileError", "library_versions", "default_sigma"]
 
 _KINDS = ("exact", "quadrature", "diagonal")
+
+
+class SpectrumFileError(ValueError):
+    """A file that :meth:`Spectrum.load` cannot read: damaged, or not written by
+    :meth:`Spectrum.save`."""
 
 
 def library_versions() -> dict[str, str]:
@@ -145,13 +153,11 @@ class Spectrum:
     # --- statistics ---------------------------------------------------------------
     def top(self, k: int = 1) -> np.ndarray:
         """The k largest nodes, largest first: (k,) float64."""
-        _check_k(k)
-        return self.eigenvalues[::-1][:k].copy()
+        return self.eigenvalues[::-1][: check_int("k", k)].copy()
 
     def bottom(self, k: int = 1) -> np.ndarray:
         """The k smallest nodes, smallest first: (k,) float64."""
-        _check_k(k)
-        return self.eigenvalues[:k].copy()
+        return self.eigenvalues[: check_int("k", k)].copy()
 
     def fraction_near_zero(self, tol: float) -> float:
         """Fraction (weighted) of eigenvalues with |lambda| <= tol."""
@@ -253,16 +259,23 @@ class Spectrum:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Spectrum:
-        """Read a spectrum written by :meth:`save`."""
+        """Read a spectrum written by :meth:`save`.
+
+        A missing file raises ``FileNotFoundError``; anything else that is not a
+        readable spectrum file (truncated or corrupt bytes, another ``.npz``, a JSON
+        or text file, a folder, contents that do not form a valid spectrum) raises
+        :class:`SpectrumFileError` naming the path and what is wrong.
+        """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no spectrum file at {path}")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                ev, w, meta = z["eigenvalues"], z["weights"], json.loads(str(z["meta"]))
-        except (KeyError, ValueError, OSError) as exc:
-            raise ValueError(f"{path} is not a spectrum file written by Spectrum.save: {exc}") from None
-        return cls(ev, w, **meta)
+            return cls(**_read_npz(path))
+        except (OSError, EOFError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
+            raise SpectrumFileError(
+                f"{path} is not a spectrum file written by Spectrum.save "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
 
     def __repr__(self) -> str:
         label = f"{self.name!r}, " if self.name else ""
@@ -273,6 +286,27 @@ class Spectrum:
         )
 
 
-def _check_k(k: int) -> None:
-    if not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+_FIELDS = {f.name for f in dataclasses.fields(Spectrum)} - {"eigenvalues", "weights"}
+
+
+def _read_npz(path: Path) -> dict[str, Any]:
+    """The constructor arguments stored by :meth:`Spectrum.save`; raises on anything else."""
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            raise ValueError("not an .npz archive")
+    with np.load(path, allow_pickle=False) as z:
+        missing = {"eigenvalues", "weights", "meta"} - set(z.files)
+        if missing:
+            raise KeyError(f"no {sorted(missing)} in the archive (it holds {sorted(z.files)})")
+        ev, w, meta = z["eigenvalues"], z["weights"], z["meta"]
+    if meta.dtype.kind != "U" or meta.shape != ():
+        raise ValueError("'meta' is not a JSON string")
+    meta = json.loads(str(meta))
+    if not isinstance(meta, dict) or "n_params" not in meta or not set(meta) <= _FIELDS:
+        raise ValueError(f"'meta' must be a JSON object with n_params and keys among "
+                         f"{sorted(_FIELDS)}, got {str(meta)[:200]}")
+    for name, array in (("eigenvalues", ev), ("weights", w)):
+        if array.dtype.kind not in "fiu":
+            raise ValueError(f"{name} are {array.dtype}, not numbers")
+    return {"eigenvalues": ev, "weights": w, **meta}
+

@@ -10,6 +10,9 @@ with the last third.  The top of the spectrum, which dominates Hutchinson's
 variance for Hessians with outliers, is taken exactly, so the error falls like
 1/m instead of 1/sqrt(m) for quickly decaying spectra.  Its standard error is
 that of the Hutchinson part (the sketched part has no sampling error given Q).
+
+A budget of n products or more buys the trace itself: ``sum_i e_i^T A e_i`` from
+the n unit vectors, with no sampling error, so no estimator spends more than n.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import check_int, check_seed
 from ._krylov import progress_bar, random_block
 from .linear_operator import LinearOperator, as_linear_operator
 
@@ -35,10 +39,10 @@ class TraceEstimate:
 
     Attributes:
         estimate: the estimated trace.
-        stderr: standard error of ``estimate`` (0.0 when the estimate is exact,
-            e.g. when the Hutch++ sketch spans the whole space).
+        stderr: standard error of ``estimate`` (0.0 when the estimate is exact:
+            method "exact", or a Hutch++ sketch that spans the whole space).
         matvecs: operator applications used.
-        method: "hutch++" or "hutchinson".
+        method: "hutch++", "hutchinson", or "exact" (the budget reached n).
     """
 
     estimate: float
@@ -70,38 +74,58 @@ def trace(
             ``n=``).  Symmetry is not required.
         method: "hutch++" (default; best for spectra with a few large
             eigenvalues, as Hessians have) or "hutchinson".
-        num_matvecs: total budget m (default 99, divisible by 3).  Hutch++ uses
-            m // 3 for the sketch, m // 3 for ``tr(Q^T A Q)`` and the remaining
-            m - 2 (m // 3) probes for the residual, so it needs m >= 4 for a
-            standard error from at least 2 probes; Hutchinson needs m >= 2.
-        seed: seeds the probes; deterministic given it.
+        num_matvecs: total budget m (default 99, divisible by 3; an integral
+            float such as 99.0 is accepted).  Hutch++ uses m // 3 for the sketch,
+            m // 3 for ``tr(Q^T A Q)`` and the remaining m - 2 (m // 3) probes for
+            the residual, so it needs m >= 4 for a standard error from at least 2
+            probes; Hutchinson needs m >= 2.  When m >= n the trace is computed
+            exactly from the n unit-vector products instead (method "exact",
+            stderr 0, n matvecs): as cheap as the estimate and without its error.
+        seed: seeds the probes; deterministic given it.  An int in ``[0, 2**63)``;
+            None is refused (pick one, so the run can be repeated).
         n: size, for a callable ``op``.
-        block_size: probes per block matvec (memory: ``block_size x n``).
+        block_size: probes per block matvec (default 64; memory: ``block_size x
+            n``).
         progress: tqdm progress bar (default: only on a terminal).
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     op = as_linear_operator(op, n=n)
+    size = op.shape[0]
+    budget = check_int("num_matvecs", num_matvecs)
     minimum = 4 if method == "hutch++" else 2
-    if (
-        not isinstance(num_matvecs, int | np.integer)
-        or isinstance(num_matvecs, bool)
-        or num_matvecs < minimum
-    ):
+    if budget < min(minimum, size):
         raise ValueError(
             f"{method} needs num_matvecs >= {minimum} (to estimate a standard error), "
             f"got {num_matvecs!r}"
         )
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    block_size = check_int("block_size", block_size)
+    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     start = op.matvecs
-    with progress_bar(int(num_matvecs), f"trace({method})", progress) as bar:
-        if method == "hutchinson":
-            est, se = _hutchinson(op, int(num_matvecs), gen, None, block_size, bar)
+    exact = budget >= size
+    with progress_bar(min(budget, size), f"trace({method})", progress) as bar:
+        if exact:
+            est, se = _exact(op, block_size, bar), 0.0
+        elif method == "hutchinson":
+            est, se = _hutchinson(op, budget, gen, None, block_size, bar)
         else:
-            est, se = _hutchpp(op, int(num_matvecs), gen, block_size, bar)
-    return TraceEstimate(float(est), float(se), op.matvecs - start, method)
+            est, se = _hutchpp(op, budget, gen, block_size, bar)
+    return TraceEstimate(float(est), float(se), op.matvecs - start,
+                         "exact" if exact else method)
+
+
+def _exact(op: LinearOperator, block_size: int, bar: Any) -> float:
+    """``sum_i e_i^T A e_i`` over the n unit vectors, in blocks, accumulated in float64."""
+    size = op.shape[0]
+    total = 0.0
+    for c0 in range(0, size, block_size):
+        c1 = min(size, c0 + block_size)
+        cols = torch.arange(c0, c1, device=op.device)
+        E = torch.zeros((size, c1 - c0), dtype=op.dtype, device=op.device)
+        E[cols, cols - c0] = 1
+        AE = _apply_blocks(op, E, block_size, bar)
+        total += float(AE[cols, cols - c0].to(torch.float64).sum())
+    return total
 
 
 def _hutchinson(

@@ -152,7 +152,7 @@ def test_nan_names_iteration(nn_like):
         spectral_density(fn, n=2000, num_probes=2, num_steps=10, check_symmetry=False)
 
 
-@pytest.mark.parametrize("kw", [{"num_probes": 0}, {"num_steps": 0}, {"num_steps": 2.0}])
+@pytest.mark.parametrize("kw", [{"num_probes": 0}, {"num_steps": 0}, {"num_steps": 2.5}])
 def test_bad_counts(nn_like, kw):
     with pytest.raises(ValueError):
         spectral_density(nn_like[0], **kw)
