@@ -413,6 +413,10 @@ class CurvatureOperator(LinearOperator):
         else:
             total_terms, weights = 1.0, [1.0] * len(terms)
         self.source.set_weights(weights, terms)
+        if self.process_group is not None:  # one precision for all ranks
+            self.internal_eps = float(self._max_over_ranks(
+                torch.tensor([self.internal_eps], dtype=torch.float64))[0])
+            self._precision = self.internal_eps
         loss = sum(w * v for w, v in zip(weights, losses, strict=True))
         loss = float(self._sum_over_ranks(torch.tensor([loss], dtype=torch.float64))[0])
         return rule, total_terms, loss
@@ -487,6 +491,13 @@ class CurvatureOperator(LinearOperator):
             torch.distributed.all_reduce(t, group=self.process_group)
         return t
 
+    def _max_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce (max) ``t`` in place over the process group; identity without one."""
+        if self.process_group is not None:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX,
+                                         group=self.process_group)
+        return t
+
     def _sum_over_ranks_int(self, value: int) -> int:
         return int(self._sum_over_ranks(torch.tensor([value], dtype=torch.int64))[0])
 
@@ -558,40 +569,48 @@ class CurvatureOperator(LinearOperator):
         return out
 
     def _check_paths(self) -> None:
-        """Compare the vectorised and the double-backward product on one probe."""
+        """Compare the vectorised and the double-backward product on one probe.
+
+        With a process group every rank measures on its own first batch and the
+        largest disagreement decides for all, so ranks keep one backend and one
+        precision (Lanczos tolerances depend on it)."""
         self._paths_checked = True
-        first = next(self.batches(), None)
-        if first is None:
-            return  # an empty shard of distributed data
-        batch = self._probe_batch(first)
-        gen = torch.Generator(device="cpu").manual_seed(1234)
-        probe = torch.randn((self.shape[0], 1), generator=gen, dtype=torch.float64)
-        probe = probe.to(dtype=self.dtype, device=self.device)
-        try:
-            block = self._batch_matmat(batch, probe)
-        except (RuntimeError, NotImplementedError):
-            return  # no vectorised path here; _batch_product falls back as documented
-        try:
-            single = self._batch_matmat_autograd(batch, probe)
-        except (RuntimeError, NotImplementedError):
-            return  # the vectorised path is the only one
-        scale = max(float(single.norm()), float(block.norm()), 1e-300)
-        diff = float((block - single).norm()) / scale
+        diff, where = self._path_difference()
+        if self.process_group is not None:
+            diff = float(self._max_over_ranks(torch.tensor([diff], dtype=torch.float64))[0])
         self._precision = max(self._precision, diff)
         tol = path_tolerance(self.internal_eps)
         if diff <= tol:
             return
         message = (
             f"{type(self).__name__}: the vectorised (torch.func) and the double-backward "
-            f"products of one probe differ by {diff:.2e} relative (tolerance "
-            f"{tol:.1e}) on batch {batch.index}: some operation of "
-            "the model has a backward that is not the derivative of its forward (a custom "
-            "autograd.Function, scale_grad_by_freq, a straight-through estimator, ...)"
+            f"products of one probe differ by {diff:.2e} relative (tolerance {tol:.1e}){where}: "
+            "some operation of the model has a backward that is not the derivative of its "
+            "forward (a custom autograd.Function, scale_grad_by_freq, a straight-through "
+            "estimator, ...)"
         )
         if self.backend == "func":
             raise RuntimeError(message + "; use backend='autograd'")
-        warnings.warn(message + "; using double backward for every product", stacklevel=4)
+        warnings.warn(message + "; using double backward for every product", stacklevel=5)
         self.backend = "autograd"
+
+    def _path_difference(self) -> tuple[float, str]:
+        """Relative difference of the two paths on this rank's first batch (0 if only one
+        path exists or there is no batch), and where it was measured."""
+        first = next(self.batches(), None)
+        if first is None:
+            return 0.0, ""  # an empty shard of distributed data
+        batch = self._probe_batch(first)
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        probe = torch.randn((self.shape[0], 1), generator=gen, dtype=torch.float64)
+        probe = probe.to(dtype=self.dtype, device=self.device)
+        try:
+            block = self._batch_matmat(batch, probe)
+            single = self._batch_matmat_autograd(batch, probe)
+        except (RuntimeError, NotImplementedError):
+            return 0.0, ""  # one path only; _batch_product falls back as documented
+        scale = max(float(single.norm()), float(block.norm()), 1e-300)
+        return float((block - single).norm()) / scale, f" on batch {batch.index}"
 
     def _probe_batch(self, batch: Batch) -> Batch:
         """The batch the path check runs on (subclasses may take a part of it)."""
