@@ -23,11 +23,17 @@ from .hessian_diagonal import DiagonalEstimate, hessian_diagonal  # noqa: E402
 from .lanczos import ConvergenceWarning, LanczosResult, lanczos  # noqa: E402
 from .linear_operator import LinearOperator, as_linear_operator  # noqa: E402
 from .parameters import ParameterView  # noqa: E402
+from .relative_flatness import RelativeFlatness, relative_flatness  # noqa: E402
+from .sharpness import SharpnessEstimate, adaptive_sharpness  # noqa: E402
 from .spectrum import Spectrum  # noqa: E402
 from .trace import TraceEstimate, trace  # noqa: E402
 
 __all__ = [
     "FlatnessReport",
+    "RelativeFlatness",
+    "SharpnessEstimate",
+    "adaptive_sharpness",
+    "relative_flatness",
     "FlatnessTable",
     "Measure",
     "compare_minima",

@@ -394,7 +394,10 @@ def _sharpness_measures(op: CurvatureOperator, measures: dict[str, Measure],
     for kind in kinds:
         for rho in rhos:
             est = adaptive_sharpness(op, rho, kind=kind, seed=seed)
-            measures[f"{key[kind]}@{rho:g}"] = _measure_from(est)
+            m = _measure_from(est)
+            if kind == "worst":  # the best ascent value: a lower bound, not a random estimate
+                m = Measure(m.value, method=m.method, details={**m.details, "lower_bound": True})
+            measures[f"{key[kind]}@{rho:g}"] = m
 
 
 def _relative_flatness_measure(op: CurvatureOperator, measures: dict[str, Measure],

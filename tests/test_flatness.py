@@ -12,8 +12,8 @@ from conftest import reference_hessian
 from torch import nn
 
 import spectra
-from spectra.flatness_table import split_data
 from spectra.flatness_report import FlatnessFileError, FlatnessReport
+from spectra.flatness_table import split_data
 
 F64 = torch.float64
 
@@ -131,3 +131,31 @@ def test_split_data_is_disjoint_and_complete():
     assert [len(p) for p in split_data([(X, y)] * 5, 2)] == [3, 2]
     with pytest.raises(ValueError, match="subsets"):
         split_data((X, y), 1)
+
+
+def rescaled(model: nn.Module, a: float) -> nn.Module:
+    """Dinh et al.'s twin: first layer x a, second / a; the same function (ReLU)."""
+    twin = mlp(7)
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        twin[0].weight.mul_(a)
+        twin[0].bias.mul_(a)
+        twin[2].weight.div_(a)
+    return twin
+
+
+def test_invariant_measures_survive_rescaling_while_the_spectrum_moves():
+    model, (X, y) = mlp(), dataset()
+    twin = rescaled(model, 10.0)
+    torch.testing.assert_close(twin(X), model(X), rtol=1e-12, atol=1e-12)
+    table = spectra.compare_minima({"original": model, "rescaled": twin},
+                                   nn.CrossEntropyLoss(), (X, y), rhos=(0.05,),
+                                   feature_layer="2.weight")
+    a, b = table.reports["original"], table.reports["rescaled"]
+    for key in ("adaptive_sharpness@0.05", "average_sharpness@0.05", "relative_flatness",
+                "loss"):
+        assert b[key] == pytest.approx(a[key], rel=1e-9), key
+    assert b["top_eigenvalue"] > 2 * a["top_eigenvalue"]  # sharp "by the Hessian"
+    assert a.measure("average_sharpness@0.05").stderr > 0
+    assert a.measure("adaptive_sharpness@0.05").details["lower_bound"]
+    assert a.info["seconds"]["sharpness"] > 0 and "relative_flatness" in a.info["seconds"]

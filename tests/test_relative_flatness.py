@@ -1,0 +1,187 @@
+"""Relative flatness (spectra.relative_flatness) against a literal dense reference.
+
+The reference follows Petzka et al. (2021), Def. 3 word for word: the dense float64
+Hessian of the loss in the layer's weight W (d, m) by torch.autograd.functional.hessian
+(shape (d, m, d, m)), and the double sum over rows s, s' of <w_s, w_s'> times the trace
+of the (m, m) block H[s, :, s', :], written as loops.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import spectra
+from spectra.relative_flatness import RelativeFlatness, relative_flatness
+
+F64 = torch.float64
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    ).double()
+
+
+def _rescaled(model: nn.Module, a: float) -> nn.Module:
+    """Same function: layer 0 (weight and bias) times a, layer 2's weight divided by a."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[0].weight.mul_(a)
+        twin[0].bias.mul_(a)
+        twin[2].weight.div_(a)
+    return twin
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(64, 5, generator=g, dtype=F64), torch.randint(0, 3, (64,), generator=g)
+
+
+def reference_kappa(model: nn.Module, layer: str, X: torch.Tensor, y: torch.Tensor) -> float:
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    W = params[layer]
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(model, {**params, layer: w}, (X,))
+        return nn.functional.cross_entropy(out, y)
+
+    H = torch.autograd.functional.hessian(loss, W)  # (d, m, d, m)
+    d, m = W.shape
+    kappa = 0.0
+    for s in range(d):
+        for s2 in range(d):
+            block_trace = sum(float(H[s, t, s2, t]) for t in range(m))
+            kappa += float(W[s] @ W[s2]) * block_trace
+    return kappa
+
+
+@pytest.fixture(scope="module")
+def references(data) -> dict[str, float]:
+    X, y = data
+    model = _mlp()
+    return {name: reference_kappa(model, name, X, y) for name in ("0.weight", "2.weight", "4.weight")}
+
+
+# --- (a) exact value ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", ["0.weight", "2.weight", "4.weight"])  # m<d, m=d, m>d
+@pytest.mark.parametrize("params", ["layer", "all"])
+def test_exact_matches_the_literal_double_sum(data, references, layer, params):
+    X, y = data
+    op = spectra.hessian_operator(
+        _mlp(), nn.CrossEntropyLoss(), (X, y), params=layer if params == "layer" else None
+    )
+    r = relative_flatness(op, layer, method="exact")
+    ref = references[layer]
+    assert abs(ref) > 1e-3
+    assert r.value == pytest.approx(ref, rel=1e-10)
+    d, m = op.view.shapes[op.view.names.index(layer)]
+    assert (r.method, r.stderr, r.shape, r.layer) == ("exact", 0.0, (d, m), layer)
+    assert r.size == min(d, m) * m and r.matvecs == r.size == op.matvecs
+
+
+def test_auto_is_exact_for_small_layers(data, references):
+    X, y = data
+    op = spectra.hessian_operator(_mlp(), nn.CrossEntropyLoss(), (X, y), params="4.weight")
+    r = relative_flatness(op, "4.weight")  # size 3 * 16 = 48 <= 99
+    assert r.method == "exact" and r.matvecs == 48
+    assert r.value == pytest.approx(references["4.weight"], rel=1e-10)
+
+
+# --- (b) Hutch++ --------------------------------------------------------------------------------
+
+
+def test_hutchpp_is_within_a_few_standard_errors(data, references):
+    X, y = data
+    op = spectra.hessian_operator(_mlp(), nn.CrossEntropyLoss(), (X, y), params="2.weight")
+    ref = references["2.weight"]
+    results = [relative_flatness(op, "2.weight", num_matvecs=60, seed=s) for s in range(8)]
+    for r in results:
+        assert r.method == "hutch++" and r.matvecs == 60 and r.size == 256
+        assert 0 < r.stderr < 0.5 * abs(ref)
+    assert all(abs(r.value - ref) <= 4 * r.stderr for r in results)
+    assert sum(abs(r.value - ref) <= 2 * r.stderr for r in results) >= 6
+    auto = relative_flatness(op, "2.weight", method="auto", num_matvecs=60, seed=0)
+    assert auto == results[0]  # auto is Hutch++ when the layer exceeds the budget
+
+
+# --- (c) invariance -----------------------------------------------------------------------------
+
+
+def test_invariant_under_relu_rescaling_while_the_top_eigenvalue_moves(data):
+    X, y = data
+    model = _mlp()
+    twin = _rescaled(model, 10.0)
+    torch.testing.assert_close(twin(X), model(X), rtol=1e-12, atol=1e-12)
+    loss = nn.CrossEntropyLoss()
+    op, op_twin = (spectra.hessian_operator(m, loss, (X, y)) for m in (model, twin))
+    k, k_twin = (relative_flatness(o, "2.weight", method="exact").value for o in (op, op_twin))
+    assert k_twin == pytest.approx(k, rel=1e-8)
+    top, top_twin = (spectra.lanczos(o, k=1).eigenvalues[0].item() for o in (op, op_twin))
+    assert max(top, top_twin) / min(top, top_twin) > 2, (top, top_twin)
+    # The plain (non-relative) trace of the same block is not invariant:
+    block = [spectra.hessian_operator(m, loss, (X, y), params="2.weight") for m in (model, twin)]
+    plain = [spectra.trace(b, num_matvecs=256).estimate for b in block]
+    assert plain[1] / plain[0] == pytest.approx(100.0, rel=1e-8)
+
+
+# --- (d) bad input ------------------------------------------------------------------------------
+
+
+def test_unknown_layer_lists_the_available_ones(data):
+    op = spectra.hessian_operator(_mlp(), nn.CrossEntropyLoss(), data)
+    with pytest.raises(ValueError, match=r"available: 0\.weight, 2\.weight, 4\.weight"):
+        relative_flatness(op, "fc.weight")
+    with pytest.raises(ValueError, match=r"2-D weight.*'2\.bias' has shape \(16,\)"):
+        relative_flatness(op, "2.bias")
+    assert op.matvecs == 0
+
+
+def test_layer_held_fixed_is_explained(data):
+    op = spectra.hessian_operator(_mlp(), nn.CrossEntropyLoss(), data, params="0.weight")
+    with pytest.raises(ValueError, match="held fixed"):
+        relative_flatness(op, "2.weight")
+
+
+def test_convolution_kernel_is_refused():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)).double()
+    X, y = torch.randn(4, 1, 4, 4, dtype=F64), torch.tensor([0, 1, 0, 1])
+    op = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y))
+    with pytest.raises(ValueError, match=r"convolution kernel.*available: 2\.weight"):
+        relative_flatness(op, "0.weight")
+    assert op.matvecs == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "lanczos"}, "method must be one of"),
+        ({"num_matvecs": 3}, "num_matvecs must be an integer >= 4"),
+        ({"num_matvecs": 10.5}, "num_matvecs must be an integer"),
+        ({"seed": -1}, "seed must be an integer"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_product(data, kwargs, match):
+    op = spectra.hessian_operator(_mlp(), nn.CrossEntropyLoss(), data)
+    with pytest.raises(ValueError, match=match):
+        relative_flatness(op, "2.weight", **kwargs)
+    assert op.matvecs == 0
+
+
+def test_not_an_operator_is_refused_and_the_result_is_frozen(data):
+    with pytest.raises(TypeError, match="CurvatureOperator"):
+        relative_flatness(torch.eye(4, dtype=F64), "2.weight")
+    op = spectra.hessian_operator(_mlp(), nn.CrossEntropyLoss(), data, params="4.weight")
+    r = relative_flatness(op, "4.weight")
+    assert isinstance(r, RelativeFlatness) and r.curvature == "HessianOperator"
+    assert "4.weight 3x16" in repr(r)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.value = 0.0
