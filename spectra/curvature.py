@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ._checks import resolve_dtype
 from .batches import Batch, CountSamples, DataSource, batch_leaves
 from .linear_operator import LinearOperator
 from .parameters import ParameterView, ParamSelector
@@ -56,20 +57,14 @@ class _Forward(nn.Module):
         return self._fn(self.model, inputs)
 
 
-def resolve_dtype(requested: torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype curvature is computed in; half precisions are promoted to float32.
+def computation_dtype(requested: Any, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype curvature is computed in: ``requested`` (a dtype or its name, e.g.
+    ``"float64"``) or the model's; half precisions are promoted to float32.
 
     Eigenvalues near zero (|lambda| ~ 1e-4 and below, the paper's bulk) are lost
     in float16/bfloat16 rounding, so those are never used for curvature.
     """
-    if requested is not None and not isinstance(requested, torch.dtype):
-        raise TypeError(
-            f"dtype must be a torch.dtype such as torch.float64, got {requested!r} "
-            f"({type(requested).__name__})"
-        )
-    dtype = requested or model_dtype
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    dtype = resolve_dtype(model_dtype if requested is None else requested)
     if dtype in (torch.float16, torch.bfloat16):
         warnings.warn(
             f"computing curvature in float32 instead of {dtype}: half precision cannot "
@@ -292,7 +287,7 @@ class CurvatureOperator(LinearOperator):
             raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {loss_fn!r}")
         model = unwrap_compiled(model)
         self.view = ParameterView(model, params)
-        dtype = resolve_dtype(dtype, self.view.dtype)
+        dtype = computation_dtype(dtype, self.view.dtype)
         super().__init__(self.view.n, dtype, self.view.device)
         self.model = model
         self.loss_fn = loss_fn

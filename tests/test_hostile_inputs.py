@@ -273,5 +273,7 @@ def test_mapping_inputs_none_targets_numpy_pairs_and_compiled_models():
     Hc = spectra.hessian_operator(torch.compile(lin), loss, (Xn, yn))
     assert Hc.view.names == ("weight", "bias")
     torch.testing.assert_close(Hc.to_dense(), Hn.to_dense(), rtol=0, atol=0)
-    with pytest.raises(TypeError, match="torch.float64"):
-        spectra.hessian_operator(lin, loss, (Xn, yn), dtype="float64")
+    # dtype by name, as results record it (Spectrum.dtype); a non-float dtype is refused
+    assert spectra.hessian_operator(lin, loss, (Xn, yn), dtype="float32").dtype == torch.float32
+    with pytest.raises(ValueError, match="torch.float64"):
+        spectra.hessian_operator(lin, loss, (Xn, yn), dtype="int64")
