@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from entropy_opt.local_entropy import AUTHORS_CODE
+
 from .harness import RunConfig, run_dir, train
 from .recipes import PAPER, RECIPES, quick
 
@@ -38,12 +40,33 @@ REDUCED: dict[str, dict[str, Any]] = {
 }
 
 
-def configs(experiment: str, mode: str = "full") -> list[RunConfig]:
-    """The pair of configs for ``experiment`` in ``mode`` "full", "reduced" or "quick"."""
+def authors_conventions(cfg: RunConfig) -> RunConfig:
+    """A local-entropy config run the way the authors' public code runs it (issue 17):
+    :data:`entropy_opt.local_entropy.AUTHORS_CODE` (alpha 0.25, sqrt(2) noise, gamma
+    never scoped, the first gradient discarded, weight decay twice) and the inner loop on
+    the outer momentum, as ``EntropySGD.authors_code`` does; named ``<name>-authors``.
+    Other configs are returned unchanged (the baseline is shared)."""
+    if not cfg.optimizer.startswith("entropy"):
+        return cfg
+    kw = dict(cfg.optimizer_kwargs)
+    kw.update(AUTHORS_CODE)
+    if cfg.optimizer == "entropy-sgd":
+        kw["sgld_momentum"] = kw.get("momentum", 0.0)
+        kw["sgld_nesterov"] = kw.get("nesterov", False)
+    return cfg.replace(name=cfg.name + "-authors", optimizer_kwargs=kw)
+
+
+def configs(experiment: str, mode: str = "full", conventions: str = "paper") -> list[RunConfig]:
+    """The pair of configs for ``experiment`` in ``mode`` "full", "reduced" or "quick",
+    with the local-entropy side under the paper's or the authors' ``conventions``."""
+    if conventions not in ("paper", "authors"):
+        raise ValueError(f"conventions must be 'paper' or 'authors', got {conventions!r}")
     pair = RECIPES[experiment]
     out = []
     for opt, make in pair.items():
         cfg = make()
+        if conventions == "authors":
+            cfg = authors_conventions(cfg)
         if mode == "quick":
             extra = {"chars": 200_000} if cfg.data == "austen" else {"train_size": 5000}
             cfg = quick(cfg, epochs=1, **extra)
@@ -177,12 +200,15 @@ def main(argv: list[str] | None = None) -> str:
                         "first half of the 50-epoch char-LSTM baseline")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="train / tabulate these seeds (default 0); several give mean +/- std")
+    p.add_argument("--conventions", choices=("paper", "authors"), default="paper",
+                   help="run Entropy-SGD/-Adam as Algorithm 1 says (paper) or as the authors' "
+                        "code does (authors: runs and table get an -authors suffix)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     mode_name = "quick" if args.quick else "reduced" if args.reduced else "full"
-    cfgs = configs(args.experiment, mode_name)
+    cfgs = configs(args.experiment, mode_name, args.conventions)
     out = Path(args.out)
     runs = Path(args.runs) if args.runs else out / "table1" / "runs"
     if not args.table_only:
@@ -192,6 +218,7 @@ def main(argv: list[str] | None = None) -> str:
             train(cfg, runs, device=args.device, progress=not args.no_progress,
                   max_effective_epochs=args.max_effective_epochs)
     suffix = "" if mode_name == "full" else f"-{mode_name}"
+    suffix += "-authors" if args.conventions == "authors" else ""
     text = table(args.experiment, cfgs, out / f"table1-{args.experiment}{suffix}.md", runs,
                  tuple(args.seeds))
     print(text)
