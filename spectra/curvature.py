@@ -476,7 +476,9 @@ class CurvatureOperator(LinearOperator):
                 f"({int(negative[0].min())}: ignored positions, as Hugging Face's -100?) but "
                 "loss_fn is a plain function, so the batches are weighted by samples, which is "
                 "wrong if it skips them. Use nn.CrossEntropyLoss(ignore_index=...) (counted "
-                "automatically) or pass loss_terms=lambda outputs, targets: (targets != -100).sum()"
+                "automatically) or pass loss_terms=lambda outputs, targets: (targets != -100).sum() "
+                "(or, if the negative values are real labels, loss_terms=lambda outputs, "
+                "targets: len(targets))"
             )
 
     # --- distributed reduction ----------------------------------------------------
