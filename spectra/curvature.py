@@ -13,6 +13,7 @@ the single-vector paths agree.  Subclasses implement
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -73,6 +74,17 @@ def computation_dtype(requested: Any, model_dtype: torch.dtype) -> torch.dtype:
         )
         return torch.float32
     return dtype
+
+
+def _loss_in(loss_fn: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """A module loss whose floating tensors (class ``weight=``, ``pos_weight=``) are in
+    the operator's dtype and device: a converted copy; the user's loss is not changed."""
+    if not isinstance(loss_fn, nn.Module):
+        return loss_fn
+    tensors = list(loss_fn.parameters()) + list(loss_fn.buffers())
+    if all(t.dtype == dtype and t.device == device for t in tensors if t.is_floating_point()):
+        return loss_fn
+    return copy.deepcopy(loss_fn).to(device=device, dtype=dtype)
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -290,7 +302,7 @@ class CurvatureOperator(LinearOperator):
         dtype = computation_dtype(dtype, self.view.dtype)
         super().__init__(self.view.n, dtype, self.view.device)
         self.model = model
-        self.loss_fn = loss_fn
+        self.loss_fn = loss_fn = _loss_in(loss_fn, dtype, self.device)
         kind, terms_rule, sum_loss, how = resolve_reduction(loss_fn, reduction, loss_terms)
         self.train_mode = bool(train_mode)
         self.backend = backend
