@@ -2,6 +2,9 @@
 
 ``EntropySGD`` and ``EntropyAdam`` implement Algorithm 1 as ``torch.optim`` optimizers;
 ``SGLD`` and ``SAM`` are the comparison points; ``scoping`` holds the gamma schedules.
+Each publishes the closure calls (gradient evaluations) one ``step`` makes as
+``gradient_evaluations_per_step`` (``L``, ``L + 1`` with ``discard_first_grad``; SAM 2;
+SGLD 1), so a training loop can count effective epochs from the optimizer itself.
 """
 
 from .entropy_adam import EntropyAdam

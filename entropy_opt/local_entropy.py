@@ -129,9 +129,7 @@ def check_local_entropy_group(group: dict[str, Any]) -> None:
     """Raise ``ValueError`` with a remedy for any invalid common hyper-parameter."""
     check_nonneg("lr", group["lr"], "the learning rate is a step size")
     check_nonneg("weight_decay", group["weight_decay"])
-    L = group["L"]
-    if isinstance(L, bool) or not isinstance(L, numbers.Integral) or L < 1:
-        raise ValueError(f"L (SGLD iterations per step) must be an int >= 1, got {L!r}")
+    _check_L(group["L"])
     check_nonneg("sgld_lr", group["sgld_lr"], "the paper uses 0.1 to 1")
     check_nonneg("noise", group["noise"], "the paper uses 1e-4 to 1e-3")
     check_nonneg("gamma", group["gamma"], "gamma is the coupling strength (scope)")
@@ -144,6 +142,11 @@ def check_local_entropy_group(group: dict[str, Any]) -> None:
             f"noise_convention must be one of {NOISE_CONVENTIONS}, "
             f"got {group['noise_convention']!r}"
         )
+
+
+def _check_L(L: Any) -> None:
+    if isinstance(L, bool) or not isinstance(L, numbers.Integral) or L < 1:
+        raise ValueError(f"L (SGLD iterations per step) must be an int >= 1, got {L!r}")
 
 
 def _sgld_update(
@@ -224,6 +227,10 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
     Diagnostics are 0-dim tensors so that recording them never forces a device sync.
     ``self.state["global"]["step"]`` counts completed outer steps (the scoping ``t``).
 
+    The cost of a step is :attr:`gradient_evaluations_per_step` (``L``, ``L + 1`` with
+    ``discard_first_grad``), read from the param groups, so a training loop can count
+    effective epochs from the optimizer itself.
+
     Hyper-parameters must be finite (checked at construction and at every step), and
     ``load_state_dict`` refuses another optimizer's state dict; subclasses add their
     outer rule's per-parameter state keys to ``STATE_KEYS``.
@@ -261,9 +268,42 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
         raise NotImplementedError
 
 
+    # -- the cost of a step -----------------------------------------------------------------
+    def _inner_loop(self) -> tuple[int, bool]:
+        """``(L, discard_first_grad)``, which every param group must share."""
+        groups = self.param_groups
+        L, discard = groups[0]["L"], groups[0]["discard_first_grad"]
+        if any(g["L"] != L or g["discard_first_grad"] != discard for g in groups):
+            found = sorted({(g["L"], bool(g["discard_first_grad"])) for g in groups})
+            raise ValueError(
+                "all param groups must share L and discard_first_grad: the closure "
+                f"evaluates every parameter at once (the groups have (L, discard_first_grad) "
+                f"= {', '.join(map(str, found))}); set the same values in every group"
+            )
+        _check_L(L)
+        return int(L), bool(discard)
+
+    @property
+    def gradient_evaluations_per_step(self) -> int:
+        """Closure calls (gradient evaluations) one :meth:`step` makes: ``L``, or ``L + 1``
+        with ``discard_first_grad`` (the gradient at x is computed and thrown away).
+
+        Read from the param groups at every access, so it follows edits of ``L`` or
+        ``discard_first_grad`` between steps.  Effective epochs = calls / batches per
+        pass = steps x this.  (A step in which no parameter receives a gradient stops
+        after the first call; that degenerate case is not counted here.)
+
+        Raises ``ValueError`` when the param groups disagree on ``L`` or
+        ``discard_first_grad`` (:meth:`step` refuses such groups too) or ``L`` is not an
+        int >= 1.
+        """
+        L, discard = self._inner_loop()
+        return L + int(discard)
+
     # -- the step ----------------------------------------------------------------------------
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One outer step: ``L`` closure calls (``L + 1`` with ``discard_first_grad``).
+        """One outer step: :attr:`gradient_evaluations_per_step` closure calls (``L``,
+        ``L + 1`` with ``discard_first_grad``).
 
         ``closure`` must draw a fresh mini-batch, zero the gradients, run backward and
         return the loss. Returns the loss of the first call, i.e. at the current weights.
@@ -273,12 +313,7 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
         groups = self.param_groups
         for group in groups:
             self._check_group(group)
-        L, discard = groups[0]["L"], groups[0]["discard_first_grad"]
-        if any(g["L"] != L or g["discard_first_grad"] != discard for g in groups):
-            raise ValueError(
-                "all param groups must share L and discard_first_grad: the closure "
-                "evaluates every parameter at once"
-            )
+        L, discard = self._inner_loop()
         glob = self.state.setdefault("global", {"step": 0})
         t = glob["step"]
 

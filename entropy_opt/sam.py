@@ -33,7 +33,7 @@ class SAM(Optimizer):
         **kwargs: passed to ``base_optimizer``.
 
     ``step(closure)`` calls the closure twice (at ``x``, then at the perturbed point) and
-    returns the loss at ``x``.
+    returns the loss at ``x``: :attr:`gradient_evaluations_per_step` is 2.
 
     Every numeric hyper-parameter, the base optimizer's included, must be finite (checked
     here and at every step: ``torch.optim`` itself accepts ``lr=inf``).  ``state_dict``
@@ -50,6 +50,13 @@ class SAM(Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+
+    @property
+    def gradient_evaluations_per_step(self) -> int:
+        """Closure calls (gradient evaluations) one :meth:`step` makes: 2, whatever the
+        param groups hold (``rho = 0`` included); effective epochs = steps x 2.  (A step
+        in which no parameter receives a gradient stops after the first call.)"""
+        return 2
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]

@@ -55,6 +55,10 @@ class SGLD(StateDictMixin, Optimizer):
         self.generator = generator
         self._noise = NoiseBuffers()
 
+    #: Closure calls one :meth:`step` makes when given a closure: one (an effective epoch
+    #: is a data pass), as for ``torch.optim.SGD``.
+    gradient_evaluations_per_step = 1
+
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
         """One Langevin step; ``closure`` (optional) re-evaluates the loss with backward."""

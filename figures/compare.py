@@ -6,22 +6,38 @@
     python -m figures.compare --model small-lenet --width 0.25
 
 Python API: ``compare(CompareConfig(...))`` returns a :class:`Comparison` (rows, spectra,
-markdown table, figure paths).
+markdown table, the :class:`spectra.FlatnessTable`, figure paths).
 
-Every optimizer trains through :func:`figures.harness.train` from the same seeded
-initialisation for the same budget of *effective epochs* (gradient evaluations / batches
-per pass: SAM gets half the steps, Entropy-SGD ``1/L`` of them).  At each minimum the
-Hessian of the mean training loss on ``spectrum_samples`` fixed training images is
-diagonalised exactly (small models) or probed matrix-free (``--model mnistfc``), in eval
-mode.  Reported side by side: test error, the loss f at the minimum on those samples, top
-eigenvalue, trace, fraction of |lambda| <= ``near_zero_tol``, negative mass and the
-Laplace local entropy ``-f - 1/2 sum log(1 + lambda / gamma)`` for each gamma (see
-:mod:`spectra.local_entropy`; eigenvalues <= -gamma are excluded and counted).
+Training.  Every optimizer trains through :func:`figures.harness.train` from the same
+seeded initialisation for the same budget of *effective epochs* (gradient evaluations /
+batches per pass).  The budget of each is read from the optimizer itself: it is built
+from its keyword arguments and asked for ``gradient_evaluations_per_step`` (SAM 2,
+Entropy-SGD ``L``, its default ``L = 20`` when the kwargs leave ``L`` out), and it gets
+``effective_epochs / that`` outer epochs.
+
+Measurement.  This script is a client of :func:`spectra.compare_minima`: the
+initialisation and every minimum are measured by :func:`spectra.flatness` with the same
+settings on ``spectrum_samples`` fixed training images (the Hessian of their mean loss, in
+eval mode): exactly (``method="exact"``) for the small models, matrix-free
+(``"matrix-free"``: Lanczos for the extremes, Hutch++ for the trace, SLQ for the rest)
+for ``--model mnistfc``.  The table shows the report's measures: test error, the loss f
+at the minimum on those samples, top eigenvalue, trace, fraction of |lambda| <=
+``near_zero_tol``, negative mass, the Laplace local entropy
+``-f - 1/2 sum log(1 + lambda / gamma)`` for each gamma (see :mod:`spectra.local_entropy`;
+eigenvalues <= -gamma are excluded and counted), and two measures that do not change when
+a ReLU layer is scaled by a and the next by 1/a (which the spectrum ones do): the
+adaptive sharpness at ``sharpness_rho`` (:mod:`spectra.sharpness`) and the relative
+flatness of the last linear layer (:mod:`spectra.relative_flatness`).  Matrix-free
+values carry their error bars (Lanczos residuals, Hutch++ and probe-to-probe SLQ
+standard errors).
+
 Outputs (``<out>`` defaults to ``figures/out``): ``compare-<model>.md`` (the table),
-``compare-<model>.json`` (all numbers and the config), ``compare-<model>-spectra.png``
-(overlaid spectra at the minima), ``compare-<model>-before-after.png`` (initialisation vs
-minimum per optimizer); the runs and each spectrum (``.npz``) under
-``<out>/compare/<model>/``.
+``compare-<model>.json`` (config, rows and every report's measures with their
+uncertainties and details), ``compare-<model>-spectra.png`` (overlaid spectra at the
+minima), ``compare-<model>-before-after.png`` (initialisation vs minimum per optimizer);
+under ``<out>/compare/<model>/``: the runs (``runs/``), each spectrum
+(``spectrum-<label>.npz``) and each flatness report (``flatness-<label>.json``,
+:meth:`spectra.FlatnessReport.load` reads it).
 
 Without MNIST in ``data/`` the comparison falls back to synthetic images (and says so).
 """
@@ -41,12 +57,12 @@ from matplotlib.figure import Figure
 from torch import nn
 
 import spectra
-from spectra.local_entropy import laplace_table
 
 from . import data as D
-from .harness import RunConfig, build_task, setup_run, train
+from .harness import RunConfig, RunResult, build_optimizer, setup_run, train
+from .loop import calls_per_step
 
-__all__ = ["CompareConfig", "Comparison", "compare", "main", "DEFAULT_OPTIMIZERS"]
+__all__ = ["CompareConfig", "Comparison", "compare", "main", "measure", "DEFAULT_OPTIMIZERS"]
 
 DEFAULT_OPTIMIZERS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 0.1, "momentum": 0.9, "nesterov": True},
@@ -56,6 +72,9 @@ DEFAULT_OPTIMIZERS: dict[str, dict[str, Any]] = {
                     "scoping_rate": 1e-3},
     "sam": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "rho": 0.05},
 }
+
+#: Label of the shared initialisation among the measured points (spectra, reports).
+INIT = "init"
 
 
 @dataclass
@@ -69,14 +88,23 @@ class CompareConfig:
             (default 1024); small-lenet's width (default 0.25).
         train_size: training images (default 5000; plus 1000 held out for validation).
         test_size: test images (default 2000).
-        effective_epochs: budget per optimizer (default 10).
+        effective_epochs: budget per optimizer (default 10); a multiple of every
+            optimizer's gradient evaluations per step.
         batch_size: mini-batch size (default 128).
         spectrum_samples: training images the Hessian averages over (default 500).
         optimizers: name -> keyword arguments (default :data:`DEFAULT_OPTIMIZERS`).
         gammas: scopes for the Laplace local entropy.
         near_zero_tol: |lambda| below this counts as zero (default 1e-4, Fig. 1's).
-        lanczos_k / slq_probes / slq_steps / trace_matvecs: matrix-free settings.
-        seed: one initialisation and data order for all.
+        sharpness_rho: radius of the adaptive sharpness (relative to |w|; default 0.05);
+            None leaves the sharpness out.
+        sharpness: its kinds, ``"worst"`` (20 ascent steps, a lower bound; default)
+            and/or ``"average"`` (Monte Carlo over the |w|-scaled Gaussian).
+        relative_flatness: measure the relative flatness of the last linear layer
+            (default True).
+        lanczos_k / slq_probes / slq_steps / trace_matvecs: matrix-free settings
+            (``lanczos_k`` is also how many top eigenvalues the exact reports list).
+        seed: one initialisation and data order for all; also seeds the stochastic
+            estimates.
         synthetic: use synthetic images even if MNIST is present.
     """
 
@@ -92,6 +120,9 @@ class CompareConfig:
         k: dict(v) for k, v in DEFAULT_OPTIMIZERS.items()})
     gammas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
     near_zero_tol: float = 1e-4
+    sharpness_rho: float | None = 0.05
+    sharpness: tuple[str, ...] = ("worst",)
+    relative_flatness: bool = True
     lanczos_k: int = 5
     slq_probes: int = 4
     slq_steps: int = 60
@@ -112,10 +143,16 @@ class CompareConfig:
             return {"hidden": self.hidden or 1024}
         raise ValueError(f"compare supports small-mnistfc, small-lenet, mnistfc; got {self.model!r}")
 
+    def gradient_evaluations_per_step(self, optimizer: str) -> int:
+        """What the optimizer, built from its keyword arguments (on a stand-in parameter),
+        says one step costs: its ``gradient_evaluations_per_step``, 1 if it says nothing."""
+        probe = [nn.Parameter(torch.zeros(1))]
+        return calls_per_step(build_optimizer(optimizer, probe, self.optimizers[optimizer]))
+
     def run_config(self, optimizer: str, data: str) -> RunConfig:
         """The harness config of one optimizer: same seed, model, data, budget."""
         kw = dict(self.optimizers[optimizer])
-        per_step = kw.get("L", 1) if optimizer.startswith("entropy") else 2 if optimizer == "sam" else 1
+        per_step = self.gradient_evaluations_per_step(optimizer)
         if self.effective_epochs % per_step:
             raise ValueError(f"effective_epochs={self.effective_epochs} is not a multiple of "
                              f"{optimizer}'s {per_step} gradient evaluations per step")
@@ -132,11 +169,26 @@ class CompareConfig:
             epochs=self.effective_epochs // per_step, batch_size=self.batch_size,
             seed=self.seed)
 
+    def flatness_options(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """The keyword arguments of :func:`spectra.flatness` / :func:`spectra.compare_minima`
+        for this config (``model`` names the last linear layer for the relative flatness)."""
+        opts: dict[str, Any] = dict(
+            method="exact" if self.exact else "matrix-free", top_k=self.lanczos_k,
+            near_zero_tols=(self.near_zero_tol,), gammas=tuple(self.gammas),
+            rhos=() if self.sharpness_rho is None else (self.sharpness_rho,),
+            sharpness=tuple(self.sharpness), slq_probes=self.slq_probes,
+            slq_steps=self.slq_steps, trace_matvecs=self.trace_matvecs, seed=self.seed)
+        layer = last_linear_weight(model) if self.relative_flatness and model else None
+        if layer is not None:
+            opts["feature_layer"] = layer
+        return opts
+
 
 @dataclass
 class Comparison:
     """Result of :func:`compare`: one row per optimizer (plus the initialisation), the
-    spectra by label, the markdown table and the output paths."""
+    spectra by label, the markdown table, the output paths, and the
+    :class:`spectra.FlatnessTable` behind them (``flatness.reports[label]``)."""
 
     rows: list[dict[str, Any]]
     spectra: dict[str, spectra.Spectrum]
@@ -144,81 +196,112 @@ class Comparison:
     paths: dict[str, Path]
     data: str
     seconds: float
+    flatness: spectra.FlatnessTable
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, y)
 
 
+def last_linear_weight(model: nn.Module) -> str | None:
+    """Parameter name of the last ``nn.Linear``'s weight (the relative-flatness layer)."""
+    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return names[-1] if names else None
+
+
 def measure(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], cfg: CompareConfig,
-            name: str) -> tuple[spectra.Spectrum, dict[str, Any]]:
-    """The spectrum at the model's weights and its statistics (eval mode)."""
-    model.eval()
-    if cfg.exact:
-        s = spectra.exact_spectrum(model, _loss, data, name=name, progress=False)
-        stats = {"top": float(s.top(1)[0]), "trace": s.trace(), "method": "exact"}
-    else:
-        from spectra.density import spectral_density
-        from spectra.lanczos import lanczos
-        from spectra.trace import trace
-
-        op = spectra.hessian_operator(model, _loss, data)
-        top = lanczos(op, cfg.lanczos_k, which="LA", tol=1e-4, max_matvecs=400,
-                      return_eigenvectors=False, progress=False)
-        s = spectral_density(op, num_probes=cfg.slq_probes, num_steps=cfg.slq_steps,
-                             name=name, progress=False)
-        tr = trace(op, num_matvecs=cfg.trace_matvecs, progress=False)
-        with torch.no_grad():
-            loss = float(_loss(model(data[0]), data[1]))
-        s = spectra.Spectrum(s.eigenvalues, s.weights, n_params=s.n_params, kind=s.kind,
-                             loss=loss, name=name, info=s.info)
-        stats = {"top": float(top.eigenvalues.max()), "trace": float(tr.estimate),
-                 "trace_stderr": float(tr.stderr), "method": "lanczos+slq+hutch++",
-                 # |theta - lambda| <= residual for some eigenvalue: the top's error bar
-                 "top_residual": float(top.residuals[0]),
-                 "top_converged": bool(top.converged[0])}
-    stats.update(
-        loss=s.loss, n_params=s.n_params,
-        fraction_near_zero=s.fraction_near_zero(cfg.near_zero_tol),
-        fraction_negative=s.fraction_negative(), negative_mass=s.negative_mass())
-    for g, le in laplace_table(s, cfg.gammas).items():
-        stats[f"F_laplace@{g:g}"] = le.value
-        stats[f"excluded@{g:g}"] = le.excluded
-    return s, stats
+            name: str, progress: bool = False) -> spectra.FlatnessReport:
+    """:func:`spectra.flatness` of one point with ``cfg``'s settings (eval mode)."""
+    return spectra.flatness(model, _loss, data, name=name, progress=progress,
+                            **cfg.flatness_options(model))
 
 
-def _markdown(rows: list[dict[str, Any]], cfg: CompareConfig, data: str) -> str:
+def _row(label: str, report: spectra.FlatnessReport, cfg: CompareConfig,
+         run: RunResult | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"optimizer": label, "test_error": None}
+    if run is not None:
+        last = run.final
+        row.update(test_error=last["test_error"], effective_epochs=last["effective_epoch"],
+                   gradient_evaluations_per_step=last["L"], steps=last["steps"],
+                   train_seconds=last["seconds"])
+    row.update(n_params=report.info["n_params"], method=report.info["method"])
+    row.update(report)
+    for g in cfg.gammas:
+        row[f"excluded@{g:g}"] = report.measure(f"local_entropy@{g:g}").details["excluded"]
+    return row
+
+
+def _cell(report: spectra.FlatnessReport, key: str, spec: str) -> str:
+    """``value`` or, for an estimate (not exact) with an error bar, ``value +/- error``."""
+    m = report.measure(key)
+    text = format(m.value, spec)
+    err = m.uncertainty
+    if m.method != "exact" and err:
+        text += f" +/- {err:.2g}"
+    return text
+
+
+def _markdown(rows: list[dict[str, Any]], table: spectra.FlatnessTable, cfg: CompareConfig,
+              data: str) -> str:
+    tol = f"near_zero_fraction@{cfg.near_zero_tol:g}"
+    extra = [c for c in table.columns
+             if c.startswith(("adaptive_sharpness@", "average_sharpness@"))]
+    names = {c: c.replace("adaptive_sharpness", "adapt. sharpness")
+             .replace("average_sharpness", "avg. sharpness") for c in extra}
+    if "relative_flatness" in table.columns:
+        extra.append("relative_flatness")
+        names["relative_flatness"] = "rel. flatness"
     g_cols = [f"F@{g:g} (excl.)" for g in cfg.gammas]
     head = ["optimizer", "test error (%)", "f at x", "top eig", "trace",
-            f"frac abs<={cfg.near_zero_tol:g}", "neg. mass", *g_cols]
+            f"frac abs<={cfg.near_zero_tol:g}", "neg. mass", *g_cols, *(names[c] for c in extra)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
+    for r, report in zip(rows, table.reports.values(), strict=True):
         err = "" if r.get("test_error") is None else f"{100 * r['test_error']:.2f}"
-        cells = [r["optimizer"], err, f"{r['loss']:.4f}", f"{r['top']:.4g}",
-                 f"{r['trace']:.4g}", f"{r['fraction_near_zero']:.3f}",
-                 f"{r['negative_mass']:.3g}"]
-        cells += [f"{r[f'F_laplace@{g:g}']:.1f} ({r[f'excluded@{g:g}']:.0f})" for g in cfg.gammas]
+        cells = [r["optimizer"], err, _cell(report, "loss", ".4f"),
+                 _cell(report, "top_eigenvalue", ".4g"), _cell(report, "trace", ".4g"),
+                 _cell(report, tol, ".3f"), _cell(report, "negative_mass", ".3g")]
+        cells += [f"{_cell(report, f'local_entropy@{g:g}', '.1f')} ({r[f'excluded@{g:g}']:.0f})"
+                  for g in cfg.gammas]
+        cells += [_cell(report, c, ".3g") for c in extra]
         lines.append("| " + " | ".join(cells) + " |")
-    n = rows[0]["n_params"]
-    note = (f"\n{cfg.model} {cfg.model_kwargs()} (n = {n:,} parameters), data: {data} "
-            f"({cfg.train_size} training images), {cfg.effective_epochs} effective epochs "
-            f"each, one initialisation (seed {cfg.seed}); Hessian of the mean training "
-            f"loss on {cfg.spectrum_samples} training images, {rows[0]['method']}. "
+    first = next(iter(table.reports.values()))
+    note = (f"\n{cfg.model} {cfg.model_kwargs()} (n = {rows[0]['n_params']:,} parameters), "
+            f"data: {data} ({cfg.train_size} training images), {cfg.effective_epochs} "
+            f"effective epochs each, one initialisation (seed {cfg.seed}); measured by "
+            f"spectra.compare_minima on the Hessian of the mean training loss on "
+            f"{cfg.spectrum_samples} training images, {first.info['method']} "
+            f"({first.info['dtype']}, {first.info['mode']} mode). "
             "F@gamma = -f - 1/2 sum log(1 + lambda/gamma) (Laplace local entropy without "
             "the constant n/2 log(2 pi/gamma); higher = flatter), eigenvalues <= -gamma "
-            "excluded (count in parentheses).\n")
+            "excluded (count in parentheses).")
+    kinds = []
+    if any(c.startswith("adaptive_sharpness@") for c in extra):
+        kinds.append("adapt. = the worst case, the best of 20 ascent steps (a lower bound)")
+    if any(c.startswith("average_sharpness@") for c in extra):
+        kinds.append("avg. = the average over Gaussian perturbations (Monte Carlo)")
+    if kinds:
+        note += (" Sharpness@rho: the rise of the loss under perturbations of relative size "
+                 f"rho (|eps_i| scaled by |w_i|, Kwon et al. 2021); {'; '.join(kinds)}.")
+    if "relative_flatness" in extra:
+        layer = first.measure("relative_flatness").details.get("layer")
+        note += f" Rel. flatness: Petzka et al.'s kappa_Tr of {layer} (the last linear layer)."
+    if extra:
+        note += (" These are unchanged when a ReLU layer is scaled by a and the next by 1/a; "
+                 "the spectrum measures are not.")
+    note += "\n"
     if not cfg.exact:
-        note += ("Matrix-free: top eigenvalue from Lanczos, trace from Hutch++, the rest from "
-                 "the SLQ quadrature (Gauss nodes and weights): the near-zero fraction is "
-                 "the weight of nodes within the tolerance and the excluded counts are "
-                 "node weights x n, both coarse at SLQ's resolution; sum log(1 + lambda/"
-                 "gamma) is the SLQ estimate of tr log(I + H/gamma).\n")
+        note += ("Matrix-free: top eigenvalue from Lanczos (+/- its residual), trace from "
+                 "Hutch++ (+/- its standard error), the rest from the SLQ quadrature (Gauss "
+                 "nodes and weights; +/- the probe-to-probe standard error): the near-zero "
+                 "fraction is the weight of nodes within the tolerance and the excluded "
+                 "counts are node weights x n, both coarse at SLQ's resolution; sum log(1 + "
+                 "lambda/gamma) is the SLQ estimate of tr log(I + H/gamma).\n")
     return "\n".join(lines) + "\n" + note
 
 
 def _figures(spec: dict[str, spectra.Spectrum], stem: Path, cfg: CompareConfig
              ) -> dict[str, Path]:
-    labels = [k for k in spec if k != "init"]
+    labels = [k for k in spec if k != INIT]
     paths = {}
     if cfg.exact:
         fig = spectra.plot.spectrum([spec[k] for k in labels], labels=labels,
@@ -234,10 +317,10 @@ def _figures(spec: dict[str, spectra.Spectrum], stem: Path, cfg: CompareConfig
     hi = max(float(s.eigenvalues[-1]) for s in spec.values())
     edges = np.linspace(lo, hi, 61)
     for ax, k in zip(axes, labels, strict=True):
-        for key, color in (("init", "0.6"), (k, "C0")):
+        for key, color in ((INIT, "0.6"), (k, "C0")):
             counts, _ = spec[key].histogram(bins=edges)
             ax.stairs(counts, edges, color=color,
-                      label="initialisation" if key == "init" else "minimum")
+                      label="initialisation" if key == INIT else "minimum")
         ax.set_yscale("log")
         ax.set_ylim(bottom=0.8)
         ax.set_title(k)
@@ -253,6 +336,8 @@ def compare(cfg: CompareConfig | None = None, out_dir: str | Path = "figures/out
             *, device: str = "cpu", progress: bool = True) -> Comparison:
     """Train each optimizer of ``cfg`` from one initialisation and compare the minima."""
     cfg = cfg or CompareConfig()
+    if not cfg.optimizers:
+        raise ValueError("CompareConfig.optimizers is empty: nothing to compare")
     t0 = time.perf_counter()
     out = Path(out_dir) / "compare" / cfg.model
     out.mkdir(parents=True, exist_ok=True)
@@ -263,34 +348,32 @@ def compare(cfg: CompareConfig | None = None, out_dir: str | Path = "figures/out
             D.load_mnist(split="test")
         except D.MissingDataError:
             data = "synthetic-images"
-    first = cfg.run_config(next(iter(cfg.optimizers)), data)
-    x, y = build_task(first).splits["train"]
+    configs = {opt: cfg.run_config(opt, data) for opt in cfg.optimizers}  # all checked first
+    runs = {opt: train(rc, out / "runs", device=device, progress=progress)
+            for opt, rc in configs.items()}
+    first = next(iter(runs.values()))
+    x, y = first.task.splits["train"]
     sample = (x[: cfg.spectrum_samples], y[: cfg.spectrum_samples])
-    spec: dict[str, spectra.Spectrum] = {}
-    rows: list[dict[str, Any]] = []
-    for opt in cfg.optimizers:
-        rc = cfg.run_config(opt, data)
-        res = train(rc, out / "runs", device=device, progress=progress)
-        model = res.model.cpu()
-        if not spec:  # the shared initialisation, rebuilt from the seed
-            init_model, _ = setup_run(rc)
-            s, stats = measure(init_model, sample, cfg, "init")
-            spec["init"] = s
-            rows.append({"optimizer": "(initialisation)", "test_error": None, **stats})
-        s, stats = measure(model, sample, cfg, opt)
-        spec[opt] = s
-        rows.append({"optimizer": opt, "test_error": res.final["test_error"],
-                     "effective_epochs": res.final["effective_epoch"],
-                     "train_seconds": res.final["seconds"], **stats})
-    for k, s in spec.items():
-        s.save(out / f"spectrum-{k}.npz")
-    table = _markdown(rows, cfg, data)
+    init_model, _ = setup_run(first.config)  # the shared initialisation, rebuilt from the seed
+    models = {INIT: init_model, **{opt: r.model.cpu() for opt, r in runs.items()}}
+    table = spectra.compare_minima(models, _loss, sample, progress=progress,
+                                   **cfg.flatness_options(init_model))
+    rows = [_row("(initialisation)" if k == INIT else k, report, cfg, runs.get(k))
+            for k, report in table.reports.items()]
+    spec = {k: report.spectrum for k, report in table.reports.items()}
+    for k, report in table.reports.items():
+        report.spectrum.save(out / f"spectrum-{k}.npz")
+        report.save(out / f"flatness-{k}.json")
+    markdown = _markdown(rows, table, cfg, data)
     paths = {"table": stem.with_suffix(".md"), "results": stem.with_suffix(".json")}
-    paths["table"].write_text(table)
+    paths["table"].write_text(markdown)
+    reports = {k: {key: v for key, v in r.to_dict().items() if key != "spectrum"}
+               for k, r in table.reports.items()}
     paths["results"].write_text(json.dumps(
-        {"config": asdict(cfg), "data": data, "rows": rows}, indent=1, default=str))
+        {"config": asdict(cfg), "data": data, "rows": rows, "reports": reports},
+        indent=1, default=str))
     paths.update(_figures(spec, stem, cfg))
-    return Comparison(rows, spec, table, paths, data, time.perf_counter() - t0)
+    return Comparison(rows, spec, markdown, paths, data, time.perf_counter() - t0, table)
 
 
 def main(argv: list[str] | None = None) -> Comparison:

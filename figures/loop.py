@@ -34,7 +34,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from entropy_opt import SAM
 from entropy_opt.local_entropy import LocalEntropyOptimizer
 
 from . import data as D
@@ -288,13 +287,11 @@ def fresh_batch_per_call(optimizer: torch.optim.Optimizer) -> bool:
 
 def calls_per_step(optimizer: torch.optim.Optimizer) -> int:
     """Closure calls (gradient evaluations) per step, the ``L`` of "effective epochs =
-    epochs x L": ``L`` (``L + 1`` with ``discard_first_grad``) for the local-entropy
-    optimizers, 2 for SAM, else 1.  LBFGS-like optimizers that call the closure a variable
-    number of times count as 1 here."""
-    if isinstance(optimizer, LocalEntropyOptimizer):
-        g = optimizer.param_groups[0]
-        return g["L"] + int(g["discard_first_grad"])
-    return 2 if isinstance(optimizer, SAM) else 1
+    epochs x L", as the optimizer publishes it in ``gradient_evaluations_per_step``
+    (``L``, or ``L + 1`` with ``discard_first_grad``, for the local-entropy optimizers, 2
+    for SAM); 1 for optimizers that do not publish it (``torch.optim``; LBFGS-like ones
+    that call the closure a variable number of times count as 1 here)."""
+    return int(getattr(optimizer, "gradient_evaluations_per_step", 1))
 
 
 @dataclass

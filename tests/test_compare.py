@@ -1,7 +1,9 @@
-"""Laplace local entropy against closed forms and quadrature; the flatness comparison."""
+"""Laplace local entropy against closed forms and quadrature; the flatness comparison
+(figures.compare over spectra.compare_minima) and its per-optimizer budget."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,7 +11,8 @@ import pytest
 from scipy import integrate
 
 from figures.compare import CompareConfig, compare
-from spectra import Spectrum
+from figures.harness import train
+from spectra import FlatnessReport, Spectrum
 from spectra.local_entropy import laplace_local_entropy, laplace_table
 
 
@@ -84,20 +87,58 @@ def test_compare_end_to_end_on_synthetic_data(tmp_path):
     assert n == 784 * 1 + 1 + 1 * 10 + 10
     # one initialisation: every run's first spectrum is the same "init"
     assert res.spectra["init"].n_params == n and len(res.spectra) == 5
-    for r in res.rows:
-        assert r["top"] >= 0 and 0 <= r["fraction_near_zero"] <= 1
-        assert r["trace"] == pytest.approx(res.spectra[
-            "init" if r["optimizer"].startswith("(") else r["optimizer"]].trace())
-    for r in res.rows[1:]:
-        assert r["effective_epochs"] == 2
+    # the rows are the reports of spectra.compare_minima, not statistics recomputed here
+    assert list(res.flatness.reports) == list(res.spectra)
+    for r, (label, report) in zip(res.rows, res.flatness.reports.items(), strict=True):
+        assert report.info["method"] == "exact" and report.spectrum is res.spectra[label]
+        assert r["top_eigenvalue"] >= 0 and 0 <= r["near_zero_fraction@0.0001"] <= 1
+        assert r["trace"] == pytest.approx(res.spectra[label].trace())
+        assert r["top_eigenvalue"] == report["top_eigenvalue"] == res.spectra[label].top(1)[0]
+        # the invariant measures: worst-case adaptive sharpness, last layer's relative flatness
+        assert r["adaptive_sharpness@0.05"] == report["adaptive_sharpness@0.05"] >= 0
+        assert report.measure("relative_flatness").details["layer"] == "3.weight"
+    per_pass = 192 // 32
+    for r, per_step in zip(res.rows[1:], [1, 1, 2, 2], strict=True):
+        assert r["effective_epochs"] == 2 and r["gradient_evaluations_per_step"] == per_step
+        assert r["steps"] == 2 // per_step * per_pass
     for path in res.paths.values():
         assert path.exists() and path.stat().st_size > 0
     assert "entropy-sgd" in res.table and "F@0.001" in res.table
+    assert "adapt. sharpness@0.05" in res.table and "rel. flatness" in res.table
+    # every report is saved next to its spectrum and loads back
+    out = tmp_path / "compare" / cfg.model
+    for label, report in res.flatness.reports.items():
+        assert (out / f"spectrum-{label}.npz").exists()
+        assert dict(FlatnessReport.load(out / f"flatness-{label}.json")) == dict(report)
+    saved = json.loads(res.paths["results"].read_text())
+    assert saved["rows"][1]["optimizer"] == "sgd" and set(saved["reports"]) == set(res.spectra)
+    assert len(list((out / "runs").glob("*/log.json"))) == 4  # what the notebook plots
+
+
+def test_leaving_L_out_gives_entropy_sgd_its_default_budget(tmp_path):
+    """EntropySGD's default L is 20: the budget comes from the optimizer, not from the
+    kwargs (a kwargs lookup with a default of 1 gave it 20x the gradient evaluations)."""
+    opts = {"sgd": {"lr": 0.05}, "entropy-sgd": {"lr": 0.5}, "sam": {"lr": 0.05}}
+    cfg = CompareConfig(hidden=1, train_size=64, test_size=32, effective_epochs=20,
+                        batch_size=32, synthetic=True, optimizers=opts)
+    assert cfg.gradient_evaluations_per_step("entropy-sgd") == 20
+    epochs = {o: cfg.run_config(o, "synthetic-images").epochs for o in opts}
+    assert epochs == {"sgd": 20, "entropy-sgd": 1, "sam": 10}  # 1/20 and 1/2 of the steps
+    # and training for it spends exactly the budget: 20 gradient evaluations per step
+    res = train(cfg.run_config("entropy-sgd", "synthetic-images"), tmp_path, progress=False)
+    assert res.final["effective_epoch"] == 20 and res.final["steps"] == 64 // 32
+    assert res.final["grad_evals"] == 20 * res.final["steps"]
+    cfg.optimizers["entropy-sgd"]["discard_first_grad"] = True  # 21 per step
+    with pytest.raises(ValueError, match="not a multiple of entropy-sgd's 21"):
+        cfg.run_config("entropy-sgd", "synthetic-images")
+    with pytest.raises(ValueError, match="not a multiple of entropy-sgd's 20"):
+        CompareConfig(effective_epochs=10, optimizers={"entropy-sgd": {}}).run_config(
+            "entropy-sgd", "mnist")
 
 
 def test_matrix_free_measure_agrees_with_exact():
-    """The mnistfc path (Lanczos top, SLQ density, Hutch++ trace) on a net small enough
-    to check against the exact spectrum."""
+    """The mnistfc path (spectra.flatness matrix-free: Lanczos top, SLQ density, Hutch++
+    trace) on a net small enough to check against the exact spectrum."""
     import torch
 
     from figures.compare import measure
@@ -109,9 +150,14 @@ def test_matrix_free_measure_agrees_with_exact():
     data = (torch.randn(64, 1, 28, 28, generator=g), torch.randint(10, (64,), generator=g))
     cfg = CompareConfig(model="mnistfc", hidden=2, lanczos_k=2, slq_probes=2, slq_steps=30,
                         trace_matvecs=150)
-    s_free, free = measure(model, data, cfg, "free")
-    s_exact, exact = measure(model, data, CompareConfig(model="small-mnistfc"), "exact")
-    assert s_free.kind == "quadrature" and free["method"].startswith("lanczos")
-    assert free["top"] == pytest.approx(exact["top"], rel=1e-3)
+    free = measure(model, data, cfg, "free")
+    exact = measure(model, data, CompareConfig(model="small-mnistfc"), "exact")
+    assert free.info["method"] == "matrix-free" and exact.info["method"] == "exact"
+    assert free.spectrum.kind == "quadrature" and free.measure("top_eigenvalue").method == "lanczos"
+    top = free.measure("top_eigenvalue")
+    assert abs(top.value - exact["top_eigenvalue"]) <= top.error_bound + 1e-6 * exact["top_eigenvalue"]
     assert free["trace"] == pytest.approx(exact["trace"], rel=0.3)
-    assert free["loss"] == pytest.approx(exact["loss"], rel=1e-5)
+    assert free["loss"] == pytest.approx(exact["loss"], rel=1e-12)
+    # the invariant measures do not depend on the spectrum method
+    for key in ("adaptive_sharpness@0.05", "relative_flatness"):
+        assert free[key] == pytest.approx(exact[key], rel=1e-9), key
