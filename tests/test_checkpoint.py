@@ -113,3 +113,17 @@ def test_checkpointed_matrix_equals_in_memory_matrix(tmp_path):
     H2 = spectra.exact_hessian(model, loss, data, dtype=torch.float64, checkpoint=tmp_path / "c")
     assert torch.equal(H1, H2)
     assert Path(tmp_path / "c" / "matrix.bin").stat().st_size == 1250 * 1250 * 8
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+    import stat
+
+    from spectra.checkpoint import atomic_write_bytes
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "x.bin", b"data")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "x.bin").stat().st_mode) == 0o644
