@@ -1,6 +1,6 @@
 """Run the benchmarks: ``python -m benchmarks all`` or ``python -m benchmarks <name> [args]``.
 
-Names: exact, matrix_free, peers, optimizers, fisher_diagonal (the modules
+Names: exact, matrix_free, peers, optimizers, fisher_diagonal, flatness (the modules
 ``benchmarks/bench_<name>.py``; ``bench_<name>`` is accepted too).  Each runs in
 its own process (``python -m benchmarks.bench_<name>``) so one benchmark's
 threads, memory and imports do not bleed into the next.  ``peers`` needs
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("exact", "matrix_free", "peers", "optimizers", "fisher_diagonal")
+NAMES = ("exact", "matrix_free", "peers", "optimizers", "fisher_diagonal", "flatness")
 ANCHORS = ROOT / ".venv-anchors" / "bin" / "python"
 
 
