@@ -131,18 +131,25 @@ def move_inputs(obj: Any, device: torch.device | None, dtype: torch.dtype | None
 def _fingerprint(inputs: Any, targets: Any) -> tuple:
     """Shape, dtype, sum and a strided position-weighted sum of every tensor.
 
-    Computed where the data live (no copy to the host), in float64; identical
-    data give identical marks, and reshuffled samples change the sums.
+    Computed where the data live, in the data's own dtype (no copy: a float32 sum is
+    as exact a mark as a float64 one, identical data give identical bits) with the
+    position weights in float64 over at most ~1,000 strided entries; reshuffled
+    samples change the sums.
     """
     marks = []
     for t in batch_leaves((inputs, targets)):
         flat = t.detach().reshape(-1)
         probe = flat[:: max(1, flat.numel() // 1024)].to(torch.float64)
         weights = torch.arange(1, probe.numel() + 1, dtype=torch.float64, device=probe.device)
-        total = flat.sum(dtype=torch.float64) if flat.numel() else flat.new_zeros((), dtype=torch.float64)
+        total = flat.sum() if flat.numel() else 0
         # hex strings: exact, and NaN compares equal to itself
-        marks.append((tuple(t.shape), str(t.dtype), float(total).hex(), float(probe @ weights).hex()))
+        marks.append((tuple(t.shape), str(t.dtype), float(total).hex(),
+                      float(probe @ weights).hex()))
     return tuple(marks)
+
+
+#: Bytes of moved/cast copies of in-memory batches a data source keeps between passes.
+MOVED_CACHE_BYTES = 1 << 30
 
 
 class DataSource:
@@ -197,6 +204,10 @@ class DataSource:
         self._fingerprints: list[tuple] = []
         self._weights: list[float] | None = None
         self._terms: list[float] | None = None
+        # batches already moved/cast, kept for data held in memory (a list) while they fit
+        self._moved: dict[int, tuple[Any, Any]] = {}
+        self._moved_bytes = 0
+        self._keep_moved = isinstance(self._data, list)
 
     def _size(self, inputs: Any, targets: Any) -> int:
         if self._count_samples is None:
@@ -256,10 +267,11 @@ class DataSource:
                     "different data; use shuffle=False, or fix the data once with "
                     "data = list(loader)"
                 )
+            moved_inputs, moved_targets = self._move(index, inputs, targets)
             yield Batch(
                 index=index,
-                inputs=move_inputs(inputs, self.device, self.dtype),
-                targets=move_inputs(targets, self.device, self.dtype),
+                inputs=moved_inputs,
+                targets=moved_targets,
                 size=self._sizes[index],
                 weight=self._weights[index] if self._weights is not None else float("nan"),
                 terms=self._terms[index] if self._terms is not None else float("nan"),
@@ -270,6 +282,21 @@ class DataSource:
                 "counted; the curvature needs the same data on every pass (no infinite or "
                 "resampling loaders)"
             )
+
+    def _move(self, index: int, inputs: Any, targets: Any) -> tuple[Any, Any]:
+        """The batch on the operator's device and dtype; copies of in-memory data are
+        kept (up to :data:`MOVED_CACHE_BYTES`) so later passes do not cast again."""
+        if index in self._moved:
+            return self._moved[index]
+        moved = move_inputs((inputs, targets), self.device, self.dtype)
+        if self._keep_moved:
+            raw = {id(t) for t in batch_leaves((inputs, targets))}
+            copies = [t for t in batch_leaves(moved) if id(t) not in raw]
+            size = sum(t.numel() * t.element_size() for t in copies)
+            if copies and self._moved_bytes + size <= MOVED_CACHE_BYTES:
+                self._moved[index] = moved
+                self._moved_bytes += size
+        return moved
 
     def __len__(self) -> int:
         return self.num_batches

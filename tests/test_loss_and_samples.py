@@ -189,3 +189,19 @@ def test_reshuffling_loader_is_refused_before_any_product():
     v = torch.randn(8, dtype=F64)
     torch.testing.assert_close(H @ v, reference_hessian(model, nn.CrossEntropyLoss(), X, y) @ v,
                                rtol=1e-10, atol=1e-12)
+
+
+def test_cast_copies_of_in_memory_data_are_kept_and_mutation_is_still_caught():
+    X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))  # float32 data, float64 operator
+    model = nn.Linear(3, 2).double()
+    H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), [(X[:5], y[:5]), (X[5:], y[5:])])
+    first = [b.inputs for b in H.source]
+    assert all(a is b.inputs for a, b in zip(first, H.source, strict=True))  # cast once
+    assert first[0].dtype == F64
+    v = torch.randn(8, dtype=F64)
+    torch.testing.assert_close(
+        H @ v, reference_hessian(model, nn.CrossEntropyLoss(), X.double(), y) @ v,
+        rtol=1e-10, atol=1e-12)
+    X[0, 0] += 1.0  # the user's tensor changes in place: the kept copy would be stale
+    with pytest.raises(RuntimeError, match="differs from the first pass"):
+        H @ v
