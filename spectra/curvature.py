@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -128,23 +129,38 @@ def resolve_batch_dim(
     return 0
 
 
-def _embedding_with_constant_padding(module: nn.Embedding, indices: torch.Tensor) -> torch.Tensor:
-    """``module(indices)`` with the padding row a constant of the function.
+_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type",
+                   "scale_grad_by_freq", "sparse")
+
+
+class _ConstantPaddingRows(TorchFunctionMode):
+    """Every ``F.embedding`` call with a ``padding_idx`` reads the padding row as a constant.
 
     PyTorch never sends gradient into the padding row (its backward drops the
     positions that read it), but forward-mode AD does carry a tangent through
     it, so ``jvp``-of-``grad`` and double backward would disagree (a wrong,
     non-symmetric block product).  Making the row a constant makes every path
-    compute the same thing: the Hessian with that row held fixed.
+    compute the same thing: the curvature with that row held fixed.  A mode at
+    the ``F.embedding`` level covers ``nn.Embedding`` and subclasses with their own
+    forward (scaled embeddings) alike.
     """
-    w = module.weight
-    rows = torch.zeros(w.shape[0], 1, dtype=torch.bool, device=w.device)
-    rows[module.padding_idx] = True
-    w = torch.where(rows, w.detach(), w)
-    return torch.nn.functional.embedding(
-        indices, w, None, module.max_norm, module.norm_type, module.scale_grad_by_freq,
-        module.sparse,
-    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = dict(kwargs or {})
+        if func is not torch.nn.functional.embedding:
+            return func(*args, **kwargs)
+        call = {**dict(zip(_EMBEDDING_ARGS, args, strict=False)), **kwargs}
+        pad, w = call.get("padding_idx"), call["weight"]
+        if pad is not None:
+            rows = torch.zeros(w.shape[0], 1, dtype=torch.bool, device=w.device)
+            rows[pad] = True  # a negative index counts from the end, as in F.embedding
+            call["weight"] = torch.where(rows, w.detach(), w)
+        return func(**call)
+
+
+def _has_padding_rows(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Embedding) and m.padding_idx is not None
+               for m in model.modules())
 
 
 @contextmanager
@@ -158,25 +174,6 @@ def _no_attention_fastpath() -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
-
-
-@contextmanager
-def _constant_padding_rows(model: nn.Module) -> Iterator[None]:
-    patched = [
-        (m, m.__dict__.get("forward"))
-        for m in model.modules()
-        if isinstance(m, nn.Embedding) and m.padding_idx is not None
-    ]
-    for m, _ in patched:
-        m.forward = lambda indices, m=m: _embedding_with_constant_padding(m, indices)
-    try:
-        yield
-    finally:
-        for m, own in patched:
-            if own is None:
-                del m.forward
-            else:
-                m.forward = own
 
 
 def path_tolerance(eps: float) -> float:
@@ -309,6 +306,7 @@ class CurvatureOperator(LinearOperator):
         self.chunk_size = chunk_size
         self.batch_dim = resolve_batch_dim(model, batch_dim, count_samples)
         self._module = _Forward(model, forward or default_forward)
+        self._padding_rows = _has_padding_rows(model)
         self.process_group = _resolve_group(process_group)
         self.source = DataSource(
             data, self.device, dtype, batch_dim=self.batch_dim, count_samples=count_samples
@@ -366,7 +364,8 @@ class CurvatureOperator(LinearOperator):
             with ExitStack() as stack:
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
                 stack.enter_context(_no_attention_fastpath())
-                stack.enter_context(_constant_padding_rows(self.model))
+                if self._padding_rows:
+                    stack.enter_context(_ConstantPaddingRows())
                 yield
         finally:
             for m, flag in flags:
