@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -28,6 +30,26 @@ def reference_hessian(model: nn.Module, loss_fn, inputs, targets) -> torch.Tenso
         return loss_fn(out, targets)
 
     return torch.autograd.functional.hessian(f, theta)
+
+
+def relu_mlp(sizes: tuple[int, ...] = (5, 16, 16, 3), seed: int = 0) -> nn.Module:
+    """A float64 ReLU MLP (Linear layers at even indices of an nn.Sequential)."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+    return nn.Sequential(*layers).double()
+
+
+def rescaled_twin(model: nn.Module, a: float) -> nn.Module:
+    """Dinh et al.'s reparametrisation: layer 0 (weight and bias) times a, layer 2's weight
+    divided by a; relu(a z) = a relu(z), so the function is the same."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[0].weight.mul_(a)
+        twin[0].bias.mul_(a)
+        twin[2].weight.div_(a)
+    return twin
 
 
 @pytest.fixture(autouse=True)

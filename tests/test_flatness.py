@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import reference_hessian
+from conftest import reference_hessian, relu_mlp, rescaled_twin
 from torch import nn
 
 import spectra
@@ -19,8 +19,7 @@ F64 = torch.float64
 
 
 def mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+    return relu_mlp((6, 12, 3), seed)
 
 
 def dataset(m: int = 60):
@@ -133,20 +132,9 @@ def test_split_data_is_disjoint_and_complete():
         split_data((X, y), 1)
 
 
-def rescaled(model: nn.Module, a: float) -> nn.Module:
-    """Dinh et al.'s twin: first layer x a, second / a; the same function (ReLU)."""
-    twin = mlp(7)
-    twin.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        twin[0].weight.mul_(a)
-        twin[0].bias.mul_(a)
-        twin[2].weight.div_(a)
-    return twin
-
-
 def test_invariant_measures_survive_rescaling_while_the_spectrum_moves():
     model, (X, y) = mlp(), dataset()
-    twin = rescaled(model, 10.0)
+    twin = rescaled_twin(model, 10.0)
     torch.testing.assert_close(twin(X), model(X), rtol=1e-12, atol=1e-12)
     table = spectra.compare_minima({"original": model, "rescaled": twin},
                                    nn.CrossEntropyLoss(), (X, y), rhos=(0.05,),

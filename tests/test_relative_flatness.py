@@ -8,34 +8,17 @@ of the (m, m) block H[s, :, s', :], written as loops.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
 import torch
+from conftest import relu_mlp, rescaled_twin
 from torch import nn
 
 import spectra
 from spectra.relative_flatness import RelativeFlatness, relative_flatness
 
 F64 = torch.float64
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
-    ).double()
-
-
-def _rescaled(model: nn.Module, a: float) -> nn.Module:
-    """Same function: layer 0 (weight and bias) times a, layer 2's weight divided by a."""
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        twin[0].weight.mul_(a)
-        twin[0].bias.mul_(a)
-        twin[2].weight.div_(a)
-    return twin
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +48,7 @@ def reference_kappa(model: nn.Module, layer: str, X: torch.Tensor, y: torch.Tens
 @pytest.fixture(scope="module")
 def references(data) -> dict[str, float]:
     X, y = data
-    model = _mlp()
+    model = relu_mlp()
     return {name: reference_kappa(model, name, X, y) for name in ("0.weight", "2.weight", "4.weight")}
 
 
@@ -77,7 +60,7 @@ def references(data) -> dict[str, float]:
 def test_exact_matches_the_literal_double_sum(data, references, layer, params):
     X, y = data
     op = spectra.hessian_operator(
-        _mlp(), nn.CrossEntropyLoss(), (X, y), params=layer if params == "layer" else None
+        relu_mlp(), nn.CrossEntropyLoss(), (X, y), params=layer if params == "layer" else None
     )
     r = relative_flatness(op, layer, method="exact")
     ref = references[layer]
@@ -90,7 +73,7 @@ def test_exact_matches_the_literal_double_sum(data, references, layer, params):
 
 def test_auto_is_exact_for_small_layers(data, references):
     X, y = data
-    op = spectra.hessian_operator(_mlp(), nn.CrossEntropyLoss(), (X, y), params="4.weight")
+    op = spectra.hessian_operator(relu_mlp(), nn.CrossEntropyLoss(), (X, y), params="4.weight")
     r = relative_flatness(op, "4.weight")  # size 3 * 16 = 48 <= 99
     assert r.method == "exact" and r.matvecs == 48
     assert r.value == pytest.approx(references["4.weight"], rel=1e-10)
@@ -101,7 +84,7 @@ def test_auto_is_exact_for_small_layers(data, references):
 
 def test_hutchpp_is_within_a_few_standard_errors(data, references):
     X, y = data
-    op = spectra.hessian_operator(_mlp(), nn.CrossEntropyLoss(), (X, y), params="2.weight")
+    op = spectra.hessian_operator(relu_mlp(), nn.CrossEntropyLoss(), (X, y), params="2.weight")
     ref = references["2.weight"]
     results = [relative_flatness(op, "2.weight", num_matvecs=60, seed=s) for s in range(8)]
     for r in results:
@@ -118,8 +101,8 @@ def test_hutchpp_is_within_a_few_standard_errors(data, references):
 
 def test_invariant_under_relu_rescaling_while_the_top_eigenvalue_moves(data):
     X, y = data
-    model = _mlp()
-    twin = _rescaled(model, 10.0)
+    model = relu_mlp()
+    twin = rescaled_twin(model, 10.0)
     torch.testing.assert_close(twin(X), model(X), rtol=1e-12, atol=1e-12)
     loss = nn.CrossEntropyLoss()
     op, op_twin = (spectra.hessian_operator(m, loss, (X, y)) for m in (model, twin))
@@ -137,7 +120,7 @@ def test_invariant_under_relu_rescaling_while_the_top_eigenvalue_moves(data):
 
 
 def test_unknown_layer_lists_the_available_ones(data):
-    op = spectra.hessian_operator(_mlp(), nn.CrossEntropyLoss(), data)
+    op = spectra.hessian_operator(relu_mlp(), nn.CrossEntropyLoss(), data)
     with pytest.raises(ValueError, match=r"available: 0\.weight, 2\.weight, 4\.weight"):
         relative_flatness(op, "fc.weight")
     with pytest.raises(ValueError, match=r"2-D weight.*'2\.bias' has shape \(16,\)"):
@@ -146,7 +129,7 @@ def test_unknown_layer_lists_the_available_ones(data):
 
 
 def test_layer_held_fixed_is_explained(data):
-    op = spectra.hessian_operator(_mlp(), nn.CrossEntropyLoss(), data, params="0.weight")
+    op = spectra.hessian_operator(relu_mlp(), nn.CrossEntropyLoss(), data, params="0.weight")
     with pytest.raises(ValueError, match="held fixed"):
         relative_flatness(op, "2.weight")
 
@@ -170,7 +153,7 @@ def test_convolution_kernel_is_refused():
     ],
 )
 def test_bad_arguments_are_refused_before_any_product(data, kwargs, match):
-    op = spectra.hessian_operator(_mlp(), nn.CrossEntropyLoss(), data)
+    op = spectra.hessian_operator(relu_mlp(), nn.CrossEntropyLoss(), data)
     with pytest.raises(ValueError, match=match):
         relative_flatness(op, "2.weight", **kwargs)
     assert op.matvecs == 0
@@ -179,7 +162,7 @@ def test_bad_arguments_are_refused_before_any_product(data, kwargs, match):
 def test_not_an_operator_is_refused_and_the_result_is_frozen(data):
     with pytest.raises(TypeError, match="CurvatureOperator"):
         relative_flatness(torch.eye(4, dtype=F64), "2.weight")
-    op = spectra.hessian_operator(_mlp(), nn.CrossEntropyLoss(), data, params="4.weight")
+    op = spectra.hessian_operator(relu_mlp(), nn.CrossEntropyLoss(), data, params="4.weight")
     r = relative_flatness(op, "4.weight")
     assert isinstance(r, RelativeFlatness) and r.curvature == "HessianOperator"
     assert "4.weight 3x16" in repr(r)

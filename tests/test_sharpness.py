@@ -8,13 +8,13 @@ first-order terms from a gradient computed here with ``torch.autograd``.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import math
 
 import pytest
 import torch
+from conftest import relu_mlp, rescaled_twin
 from torch import nn
 
 import spectra
@@ -43,23 +43,6 @@ def quadratic() -> tuple[spectra.HessianOperator, torch.Tensor]:
     y = X @ torch.randn(6, 1, generator=g, dtype=F64) + 0.1 * torch.randn(50, 1, generator=g, dtype=F64)
     model, M = _least_squares(X, y)
     return spectra.hessian_operator(model, nn.MSELoss(), (X, y)), M
-
-
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
-    ).double()
-
-
-def _rescaled(model: nn.Module, a: float) -> nn.Module:
-    """The same function: relu(a z) = a relu(z), undone by the next layer's weight / a."""
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        twin[0].weight.mul_(a)
-        twin[0].bias.mul_(a)
-        twin[2].weight.div_(a)
-    return twin
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +142,7 @@ def test_small_rho_is_first_order(mlp_data, p):
     """At a non-critical point, S_max(rho) = rho ||T g||_q + O(rho^2) with q the dual norm
     (q = 2 for p = 2, q = 1 for p = inf): the linearised maximum, gradient by autograd."""
     X, y = mlp_data
-    model = _mlp()
+    model = relu_mlp()
     loss = nn.CrossEntropyLoss()(model(X), y)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     weights = torch.cat([w.detach().flatten() for w in model.parameters()])
@@ -178,8 +161,8 @@ def test_small_rho_is_first_order(mlp_data, p):
 @pytest.mark.parametrize("a", [5.0, 10.0])
 def test_rescaled_twin_has_the_same_adaptive_sharpness(mlp_data, a):
     X, y = mlp_data
-    model = _mlp()
-    twin = _rescaled(model, a)
+    model = relu_mlp()
+    twin = rescaled_twin(model, a)
     torch.testing.assert_close(twin(X), model(X), rtol=1e-12, atol=1e-12)
     loss = nn.CrossEntropyLoss()
     op = spectra.hessian_operator(model, loss, (X, y))
@@ -201,9 +184,9 @@ def test_rescaled_twin_has_the_same_adaptive_sharpness(mlp_data, a):
 def test_eta_breaks_the_invariance(mlp_data):
     """eta > 0 adds a perturbation that does not rescale with the weights."""
     X, y = mlp_data
-    model, loss = _mlp(), nn.CrossEntropyLoss()
+    model, loss = relu_mlp(), nn.CrossEntropyLoss()
     op = spectra.hessian_operator(model, loss, (X, y))
-    op_twin = spectra.hessian_operator(_rescaled(model, 10.0), loss, (X, y))
+    op_twin = spectra.hessian_operator(rescaled_twin(model, 10.0), loss, (X, y))
     r = adaptive_sharpness(op, 0.05, eta=0.01, steps=5)
     r_twin = adaptive_sharpness(op_twin, 0.05, eta=0.01, steps=5)
     assert abs(r_twin.value / r.value - 1) > 1e-3
@@ -215,7 +198,7 @@ def test_eta_breaks_the_invariance(mlp_data):
 
 def test_default_worst_case_costs_at_most_20_gradient_evaluations(mlp_data):
     X, y = mlp_data
-    op = spectra.hessian_operator(_mlp(), nn.CrossEntropyLoss(), (X, y))
+    op = spectra.hessian_operator(relu_mlp(), nn.CrossEntropyLoss(), (X, y))
     counts = _counting(op)
     r = adaptive_sharpness(op, 0.05)
     assert counts["gradient"] == r.gradient_evals <= 20
@@ -283,7 +266,7 @@ def test_zero_weights_are_not_perturbed_with_eta_zero():
     ],
 )
 def test_bad_input_is_refused_before_any_work(mlp_data, kwargs, match):
-    op = spectra.hessian_operator(_mlp(), nn.CrossEntropyLoss(), mlp_data)
+    op = spectra.hessian_operator(relu_mlp(), nn.CrossEntropyLoss(), mlp_data)
     counts = _counting(op)
     rho = kwargs.pop("rho")
     with pytest.raises(ValueError, match=match):
