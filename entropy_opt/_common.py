@@ -3,6 +3,7 @@ state dicts that carry their optimizer's name and are checked on load."""
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Collection, Sequence
@@ -237,3 +238,47 @@ def split_views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
         views.append(flat[offset : offset + n].view_as(t))
         offset += n
     return views
+
+
+def one_device_dtype(tensors: Sequence[Tensor]) -> tuple[torch.device, torch.dtype] | None:
+    """The common ``(device, dtype)`` of ``tensors``, or None if they are mixed (or empty)."""
+    if not tensors:
+        return None
+    key = {(t.device, t.dtype) for t in tensors}
+    return next(iter(key)) if len(key) == 1 else None
+
+
+@functools.cache
+def fused_ok(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._fused_sgd_`` (``kind="sgd"``) or ``torch._fused_adam_`` (``"adam"``)
+    runs on ``device``/``dtype`` in this torch build and computes the textbook update.
+
+    The fused kernels are private torch API whose device and dtype coverage changed across
+    releases (CPU support came in torch 2.4), so instead of a version table this runs each
+    one once on three numbers and compares with the closed form; any error means no.
+    """
+    fn = getattr(torch, f"_fused_{kind}_", None)
+    if fn is None or not dtype.is_floating_point:
+        return False
+    try:
+        kw = dict(device=device, dtype=dtype)
+        p, g, b = torch.ones(3, **kw), torch.full((3,), 2.0, **kw), torch.ones(3, **kw)
+        if kind == "sgd":
+            # g' = g + 0.5 p = 2.5; b = 0.5 b + g' = 3; nesterov: d = g' + 0.5 b = 4
+            fn([p], [g], [b], weight_decay=0.5, momentum=0.5, lr=0.25, dampening=0.0,
+               nesterov=True, maximize=False, is_first_step=False)
+            # and g untouched: Entropy-SGD's outer step hands it p.grad, which must keep G
+            return bool((p == 0.0).all() and (b == 3.0).all() and (g == 2.0).all())
+        if kind == "adam":
+            v, step = torch.ones(3, **kw), torch.tensor(1.0)
+            # m = lerp(1, 2, 0.5) = 1.5; v = 0.5 + 0.5 * 4 = 2.5; bias corrections 0.5, 0.5
+            # p = 1 - (0.25 / 0.5) * 1.5 / (sqrt(2.5) / sqrt(0.5) + 1)
+            fn([p], [g], [b], [v], [], [step], amsgrad=False, lr=0.25, beta1=0.5, beta2=0.5,
+               weight_decay=0.0, eps=1.0, maximize=False)
+            want = 1.0 - 0.5 * 1.5 / (math.sqrt(5.0) + 1.0)
+            return bool(torch.allclose(p.double(), torch.full((3,), want, dtype=torch.float64),
+                                       rtol=1e-2, atol=0.0)
+                        and (b == 1.5).all() and (v == 2.5).all() and (g == 2.0).all())
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+    return False

@@ -9,7 +9,12 @@ import torch
 from torch import Tensor
 
 from ._common import check_nonneg
-from .local_entropy import AUTHORS_CODE, LocalEntropyOptimizer, local_entropy_defaults
+from .local_entropy import (
+    AUTHORS_CODE,
+    LocalEntropyOptimizer,
+    local_entropy_defaults,
+    use_fused,
+)
 
 
 class EntropyAdam(LocalEntropyOptimizer):
@@ -26,7 +31,9 @@ class EntropyAdam(LocalEntropyOptimizer):
         eps: Adam's denominator guard (default 1e-8). Not the thermal noise: that is
             ``noise``.
         weight_decay, L, sgld_lr, noise, gamma, scoping, scoping_rate, alpha, and the
-            remaining keyword options: as in :class:`~entropy_opt.EntropySGD`.
+            remaining keyword options: as in :class:`~entropy_opt.EntropySGD`. With
+            ``foreach`` the outer Adam step is one ``torch._fused_adam_`` pass where the
+            build has it for the parameters' device and dtype (instead of seven passes).
     """
 
     def __init__(
@@ -107,6 +114,14 @@ class EntropyAdam(LocalEntropyOptimizer):
             m.append(st["exp_avg"])
             v.append(st["exp_avg_sq"])
             steps.append(int(st["step"].item()))
+        if foreach and use_fused("adam", params, grads, m, v):
+            # one pass instead of the seven below, same equations (rounding aside)
+            torch._fused_adam_(
+                params, grads, m, v, [], [self.state[p]["step"] for p in params],
+                amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
+                maximize=False,
+            )
+            return
         if foreach and len(set(steps)) == 1:
             bc1, bc2 = 1.0 - beta1 ** steps[0], 1.0 - beta2 ** steps[0]
             torch._foreach_lerp_(m, grads, 1.0 - beta1)

@@ -56,6 +56,8 @@ from ._common import (
     check_fraction,
     check_momentum,
     check_nonneg,
+    fused_ok,
+    one_device_dtype,
     params_with_grad,
     require_closure,
     split_views,
@@ -165,12 +167,34 @@ def _sgld_update(
     nesterov: bool,
     sigma: float,
     foreach: bool,
+    fused: bool = False,
 ) -> None:
-    """One SGLD iteration (Alg. 1 lines 5-7) in place on ``xp`` and ``mu``; ``g`` is scratch."""
+    """One SGLD iteration (Alg. 1 lines 5-7) in place on ``xp`` and ``mu``; ``g`` is scratch.
+
+    ``dx' = g + wd x' + gamma (x' - x)`` (through the momentum buffer when ``momentum``),
+    ``x' <- x' - lr dx' + sigma noise``, ``mu <- mu + alpha (x' - mu)``.
+
+    Passes over the weights (each reads two tensors and writes one, except the fused one):
+    without momentum 4 (coupling as one ``lerp``, gradient, noise, ``mu``; 5 with weight
+    decay), the minimum for five inputs with binary kernels. With momentum the foreach path
+    takes 7 (+1 for Nesterov, +1 for weight decay); ``fused=True`` (only with ``foreach``, see
+    :func:`_fused_for`) folds weight decay, coupling, momentum and the step into one
+    ``torch._fused_sgd_`` pass, leaving 4: ``g -= gamma x``, the fused step, noise, ``mu``.
+    The two forms of ``gamma (x' - x)`` differ by rounding only.
+    """
     if foreach:
-        if wd:
-            torch._foreach_add_(g, xp, alpha=wd)
-        if momentum:
+        if momentum and fused:
+            if gamma:
+                torch._foreach_add_(g, x, alpha=-gamma)
+            # g + (wd + gamma) x' = g + wd x' + gamma (x' - x); buffers start at zero, so
+            # is_first_step=False gives b = momentum * 0 + g' = g' exactly.
+            torch._fused_sgd_(
+                xp, g, bufs, weight_decay=wd + gamma, momentum=momentum, lr=lr,
+                dampening=0.0, nesterov=nesterov, maximize=False, is_first_step=False,
+            )
+        elif momentum:
+            if wd:
+                torch._foreach_add_(g, xp, alpha=wd)
             if gamma:
                 torch._foreach_add_(g, xp, alpha=gamma)
                 torch._foreach_sub_(g, x, alpha=gamma)
@@ -180,6 +204,8 @@ def _sgld_update(
                 torch._foreach_add_(g, bufs, alpha=momentum)
             torch._foreach_add_(xp, g if nesterov else bufs, alpha=-lr)
         else:
+            if wd:
+                torch._foreach_add_(g, xp, alpha=wd)
             if gamma:  # x' + lr gamma (x - x'): the coupling term as one fused pass
                 torch._foreach_lerp_(xp, x, lr * gamma)
             torch._foreach_add_(xp, g, alpha=-lr)
@@ -204,6 +230,32 @@ def _sgld_update(
         if sigma:
             p.add_(noise[i], alpha=sigma)
         m.lerp_(p, alpha)
+
+
+#: Use the fused kernels (``torch._fused_sgd_`` for the inner momentum step and Entropy-SGD's
+#: outer momentum step, ``torch._fused_adam_`` for Entropy-Adam's outer step) where the build
+#: supports them; the benchmark switches them off to measure what they save.
+USE_FUSED = True
+
+
+def use_fused(kind: str, *lists: list[Tensor]) -> bool:
+    """Whether ``torch._fused_<kind>_`` may update these tensors: :data:`USE_FUSED`, one
+    device and dtype, every tensor contiguous (the CPU kernels walk the parameter, gradient
+    and buffers as one flat array each and silently mix up elements when their layouts
+    differ) and a kernel that passes :func:`~._common.fused_ok` on that device and dtype."""
+    if not USE_FUSED:
+        return False
+    tensors = [t for ts in lists for t in ts]
+    key = one_device_dtype(tensors)
+    return (key is not None and all(t.is_contiguous() for t in tensors)
+            and fused_ok(kind, *key))
+
+
+def _fused_for(tensors: list[Tensor], momentum: float, foreach: bool) -> bool:
+    """Whether the inner step of these tensors runs through ``torch._fused_sgd_``: only with
+    inner momentum (without it the fused kernel saves no pass) and the foreach path; see
+    :func:`use_fused` (the gradients are checked again at every iteration)."""
+    return bool(momentum) and foreach and use_fused("sgd", tensors)
 
 
 def _copy(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
@@ -335,10 +387,11 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
                     noise = iter(self._noise.draw(noisy, self.generator)) if noisy else None
                     for w in work:
                         g = w.group
+                        grads = w.grads()
                         _sgld_update(
                             w.xp,
                             w.x,
-                            w.grads(),
+                            grads,
                             w.mu,
                             w.bufs,
                             [next(noise) for _ in w.xp] if w.sigma else None,  # type: ignore[arg-type]
@@ -350,6 +403,8 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
                             nesterov=g["sgld_nesterov"],
                             sigma=w.sigma,
                             foreach=w.foreach,
+                            # the fused kernel walks memory linearly: same layout needed
+                            fused=w.fused and all(t.is_contiguous() for t in grads),
                         )
         finally:
             with torch.no_grad():
@@ -364,7 +419,10 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
                 if w.grad0 is not None:
                     sq["G"].extend(torch._foreach_norm(G))
                     sq["g0"].extend(torch._foreach_norm(w.grad0))
-                    sq["sum"].extend(torch._foreach_norm(torch._foreach_add(G, w.grad0)))
+                    # grad0 is our own copy and is not needed after this: G + grad0 in place
+                    # (no allocation of a third parameter-sized set of tensors)
+                    torch._foreach_add_(w.grad0, G)
+                    sq["sum"].extend(torch._foreach_norm(w.grad0))
                 if group["scale_by_gamma"]:
                     torch._foreach_mul_(G, w.gamma)
                 if group["outer_weight_decay"] and group["weight_decay"]:
@@ -404,6 +462,7 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
         foreach = group["foreach"] is None or bool(group["foreach"])
         w = _GroupWork(group, params, gamma, sigma, foreach)
         momentum = bool(group["sgld_momentum"])
+        w.fused = _fused_for(params, group["sgld_momentum"], foreach)
         same = len({(p.device, p.dtype) for p in params}) == 1
         if group["flat"] and same:
             w.make_flat(self._flat_cache.setdefault(index, {}), momentum)
@@ -442,6 +501,7 @@ class _GroupWork:
                  foreach: bool) -> None:
         self.group, self.params, self.gamma, self.sigma = group, params, gamma, sigma
         self.foreach = foreach
+        self.fused = False
         self.xp: list[Tensor] = []
         self.x: list[Tensor] = []
         self.mu: list[Tensor] = []
