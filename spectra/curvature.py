@@ -176,6 +176,16 @@ def _no_attention_fastpath() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
+def require_curvature_operator(op: Any, who: str) -> None:
+    """Refuse anything but a :class:`CurvatureOperator` for algorithms that move the
+    weights (they need the loss away from the point, not only products)."""
+    if not isinstance(op, CurvatureOperator):
+        raise TypeError(
+            f"{who} needs the problem as a CurvatureOperator (e.g. "
+            f"spectra.hessian_operator(model, loss_fn, data)), got {type(op).__name__}"
+        )
+
+
 def path_tolerance(eps: float) -> float:
     """Largest relative difference two exact product paths may show when the
     computation rounds at ``eps`` (the lowest precision it runs in).

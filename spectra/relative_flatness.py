@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_int, check_seed
-from .curvature import CurvatureOperator
+from .curvature import CurvatureOperator, require_curvature_operator
 from .linear_operator import CallableOperator
 from .trace import trace
 
@@ -120,11 +120,7 @@ def relative_flatness(
             ``op``), a parameter that is not 2-D, a bad ``method``, ``num_matvecs`` or
             ``seed``, all before any product.
     """
-    if not isinstance(op, CurvatureOperator):
-        raise TypeError(
-            "relative_flatness needs the problem as a CurvatureOperator (e.g. "
-            f"spectra.hessian_operator(model, loss_fn, data)), got {type(op).__name__}"
-        )
+    require_curvature_operator(op, "relative_flatness")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     budget = check_int("num_matvecs", num_matvecs, minimum=4)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ._checks import check_int, check_real, check_seed
-from .curvature import CurvatureOperator
+from .curvature import CurvatureOperator, require_curvature_operator
 
 __all__ = ["SharpnessEstimate", "adaptive_sharpness"]
 
@@ -184,11 +184,7 @@ def adaptive_sharpness(
         ValueError: bad ``rho``, ``kind``, ``p``, ``steps``, ``num_samples``, ``eta`` or
             ``seed`` (before any evaluation).
     """
-    if not isinstance(op, CurvatureOperator):
-        raise TypeError(
-            "adaptive_sharpness needs the problem as a CurvatureOperator (e.g. "
-            f"spectra.hessian_operator(model, loss_fn, data)), got {type(op).__name__}"
-        )
+    require_curvature_operator(op, "adaptive_sharpness")
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     rho = check_real("rho", rho)
