@@ -7,8 +7,10 @@ threads, memory and imports do not bleed into the next.  ``peers`` needs
 PyHessian, hessian-eigenthings and curvlinops, kept out of the dev install: it
 runs under ``.venv-anchors/bin/python`` when that exists (see
 benchmarks/README.md), else under this interpreter, where it prints how to
-install the peers and skips.  ``all`` runs every benchmark with its defaults and
-exits non-zero if any failed.
+install the peers and skips.  ``all`` runs every benchmark but ``large`` with its
+defaults and exits non-zero if any failed; ``large`` (a GPT-2 Hessian at 10M
+parameters by default, about half an hour on 2 cores; ``--size 124m`` for GPT-2 small)
+runs only when named.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("exact", "matrix_free", "peers", "optimizers", "fisher_diagonal", "flatness")
+NAMES = ("exact", "matrix_free", "peers", "optimizers", "fisher_diagonal", "flatness",
+         "large")
+ALL = tuple(n for n in NAMES if n != "large")  # large runs only when named
 ANCHORS = ROOT / ".venv-anchors" / "bin" / "python"
 
 
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name = argv[0].removeprefix("bench_").removesuffix(".py")
     if name == "all":
-        failed = [n for n in NAMES if run(n, argv[1:]) != 0]
+        failed = [n for n in ALL if run(n, argv[1:]) != 0]
         if failed:
             print(f"failed: {', '.join(failed)}")
         return 1 if failed else 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -31,10 +32,16 @@ from ._checks import check_int, check_real, check_seed
 from ._krylov import (
     KrylovCheckpoint,
     breakdown_tolerance,
+    check_budget,
     checkpoint_file,
+    default_memory_budget,
+    format_bytes,
     lanczos_step,
+    load_into,
+    peak_memory_bytes,
     progress_bar,
     random_orthogonal,
+    stored_args,
 )
 from .checkpoint import CheckpointError
 from .linear_operator import (
@@ -70,6 +77,14 @@ TOL_OVER_FLOOR = 10.0
 #: whose relative tolerance is out of reach (an eigenvalue near zero) is converged.
 MIN_TOL_OVER_FLOOR = 2.0
 
+#: The smallest basis a memory budget may shrink ncv to: k + MIN_EXTRA_NCV (each thick
+#: restart keeps k + 1 vectors and adds at least 2 new ones).
+MIN_EXTRA_NCV = 3
+#: Vectors of length n the Krylov path holds besides the ncv + 1 basis rows: the
+#: product ``A q`` and one temporary (a restart's rotation chunk, a breakdown's new
+#: start vector); the k returned eigenvectors come on top.
+WORK_VECTORS = 2
+
 
 class ConvergenceWarning(RuntimeWarning):
     """Not all requested eigenpairs reached the tolerance within the matvec budget."""
@@ -93,6 +108,16 @@ class LanczosResult:
         which: the normalised selection ("LA", "SA", "LM" or "BE").
         method: "krylov" or "dense".
         tol: the relative tolerance used (``tol=None`` resolved by the default rule).
+        seconds: wall time of the call (summed over the sessions of a resumed run).
+        peak_memory_bytes: the process's memory high-water mark at the end, the
+            largest over the sessions of a resumed run (CPU:
+            ``ru_maxrss``, the whole process's peak resident set since it started,
+            so an upper bound on the run's own; CUDA:
+            ``torch.cuda.max_memory_allocated``, since its last reset).
+        basis_bytes: bytes of the vectors the algorithm itself stored: the
+            (ncv + 1, n) basis (dense path: the assembled n x n float64 matrix).
+        ncv: the basis size used (given, the default, or what fit
+            ``memory_budget``; 0 for the dense path).
     """
 
     eigenvalues: torch.Tensor
@@ -104,6 +129,10 @@ class LanczosResult:
     which: str
     method: str = "krylov"
     tol: float = math.nan
+    seconds: float = math.nan
+    peak_memory_bytes: int = 0
+    basis_bytes: int = 0
+    ncv: int = 0
 
     @property
     def all_converged(self) -> bool:
@@ -118,7 +147,7 @@ class LanczosResult:
             f"max_residual={float(self.residuals.max()):.2e}, "
             f"converged={int(self.converged.sum())}/{self.converged.numel()}, "
             f"tol={self.tol:.1e}, matvecs={self.matvecs}, restarts={self.restarts}, "
-            f"method={self.method!r}, eigenvectors={vec})"
+            f"method={self.method!r}, eigenvectors={vec}, seconds={self.seconds:.3g})"
         )
 
 
@@ -139,6 +168,7 @@ def lanczos(
     progress: bool | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 300.0,
+    memory_budget: int | None = None,
 ) -> LanczosResult:
     """k extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -177,16 +207,19 @@ def lanczos(
         n: size, for a callable ``op``.
         v0: start vector (n,) in the operator's dtype and device (default random
             normal).
-        ncv: basis size m (default ``max(2 k + 10, 20)``, at most n - 1).  Memory
-            is ``(ncv + 1) n`` elements of the operator's dtype plus O(n)
-            temporaries.
+        ncv: basis size m (default ``max(2 k + 10, 20)``, at most n - 1, and at
+            most what fits ``memory_budget``, not below ``k + 3``).  Memory is
+            ``(ncv + 1) n`` elements of the operator's dtype plus 2 vectors of
+            temporaries and the k returned eigenvectors.
         return_eigenvectors: keep the (n, k) Ritz vectors in the result.
         check_symmetry: probe symmetry once (2 matvecs) and raise ``ValueError``
             for a non-symmetric operator.
         dense: solve by assembling the matrix (n matvecs) and ``torch.linalg.eigh``
             in float64.  Default: when ``n <= 200`` or ``n <= 2 ncv``, where the
             dense solve costs about as many matvecs as Lanczos would.
-        progress: tqdm progress bar (default: only on a terminal).
+        progress: tqdm progress bar: matvecs done against ``max_matvecs`` (so its
+            time left is an upper bound), converged pairs (default: only on a
+            terminal).
         checkpoint: a file (or an existing folder, then ``<folder>/lanczos.ckpt``)
             where the whole iteration state is saved, atomically, at most every
             ``checkpoint_every`` seconds at a step or restart boundary and once
@@ -209,6 +242,18 @@ def lanczos(
             dense path, which does not write).
         checkpoint_every: seconds between saves (default 300; 0 saves at every
             step).
+        memory_budget: bytes the Krylov path's vectors may take: ``(ncv + 1 + 2
+            + k) n`` elements (basis, temporaries, the returned eigenvectors; the
+            k only with ``return_eigenvectors``).  Default: half of the free
+            memory of the operator's device
+            (:func:`spectra.exact.available_memory_bytes`) at the call, the rest
+            left for the operator's products.  The default ncv is lowered to fit
+            (down to ``k + 3``; fewer basis vectors mean more restarts, not a
+            worse answer); when even that, or a given ncv, does not fit, a
+            ``MemoryError`` names n, the dtype, the bytes per vector, the vectors
+            needed, the budget and the free memory, before any product.  A run
+            resumed from a checkpoint keeps the ncv it started with when that
+            fits.  Ignored by the dense path.
 
     Breakdown: when the recurrence hits an invariant subspace (``beta`` at
     rounding level) its Ritz pairs are exact; the iteration continues from a
@@ -223,6 +268,7 @@ def lanczos(
     Returns:
         :class:`LanczosResult`.
     """
+    t0 = time.perf_counter()
     op = as_linear_operator(op, n=n)
     size = op.shape[0]
     which_n = _check_which(which)
@@ -244,11 +290,17 @@ def lanczos(
         raise ValueError(f"max_matvecs={max_matvecs} is too small for k={k}; need >= k + 3")
     if v0 is not None:
         v0 = _check_v0(v0, op)
+    budget = check_budget(memory_budget)
     if checkpoint is not None:
         checkpoint = checkpoint_file(checkpoint, "lanczos", checkpoint_every)
 
     if dense is None:
         dense = size <= max(DENSE_THRESHOLD, 2 * m) or k >= size
+    if not dense:
+        previous = None
+        if checkpoint is not None and ncv is None:
+            previous = (stored_args(checkpoint, "lanczos") or {}).get("ncv")
+        m = _fit_basis(op, k, m, ncv is not None, budget, return_eigenvectors, previous)
     acc = _accuracy(op, tol, m, dense)
     ckpt, saved = None, None
     if checkpoint is not None and not dense:
@@ -263,11 +315,11 @@ def lanczos(
     if check_symmetry and saved is None:
         check_symmetric(op, seed=seed)
     if dense:
-        return _dense(op, k, which_n, acc, start, return_eigenvectors)
+        return _dense(op, k, which_n, acc, start, return_eigenvectors, t0)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     return _thick_restart(
         op, k, which_n, acc, max_matvecs, gen, v0, m, start, return_eigenvectors, progress,
-        ckpt, saved,
+        ckpt, saved, t0,
     )
 
 
@@ -292,6 +344,49 @@ def _basis_size(ncv: int | None, k: int, size: int) -> int:
     if ncv is not None and m <= k:
         raise ValueError(f"ncv={ncv} must exceed k={k}")
     return max(min(m, size - 1), 1)
+
+
+def _fit_basis(
+    op: LinearOperator,
+    k: int,
+    m: int,
+    given: bool,
+    budget: int | None,
+    vectors: bool,
+    previous: Any,
+) -> int:
+    """The basis size for ``budget`` bytes (see ``memory_budget``); raises MemoryError
+    before any product when the minimum, or a given ncv, does not fit."""
+    size, dtype = op.shape[0], op.dtype
+    per_vector = size * torch.empty((), dtype=dtype).element_size()
+    extra = WORK_VECTORS + (k if vectors else 0)
+    default_budget, free = default_memory_budget(op.device)
+    limit = default_budget if budget is None else budget
+    fits = limit // per_vector - 1 - extra  # largest ncv that fits
+    smallest = max(min(k + MIN_EXTRA_NCV, size - 1), 1)
+    if (not given and isinstance(previous, int) and smallest <= previous <= m
+            and previous <= fits):
+        return previous  # resume with the basis size the run started with
+    if not given:
+        m = min(m, max(fits, 0))
+        if m >= smallest:
+            return m
+        m = smallest
+    elif m <= fits:
+        return m
+    need = (m + 1 + extra) * per_vector
+    which = "ncv" if given else "the smallest basis"
+    source = "memory_budget" if budget is not None else "the default budget (half the free memory)"
+    raise MemoryError(
+        f"lanczos(k={k}) with {which} ncv = {m} needs {m + 1 + extra} vectors (ncv + 1 "
+        f"basis + {WORK_VECTORS} temporaries" + (f" + k = {k} eigenvectors" if vectors else "")
+        + f") of n = {size:,} numbers of {dtype}, {per_vector:,} bytes per vector: "
+        f"{format_bytes(need)}; {source} is {format_bytes(limit)}, with "
+        f"{format_bytes(free)} free on {op.device}. Use a smaller k"
+        + (", return_eigenvectors=False" if vectors else "")
+        + (", a smaller ncv" if given else "")
+        + ", fewer parameters, or a larger memory_budget"
+    )
 
 
 @dataclass(frozen=True)
@@ -383,7 +478,8 @@ def _select(theta: np.ndarray, count: int, which: str) -> np.ndarray:
 
 
 def _dense(
-    op: LinearOperator, k: int, which: str, acc: _Accuracy, start: int, vectors: bool
+    op: LinearOperator, k: int, which: str, acc: _Accuracy, start: int, vectors: bool,
+    t0: float,
 ) -> LanczosResult:
     """Assemble the matrix and use ``torch.linalg.eigh`` in float64."""
     A = op.to_dense().to(torch.float64)
@@ -410,6 +506,10 @@ def _dense(
         which=which,
         method="dense",
         tol=acc.tol,
+        seconds=time.perf_counter() - t0,
+        peak_memory_bytes=peak_memory_bytes(op.device),
+        basis_bytes=A.nbytes,
+        ncv=0,
     )
 
 
@@ -443,23 +543,26 @@ def _thick_restart(
     progress: bool | None,
     ckpt: KrylovCheckpoint | None = None,
     saved: dict[str, np.ndarray] | None = None,
+    t0: float = math.nan,
 ) -> LanczosResult:
     size = op.shape[0]
     Q = torch.zeros((m + 1, size), dtype=op.dtype, device=op.device)
     finished = False
+    before, peak = 0.0, 0  # seconds and peak memory of earlier sessions of a resumed run
     if saved is None:
         if v0 is None:
             v0 = random_orthogonal(Q[:0], gen)
         Q[0] = v0
         st = _State(Q=Q, H=np.zeros((m + 1, m + 1)))
     else:
-        st, finished, used = _restore(saved, Q, gen, ckpt)
+        st, finished, used, before, peak = _restore(saved, Q, gen, ckpt)
         start = op.matvecs - used  # matvecs count as in the uninterrupted run
     nkeep = min(k + max((m - k) // 2, 1), m - 1)
 
     def save(done: bool) -> None:
         if ckpt is not None and (done or ckpt.due()):
-            _save(ckpt, st, gen, op.matvecs - start, done)
+            _save(ckpt, st, gen, op.matvecs - start, done, before + time.perf_counter() - t0,
+                  max(peak, peak_memory_bytes(op.device)))
 
     with progress_bar(max_matvecs, f"lanczos(k={k}, {which})", progress) as bar:
         bar.update(op.matvecs - start)
@@ -507,6 +610,10 @@ def _thick_restart(
         which=which,
         method="krylov",
         tol=acc.tol,
+        seconds=before + time.perf_counter() - t0,
+        peak_memory_bytes=max(peak, peak_memory_bytes(op.device)),
+        basis_bytes=Q.nbytes,
+        ncv=m,
     )
 
 
@@ -514,9 +621,12 @@ def _sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _save(ckpt: KrylovCheckpoint, st: _State, gen: torch.Generator, used: int, done: bool) -> None:
+def _save(ckpt: KrylovCheckpoint, st: _State, gen: torch.Generator, used: int, done: bool,
+          seconds: float, peak: int) -> None:
     """The full state at a step/restart boundary; rows past ``j`` of Q are never read again."""
     ckpt.save({
+        "seconds": np.float64(seconds),
+        "peak_memory_bytes": np.int64(peak),
         "Q": st.Q[: st.j + 1].cpu().numpy(),
         "H": st.H,
         "scalars": np.array([st.j, st.restarts, st.fresh, used, int(st.exhausted), int(done)],
@@ -528,23 +638,25 @@ def _save(ckpt: KrylovCheckpoint, st: _State, gen: torch.Generator, used: int, d
 
 def _restore(
     saved: dict[str, np.ndarray], Q: torch.Tensor, gen: torch.Generator, ckpt: Any
-) -> tuple[_State, bool, int]:
+) -> tuple[_State, bool, int, float, int]:
     try:
         j, restarts, fresh, used, exhausted, done = (int(x) for x in saved["scalars"])
-        rows = torch.from_numpy(saved["Q"])
         H = np.array(saved["H"], dtype=np.float64)
-        if rows.shape != (j + 1, Q.shape[1]) or H.shape != (Q.shape[0], Q.shape[0]):
-            raise ValueError(f"basis {tuple(rows.shape)} / projected matrix {H.shape} do not "
-                             f"fit j={j}, ncv={Q.shape[0] - 1}, n={Q.shape[1]}")
-        Q[: j + 1] = rows.to(Q.dtype)
+        if not 0 <= j < Q.shape[0] or H.shape != (Q.shape[0], Q.shape[0]):
+            raise ValueError(f"projected matrix {H.shape} / j={j} do not fit "
+                             f"ncv={Q.shape[0] - 1}")
+        load_into(saved, "Q", [Q[: j + 1]], (j + 1, Q.shape[1]))  # (checks the shape)
         gen.set_state(torch.from_numpy(saved["rng"]))
         anorm = float(saved["anorm"])
+        # (not in files of earlier versions)
+        seconds = float(saved["seconds"]) if "seconds" in saved else 0.0
+        peak = int(saved["peak_memory_bytes"]) if "peak_memory_bytes" in saved else 0
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {ckpt.path} is damaged ({exc}); delete it to start "
                               "over") from None
     st = _State(Q=Q, H=H, j=j, anorm=anorm, restarts=restarts, exhausted=bool(exhausted),
                 fresh=fresh)
-    return st, bool(done), used
+    return st, bool(done), used, seconds, peak
 
 
 def _expand(op: LinearOperator, st: _State, gen: torch.Generator, iteration: int) -> None:

@@ -18,14 +18,15 @@ the n unit vectors, with no sampling error, so no estimator spends more than n.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from ._checks import check_int, check_seed
-from ._krylov import progress_bar, random_block
+from ._krylov import peak_memory_bytes, progress_bar, random_block
 from .linear_operator import LinearOperator, as_linear_operator
 
 __all__ = ["trace", "TraceEstimate"]
@@ -43,17 +44,23 @@ class TraceEstimate:
             method "exact", or a Hutch++ sketch that spans the whole space).
         matvecs: operator applications used.
         method: "hutch++", "hutchinson", or "exact" (the budget reached n).
+        seconds: wall time of the call.
+        peak_memory_bytes: the process's memory high-water mark at the end (CPU:
+            ``ru_maxrss``, the whole process's peak since it started; CUDA:
+            ``torch.cuda.max_memory_allocated``).  Neither takes part in ``==``.
     """
 
     estimate: float
     stderr: float
     matvecs: int
     method: str
+    seconds: float = field(default=math.nan, compare=False)
+    peak_memory_bytes: int = field(default=0, compare=False)
 
     def __repr__(self) -> str:
         return (
             f"TraceEstimate({self.estimate:.6g} +- {self.stderr:.2g}, "
-            f"method={self.method!r}, matvecs={self.matvecs})"
+            f"method={self.method!r}, matvecs={self.matvecs}, seconds={self.seconds:.3g})"
         )
 
 
@@ -86,8 +93,10 @@ def trace(
         n: size, for a callable ``op``.
         block_size: probes per block matvec (default 64; memory: ``block_size x
             n``).
-        progress: tqdm progress bar (default: only on a terminal).
+        progress: tqdm progress bar: matvecs done of the budget and the estimated
+            time left (default: only on a terminal).
     """
+    t0 = time.perf_counter()
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     op = as_linear_operator(op, n=n)
@@ -111,7 +120,8 @@ def trace(
         else:
             est, se = _hutchpp(op, budget, gen, block_size, bar)
     return TraceEstimate(float(est), float(se), op.matvecs - start,
-                         "exact" if exact else method)
+                         "exact" if exact else method, seconds=time.perf_counter() - t0,
+                         peak_memory_bytes=peak_memory_bytes(op.device))
 
 
 def _exact(op: LinearOperator, block_size: int, bar: Any) -> float:

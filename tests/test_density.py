@@ -129,9 +129,12 @@ def test_float32_operator(nn_like):
 
 
 def test_memory_guard_names_bytes(nn_like):
+    """A fixed scheme whose one probe does not fit is refused; "auto" (the default) would
+    fall back to a cheaper one instead (tests/test_bounded_memory.py)."""
     A, _ = nn_like
     with pytest.raises(MemoryError, match="GiB.*num_steps"):
-        spectral_density(A, num_probes=10, num_steps=100, max_basis_bytes=10**6)
+        spectral_density(A, num_probes=10, num_steps=100, max_basis_bytes=10**6,
+                         reorthogonalization="full")
 
 
 def test_non_symmetric_raises():
