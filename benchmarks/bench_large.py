@@ -20,8 +20,9 @@ a high-water mark since the start, after each):
 * products: the first HVP (the operator's path check and graph build), ``--warmup``
   more (the first few are slower while the allocator settles), then, interleaved
   ``--repeat`` times so a changing machine load hits them alike (medians): a plain
-  ``loss.backward()`` gradient, the operator's gradient (torch.func), one HVP, and a
-  block ``H @ V`` of ``--block-width`` vectors per vector.  Which of single and block
+  ``loss.backward()`` gradient, the operator's gradient (torch.func) and one HVP; then
+  ``--repeat`` blocks ``H @ V`` of ``--block-width`` vectors (after an untimed one),
+  per vector.  Which of single and block
   is cheaper per vector sets the SLQ and trace block size (1 if single; else the
   memory budget's choice) unless ``--block`` is given;
 * lanczos: top-k eigenvalues with residuals (``tol``) and the ncv its memory budget
@@ -135,12 +136,15 @@ def section_products(H, model, ids, forward, args) -> dict:
     # of them, measured) while the allocator settles into reusing its freed memory
     warm = [timed(lambda: H @ v)[0] for _ in range(args.warmup)]
     timed(plain)
-    timed(lambda: H @ V)
     times: dict[str, list[float]] = {"grad_plain": [], "grad_func": [], "hvp": [], "block": []}
     for _ in range(args.repeat):
         times["grad_plain"].append(timed(plain)[0])
         times["grad_func"].append(timed(H.loss_and_gradient)[0])
         times["hvp"].append(timed(lambda: H @ v)[0])
+    # blocks after the singles, one untimed first: a block product between single ones
+    # makes the next single one ~3x slower (measured at 10M; the allocator again)
+    timed(lambda: H @ V)
+    for _ in range(args.repeat):
         times["block"].append(timed(lambda: H @ V)[0] / V.shape[1])
     med = {k: float(np.median(x)) for k, x in times.items()}
     return {"hvp_first_s": t_first, "peak_rss_after_first": peak_first,
@@ -254,7 +258,7 @@ def report(res: dict, args) -> None:
                   + " / ".join(f"{x:.2f}" for x in h["warmup_s"]) + f" | {len(h['warmup_s'])} "
                   "| | |")
         print(f"| gradient, plain loss.backward() | {h['grad_plain_s']:.2f} | - | | median of "
-              f"{h['repeat']}, interleaved with the products |")
+              f"{h['repeat']}, interleaved with the single HVPs |")
         print(f"| gradient, operator (torch.func) | {h['grad_func_s']:.2f} | - | | |")
         print(f"| HVP, single vector | {h['hvp_s']:.2f} | 1 | | "
               f"{h['hvp_s'] / h['grad_plain_s']:.2f} x plain gradient |")
