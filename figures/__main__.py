@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
 
 #: Experiments with their own command lines (training harness, issue 7), not part of ``all``:
 #: ``python -m figures compare|table1|curves [their options]``.
-EXPERIMENTS = {"compare": "figures.compare", "table1": "figures.table1", "curves": "figures.curves"}
+EXPERIMENTS = {"compare": "figures.compare", "table1": "figures.table1", "curves": "figures.curves",
+               "search": "figures.search"}
 
 
 def main(argv: list[str] | None = None) -> int:
