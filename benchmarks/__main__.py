@@ -1,14 +1,15 @@
 """Run the benchmarks: ``python -m benchmarks all`` or ``python -m benchmarks <name> [args]``.
 
-Names: exact, matrix_free, peers, optimizers, fisher_diagonal, flatness (the modules
+Names: exact, matrix_free, peers, optimizers, fisher_diagonal, flatness, eigensolver (the modules
 ``benchmarks/bench_<name>.py``; ``bench_<name>`` is accepted too).  Each runs in
 its own process (``python -m benchmarks.bench_<name>``) so one benchmark's
 threads, memory and imports do not bleed into the next.  ``peers`` needs
 PyHessian, hessian-eigenthings and curvlinops, kept out of the dev install: it
 runs under ``.venv-anchors/bin/python`` when that exists (see
 benchmarks/README.md), else under this interpreter, where it prints how to
-install the peers and skips.  ``all`` runs every benchmark but ``large`` with its
-defaults and exits non-zero if any failed; ``large`` (a GPT-2 Hessian at 10M
+install the peers and skips.  ``all`` runs every benchmark but ``large`` and
+``eigensolver`` with their defaults and exits non-zero if any failed; ``eigensolver``
+(dense solvers at n = 4k/8k/12k, minutes) and ``large`` (a GPT-2 Hessian at 10M
 parameters by default, about half an hour on 2 cores; ``--size 124m`` for GPT-2 small)
 runs only when named.
 """
@@ -21,9 +22,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("exact", "matrix_free", "peers", "optimizers", "fisher_diagonal", "flatness",
-         "large")
-ALL = tuple(n for n in NAMES if n != "large")  # large runs only when named
+NAMES = (
+    "exact",
+    "matrix_free",
+    "peers",
+    "optimizers",
+    "fisher_diagonal",
+    "flatness",
+    "eigensolver",
+    "large",
+)
+ALL = tuple(n for n in NAMES if n not in ("large", "eigensolver"))  # these only when named
 ANCHORS = ROOT / ".venv-anchors" / "bin" / "python"
 
 
@@ -35,8 +44,9 @@ def interpreter(name: str) -> str:
 
 def run(name: str, args: list[str]) -> int:
     python = interpreter(name)
-    print(f"\n## bench_{name}  ({python} -m benchmarks.bench_{name} {' '.join(args)})\n",
-          flush=True)
+    print(
+        f"\n## bench_{name}  ({python} -m benchmarks.bench_{name} {' '.join(args)})\n", flush=True
+    )
     t0 = time.perf_counter()
     rc = subprocess.call([python, "-m", f"benchmarks.bench_{name}", *args], cwd=ROOT)
     print(f"\n(bench_{name}: exit {rc}, {time.perf_counter() - t0:.0f} s)", flush=True)

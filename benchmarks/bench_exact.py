@@ -64,9 +64,16 @@ def stage_timing(args) -> dict:
     t_hvp_dd = _time(lambda: uncached @ v)
     t_hvp_func = _time(lambda: forward_over_reverse @ v)
     t_block = _time(lambda: H @ V, repeat=3) / args.block
-    return {"n": n, "grad_s": t_grad, "hvp_s": t_hvp, "hvp_double_backward_s": t_hvp_dd,
-            "hvp_func_s": t_hvp_func, "batched_hvp_per_vector_s": t_block, "block": args.block,
-            "baseline_rss": _rss_bytes()}
+    return {
+        "n": n,
+        "grad_s": t_grad,
+        "hvp_s": t_hvp,
+        "hvp_double_backward_s": t_hvp_dd,
+        "hvp_func_s": t_hvp_func,
+        "batched_hvp_per_vector_s": t_block,
+        "block": args.block,
+        "baseline_rss": _rss_bytes(),
+    }
 
 
 def stage_spectrum(args) -> dict:
@@ -74,12 +81,18 @@ def stage_spectrum(args) -> dict:
 
     model, loss, data = problem(args.hidden, args.samples)
     base = _rss_bytes()
-    s = spectra.exact_spectrum(model, loss, data, dtype=torch.float32, chunk_size=args.block,
-                               progress=True)
-    return {"n": s.n_params, "build_s": s.info["build_seconds"],
-            "solve_s": s.info["solve_seconds"], "asymmetry": s.info["asymmetry"],
-            "peak_rss": _rss_bytes(), "baseline_rss": base,
-            "top": float(s.top(1)[0])}
+    s = spectra.exact_spectrum(
+        model, loss, data, dtype=torch.float32, chunk_size=args.block, progress=True
+    )
+    return {
+        "n": s.n_params,
+        "build_s": s.info["build_seconds"],
+        "solve_s": s.info["solve_seconds"],
+        "asymmetry": s.info["asymmetry"],
+        "peak_rss": _rss_bytes(),
+        "baseline_rss": base,
+        "top": float(s.top(1)[0]),
+    }
 
 
 def stage_func_hessian(args) -> dict:
@@ -98,17 +111,35 @@ def stage_func_hessian(args) -> dict:
     t0 = time.perf_counter()
     try:
         Hm = torch.func.hessian(f)(theta)
-        return {"func_hessian_s": time.perf_counter() - t0, "shape": list(Hm.shape),
-                "peak_rss": _rss_bytes()}
+        return {
+            "func_hessian_s": time.perf_counter() - t0,
+            "shape": list(Hm.shape),
+            "peak_rss": _rss_bytes(),
+        }
     except (RuntimeError, MemoryError) as exc:
-        return {"func_hessian_failed": f"{type(exc).__name__}: {str(exc)[:160]}",
-                "after_s": time.perf_counter() - t0, "cap_gb": args.func_cap_gb}
+        return {
+            "func_hessian_failed": f"{type(exc).__name__}: {str(exc)[:160]}",
+            "after_s": time.perf_counter() - t0,
+            "cap_gb": args.func_cap_gb,
+        }
 
 
 def run_stage(name: str, args) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.bench_exact", "--stage", name,
-           "--hidden", str(args.hidden), "--samples", str(args.samples),
-           "--block", str(args.block), "--func-cap-gb", str(args.func_cap_gb)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_exact",
+        "--stage",
+        name,
+        "--hidden",
+        str(args.hidden),
+        "--samples",
+        str(args.samples),
+        "--block",
+        str(args.block),
+        "--func-cap-gb",
+        str(args.func_cap_gb),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     last = proc.stdout.strip().splitlines()[-1:] or ["{}"]
     try:
@@ -118,7 +149,9 @@ def run_stage(name: str, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--block", type=int, default=32)
@@ -133,18 +166,24 @@ def main() -> None:
     print(json.dumps(results, indent=1))
     t, sp = results.get("timing", {}), results.get("spectrum", {})
     n = t.get("n") or sp.get("n")
-    print(f"\n### small-mnistfc 784-{args.hidden}-10, n = {n:,}, {args.samples} samples, float32, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print(
+        f"\n### small-mnistfc 784-{args.hidden}-10, n = {n:,}, {args.samples} samples, float32, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+    )
     print("| quantity | value | target |\n|---|---|---|")
     if t:
         g = t["grad_s"]
         print(f"| gradient | {g * 1e3:.2f} ms | |")
-        for label, key in (("one HVP (default: double backward, graph cached)", "hvp_s"),
-                           ("one HVP (double backward, graph rebuilt)", "hvp_double_backward_s"),
-                           ("one HVP (jvp of grad)", "hvp_func_s")):
+        for label, key in (
+            ("one HVP (default: double backward, graph cached)", "hvp_s"),
+            ("one HVP (double backward, graph rebuilt)", "hvp_double_backward_s"),
+            ("one HVP (jvp of grad)", "hvp_func_s"),
+        ):
             print(f"| {label} | {t[key] * 1e3:.2f} ms = {t[key] / g:.2f}x grad | |")
-        print(f"| batched HVP per vector (k={t['block']}) | {t['batched_hvp_per_vector_s'] * 1e3:.3f} ms"
-              f" = {t['batched_hvp_per_vector_s'] / g:.2f}x grad | <= 2x |")
+        print(
+            f"| batched HVP per vector (k={t['block']}) | {t['batched_hvp_per_vector_s'] * 1e3:.3f} ms"
+            f" = {t['batched_hvp_per_vector_s'] / g:.2f}x grad | <= 2x |"
+        )
     if sp and "build_s" in sp:
         item = 4
         matrix = n * n * item
@@ -155,8 +194,10 @@ def main() -> None:
         print(f"| eigensolve (in place, syevd) | {sp['solve_s']:.1f} s | |")
         workspace = 8 * n * item
         peak = sp["peak_rss"] - sp["baseline_rss"]
-        print(f"| peak memory above model+data | {peak / 2**30:.2f} GiB = "
-              f"{peak / (matrix + workspace):.3f} x (matrix + workspace) | <= 1.1 |")
+        print(
+            f"| peak memory above model+data | {peak / 2**30:.2f} GiB = "
+            f"{peak / (matrix + workspace):.3f} x (matrix + workspace) | <= 1.1 |"
+        )
         print(f"| asymmetry before symmetrising | {sp['asymmetry']:.1e} | |")
     elif sp:
         print(f"| spectrum | {sp} | |")
@@ -165,8 +206,10 @@ def main() -> None:
         if "func_hessian_s" in fh:
             print(f"| torch.func.hessian | {fh['func_hessian_s']:.1f} s | |")
         else:
-            print(f"| torch.func.hessian | failed after {fh.get('after_s', 0):.1f} s under a "
-                  f"{fh.get('cap_gb')} GB cap: {fh.get('func_hessian_failed', fh)} | |")
+            print(
+                f"| torch.func.hessian | failed after {fh.get('after_s', 0):.1f} s under a "
+                f"{fh.get('cap_gb')} GB cap: {fh.get('func_hessian_failed', fh)} | |"
+            )
 
 
 if __name__ == "__main__":

@@ -86,17 +86,15 @@ class PeakRSS:
 def prepare(folder: Path, width: float, batch: int, steps: int, seed: int) -> dict[str, Any]:
     from figures.models import all_cnn_bn
 
+    from .training import train_full_batch
+
     torch.manual_seed(seed)
     model = all_cnn_bn(width)
     X, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(X), y).backward()
-        opt.step()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "X": X, "y": y},
-               folder / "state.pt")
+    opt = train_full_batch(model, X, y, steps, lr=1e-3)
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "X": X, "y": y}, folder / "state.pt"
+    )
     return {"n_params": sum(p.numel() for p in model.parameters())}
 
 
@@ -135,16 +133,24 @@ def worker(method: str, folder: Path, width: float, chunk_size: int | None) -> d
             t0 = time.perf_counter()
             run()
             seconds.append(time.perf_counter() - t0)
-    return {"method": method, "seconds": statistics.median(seconds), "peak_mb": mem.delta / 2**20,
-            **extra}
+    return {
+        "method": method,
+        "seconds": statistics.median(seconds),
+        "peak_mb": mem.delta / 2**20,
+        **extra,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--chunk-size", type=int, default=32,
-                        help="samples vmapped at once for the per-sample gradients (0: all)")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=32,
+        help="samples vmapped at once for the per-sample gradients (0: all)",
+    )
     parser.add_argument("--adam-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -164,27 +170,44 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _spawn(method: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.bench_fisher_diagonal", "--worker", method,
-           "--folder", str(folder), "--width", str(args.width),
-           "--chunk-size", str(args.chunk_size), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_fisher_diagonal",
+        "--worker",
+        method,
+        "--folder",
+        str(folder),
+        "--width",
+        str(args.width),
+        "--chunk-size",
+        str(args.chunk_size),
+        "--threads",
+        str(args.threads),
+    ]
+    out = subprocess.run(
+        cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _report(rows: list[dict[str, Any]], meta: dict[str, Any], args: argparse.Namespace) -> None:
-    print(f"All-CNN-BN width {args.width}: {meta['n_params']:,} parameters, batch {args.batch}, "
-          f"{args.adam_steps} Adam steps before reading; CPU ({platform.processor() or 'cpu'}), "
-          f"{args.threads} threads, torch {torch.__version__}, load average "
-          f"{os.getloadavg()[0]:.1f}; per-sample chunk_size={args.chunk_size or 'all'}\n")
+    print(
+        f"All-CNN-BN width {args.width}: {meta['n_params']:,} parameters, batch {args.batch}, "
+        f"{args.adam_steps} Adam steps before reading; CPU ({platform.processor() or 'cpu'}), "
+        f"{args.threads} threads, torch {torch.__version__}, load average "
+        f"{os.getloadavg()[0]:.1f}; per-sample chunk_size={args.chunk_size or 'all'}\n"
+    )
     print("| method | seconds | peak memory above start (MiB) |")
     print("|---|---:|---:|")
     for r in rows:
         print(f"| {LABELS[r['method']]} | {r['seconds']:.4f} | {r['peak_mb']:.1f} |")
     adam = next(r for r in rows if r["method"] == "adam")
     per = next(r for r in rows if r["method"] == "per_sample")
-    print(f"\nper-sample / adam: {per['seconds'] / adam['seconds']:.0f}x time; "
-          f"Adam estimate: {adam['n_negative']:,} negative entries after steps {adam['steps']}")
+    print(
+        f"\nper-sample / adam: {per['seconds'] / adam['seconds']:.0f}x time; "
+        f"Adam estimate: {adam['n_negative']:,} negative entries after steps {adam['steps']}"
+    )
 
 
 if __name__ == "__main__":

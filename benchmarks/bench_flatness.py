@@ -90,8 +90,9 @@ def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     pixel noise, clipped to [0, 1]; float32 (n, 1, 28, 28) and int64 labels."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(10, 1, 7, 7, generator=g)
-    templates = nn.functional.interpolate(coarse, size=(28, 28), mode="bilinear",
-                                          align_corners=False)
+    templates = nn.functional.interpolate(
+        coarse, size=(28, 28), mode="bilinear", align_corners=False
+    )
     y = torch.randint(0, 10, (n,), generator=g)
     x = (templates[y] + 0.35 * torch.randn(n, 1, 28, 28, generator=g)).clamp(0.0, 1.0)
     return x, y
@@ -99,7 +100,7 @@ def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_data(n: int, synthetic: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     if not synthetic:
-        from figures.data import MissingDataError, load_mnist, subsample
+        from figures.datasets import MissingDataError, load_mnist, subsample
 
         try:
             x, y = load_mnist(split="train")
@@ -108,8 +109,15 @@ def load_data(n: int, synthetic: bool, seed: int) -> tuple[torch.Tensor, torch.T
         except MissingDataError:
             pass
     x, y = synthetic_images(n, seed)
-    return x, y, (f"SYNTHETIC 28x28 images ({n}; MNIST not found in data/, run `make data`)"
-                  if not synthetic else f"SYNTHETIC 28x28 images ({n}, --synthetic)")
+    return (
+        x,
+        y,
+        (
+            f"SYNTHETIC 28x28 images ({n}; MNIST not found in data/, run `make data`)"
+            if not synthetic
+            else f"SYNTHETIC 28x28 images ({n}, --synthetic)"
+        ),
+    )
 
 
 def build_model(x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> nn.Module:
@@ -146,11 +154,15 @@ class Recorder:
             result = original(op, *args, **kwargs)
             seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             after = getattr(op, "matvecs", None)
-            self.calls.append({
-                "label": label(*args, **kwargs), "seconds": seconds, "cpu": cpu,
-                "result": result,
-                "matvecs": None if before is None or after is None else after - before,
-            })
+            self.calls.append(
+                {
+                    "label": label(*args, **kwargs),
+                    "seconds": seconds,
+                    "cpu": cpu,
+                    "result": result,
+                    "matvecs": None if before is None or after is None else after - before,
+                }
+            )
             return result
 
         setattr(module, name, timed)
@@ -172,14 +184,19 @@ def _sharpness_label(rho: float, *a: Any, kind: str = "worst", **kw: Any) -> str
 
 def instrument(rec: Recorder, dense_builds: list[str]) -> None:
     # the modules (``spectra.lanczos`` etc. are the functions on the package itself)
-    mod = {m: importlib.import_module(f"spectra.{m}") for m in
-           ("lanczos", "trace", "density", "sharpness", "relative_flatness", "exact")}
+    mod = {
+        m: importlib.import_module(f"spectra.{m}")
+        for m in ("lanczos", "trace", "density", "sharpness", "relative_flatness", "exact")
+    }
     rec.wrap(mod["lanczos"], "lanczos", _lanczos_label)
     rec.wrap(mod["trace"], "trace", lambda method="hutch++", *a, **kw: f"trace ({method})")
     rec.wrap(mod["density"], "spectral_density", lambda *a, **kw: "SLQ probe")
     rec.wrap(mod["sharpness"], "adaptive_sharpness", _sharpness_label)
-    rec.wrap(mod["relative_flatness"], "relative_flatness",
-             lambda layer, *a, **kw: f"relative flatness {layer}")
+    rec.wrap(
+        mod["relative_flatness"],
+        "relative_flatness",
+        lambda layer, *a, **kw: f"relative flatness {layer}",
+    )
     exact = mod["exact"]
     for name in ("spectrum_of", "exact_hessian", "exact_spectrum"):
         if hasattr(exact, name):
@@ -192,8 +209,9 @@ def instrument(rec: Recorder, dense_builds: list[str]) -> None:
             setattr(exact, name, counted)
 
 
-def hvp_vs_gradient(model: nn.Module, data: Any, dtype: torch.dtype, repeats: int
-                    ) -> dict[str, float]:
+def hvp_vs_gradient(
+    model: nn.Module, data: Any, dtype: torch.dtype, repeats: int
+) -> dict[str, float]:
     """Median CPU seconds of one gradient and one HVP on the same operator, and of a plain
     autograd gradient of a copy of the model in the same dtype, interleaved."""
     op = spectra.hessian_operator(model, LOSS, data, dtype=dtype)
@@ -210,10 +228,12 @@ def hvp_vs_gradient(model: nn.Module, data: Any, dtype: torch.dtype, repeats: in
     block = torch.randn(op.shape[0], 8, generator=g, dtype=op.dtype)
     times: dict[str, list[float]] = {"backward": [], "gradient": [], "hvp": [], "hvp_block8": []}
     for i in range(repeats + 1):
-        runs = {"backward": backward,
-                "gradient": lambda: op.loss_and_gradient(theta),
-                "hvp": lambda i=i: op @ vs[i],
-                "hvp_block8": lambda: op @ block}
+        runs = {
+            "backward": backward,
+            "gradient": lambda: op.loss_and_gradient(theta),
+            "hvp": lambda i=i: op @ vs[i],
+            "hvp_block8": lambda: op @ block,
+        }
         for key, fn in runs.items():
             t0 = time.process_time()
             fn()
@@ -232,8 +252,12 @@ def fmt_bytes(b: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=1000, help="images the Hessian averages over")
-    ap.add_argument("--train-steps", type=int, default=200,
-                    help="Adam steps (batch 100) before measuring; 0 = random initialisation")
+    ap.add_argument(
+        "--train-steps",
+        type=int,
+        default=200,
+        help="Adam steps (batch 100) before measuring; 0 = random initialisation",
+    )
     ap.add_argument("--dtype", default="float64", choices=("float32", "float64"))
     ap.add_argument("--repeats", type=int, default=20, help="timed HVPs / gradients (median)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -244,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     omp = os.environ.get("OMP_NUM_THREADS")
-    command = (f"{'OMP_NUM_THREADS=' + omp + ' ' if omp else ''}python -m benchmarks flatness"
-               f" {shlex.join(sys.argv[1:] if argv is None else argv)}").rstrip()
+    command = (
+        f"{'OMP_NUM_THREADS=' + omp + ' ' if omp else ''}python -m benchmarks flatness"
+        f" {shlex.join(sys.argv[1:] if argv is None else argv)}"
+    ).rstrip()
 
     x, y, data_name = load_data(args.samples, args.synthetic, args.seed)
     model = build_model(x, y, args.train_steps, args.seed)
@@ -259,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     instrument(rec, dense_builds)
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        report = spectra.flatness(model, LOSS, data, dtype=dtype, feature_layer="3.weight",
-                                  progress=False)
+        report = spectra.flatness(
+            model, LOSS, data, dtype=dtype, feature_layer="3.weight", progress=False
+        )
     finally:
         rec.restore()
     total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -272,18 +299,26 @@ def main(argv: list[str] | None = None) -> int:
 
     info = report.info
     print(f"command: `{command}`")
-    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} "
-          f"thread(s), {platform.python_implementation()} {platform.python_version()}")
-    print(f"model: small-mnistfc 784-64-10, n = {n:,} parameters, "
-          f"{'briefly trained: ' + str(args.train_steps) + ' Adam steps' if args.train_steps else 'random initialisation'}"
-          f"; data: {data_name}; {info['method']}, {info['dtype']}, {info['mode']} mode, "
-          f"exact threshold {info['exact_threshold']:,}; loss {report['loss']:.4f}\n")
+    print(
+        f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} "
+        f"thread(s), {platform.python_implementation()} {platform.python_version()}"
+    )
+    print(
+        f"model: small-mnistfc 784-64-10, n = {n:,} parameters, "
+        f"{'briefly trained: ' + str(args.train_steps) + ' Adam steps' if args.train_steps else 'random initialisation'}"
+        f"; data: {data_name}; {info['method']}, {info['dtype']}, {info['mode']} mode, "
+        f"exact threshold {info['exact_threshold']:,}; loss {report['loss']:.4f}\n"
+    )
 
-    print("| measure group / call | wall s | CPU s | matvecs (HVPs) | gradient evals | "
-          "loss evals |")
+    print(
+        "| measure group / call | wall s | CPU s | matvecs (HVPs) | gradient evals | loss evals |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
-    groups = {"spectrum": ("Lanczos", "trace", "SLQ"), "sharpness": ("adaptive", "average"),
-              "relative_flatness": ("relative",)}
+    groups = {
+        "spectrum": ("Lanczos", "trace", "SLQ"),
+        "sharpness": ("adaptive", "average"),
+        "relative_flatness": ("relative",),
+    }
     slq = [c for c in rec.calls if c["label"] == "SLQ probe"]
     slq_steps = report.measure("negative_mass").details.get("steps")
     for group, prefixes in groups.items():
@@ -292,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         calls = [c for c in rec.calls if c["label"].startswith(prefixes)]
         mv = sum(c["matvecs"] or 0 for c in calls)
         cpu = sum(c["cpu"] for c in calls)
-        print(f"| **{group}** (info['seconds']) | **{info['seconds'][group]:.2f}** | "
-              f"**{cpu:.2f}** | **{mv:,}** | | |")
+        print(
+            f"| **{group}** (info['seconds']) | **{info['seconds'][group]:.2f}** | "
+            f"**{cpu:.2f}** | **{mv:,}** | | |"
+        )
         shown_slq = False
         for c in calls:
             if c["label"] == "SLQ probe":
@@ -302,54 +339,79 @@ def main(argv: list[str] | None = None) -> int:
                 shown_slq = True
                 secs, mvs = sum(s["seconds"] for s in slq), sum(s["matvecs"] or 0 for s in slq)
                 cpu = sum(s["cpu"] for s in slq)
-                print(f"| &nbsp; SLQ, {len(slq)} probes x {slq_steps} steps | "
-                      f"{secs:.2f} | {cpu:.2f} | {mvs:,} | | |")
+                print(
+                    f"| &nbsp; SLQ, {len(slq)} probes x {slq_steps} steps | "
+                    f"{secs:.2f} | {cpu:.2f} | {mvs:,} | | |"
+                )
                 continue
             r = c["result"]
             ge = getattr(r, "gradient_evals", "")
             le = getattr(r, "loss_evals", "")
-            print(f"| &nbsp; {c['label']} | {c['seconds']:.2f} | {c['cpu']:.2f} | "
-                  f"{c['matvecs'] or 0:,} | {ge} | {le} |")
-    print(f"| **total** (spectra.flatness) | **{total:.2f}** | **{total_cpu:.2f}** | "
-          f"**{info['matvecs']:,}** | | |")
+            print(
+                f"| &nbsp; {c['label']} | {c['seconds']:.2f} | {c['cpu']:.2f} | "
+                f"{c['matvecs'] or 0:,} | {ge} | {le} |"
+            )
+    print(
+        f"| **total** (spectra.flatness) | **{total:.2f}** | **{total_cpu:.2f}** | "
+        f"**{info['matvecs']:,}** | | |"
+    )
 
     worst = [c["result"] for c in rec.calls if c["label"].startswith("adaptive")]
     most = max((r.gradient_evals for r in worst), default=0)
-    print(f"\nadaptive sharpness (worst case): at most {most} gradient evaluations per rho "
-          f"({'OK, <= 20' if most <= 20 else 'MORE THAN 20'}); "
-          + ", ".join(f"rho={r.rho:g}: {r.gradient_evals} grad + {r.loss_evals} loss"
-                      f"{', still improving' if r.improving else ''}" for r in worst))
+    print(
+        f"\nadaptive sharpness (worst case): at most {most} gradient evaluations per rho "
+        f"({'OK, <= 20' if most <= 20 else 'MORE THAN 20'}); "
+        + ", ".join(
+            f"rho={r.rho:g}: {r.gradient_evals} grad + {r.loss_evals} loss"
+            f"{', still improving' if r.improving else ''}"
+            for r in worst
+        )
+    )
 
     dense = n * n * 8
     bound = "=" if raised else "<="
     print("\n| memory (process RSS) | bytes |")
     print("|---|---:|")
     print(f"| before flatness (torch, model, data subset) | {fmt_bytes(rss_before)} |")
-    print(f"| lifetime peak before flatness (includes loading the data) | {fmt_bytes(max_before)} |")
+    print(
+        f"| lifetime peak before flatness (includes loading the data) | {fmt_bytes(max_before)} |"
+    )
     print(f"| peak during flatness | {bound} {fmt_bytes(max_after)} |")
     print(f"| peak growth during flatness | {bound} {fmt_bytes(max_after - rss_before)} |")
     print(f"| a dense float64 Hessian, n^2 x 8 | {fmt_bytes(dense)} |")
     never = not dense_builds and max_after < dense / 10
-    print(f"\ndense-Hessian builds during flatness: {len(dense_builds)}"
-          f"{' (' + ', '.join(dense_builds) + ')' if dense_builds else ''}; peak RSS {bound} "
-          f"{max_after / dense:.2%} of a dense Hessian: {'never built' if never else 'CHECK'}")
+    print(
+        f"\ndense-Hessian builds during flatness: {len(dense_builds)}"
+        f"{' (' + ', '.join(dense_builds) + ')' if dense_builds else ''}; peak RSS {bound} "
+        f"{max_after / dense:.2%} of a dense Hessian: {'never built' if never else 'CHECK'}"
+    )
 
-    print(f"\n| one product on the same operator ({info['n_samples']:,} samples, {info['dtype']}) "
-          f"| median CPU ms of {args.repeats} | / gradient |")
+    print(
+        f"\n| one product on the same operator ({info['n_samples']:,} samples, {info['dtype']}) "
+        f"| median CPU ms of {args.repeats} | / gradient |"
+    )
     print("|---|---:|---:|")
     base = cost["gradient"]
     print(f"| gradient (`op.loss_and_gradient`) | {1e3 * base:.1f} | 1.00 |")
-    print(f"| plain autograd gradient (`loss.backward()` on a {info['dtype']} copy) | "
-          f"{1e3 * cost['backward']:.1f} | {cost['backward'] / base:.2f} |")
-    print(f"| Hessian-vector product (`op @ v`) | {1e3 * cost['hvp']:.1f} | "
-          f"{cost['hvp'] / base:.2f} |")
-    print(f"| 8 HVPs as one block (`op @ V`, V n x 8), per column | "
-          f"{1e3 * cost['hvp_block8'] / 8:.1f} | {cost['hvp_block8'] / 8 / base:.2f} |")
+    print(
+        f"| plain autograd gradient (`loss.backward()` on a {info['dtype']} copy) | "
+        f"{1e3 * cost['backward']:.1f} | {cost['backward'] / base:.2f} |"
+    )
+    print(
+        f"| Hessian-vector product (`op @ v`) | {1e3 * cost['hvp']:.1f} | "
+        f"{cost['hvp'] / base:.2f} |"
+    )
+    print(
+        f"| 8 HVPs as one block (`op @ V`, V n x 8), per column | "
+        f"{1e3 * cost['hvp_block8'] / 8:.1f} | {cost['hvp_block8'] / 8 / base:.2f} |"
+    )
     hvps = info["matvecs"]
-    print(f"\nso spectra.flatness's {hvps:,} HVPs cost about {hvps * cost['hvp'] / base:,.0f} "
-          f"of the operator's gradient evaluations, or "
-          f"{hvps * cost['hvp'] / cost['backward']:,.0f} plain backward passes "
-          f"(at the single-vector rate)")
+    print(
+        f"\nso spectra.flatness's {hvps:,} HVPs cost about {hvps * cost['hvp'] / base:,.0f} "
+        f"of the operator's gradient evaluations, or "
+        f"{hvps * cost['hvp'] / cost['backward']:,.0f} plain backward passes "
+        f"(at the single-vector rate)"
+    )
     print("\n" + report.summary())
     return 0 if not dense_builds else 1
 

@@ -147,14 +147,24 @@ def section_products(H, model, ids, forward, args) -> dict:
     for _ in range(args.repeat):
         times["block"].append(timed(lambda: H @ V)[0] / V.shape[1])
     med = {k: float(np.median(x)) for k, x in times.items()}
-    return {"hvp_first_s": t_first, "peak_rss_after_first": peak_first,
-            "grad_plain_s": med["grad_plain"], "grad_func_s": med["grad_func"],
-            "hvp_s": med["hvp"], "block_per_vector_s": med["block"], "width": V.shape[1],
-            "cheaper": "block" if med["block"] < med["hvp"] else "single",
-            "repeat": args.repeat, "times": times, "warmup_s": warm,
-            "matvecs": H.matvecs - before,
-            "peak_rss": peak_rss(), "rss": current_rss(), "backend": H.backend,
-            "cache_graph": H.cache_graph}
+    return {
+        "hvp_first_s": t_first,
+        "peak_rss_after_first": peak_first,
+        "grad_plain_s": med["grad_plain"],
+        "grad_func_s": med["grad_func"],
+        "hvp_s": med["hvp"],
+        "block_per_vector_s": med["block"],
+        "width": V.shape[1],
+        "cheaper": "block" if med["block"] < med["hvp"] else "single",
+        "repeat": args.repeat,
+        "times": times,
+        "warmup_s": warm,
+        "matvecs": H.matvecs - before,
+        "peak_rss": peak_rss(),
+        "rss": current_rss(),
+        "backend": H.backend,
+        "cache_graph": H.cache_graph,
+    }
 
 
 def section_lanczos(H, args, ckpt: Path | None) -> dict:
@@ -169,10 +179,18 @@ def section_lanczos(H, args, ckpt: Path | None) -> dict:
         kw.update(checkpoint=ckpt / f"lanczos-{args.size}.ckpt", checkpoint_every=600)
     with _no_convergence_warning():
         r = spectra.lanczos(H, return_eigenvectors=False, **kw)
-    return {"eigenvalues": r.eigenvalues.tolist(), "residuals": r.residuals.tolist(),
-            "converged": r.converged.tolist(), "matvecs": r.matvecs, "restarts": r.restarts,
-            "ncv": r.ncv, "seconds": r.seconds, "basis_bytes": r.basis_bytes,
-            "peak_rss": r.peak_memory_bytes, "tol": r.tol}
+    return {
+        "eigenvalues": r.eigenvalues.tolist(),
+        "residuals": r.residuals.tolist(),
+        "converged": r.converged.tolist(),
+        "matvecs": r.matvecs,
+        "restarts": r.restarts,
+        "ncv": r.ncv,
+        "seconds": r.seconds,
+        "basis_bytes": r.basis_bytes,
+        "peak_rss": r.peak_memory_bytes,
+        "tol": r.tol,
+    }
 
 
 def section_arpack(H, args, lanczos_result: dict | None) -> dict:
@@ -180,12 +198,18 @@ def section_arpack(H, args, lanczos_result: dict | None) -> dict:
 
     before = H.matvecs
     t0 = time.perf_counter()
-    vals = scipy.sparse.linalg.eigsh(H.to_scipy(), k=args.k, which="LA", tol=args.arpack_tol,
-                                     return_eigenvectors=False)
+    vals = scipy.sparse.linalg.eigsh(
+        H.to_scipy(), k=args.k, which="LA", tol=args.arpack_tol, return_eigenvectors=False
+    )
     seconds = time.perf_counter() - t0
     vals = np.sort(vals)[::-1]
-    out = {"eigenvalues": vals.tolist(), "matvecs": H.matvecs - before, "seconds": seconds,
-           "tol": args.arpack_tol, "peak_rss": peak_rss()}
+    out = {
+        "eigenvalues": vals.tolist(),
+        "matvecs": H.matvecs - before,
+        "seconds": seconds,
+        "tol": args.arpack_tol,
+        "peak_rss": peak_rss(),
+    }
     if lanczos_result is not None:
         lv = np.array(lanczos_result["eigenvalues"])
         res = np.array(lanczos_result["residuals"])
@@ -209,22 +233,36 @@ def section_slq(H, args, block: int | None, ckpt: Path | None) -> dict:
     s = spectra.spectral_density(H, **kw)
     info = s.info
     top = float(np.abs(s.eigenvalues).max())
-    return {"matvecs": info["matvecs"], "seconds": info["seconds"],
-            "reorthogonalization": info["reorthogonalization"], "block_size": info["block_size"],
-            "basis_bytes": info["basis_bytes"], "memory_budget": info["memory_budget"],
-            "peak_rss": info["peak_memory_bytes"], "top_node": float(s.eigenvalues.max()),
-            "bottom_node": float(s.eigenvalues.min()), "trace": float(s.trace()),
-            "near_zero": s.fraction_near_zero(1e-3 * top),
-            "negative": float(s.weights[s.eigenvalues < -1e-3 * top].sum())}
+    return {
+        "matvecs": info["matvecs"],
+        "seconds": info["seconds"],
+        "reorthogonalization": info["reorthogonalization"],
+        "block_size": info["block_size"],
+        "basis_bytes": info["basis_bytes"],
+        "memory_budget": info["memory_budget"],
+        "peak_rss": info["peak_memory_bytes"],
+        "top_node": float(s.eigenvalues.max()),
+        "bottom_node": float(s.eigenvalues.min()),
+        "trace": float(s.trace()),
+        "near_zero": s.fraction_near_zero(1e-3 * top),
+        "negative": float(s.weights[s.eigenvalues < -1e-3 * top].sum()),
+    }
 
 
 def section_trace(H, args, block: int) -> dict:
     import spectra
 
-    t = spectra.trace(H, num_matvecs=args.trace_matvecs, block_size=block, seed=0,
-                      progress=args.progress)
-    return {"estimate": t.estimate, "stderr": t.stderr, "matvecs": t.matvecs,
-            "seconds": t.seconds, "peak_rss": t.peak_memory_bytes, "block_size": block}
+    t = spectra.trace(
+        H, num_matvecs=args.trace_matvecs, block_size=block, seed=0, progress=args.progress
+    )
+    return {
+        "estimate": t.estimate,
+        "stderr": t.stderr,
+        "matvecs": t.matvecs,
+        "seconds": t.seconds,
+        "peak_rss": t.peak_memory_bytes,
+        "block_size": block,
+    }
 
 
 class _no_convergence_warning:
@@ -244,67 +282,95 @@ class _no_convergence_warning:
 
 def report(res: dict, args) -> None:
     info = res["model"]
-    print(f"### GPT-2 {args.size}: n = {info['n']:,} parameters, float32, {args.batch} x "
-          f"{args.tokens} tokens, {torch.get_num_threads()} threads\n")
+    print(
+        f"### GPT-2 {args.size}: n = {info['n']:,} parameters, float32, {args.batch} x "
+        f"{args.tokens} tokens, {torch.get_num_threads()} threads\n"
+    )
     print(f"model + operator built in {info['build_s']:.1f} s, RSS {gib(info['rss'])}\n")
     print("| section | wall s | matvecs | peak RSS | notes |\n|---|---|---|---|---|")
     if "products" in res:
         h = res["products"]
-        print(f"| first HVP (path check + graph build) | {h['hvp_first_s']:.2f} | 1 | "
-              f"{gib(h['peak_rss_after_first'])} | backend {h['backend']}, cached graph "
-              f"{h['cache_graph']} |")
+        print(
+            f"| first HVP (path check + graph build) | {h['hvp_first_s']:.2f} | 1 | "
+            f"{gib(h['peak_rss_after_first'])} | backend {h['backend']}, cached graph "
+            f"{h['cache_graph']} |"
+        )
         if h.get("warmup_s"):
-            print(f"| next {len(h['warmup_s'])} HVPs (warm-up, untimed below) | "
-                  + " / ".join(f"{x:.2f}" for x in h["warmup_s"]) + f" | {len(h['warmup_s'])} "
-                  "| | |")
-        print(f"| gradient, plain loss.backward() | {h['grad_plain_s']:.2f} | - | | median of "
-              f"{h['repeat']}, interleaved with the single HVPs |")
+            print(
+                f"| next {len(h['warmup_s'])} HVPs (warm-up, untimed below) | "
+                + " / ".join(f"{x:.2f}" for x in h["warmup_s"])
+                + f" | {len(h['warmup_s'])} "
+                "| | |"
+            )
+        print(
+            f"| gradient, plain loss.backward() | {h['grad_plain_s']:.2f} | - | | median of "
+            f"{h['repeat']}, interleaved with the single HVPs |"
+        )
         print(f"| gradient, operator (torch.func) | {h['grad_func_s']:.2f} | - | | |")
-        print(f"| HVP, single vector | {h['hvp_s']:.2f} | 1 | | "
-              f"{h['hvp_s'] / h['grad_plain_s']:.2f} x plain gradient |")
-        print(f"| HVP, block of {h['width']}, per vector | {h['block_per_vector_s']:.2f} | "
-              f"{h['width']} | {gib(h['peak_rss'])} | "
-              f"{h['block_per_vector_s'] / h['grad_plain_s']:.2f} x plain gradient; "
-              f"{h['cheaper']} is cheaper per vector |")
+        print(
+            f"| HVP, single vector | {h['hvp_s']:.2f} | 1 | | "
+            f"{h['hvp_s'] / h['grad_plain_s']:.2f} x plain gradient |"
+        )
+        print(
+            f"| HVP, block of {h['width']}, per vector | {h['block_per_vector_s']:.2f} | "
+            f"{h['width']} | {gib(h['peak_rss'])} | "
+            f"{h['block_per_vector_s'] / h['grad_plain_s']:.2f} x plain gradient; "
+            f"{h['cheaper']} is cheaper per vector |"
+        )
     if "lanczos" in res:
         r = res["lanczos"]
         conv = sum(r["converged"])
-        print(f"| lanczos top-{args.k}, tol {r['tol']:.0e} | {r['seconds']:.1f} | {r['matvecs']} "
-              f"| {gib(r['peak_rss'])} | {r['seconds'] / r['matvecs']:.2f} s/matvec; ncv "
-              f"{r['ncv']}, basis {gib(r['basis_bytes'])}, {r['restarts']} restarts, "
-              f"{conv}/{args.k} converged |")
+        print(
+            f"| lanczos top-{args.k}, tol {r['tol']:.0e} | {r['seconds']:.1f} | {r['matvecs']} "
+            f"| {gib(r['peak_rss'])} | {r['seconds'] / r['matvecs']:.2f} s/matvec; ncv "
+            f"{r['ncv']}, basis {gib(r['basis_bytes'])}, {r['restarts']} restarts, "
+            f"{conv}/{args.k} converged |"
+        )
     if "arpack" in res:
         a = res["arpack"]
         note = f"tol {a['tol']:.0e}"
         if "within_bounds" in a:
-            note += (f"; max abs diff to lanczos {max(a['abs_diff']):.2e}, within error bars: "
-                     f"{a['within_bounds']}")
-        print(f"| ARPACK eigsh(op.to_scipy(), k={args.k}) | {a['seconds']:.1f} | {a['matvecs']} "
-              f"| {gib(a['peak_rss'])} | {note} |")
+            note += (
+                f"; max abs diff to lanczos {max(a['abs_diff']):.2e}, within error bars: "
+                f"{a['within_bounds']}"
+            )
+        print(
+            f"| ARPACK eigsh(op.to_scipy(), k={args.k}) | {a['seconds']:.1f} | {a['matvecs']} "
+            f"| {gib(a['peak_rss'])} | {note} |"
+        )
     if "slq" in res:
         s = res["slq"]
-        print(f"| SLQ {args.probes} probes x {args.steps} steps | {s['seconds']:.1f} | "
-              f"{s['matvecs']} | {gib(s['peak_rss'])} | {s['seconds'] / s['matvecs']:.2f} "
-              f"s/matvec; {s['reorthogonalization']}, block "
-              f"{s['block_size']}, basis {gib(s['basis_bytes'])} of budget "
-              f"{gib(s['memory_budget'])} |")
+        print(
+            f"| SLQ {args.probes} probes x {args.steps} steps | {s['seconds']:.1f} | "
+            f"{s['matvecs']} | {gib(s['peak_rss'])} | {s['seconds'] / s['matvecs']:.2f} "
+            f"s/matvec; {s['reorthogonalization']}, block "
+            f"{s['block_size']}, basis {gib(s['basis_bytes'])} of budget "
+            f"{gib(s['memory_budget'])} |"
+        )
     if "trace" in res:
         t = res["trace"]
-        print(f"| Hutch++ trace, {t['matvecs']} matvecs | {t['seconds']:.1f} | {t['matvecs']} | "
-              f"{gib(t['peak_rss'])} | {t['seconds'] / t['matvecs']:.2f} s/matvec; "
-              f"{t['estimate']:.5g} +- {t['stderr']:.2g} (block {t['block_size']}) |")
+        print(
+            f"| Hutch++ trace, {t['matvecs']} matvecs | {t['seconds']:.1f} | {t['matvecs']} | "
+            f"{gib(t['peak_rss'])} | {t['seconds'] / t['matvecs']:.2f} s/matvec; "
+            f"{t['estimate']:.5g} +- {t['stderr']:.2g} (block {t['block_size']}) |"
+        )
     if "lanczos" in res:
         r = res["lanczos"]
-        print("\ntop eigenvalues (residual bound):",
-              ", ".join(f"{v:.6g} ({e:.1e})" for v, e in zip(r["eigenvalues"], r["residuals"],
-                                                              strict=True)))
+        print(
+            "\ntop eigenvalues (residual bound):",
+            ", ".join(
+                f"{v:.6g} ({e:.1e})" for v, e in zip(r["eigenvalues"], r["residuals"], strict=True)
+            ),
+        )
     if "arpack" in res:
         print("ARPACK:", ", ".join(f"{v:.6g}" for v in res["arpack"]["eigenvalues"]))
     if "slq" in res:
         s = res["slq"]
-        print(f"SLQ: nodes in [{s['bottom_node']:.4g}, {s['top_node']:.4g}], trace "
-              f"{s['trace']:.5g}; weight within 1e-3 lambda_max of 0: {s['near_zero']:.3f}, "
-              f"below -1e-3 lambda_max: {s['negative']:.3f}")
+        print(
+            f"SLQ: nodes in [{s['bottom_node']:.4g}, {s['top_node']:.4g}], trace "
+            f"{s['trace']:.5g}; weight within 1e-3 lambda_max of 0: {s['near_zero']:.3f}, "
+            f"below -1e-3 lambda_max: {s['negative']:.3f}"
+        )
     projection(res, args)
 
 
@@ -323,12 +389,17 @@ def projection(res: dict, args) -> None:
     lanczos_mv = args.projected_lanczos_matvecs
     if "lanczos" in res and all(res["lanczos"]["converged"]):
         lanczos_mv = res["lanczos"]["matvecs"]
-    rows = [("lanczos", lanczos_mv), ("slq", args.probes * args.steps + 2),
-            ("trace", args.trace_matvecs)]
+    rows = [
+        ("lanczos", lanczos_mv),
+        ("slq", args.probes * args.steps + 2),
+        ("trace", args.trace_matvecs),
+    ]
     total = h["hvp_first_s"]
-    print(f"\nprojected time of the full run at this size (first product {h['hvp_first_s']:.0f} s; "
-          f"single HVP {single:.2f} s, cheaper path {vector:.2f} s per vector, or the "
-          "algorithms' own s/matvec where they ran):")
+    print(
+        f"\nprojected time of the full run at this size (first product {h['hvp_first_s']:.0f} s; "
+        f"single HVP {single:.2f} s, cheaper path {vector:.2f} s per vector, or the "
+        "algorithms' own s/matvec where they ran):"
+    )
     for name, mv in rows:
         total += mv * per[name]
         print(f"  {name}: {mv} matvecs x {per[name]:.2f} s = {mv * per[name] / 60:.1f} min")
@@ -344,23 +415,19 @@ def accuracy(args) -> None:
     import spectra
     from spectra.linear_operator import CallableOperator
 
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(512, 20, generator=g)
-    y = (X @ torch.randn(20, 5, generator=g) + 0.5 * torch.randn(512, 5, generator=g)).argmax(1)
-    model = nn.Sequential(nn.Linear(20, 48), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(),
-                          nn.Linear(48, 5))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(300):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(X), y).backward()
-        opt.step()
+    from .training import trained_tanh_mlp
+
+    model, X, y = trained_tanh_mlp((20, 48, 48, 5), samples=512, steps=300, label_noise=0.5)
     probes, steps = args.accuracy_probes, args.accuracy_steps
-    print(f"### Cheaper reorthogonalisation against the exact spectrum: trained MLP 20-48-48-5 "
-          f"(n = 3,605), {probes} probes x {steps} steps, mean of 3 seeds\n")
-    print("| dtype | scheme | bytes / probe | W1/range to exact | W1/range to full (same "
-          "probes) | L1 smoothed density to exact | max abs(Q^T Q - I), 1 probe | nodes at "
-          "lambda_max, 1 probe | s |")
+    print(
+        f"### Cheaper reorthogonalisation against the exact spectrum: trained MLP 20-48-48-5 "
+        f"(n = 3,605), {probes} probes x {steps} steps, mean of 3 seeds\n"
+    )
+    print(
+        "| dtype | scheme | bytes / probe | W1/range to exact | W1/range to full (same "
+        "probes) | L1 smoothed density to exact | max abs(Q^T Q - I), 1 probe | nodes at "
+        "lambda_max, 1 probe | s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.float64):
         H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y), dtype=dtype)
@@ -379,17 +446,24 @@ def accuracy(args) -> None:
             full = None
             for scheme in schemes:
                 t0 = time.perf_counter()
-                s = spectra.spectral_density(H, num_probes=probes, num_steps=steps, seed=seed,
-                                             reorthogonalization=scheme)
+                s = spectra.spectral_density(
+                    H, num_probes=probes, num_steps=steps, seed=seed, reorthogonalization=scheme
+                )
                 seconds = time.perf_counter() - t0
                 d = _smooth(s.eigenvalues, s.weights, grid, sigma)
                 full = full or (s, d)
-                rows[scheme].append((
-                    wasserstein_distance(s.eigenvalues, lam, u_weights=s.weights) / span,
-                    wasserstein_distance(s.eigenvalues, full[0].eigenvalues, s.weights,
-                                         full[0].weights) / span,
-                    np.abs(d - exact_density).sum() * (grid[1] - grid[0]),
-                    s.info["basis_bytes"] / probes, seconds))
+                rows[scheme].append(
+                    (
+                        wasserstein_distance(s.eigenvalues, lam, u_weights=s.weights) / span,
+                        wasserstein_distance(
+                            s.eigenvalues, full[0].eigenvalues, s.weights, full[0].weights
+                        )
+                        / span,
+                        np.abs(d - exact_density).sum() * (grid[1] - grid[0]),
+                        s.info["basis_bytes"] / probes,
+                        seconds,
+                    )
+                )
         for scheme in schemes:
             vecs = []
 
@@ -398,14 +472,22 @@ def accuracy(args) -> None:
                 return H @ V
 
             op = CallableOperator(record, n, dtype=dtype)
-            one = spectra.spectral_density(op, num_probes=1, num_steps=steps, seed=0,
-                                           reorthogonalization=scheme, check_symmetry=False)
+            one = spectra.spectral_density(
+                op,
+                num_probes=1,
+                num_steps=steps,
+                seed=0,
+                reorthogonalization=scheme,
+                check_symmetry=False,
+            )
             copies = int(np.sum(np.abs(one.eigenvalues - lam.max()) <= 1e-5 * lam.max()))
             Q = torch.stack(vecs, 1)
             orth = float((Q.T @ Q - torch.eye(Q.shape[1], dtype=torch.float64)).abs().max())
             m = np.array(rows[scheme]).mean(axis=0)
-            print(f"| {str(dtype).replace('torch.', '')} | {scheme} | {int(m[3]):,} | {m[0]:.2e} | "
-                  f"{m[1]:.1e} | {m[2]:.2e} | {orth:.1e} | {copies} | {m[4]:.1f} |")
+            print(
+                f"| {str(dtype).replace('torch.', '')} | {scheme} | {int(m[3]):,} | {m[0]:.2e} | "
+                f"{m[1]:.1e} | {m[2]:.2e} | {orth:.1e} | {copies} | {m[4]:.1f} |"
+            )
 
 
 def _smooth(x: np.ndarray, w: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
@@ -428,18 +510,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=2,
-                   help="gradients and single HVPs timed (after a warm-up / the first)")
-    p.add_argument("--warmup", type=int, default=3,
-                   help="untimed single HVPs after the first, before the timed ones")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="gradients and single HVPs timed (after a warm-up / the first)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed single HVPs after the first, before the timed ones",
+    )
     p.add_argument("--block-width", type=int, default=4)
-    p.add_argument("--block", type=int, default=None,
-                   help="SLQ / trace block size (default: 1 if single products are cheaper "
-                        "per vector in the block section, else the memory budget's choice)")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help="SLQ / trace block size (default: 1 if single products are cheaper "
+        "per vector in the block section, else the memory budget's choice)",
+    )
     p.add_argument("--ncv", type=int, default=None)
     p.add_argument("--lanczos-max-matvecs", type=int, default=None)
-    p.add_argument("--projected-lanczos-matvecs", type=int, default=60,
-                   help="Lanczos matvecs assumed in the projection when it did not converge")
+    p.add_argument(
+        "--projected-lanczos-matvecs",
+        type=int,
+        default=60,
+        help="Lanczos matvecs assumed in the projection when it did not converge",
+    )
     p.add_argument("--reorthogonalization", default=None)
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--checkpoint", type=Path, default=None)
@@ -466,8 +564,11 @@ def main(argv: list[str] | None = None) -> int:
         store = args.checkpoint / f"results-{args.size}.json"
         if store.exists():
             res = json.loads(store.read_text())
-            key = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "json",
-                                                                   "progress", "sections")}
+            key = {
+                k: v
+                for k, v in vars(args).items()
+                if k not in ("checkpoint", "json", "progress", "sections")
+            }
             if res.get("args") != json.loads(json.dumps(key, default=str)):
                 print(f"{store} was written with other arguments; delete it to start over")
                 return 2
@@ -475,8 +576,11 @@ def main(argv: list[str] | None = None) -> int:
     def keep(name: str, value: dict) -> None:
         res[name] = value
         if store is not None:
-            key = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "json",
-                                                                   "progress", "sections")}
+            key = {
+                k: v
+                for k, v in vars(args).items()
+                if k not in ("checkpoint", "json", "progress", "sections")
+            }
             res["args"] = json.loads(json.dumps(key, default=str))
             tmp = store.with_suffix(".tmp")
             tmp.write_text(json.dumps(res, indent=1, default=str))
@@ -486,8 +590,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model, ids, forward, H = build(args.size, args.batch, args.tokens)
     if "model" not in res:
-        keep("model", {"n": H.shape[0], "build_s": time.perf_counter() - t0,
-                       "rss": current_rss(), "peak_rss": peak_rss()})
+        keep(
+            "model",
+            {
+                "n": H.shape[0],
+                "build_s": time.perf_counter() - t0,
+                "rss": current_rss(),
+                "peak_rss": peak_rss(),
+            },
+        )
     for name in sections:
         if name in res:
             continue

@@ -145,16 +145,23 @@ def bench_top5(op: RandomBasisOperator, lam: np.ndarray) -> list[tuple[str, str,
     t = time.perf_counter()
     r = lanczos(op, 5, tol=1e-6, seed=0)
     dt = time.perf_counter() - t
-    rows.append(("spectra.lanczos(k=5, tol=1e-6)", str(r.matvecs), f"{dt:.3f}",
-                 f"{_rel_err(r.eigenvalues.numpy(), want):.1e}"))
+    rows.append(
+        (
+            "spectra.lanczos(k=5, tol=1e-6)",
+            str(r.matvecs),
+            f"{dt:.3f}",
+            f"{_rel_err(r.eigenvalues.numpy(), want):.1e}",
+        )
+    )
 
     for ncv in (None, 20):
         op.matvecs = 0
         sp = op.to_scipy()
         v0 = np.random.default_rng(0).standard_normal(op.shape[0])
         t = time.perf_counter()
-        ev = scipy.sparse.linalg.eigsh(sp, k=5, which="LA", tol=1e-6, ncv=ncv, v0=v0,
-                                       return_eigenvectors=False)
+        ev = scipy.sparse.linalg.eigsh(
+            sp, k=5, which="LA", tol=1e-6, ncv=ncv, v0=v0, return_eigenvectors=False
+        )
         dt = time.perf_counter() - t
         label = f"scipy eigsh / ARPACK (k=5, tol=1e-6, ncv={ncv or 'default 11'})"
         rows.append((label, str(op.matvecs), f"{dt:.3f}", f"{_rel_err(ev, want):.1e}"))
@@ -167,8 +174,9 @@ def bench_top5(op: RandomBasisOperator, lam: np.ndarray) -> list[tuple[str, str,
         t = time.perf_counter()
         ev = power_iteration_deflation(op, 5, tol, iters, 0, truth)
         dt = time.perf_counter() - t
-        rows.append((label + " [re-implemented]", str(op.matvecs), f"{dt:.3f}",
-                     f"{_rel_err(ev, want):.1e}"))
+        rows.append(
+            (label + " [re-implemented]", str(op.matvecs), f"{dt:.3f}", f"{_rel_err(ev, want):.1e}")
+        )
     for pkg in ("pyhessian", "hessian_eigenthings"):
         if importlib.util.find_spec(pkg) is None:
             rows.append((pkg, "not installed", "-", "-"))
@@ -235,8 +243,13 @@ def bench_memory(n: int) -> tuple[float, float, int]:
     # RSS measures allocator fragmentation (about +10 vectors here) instead of storage.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     for mode in ("matvec", "lanczos"):
-        proc = subprocess.run([sys.executable, "-c", _MEM_CHILD, str(n), mode],
-                              capture_output=True, text=True, check=True, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-c", _MEM_CHILD, str(n), mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
         out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     vec_kb = n * 8 / 1024
     grow = {k: (v["peak_kb"] - v["base_kb"]) / vec_kb for k, v in out.items()}
@@ -258,28 +271,41 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     lam = hessian_like_spectrum(args.n)
     op = RandomBasisOperator(lam, seed=1)
-    print(f"# Matrix-free benchmark: n = {args.n}, spectrum in "
-          f"[{lam.min():.3g}, {lam.max():.3g}], torch {torch.__version__}, "
-          f"{resource.getpagesize()}-byte pages, 1 thread\n")
-    for label, spec in (("outliers + bulk", lam), ("outliers + 1/i tail", power_law_spectrum(args.n))):
+    print(
+        f"# Matrix-free benchmark: n = {args.n}, spectrum in "
+        f"[{lam.min():.3g}, {lam.max():.3g}], torch {torch.__version__}, "
+        f"{resource.getpagesize()}-byte pages, 1 thread\n"
+    )
+    for label, spec in (
+        ("outliers + bulk", lam),
+        ("outliers + 1/i tail", power_law_spectrum(args.n)),
+    ):
         print(f"## Top-5 eigenvalues (largest algebraic), {label}: target 1e-6 relative error\n")
         rows = bench_top5(RandomBasisOperator(spec, seed=1), spec)
         print(_table(("method", "matvecs", "seconds", "max rel. error"), rows) + "\n")
     steps = [10, 25, 50] if args.quick else [10, 25, 50, 100]
     print("\n## SLQ (10 Rademacher probes): W1 / (lambda_max - lambda_min)\n")
-    print(_table(("probes x steps", "matvecs", "seconds", "W1 / range"),
-                 bench_slq(op, lam, steps)))
+    print(_table(("probes x steps", "matvecs", "seconds", "W1 / range"), bench_slq(op, lam, steps)))
     seeds = 10 if args.quick else 50
     print(f"\n## Trace: RMS relative error over {seeds} seeds\n")
-    print(_table(("method", "matvecs", "RMS rel. error", "mean stderr / |tr|", "3-se coverage"),
-                 bench_trace(op, lam, [30, 99, 300], seeds)))
+    print(
+        _table(
+            ("method", "matvecs", "RMS rel. error", "mean stderr / |tr|", "3-se coverage"),
+            bench_trace(op, lam, [30, 99, 300], seeds),
+        )
+    )
     extra, own, ncv = bench_memory(args.mem_n)
     print(f"\n## Lanczos memory (n = {args.mem_n}, float64, k = 5, ncv = {ncv})\n")
-    print(_table(("quantity", "vectors of length n"), [
-        ("peak RSS growth of 30 plain matvecs (operator's own)", f"{own:.1f}"),
-        ("lanczos peak above that", f"{extra:.1f}"),
-        ("bound: stored (ncv + 1) + 4", str(ncv + 1 + 4)),
-    ]))
+    print(
+        _table(
+            ("quantity", "vectors of length n"),
+            [
+                ("peak RSS growth of 30 plain matvecs (operator's own)", f"{own:.1f}"),
+                ("lanczos peak above that", f"{extra:.1f}"),
+                ("bound: stored (ncv + 1) + 4", str(ncv + 1 + 4)),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ backward and zero_grad only). Rows: EntropySGD with foreach on and off and with
 arithmetic alone), the MNIST recipe's momentum in both loops with the fused inner step
 (``torch._fused_sgd_``) on and off, EntropyAdam with the fused outer Adam on and off, and the
 per-parameter implementation written the way the authors wrote theirs
-(``entropy_opt.reference``). Models: mnistfc 784-1024-1024-10 at batch 128, and 200 small
+(``tests/reference_entropy.py``). Models: mnistfc 784-1024-1024-10 at batch 128, and 200 small
 Linear(32, 32) layers (400 tensors) at batch 128; inputs are random. Variants are timed
 interleaved (each round in a rotated order); the table gives the median time over repeats
 and, for the ratios, the median of the per-round ratios (each round times every variant
@@ -52,14 +52,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from entropy_opt import EntropyAdam, EntropySGD, local_entropy
-from entropy_opt.reference import ReferenceEntropySGD
+from entropy_opt import EntropyAdam, EntropySGD, base
+from tests.reference_entropy import ReferenceEntropySGD
 
 
 def mnistfc() -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Linear(784, 1024), torch.nn.ReLU(),
-        torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+        torch.nn.Linear(784, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 1024),
+        torch.nn.ReLU(),
         torch.nn.Linear(1024, 10),
     )
 
@@ -102,11 +104,11 @@ def unfused(make: Callable) -> Callable:
         step = opt.step
 
         def step_unfused(closure):
-            saved, local_entropy.USE_FUSED = local_entropy.USE_FUSED, False
+            saved, base.USE_FUSED = base.USE_FUSED, False
             try:
                 return step(closure)
             finally:
-                local_entropy.USE_FUSED = saved
+                base.USE_FUSED = saved
 
         opt.step = step_unfused
         return opt
@@ -120,8 +122,9 @@ def load_revision(rev: str):
     root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> bytes:
-        return subprocess.run(["git", "-C", str(root), *args], check=True,
-                              capture_output=True).stdout
+        return subprocess.run(
+            ["git", "-C", str(root), *args], check=True, capture_output=True
+        ).stdout
 
     name = "entropy_opt_at_" + re.sub(r"\W", "_", rev)
     tmp = Path(tempfile.mkdtemp(prefix="bench_optimizers_"))
@@ -157,11 +160,13 @@ def variants(L: int, old: Any = None, rev: str = "") -> dict[str, Callable | Non
         "reference per-parameter": lambda p: ReferenceEntropySGD(p, ref_cfg),
     }
     if old is not None:
-        for label, cls, cfg in (("EntropySGD foreach", "EntropySGD", paper),
-                                ("EntropySGD foreach, noise=0", "EntropySGD", dict(paper, noise=0.0)),
-                                ("EntropySGD momentum both loops", "EntropySGD", mom),
-                                ("EntropySGD momentum, noise=0", "EntropySGD", dict(mom, noise=0.0)),
-                                ("EntropyAdam foreach", "EntropyAdam", adam)):
+        for label, cls, cfg in (
+            ("EntropySGD foreach", "EntropySGD", paper),
+            ("EntropySGD foreach, noise=0", "EntropySGD", dict(paper, noise=0.0)),
+            ("EntropySGD momentum both loops", "EntropySGD", mom),
+            ("EntropySGD momentum, noise=0", "EntropySGD", dict(mom, noise=0.0)),
+            ("EntropyAdam foreach", "EntropyAdam", adam),
+        ):
             out[f"{label} [{rev}]"] = lambda p, k=cls, c=cfg: getattr(old, k)(p, **c)
     return out
 
@@ -171,8 +176,9 @@ def _batches() -> list:
     return [(torch.randn(128, 784), torch.randint(0, 10, (128,))) for _ in range(4)]
 
 
-def time_model(name: str, build: Callable, L: int, repeats: int, old: Any = None,
-               rev: str = "") -> list[tuple]:
+def time_model(
+    name: str, build: Callable, L: int, repeats: int, old: Any = None, rev: str = ""
+) -> list[tuple]:
     batches = _batches()
     runs: dict[str, Callable[[], object]] = {}
     resets: dict[str, Callable[[], None]] = {}
@@ -196,8 +202,10 @@ def time_model(name: str, build: Callable, L: int, repeats: int, old: Any = None
         # per-round ratios, then the median: a slow spell of the machine hits both
         return statistics.median(t / b for t, b in zip(ts, base, strict=True))
 
-    return [(name, v, statistics.median(ts) * 1e3, paired(ts, sgd), paired(ts, bare) - 1.0)
-            for v, ts in cpu.items()]
+    return [
+        (name, v, statistics.median(ts) * 1e3, paired(ts, sgd), paired(ts, bare) - 1.0)
+        for v, ts in cpu.items()
+    ]
 
 
 def weight_reset(model: torch.nn.Module) -> Callable[[], None]:
@@ -216,8 +224,11 @@ def weight_reset(model: torch.nn.Module) -> Callable[[], None]:
     return reset
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int,
-                resets: dict[str, Callable[[], None]] | None = None) -> dict[str, list]:
+def interleaved(
+    runs: dict[str, Callable[[], object]],
+    repeats: int,
+    resets: dict[str, Callable[[], None]] | None = None,
+) -> dict[str, list]:
     """(CPU s, wall s) of each run per round; round 0 is warm-up and dropped. ``resets``
     (untimed) run before each call. Each round starts one variant further down the list,
     so that no variant always follows the same one (what runs before a step, and what it
@@ -260,23 +271,29 @@ def noise_methods(shapes: list[torch.Size], sigma: float, chunks: int) -> dict[s
             flat[i : i + block].normal_(generator=gen)
 
     return {
-        "`normal_` on one flat buffer, private Generator (what the optimizers do)":
-            lambda: flat.normal_(generator=gen),
+        "`normal_` on one flat buffer, private Generator (what the optimizers do)": lambda: (
+            flat.normal_(generator=gen)
+        ),
         "`normal_` on one flat buffer, global generator": lambda: flat.normal_(),
         "`torch.randn(n, out=flat)`": lambda: torch.randn(n, out=flat, generator=gen),
-        "`normal_(0, sigma)` on the flat buffer (scale folded in)":
-            lambda: flat.normal_(0.0, sigma, generator=gen),
-        f"`normal_` per parameter ({len(shapes)} tensors)":
-            lambda: [t.normal_(generator=gen) for t in per],
-        "`torch.randn` per parameter, fresh tensors":
-            lambda: [torch.randn(s, generator=gen) for s in shapes],
+        "`normal_(0, sigma)` on the flat buffer (scale folded in)": lambda: flat.normal_(
+            0.0, sigma, generator=gen
+        ),
+        f"`normal_` per parameter ({len(shapes)} tensors)": lambda: [
+            t.normal_(generator=gen) for t in per
+        ],
+        "`torch.randn` per parameter, fresh tensors": lambda: [
+            torch.randn(s, generator=gen) for s in shapes
+        ],
         f"flat buffer in {block // 1024}K-element blocks (cache-sized)": blocked,
         f"{chunks} chunks on {chunks} Python threads, one Generator each": threaded,
         "`normal_` into float64 (GB/s of 8-byte numbers)": lambda: flat64.normal_(generator=gen),
-        "numpy PCG64 `standard_normal(out=, float32)` into the buffer":
-            lambda: pcg.standard_normal(out=arr, dtype=np.float32),
-        "numpy SFC64 `standard_normal(out=, float32)` into the buffer":
-            lambda: sfc.standard_normal(out=arr, dtype=np.float32),
+        "numpy PCG64 `standard_normal(out=, float32)` into the buffer": lambda: pcg.standard_normal(
+            out=arr, dtype=np.float32
+        ),
+        "numpy SFC64 `standard_normal(out=, float32)` into the buffer": lambda: sfc.standard_normal(
+            out=arr, dtype=np.float32
+        ),
         "raw mt19937 bits only: `random_()` into int32": lambda: ints.random_(generator=gen),
     }
 
@@ -322,17 +339,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--no-rng", action="store_true", help="skip the noise table")
     ap.add_argument("--rng-only", action="store_true", help="only the noise table")
-    ap.add_argument("--against", metavar="REV", default=None,
-                    help="also time the main configurations of entropy_opt as committed at "
-                         "git revision REV (e.g. HEAD), interleaved with the working tree")
+    ap.add_argument(
+        "--against",
+        metavar="REV",
+        default=None,
+        help="also time the main configurations of entropy_opt as committed at "
+        "git revision REV (e.g. HEAD), interleaved with the working tree",
+    )
     args = ap.parse_args(argv)
     old = load_revision(args.against) if args.against else None
     if args.threads:
         torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()} "
-          f"({os.cpu_count()} logical CPUs), L={args.L}, batch 128, median of {args.repeats}; "
-          f"load average {load0[0]:.2f} at the start\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()} "
+        f"({os.cpu_count()} logical CPUs), L={args.L}, batch 128, median of {args.repeats}; "
+        f"load average {load0[0]:.2f} at the start\n"
+    )
     if not args.no_rng:
         n, rows = time_noise(args.repeats, args.L)
         print(f"Noise for n = {n:,} float32 weights (mnistfc); CPU time unless marked wall\n")
@@ -343,17 +366,20 @@ def main(argv: list[str] | None = None) -> None:
         print()
     if not args.rng_only:
         rows = []
-        for name, build in (("mnistfc 784-1024-1024-10", mnistfc),
-                            ("200 x Linear(32,32)", ManySmall)):
+        for name, build in (
+            ("mnistfc 784-1024-1024-10", mnistfc),
+            ("200 x Linear(32,32)", ManySmall),
+        ):
             rows += time_model(name, build, args.L, args.repeats, old, args.against or "")
-        print("| model | variant | CPU ms / outer step | ratio vs L SGD steps "
-              "| own cost vs L closures |")
+        print(
+            "| model | variant | CPU ms / outer step | ratio vs L SGD steps "
+            "| own cost vs L closures |"
+        )
         print("|---|---|---:|---:|---:|")
         for name, v, ms, ratio, own in rows:
             print(f"| {name} | {v} | {ms:.1f} | {ratio:.3f} | {100 * own:+.1f}% |")
     load1 = os.getloadavg()
-    print(f"\nload average {load1[0]:.2f} at the end (1-minute; "
-          f"{os.cpu_count()} logical CPUs)")
+    print(f"\nload average {load1[0]:.2f} at the end (1-minute; {os.cpu_count()} logical CPUs)")
 
 
 if __name__ == "__main__":

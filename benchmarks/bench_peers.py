@@ -57,7 +57,7 @@ TARGET = 1e-6
 
 
 def mnistfc_problem(hidden: int, train: int, hess: int, epochs: int, seed: int = 0):
-    from figures.data import load_mnist
+    from figures.datasets import load_mnist
     from figures.models import small_mnistfc
 
     X, y = load_mnist(split="train")
@@ -70,7 +70,7 @@ def mnistfc_problem(hidden: int, train: int, hess: int, epochs: int, seed: int =
     for _ in range(epochs):
         perm = torch.randperm(train, generator=g)
         for b in range(0, train, 128):
-            j = perm[b:b + 128]
+            j = perm[b : b + 128]
             opt.zero_grad()
             nn.functional.cross_entropy(model(X[j]), y[j]).backward()
             opt.step()
@@ -81,17 +81,14 @@ def mnistfc_problem(hidden: int, train: int, hess: int, epochs: int, seed: int =
 def allcnn_problem(width: float, samples: int, steps: int, seed: int = 0):
     from figures.models import all_cnn_bn
 
+    from .training import train_full_batch
+
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(samples, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (samples,), generator=g)
     torch.manual_seed(seed)
     model = all_cnn_bn(width=width, dropout=0.0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(X), y).backward()
-        opt.step()
+    train_full_batch(model, X, y, steps, lr=1e-3)
     return model.double().eval(), X.double(), y
 
 
@@ -117,8 +114,12 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 def ours_top(model, X, y, tol: float, backend: str = "auto") -> dict:
     H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y), backend=backend)
     r, t = _timed(lambda: spectra.lanczos(H, k=5, tol=tol, return_eigenvectors=False))
-    return {"values": r.eigenvalues.numpy(), "matvecs": r.matvecs, "seconds": t,
-            "certified": float((r.residuals / r.eigenvalues.abs()).max())}
+    return {
+        "values": r.eigenvalues.numpy(),
+        "matvecs": r.matvecs,
+        "seconds": t,
+        "certified": float((r.residuals / r.eigenvalues.abs()).max()),
+    }
 
 
 def pyhessian_top(model, X, y, tol: float, max_iter: int) -> dict:
@@ -137,8 +138,9 @@ def pyhessian_top(model, X, y, tol: float, max_iter: int) -> dict:
     try:
         torch.manual_seed(0)
         model.zero_grad()
-        comp, t_setup = _timed(lambda: ph.hessian(model, nn.CrossEntropyLoss(), data=(X, y),
-                                                 cuda=False))
+        comp, t_setup = _timed(
+            lambda: ph.hessian(model, nn.CrossEntropyLoss(), data=(X, y), cuda=False)
+        )
         (vals, _), t = _timed(lambda: comp.eigenvalues(maxIter=max_iter, tol=tol, top_n=5))
     finally:
         ph.hessian_vector_product = real
@@ -171,8 +173,12 @@ def eigenthings_top(model, X, y, ref: np.ndarray, schedule=(10, 15, 20, 30, 40, 
         err = _rel_err(r.eigenvalues.numpy(), ref)
         if err <= TARGET:
             break
-    return {"values": r.eigenvalues.numpy(), "matvecs": count.n, "seconds": t,
-            "setting": f"max_iter={m} (smallest of {list(schedule)} reaching 1e-6)"}
+    return {
+        "values": r.eigenvalues.numpy(),
+        "matvecs": count.n,
+        "seconds": t,
+        "setting": f"max_iter={m} (smallest of {list(schedule)} reaching 1e-6)",
+    }
 
 
 def curvlinops_eigsh(model, X, y, tol: float) -> dict:
@@ -180,8 +186,9 @@ def curvlinops_eigsh(model, X, y, tol: float) -> dict:
     from curvlinops import HessianLinearOperator
 
     params = [p for p in model.parameters() if p.requires_grad]
-    op = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(X, y)],
-                               check_deterministic=False).to_scipy()
+    op = HessianLinearOperator(
+        model, nn.CrossEntropyLoss(), params, [(X, y)], check_deterministic=False
+    ).to_scipy()
     count = Counter()
 
     def mv(v):
@@ -190,30 +197,47 @@ def curvlinops_eigsh(model, X, y, tol: float) -> dict:
 
     lin = sla.LinearOperator(op.shape, matvec=mv, dtype=np.float64)
     v0 = np.random.default_rng(0).standard_normal(op.shape[0])
-    vals, t = _timed(lambda: sla.eigsh(lin, k=5, which="LA", tol=tol, v0=v0,
-                                       return_eigenvectors=False))
+    vals, t = _timed(
+        lambda: sla.eigsh(lin, k=5, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+    )
     return {"values": vals, "matvecs": count.n, "seconds": t}
 
 
 def top5_table(label: str, model, X, y, quick: bool) -> list[str]:
-    truth = spectra.lanczos(spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y)),
-                            k=5, tol=1e-10, return_eigenvectors=False)
+    truth = spectra.lanczos(
+        spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y)),
+        k=5,
+        tol=1e-10,
+        return_eigenvectors=False,
+    )
     ref = truth.eigenvalues.numpy()
     n = sum(p.numel() for p in model.parameters())
-    rows = [f"\n### top-5 eigenvalues, {label} (n = {n:,}, float64)\n",
-            f"truth: spectra.lanczos tol=1e-10, max residual/|lambda| "
-            f"{float((truth.residuals / truth.eigenvalues.abs()).max()):.1e}; "
-            f"top-5 = {np.array2string(ref, precision=6)}\n",
-            "| method | setting | matvecs | seconds | max rel. error | reaches 1e-6 |",
-            "|---|---|---:|---:|---:|:-:|"]
+    rows = [
+        f"\n### top-5 eigenvalues, {label} (n = {n:,}, float64)\n",
+        f"truth: spectra.lanczos tol=1e-10, max residual/|lambda| "
+        f"{float((truth.residuals / truth.eigenvalues.abs()).max()):.1e}; "
+        f"top-5 = {np.array2string(ref, precision=6)}\n",
+        "| method | setting | matvecs | seconds | max rel. error | reaches 1e-6 |",
+        "|---|---|---:|---:|---:|:-:|",
+    ]
     runs: list[tuple[str, str, Callable[[], dict]]] = [
         ("spectra.lanczos", "tol=1e-6 (default)", lambda: ours_top(model, X, y, 1e-6)),
         ("spectra.lanczos", "tol=1e-3", lambda: ours_top(model, X, y, 1e-3)),
-        ("spectra.lanczos", "tol=1e-6, backend=autograd",
-         lambda: ours_top(model, X, y, 1e-6, "autograd")),
-        ("spectra.lanczos", "tol=1e-3, backend=autograd",
-         lambda: ours_top(model, X, y, 1e-3, "autograd")),
-        ("PyHessian", "default: maxIter=100, tol=1e-3", lambda: pyhessian_top(model, X, y, 1e-3, 100)),
+        (
+            "spectra.lanczos",
+            "tol=1e-6, backend=autograd",
+            lambda: ours_top(model, X, y, 1e-6, "autograd"),
+        ),
+        (
+            "spectra.lanczos",
+            "tol=1e-3, backend=autograd",
+            lambda: ours_top(model, X, y, 1e-3, "autograd"),
+        ),
+        (
+            "PyHessian",
+            "default: maxIter=100, tol=1e-3",
+            lambda: pyhessian_top(model, X, y, 1e-3, 100),
+        ),
         ("PyHessian", "tol=1e-8, maxIter=300", lambda: pyhessian_top(model, X, y, 1e-8, 300)),
         ("hessian-eigenthings", "", lambda: eigenthings_top(model, X, y, ref)),
         ("curvlinops + eigsh", "tol=1e-6", lambda: curvlinops_eigsh(model, X, y, 1e-6)),
@@ -226,12 +250,16 @@ def top5_table(label: str, model, X, y, quick: bool) -> list[str]:
                 warnings.simplefilter("ignore")
                 out = fn()
         except Exception as exc:  # a peer that fails is a result too
-            rows.append(f"| {name} | {setting} | - | - | FAILED: {type(exc).__name__}: "
-                        f"{str(exc)[:80]} | no |")
+            rows.append(
+                f"| {name} | {setting} | - | - | FAILED: {type(exc).__name__}: "
+                f"{str(exc)[:80]} | no |"
+            )
             continue
         err = _rel_err(out["values"], ref)
-        rows.append(f"| {name} | {out.get('setting', setting)} | {out['matvecs']} | "
-                    f"{out['seconds']:.2f} | {err:.1e} | {'yes' if err <= TARGET else 'no'} |")
+        rows.append(
+            f"| {name} | {out.get('setting', setting)} | {out['matvecs']} | "
+            f"{out['seconds']:.2f} | {err:.1e} | {'yes' if err <= TARGET else 'no'} |"
+        )
         print(rows[-1], file=sys.stderr, flush=True)  # progress while the table fills
     return rows
 
@@ -241,9 +269,12 @@ def top5_table(label: str, model, X, y, quick: bool) -> list[str]:
 
 def density_table(model, X, y, exact: np.ndarray, probes: int, steps: int) -> list[str]:
     rng_ = exact[-1] - exact[0]
-    rows = [f"\n### SLQ density at equal matvecs ({probes} probes x {steps} steps), "
-            f"small-mnistfc hidden=4 (n = {exact.size:,}), W1 vs eigvalsh\n",
-            "| method | matvecs | seconds | W1 / range |", "|---|---:|---:|---:|"]
+    rows = [
+        f"\n### SLQ density at equal matvecs ({probes} probes x {steps} steps), "
+        f"small-mnistfc hidden=4 (n = {exact.size:,}), W1 vs eigvalsh\n",
+        "| method | matvecs | seconds | W1 / range |",
+        "|---|---:|---:|---:|",
+    ]
     H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y))
     s, t = _timed(lambda: spectra.spectral_density(H, num_probes=probes, num_steps=steps))
     w = wasserstein_distance(s.eigenvalues, exact, u_weights=s.weights) / rng_
@@ -252,8 +283,7 @@ def density_table(model, X, y, exact: np.ndarray, probes: int, steps: int) -> li
         import hessian_eigenthings as he
 
         op, count = eigenthings_operator(model, X, y)
-        r, t = _timed(lambda: he.spectral_density(op, num_runs=probes, lanczos_steps=steps,
-                                                  seed=0))
+        r, t = _timed(lambda: he.spectral_density(op, num_runs=probes, lanczos_steps=steps, seed=0))
         nodes, wts = r.raw_eigenvalues.numpy(), r.raw_weights.numpy()
         keep = np.isfinite(nodes)
         wts = np.where(keep, wts, 0.0)
@@ -275,16 +305,19 @@ def density_table(model, X, y, exact: np.ndarray, probes: int, steps: int) -> li
             model.zero_grad(set_to_none=True)
         rows.append("| PyHessian density | ran | | (not scored) |")
     except Exception as exc:
-        rows.append(f"| PyHessian density | - | - | FAILED: {type(exc).__name__}: "
-                    f"{str(exc)[:70]} |")
+        rows.append(
+            f"| PyHessian density | - | - | FAILED: {type(exc).__name__}: {str(exc)[:70]} |"
+        )
     return rows
 
 
 def trace_table(model, X, y, exact_trace: float, budgets, seeds: int) -> list[str]:
-    rows = [f"\n### trace: RMS relative error over {seeds} seeds vs matvecs, small-mnistfc "
-            f"hidden=4 (exact trace {exact_trace:.6g})\n",
-            "| method | " + " | ".join(f"m={m}" for m in budgets) + " |",
-            "|---|" + "---:|" * len(budgets)]
+    rows = [
+        f"\n### trace: RMS relative error over {seeds} seeds vs matvecs, small-mnistfc "
+        f"hidden=4 (exact trace {exact_trace:.6g})\n",
+        "| method | " + " | ".join(f"m={m}" for m in budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
+    ]
     H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y))
 
     def ours(method):
@@ -309,10 +342,12 @@ def trace_table(model, X, y, exact_trace: float, budgets, seeds: int) -> list[st
         op, _ = eigenthings_operator(model, X, y)
         return he.hutch_plus_plus(op, num_matvecs=m, seed=s).estimate
 
-    for name, fn in [("spectra hutch++", ours("hutch++")),
-                     ("spectra hutchinson", ours("hutchinson")),
-                     ("PyHessian Hutchinson (tol=0)", pyh),
-                     ("hessian-eigenthings hutch++", eig)]:
+    for name, fn in [
+        ("spectra hutch++", ours("hutch++")),
+        ("spectra hutchinson", ours("hutchinson")),
+        ("PyHessian Hutchinson (tol=0)", pyh),
+        ("hessian-eigenthings hutch++", eig),
+    ]:
         cells = []
         for m in budgets:
             try:
@@ -357,38 +392,52 @@ def memory_table() -> list[str]:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD], capture_output=True, text=True, check=True
+    )
     d = json.loads(out.stdout.strip().splitlines()[-1])
     vec_kb = d["n"] * 8 / 1024
     above = (d["peak_kb"] - d["base_kb"]) / vec_kb
     stored = d["ncv"] + 1
-    return [f"\n### memory: lanczos(k=5) on small-mnistfc (n = {d['n']:,}, float64)\n",
-            "| peak RSS above the model's own (vectors of n) | bound: stored (ncv + 1 = "
-            f"{stored}) + 4 | within |", "|---:|---:|:-:|",
-            f"| {above:.1f} | {stored + 4} | {'yes' if above <= stored + 4 else 'no'} |"]
+    return [
+        f"\n### memory: lanczos(k=5) on small-mnistfc (n = {d['n']:,}, float64)\n",
+        "| peak RSS above the model's own (vectors of n) | bound: stored (ncv + 1 = "
+        f"{stored}) + 4 | within |",
+        "|---:|---:|:-:|",
+        f"| {above:.1f} | {stored + 4} | {'yes' if above <= stored + 4 else 'no'} |",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="smaller budgets (a smoke run)")
     ap.add_argument("--cnn-width", type=float, default=0.125)
     ap.add_argument("--cnn-samples", type=int, default=64)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["mnistfc", "allcnn", "density",
-                                                               "trace"])
-    ap.add_argument("--memory", action="store_true",
-                    help="also the RSS memory row (at n = 5e4 a vector is 0.4 MB and glibc's "
-                         "arenas move RSS by +-30 vectors between identical calls: not "
-                         "conclusive; bench_matrix_free measures the bound at large n)")
+    ap.add_argument(
+        "--skip", nargs="*", default=[], choices=["mnistfc", "allcnn", "density", "trace"]
+    )
+    ap.add_argument(
+        "--memory",
+        action="store_true",
+        help="also the RSS memory row (at n = 5e4 a vector is 0.4 MB and glibc's "
+        "arenas move RSS by +-30 vectors between identical calls: not "
+        "conclusive; bench_matrix_free measures the bound at large n)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    missing = [m for m in ("pyhessian", "hessian_eigenthings", "curvlinops")
-               if importlib.util.find_spec(m) is None]
+    missing = [
+        m
+        for m in ("pyhessian", "hessian_eigenthings", "curvlinops")
+        if importlib.util.find_spec(m) is None
+    ]
     if missing:
-        print(f"bench_peers: peers not installed ({', '.join(missing)}); run it with "
-              ".venv-anchors/bin/python (see benchmarks/README.md). Skipped.")
+        print(
+            f"bench_peers: peers not installed ({', '.join(missing)}); run it with "
+            ".venv-anchors/bin/python (see benchmarks/README.md). Skipped."
+        )
         return
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     lines: list[str] = []
@@ -402,8 +451,14 @@ def main(argv: list[str] | None = None) -> None:
         lines += rows
     if "allcnn" not in args.skip:
         model, X, y = allcnn_problem(args.cnn_width, args.cnn_samples, 20)
-        rows = top5_table(f"All-CNN-BN width {args.cnn_width}, {args.cnn_samples} synthetic "
-                          "CIFAR-shaped samples, eval-mode BN", model, X, y, args.quick)
+        rows = top5_table(
+            f"All-CNN-BN width {args.cnn_width}, {args.cnn_samples} synthetic "
+            "CIFAR-shaped samples, eval-mode BN",
+            model,
+            X,
+            y,
+            args.quick,
+        )
         print("\n".join(rows), flush=True)
         lines += rows
     if "density" not in args.skip or "trace" not in args.skip:
@@ -417,8 +472,14 @@ def main(argv: list[str] | None = None) -> None:
             print("\n".join(rows), flush=True)
             lines += rows
         if "trace" not in args.skip:
-            rows = trace_table(model, X, y, float(exact.sum()),
-                               (30, 99) if args.quick else (30, 99, 300), 3 if args.quick else 5)
+            rows = trace_table(
+                model,
+                X,
+                y,
+                float(exact.sum()),
+                (30, 99) if args.quick else (30, 99, 300),
+                3 if args.quick else 5,
+            )
             print("\n".join(rows), flush=True)
             lines += rows
 

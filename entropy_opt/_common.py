@@ -134,10 +134,15 @@ def check_state_dict(
     who = type(opt).__name__
     groups = state_dict.get("param_groups")
     state = state_dict.get("state")
-    if not isinstance(groups, list) or not isinstance(state, dict) or not all(
-            isinstance(g, dict) for g in groups):
-        raise ValueError(f"{who}.load_state_dict: not an optimizer state dict (it needs 'state' "
-                         f"and 'param_groups', got keys {sorted(state_dict)})")
+    if (
+        not isinstance(groups, list)
+        or not isinstance(state, dict)
+        or not all(isinstance(g, dict) for g in groups)
+    ):
+        raise ValueError(
+            f"{who}.load_state_dict: not an optimizer state dict (it needs 'state' "
+            f"and 'param_groups', got keys {sorted(state_dict)})"
+        )
     problems = []
     recorded = state_dict.get(OPTIMIZER_KEY)
     if recorded is not None and recorded != who:
@@ -161,7 +166,8 @@ def check_state_dict(
         source = _source_name(state_dict, group_keys)
         raise ValueError(
             f"{who}.load_state_dict: this state dict comes from {source}, not {who} ("
-            + "; ".join(problems) + f"). Load it into the optimizer that wrote it, or start "
+            + "; ".join(problems)
+            + f"). Load it into the optimizer that wrote it, or start "
             f"{who} afresh"
         )
 
@@ -240,6 +246,39 @@ def split_views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return views
 
 
+def _foreach_devices() -> frozenset[str]:
+    """Device types on which ``foreach=None`` takes the foreach path: torch.optim's own list
+    (CUDA-like devices) plus the CPU, where it measured as fast or faster (see
+    :func:`resolve_foreach`)."""
+    try:
+        from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+    except ImportError:  # private torch API; its list as of torch 2.13
+        return frozenset({"cpu", "cuda", "xpu", "mtia"})
+    return frozenset({"cpu", *_get_foreach_kernels_supported_devices()})
+
+
+def resolve_foreach(foreach: bool | None, tensors: Sequence[Tensor]) -> bool:
+    """Whether an update of ``tensors`` runs through the ``torch._foreach_*`` kernels.
+
+    An explicit ``True`` or ``False`` is honoured.  ``None`` follows torch.optim's rule
+    (``torch.optim.optimizer._default_to_fused_or_foreach``: foreach when every tensor is a
+    plain ``Tensor``/``Parameter`` on a device with foreach kernels, the CUDA-like ones)
+    with the CPU added, because there it pays too, and only the foreach path reaches the
+    fused momentum and Adam kernels.  Measured on this project's 2-core Xeon (torch 2.13,
+    one thread, L = 10, process CPU time of one step with ``foreach=True`` over the same
+    step with ``foreach=False``, median of 9 and of 15 interleaved rounds): on mnistfc
+    (1.86M weights in 6 tensors) Entropy-SGD 0.98-0.99, Nesterov momentum in both loops
+    0.90, Entropy-Adam 0.95-0.98, SGLD 0.98-0.99; on 200 ``Linear(32, 32)`` layers (400
+    tensors) 0.92 (one run 1.06, at load 6), 0.82-0.84, 0.86-0.92 and 0.91-0.98.  Tensor
+    subclasses and other devices (``mps``, ``meta``) take the for-loop, as in torch.optim.
+    """
+    if foreach is not None:
+        return bool(foreach)
+    devices = _foreach_devices()
+    plain = (Tensor, torch.nn.Parameter)
+    return all(type(t) in plain and t.device.type in devices for t in tensors)
+
+
 def one_device_dtype(tensors: Sequence[Tensor]) -> tuple[torch.device, torch.dtype] | None:
     """The common ``(device, dtype)`` of ``tensors``, or None if they are mixed (or empty)."""
     if not tensors:
@@ -265,20 +304,48 @@ def fused_ok(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
         p, g, b = torch.ones(3, **kw), torch.full((3,), 2.0, **kw), torch.ones(3, **kw)
         if kind == "sgd":
             # g' = g + 0.5 p = 2.5; b = 0.5 b + g' = 3; nesterov: d = g' + 0.5 b = 4
-            fn([p], [g], [b], weight_decay=0.5, momentum=0.5, lr=0.25, dampening=0.0,
-               nesterov=True, maximize=False, is_first_step=False)
+            fn(
+                [p],
+                [g],
+                [b],
+                weight_decay=0.5,
+                momentum=0.5,
+                lr=0.25,
+                dampening=0.0,
+                nesterov=True,
+                maximize=False,
+                is_first_step=False,
+            )
             # and g untouched: Entropy-SGD's outer step hands it p.grad, which must keep G
             return bool((p == 0.0).all() and (b == 3.0).all() and (g == 2.0).all())
         if kind == "adam":
             v, step = torch.ones(3, **kw), torch.tensor(1.0)
             # m = lerp(1, 2, 0.5) = 1.5; v = 0.5 + 0.5 * 4 = 2.5; bias corrections 0.5, 0.5
             # p = 1 - (0.25 / 0.5) * 1.5 / (sqrt(2.5) / sqrt(0.5) + 1)
-            fn([p], [g], [b], [v], [], [step], amsgrad=False, lr=0.25, beta1=0.5, beta2=0.5,
-               weight_decay=0.0, eps=1.0, maximize=False)
+            fn(
+                [p],
+                [g],
+                [b],
+                [v],
+                [],
+                [step],
+                amsgrad=False,
+                lr=0.25,
+                beta1=0.5,
+                beta2=0.5,
+                weight_decay=0.0,
+                eps=1.0,
+                maximize=False,
+            )
             want = 1.0 - 0.5 * 1.5 / (math.sqrt(5.0) + 1.0)
-            return bool(torch.allclose(p.double(), torch.full((3,), want, dtype=torch.float64),
-                                       rtol=1e-2, atol=0.0)
-                        and (b == 1.5).all() and (v == 2.5).all() and (g == 2.0).all())
+            return bool(
+                torch.allclose(
+                    p.double(), torch.full((3,), want, dtype=torch.float64), rtol=1e-2, atol=0.0
+                )
+                and (b == 1.5).all()
+                and (v == 2.5).all()
+                and (g == 2.0).all()
+            )
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return False
     return False

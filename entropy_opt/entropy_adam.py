@@ -9,12 +9,7 @@ import torch
 from torch import Tensor
 
 from ._common import check_nonneg
-from .local_entropy import (
-    AUTHORS_CODE,
-    LocalEntropyOptimizer,
-    local_entropy_defaults,
-    use_fused,
-)
+from .base import AUTHORS_CODE, LocalEntropyOptimizer, use_fused
 
 
 class EntropyAdam(LocalEntropyOptimizer):
@@ -51,41 +46,10 @@ class EntropyAdam(LocalEntropyOptimizer):
         alpha: float = 0.75,
         *,
         scoping_rate: float = 0.0,
-        sgld_momentum: float = 0.0,
-        sgld_nesterov: bool = False,
-        scale_by_gamma: bool = False,
-        noise_convention: str = "paper",
-        advance_scoping: bool = True,
-        discard_first_grad: bool = False,
-        outer_weight_decay: bool = False,
-        foreach: bool | None = None,
-        flat: bool = False,
-        generator: torch.Generator | None = None,
-        diagnostics: bool = True,
+        **options: Any,
     ) -> None:
-        _check_adam(betas, eps)
-        defaults = local_entropy_defaults(
-            lr=lr,
-            weight_decay=weight_decay,
-            L=L,
-            sgld_lr=sgld_lr,
-            noise=noise,
-            gamma=gamma,
-            scoping=scoping,
-            scoping_rate=scoping_rate,
-            alpha=alpha,
-            sgld_momentum=sgld_momentum,
-            sgld_nesterov=sgld_nesterov,
-            scale_by_gamma=scale_by_gamma,
-            noise_convention=noise_convention,
-            advance_scoping=advance_scoping,
-            discard_first_grad=discard_first_grad,
-            outer_weight_decay=outer_weight_decay,
-            foreach=foreach,
-            flat=flat,
-        )
-        defaults.update(betas=tuple(betas), eps=eps)
-        super().__init__(params, defaults, generator=generator, diagnostics=diagnostics)
+        betas = tuple(betas)  # stored as a tuple whatever sequence was passed
+        super().__init__(params, locals(), **options)  # the arguments above: group entries
 
     @classmethod
     def authors_code(cls, params: Any, **kwargs: Any) -> EntropyAdam:
@@ -94,8 +58,7 @@ class EntropyAdam(LocalEntropyOptimizer):
 
     STATE_KEYS = LocalEntropyOptimizer.STATE_KEYS | {"step", "exp_avg", "exp_avg_sq"}
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
+    def _check_outer(self, group: dict[str, Any]) -> None:
         _check_adam(group["betas"], group["eps"])
 
     def _outer_update(
@@ -117,8 +80,18 @@ class EntropyAdam(LocalEntropyOptimizer):
         if foreach and use_fused("adam", params, grads, m, v):
             # one pass instead of the seven below, same equations (rounding aside)
             torch._fused_adam_(
-                params, grads, m, v, [], [self.state[p]["step"] for p in params],
-                amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
+                params,
+                grads,
+                m,
+                v,
+                [],
+                [self.state[p]["step"] for p in params],
+                amsgrad=False,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=0.0,
+                eps=eps,
                 maximize=False,
             )
             return

@@ -8,12 +8,7 @@ import torch
 from torch import Tensor
 
 from ._common import check_momentum
-from .local_entropy import (
-    AUTHORS_CODE,
-    LocalEntropyOptimizer,
-    local_entropy_defaults,
-    use_fused,
-)
+from .base import AUTHORS_CODE, LocalEntropyOptimizer, fused_sgd_step, use_fused
 
 
 class EntropySGD(LocalEntropyOptimizer):
@@ -43,23 +38,14 @@ class EntropySGD(LocalEntropyOptimizer):
             which weights later samples more, a soft burn-in).
         scoping_rate: ``gamma1`` (or ``tau`` of the bounded exponential); default 1e-3, the
             paper's factor 1.001 per update.
-        sgld_momentum, sgld_nesterov: momentum of the inner loop (default off); its buffer
-            restarts at zero every outer step.
-        scale_by_gamma, noise_convention, advance_scoping, discard_first_grad,
-        outer_weight_decay: choices where the authors' code departs from the paper; see
-            :mod:`entropy_opt.local_entropy` and :meth:`authors_code`.
-        foreach: use the ``torch._foreach_*`` kernels (default None = yes). With momentum
-            (inner or outer) the foreach path runs the step through ``torch._fused_sgd_``
-            where the build has it for the parameters' device and dtype (one pass over the
-            weights instead of up to eight; same equations, rounding aside).
-        flat: during the inner loop, point the parameters (``p.data``) at views of one
-            contiguous buffer so each SGLD operation is one kernel instead of one per tensor
-            (default False). Much cheaper for models with many small tensors; results are
-            identical. Leave it off for modules that cache parameter storage (cuDNN RNNs).
-        generator: ``torch.Generator`` for the SGLD noise (default: the global RNG, so
-            ``torch.manual_seed`` makes runs reproducible).
-        diagnostics: record gamma, ||x - mu|| and the gradient angle (one extra gradient
-            copy per step).
+        options: the keyword options every local-entropy optimizer takes, documented with
+            :class:`~entropy_opt.LocalEntropyOptimizer`: ``sgld_momentum``,
+            ``sgld_nesterov`` (inner momentum, default off), ``scale_by_gamma``,
+            ``noise_convention``, ``advance_scoping``, ``discard_first_grad``,
+            ``outer_weight_decay`` (the paper's choices by default; see
+            :meth:`authors_code`), ``foreach`` (default None: on for CPU and CUDA-like
+            devices; with momentum, inner or outer, it runs the step through
+            ``torch._fused_sgd_``), ``flat``, ``generator``, ``diagnostics``.
     """
 
     def __init__(
@@ -77,47 +63,15 @@ class EntropySGD(LocalEntropyOptimizer):
         alpha: float = 0.75,
         *,
         scoping_rate: float = 1e-3,
-        sgld_momentum: float = 0.0,
-        sgld_nesterov: bool = False,
-        scale_by_gamma: bool = False,
-        noise_convention: str = "paper",
-        advance_scoping: bool = True,
-        discard_first_grad: bool = False,
-        outer_weight_decay: bool = False,
-        foreach: bool | None = None,
-        flat: bool = False,
-        generator: torch.Generator | None = None,
-        diagnostics: bool = True,
+        **options: Any,
     ) -> None:
-        check_momentum(momentum, nesterov)
-        defaults = local_entropy_defaults(
-            lr=lr,
-            weight_decay=weight_decay,
-            L=L,
-            sgld_lr=sgld_lr,
-            noise=noise,
-            gamma=gamma,
-            scoping=scoping,
-            scoping_rate=scoping_rate,
-            alpha=alpha,
-            sgld_momentum=sgld_momentum,
-            sgld_nesterov=sgld_nesterov,
-            scale_by_gamma=scale_by_gamma,
-            noise_convention=noise_convention,
-            advance_scoping=advance_scoping,
-            discard_first_grad=discard_first_grad,
-            outer_weight_decay=outer_weight_decay,
-            foreach=foreach,
-            flat=flat,
-        )
-        defaults.update(momentum=momentum, nesterov=nesterov)
-        super().__init__(params, defaults, generator=generator, diagnostics=diagnostics)
+        super().__init__(params, locals(), **options)  # the arguments above: group entries
 
     @classmethod
     def authors_code(cls, params: Any, **kwargs: Any) -> EntropySGD:
         """An instance that reproduces the authors' public PyTorch code, for comparison.
 
-        Applies :data:`~entropy_opt.local_entropy.AUTHORS_CODE` and makes the inner loop use
+        Applies :data:`~entropy_opt.AUTHORS_CODE` and makes the inner loop use
         the outer momentum, as their code does; ``kwargs`` override anything.
         """
         opts: dict[str, Any] = dict(AUTHORS_CODE)
@@ -128,8 +82,7 @@ class EntropySGD(LocalEntropyOptimizer):
 
     STATE_KEYS = LocalEntropyOptimizer.STATE_KEYS | {"momentum_buffer"}
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
+    def _check_outer(self, group: dict[str, Any]) -> None:
         check_momentum(group["momentum"], group["nesterov"])
 
     def _outer_update(
@@ -144,12 +97,8 @@ class EntropySGD(LocalEntropyOptimizer):
                     st["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(st["momentum_buffer"])
             if foreach and use_fused("sgd", params, grads, bufs):
-                # one pass; the kernel leaves grads (p.grad, the local-entropy gradient) as
-                # they are, and zero-initialised buffers make is_first_step=False exact
-                torch._fused_sgd_(
-                    params, grads, bufs, weight_decay=0.0, momentum=momentum, lr=lr,
-                    dampening=0.0, nesterov=nesterov, maximize=False, is_first_step=False,
-                )
+                # one pass; grads (p.grad, the local-entropy gradient) stay as they are
+                fused_sgd_step(params, grads, bufs, lr=lr, momentum=momentum, nesterov=nesterov)
                 return
             if foreach:
                 torch._foreach_mul_(bufs, momentum)

@@ -84,9 +84,12 @@ class SAM(Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict (SAM keeps no state of its own), marked "SAM"."""
         return {**self.base_optimizer.state_dict(), OPTIMIZER_KEY: "SAM"}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict written by :meth:`state_dict`; another optimizer's is refused
+        (``ValueError`` naming both) before anything is loaded."""
         check_state_dict(self, state_dict)
         state_dict = {k: v for k, v in state_dict.items() if k != OPTIMIZER_KEY}
         self.base_optimizer.load_state_dict(state_dict)

@@ -9,7 +9,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._common import Closure, NoiseBuffers, StateDictMixin, check_nonneg, params_with_grad
+from ._common import (
+    Closure,
+    NoiseBuffers,
+    StateDictMixin,
+    check_nonneg,
+    params_with_grad,
+    resolve_foreach,
+)
 
 
 class SGLD(StateDictMixin, Optimizer):
@@ -29,7 +36,8 @@ class SGLD(StateDictMixin, Optimizer):
             for the step sizes to sum to infinity while their squares stay finite).
         noise: thermal noise ``eps`` (default 1e-4, as Entropy-SGD).
         weight_decay: L2 coefficient (a Gaussian prior; default 0).
-        foreach: use ``torch._foreach_*`` kernels (default None = yes).
+        foreach: use ``torch._foreach_*`` kernels (default None: on CPU and CUDA-like
+            devices, see :func:`~entropy_opt._common.resolve_foreach`; True/False force it).
         generator: ``torch.Generator`` for the noise (default: the global RNG).
 
     Every hyper-parameter must be a finite number >= 0 (checked here and at every step).
@@ -80,7 +88,7 @@ class SGLD(StateDictMixin, Optimizer):
                 st["step"] += 1
             grads = [p.grad for p in params]
             noise = self._noise.draw(params, self.generator) if group["noise"] else None
-            foreach = group["foreach"] is None or bool(group["foreach"])
+            foreach = resolve_foreach(group["foreach"], params)
             wd = group["weight_decay"]
             if foreach and len(set(steps)) == 1:
                 eta = group["lr"] / (1.0 + steps[0]) ** group["b"]

@@ -130,9 +130,7 @@ class Cache:
         try:
             writer(tmp)
             write_atomic(tmp / _CONFIG, json.dumps(config, indent=1, sort_keys=True).encode())
-            files = {
-                p.name: _file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()
-            }
+            files = {p.name: _file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             write_atomic(tmp / MARKER, json.dumps({"key": key, "files": files}).encode())
             final = self.entry_dir(key)
             if final.exists():

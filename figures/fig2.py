@@ -86,8 +86,13 @@ def local_entropy(
     return out.reshape(np.shape(x)) if np.ndim(x) else out[0]
 
 
-def _plot(x: np.ndarray, fx: np.ndarray, curves: dict[float, np.ndarray],
-          cfg: presets.LandscapeFigure, caption: str) -> Figure:
+def _plot(
+    x: np.ndarray,
+    fx: np.ndarray,
+    curves: dict[float, np.ndarray],
+    cfg: presets.LandscapeFigure,
+    caption: str,
+) -> Figure:
     fig = Figure(figsize=(7.0, 4.2))
     ax = fig.add_axes((0.1, 0.13, 0.86, 0.84))
     ax.plot(x, fx, color="k", lw=1.6, label="f(x)")
@@ -98,8 +103,14 @@ def _plot(x: np.ndarray, fx: np.ndarray, curves: dict[float, np.ndarray],
     (_, c_wide, _), (_, c_sharp, _) = cfg.wells[0], cfg.wells[1]
     for c, label in ((c_wide, "x_robust"), (c_sharp, "x_non-robust")):
         ax.axvline(c, color="0.6", lw=0.8, ls=":")
-        ax.annotate(label, (c, ax.get_ylim()[0]), xytext=(3, 4), textcoords="offset points",
-                    fontsize=8, color="0.3")
+        ax.annotate(
+            label,
+            (c, ax.get_ylim()[0]),
+            xytext=(3, 4),
+            textcoords="offset points",
+            fontsize=8,
+            color="0.3",
+        )
     ax.set_xlabel("x (parameter space)")
     ax.set_ylabel("energy")
     ax.legend(fontsize=8, loc="lower left")
@@ -107,12 +118,17 @@ def _plot(x: np.ndarray, fx: np.ndarray, curves: dict[float, np.ndarray],
     return fig
 
 
-def run(preset: str = "default", out_dir: str | Path = "figures/out", device: str = "cpu",
-        use_cache: bool = True) -> dict[str, Any]:
+def run(
+    preset: str = "default",
+    out_dir: str | Path = "figures/out",
+    device: str = "cpu",
+    use_cache: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Compute f and -F(., gamma) for the preset's gammas, write fig2.png/.pdf/.json.
 
-    ``device`` and ``use_cache`` are accepted for a uniform interface; this figure is
-    pure NumPy and takes well under a second.
+    ``device``, ``use_cache`` and ``progress`` are accepted for a uniform interface; this
+    figure is pure NumPy and takes well under a second.
     """
     t0 = time.perf_counter()
     cfg: presets.LandscapeFigure = presets.get(preset, NAME)
@@ -149,12 +165,14 @@ def run(preset: str = "default", out_dir: str | Path = "figures/out", device: st
         "local_entropy": per_gamma,
         "minimum_of_negF_in_wide_valley": wide,
         "quadrature": {"rule": "trapezoid, log-sum-exp", "step": cfg.step},
-        "paper": {"claim": "the minimum of -F sits in the wide valley (x_robust), "
-                           "not at the sharp global minimum of f"},
+        "paper": {
+            "claim": "the minimum of -F sits in the wide valley (x_robust), "
+            "not at the sharp global minimum of f"
+        },
         "caption": caption,
         "config": presets.as_dict(cfg),
         "summary": f"argmin f={argmin_f:.2f}; argmin -F: "
-                   + ", ".join(f"γ={g}: {v['argmin_negF']:.2f}" for g, v in per_gamma.items()),
+        + ", ".join(f"γ={g}: {v['argmin_negF']:.2f}" for g, v in per_gamma.items()),
     }
     fig = _plot(x, fx, curves, cfg, caption)
     stats["seconds"] = time.perf_counter() - t0

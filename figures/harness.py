@@ -3,7 +3,10 @@
 
 ``train(config)`` trains the model a :class:`RunConfig` names with SGD (Nesterov), Adam,
 Entropy-SGD, Entropy-Adam, SGLD or SAM, evaluates at every *effective epoch*, logs to
-JSON and CSV, and checkpoints so that an interrupted run resumes bit-identically.
+JSON and CSV, and checkpoints so that an interrupted run resumes bit-identically.  Every
+run of the project goes through it: Table 1, the comparison, the search and every
+figure's runs (:mod:`figures.figure_runs`; ``at_end`` is the hook for what a figure does
+with the trained run).
 
 Effective epochs (Sec. 5.2).  The harness counts gradient evaluations, i.e. closure calls.
 With ``N`` mini-batches per pass over the training split, one effective epoch is ``N``
@@ -56,50 +59,29 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from entropy_opt import SAM, SGLD, EntropyAdam, EntropySGD
-
-from . import data as D
-from .loop import (
-    ImageStream,
-    LoopCounters,
-    RunningMetrics,
-    TokenStream,
-    batch_error,
-    calls_per_step,
-    cross_entropy,
-    evaluate_metrics,
-    forward,
-    recompute_batchnorm,
-    run_loop,
-)
+from .loop import LoopCounters, RunningMetrics, calls_per_step, recompute_batchnorm, run_loop
 from .models import build
+from .optimizers import OPTIMIZERS, build_optimizer
+from .tasks import Task, build_task, evaluate
 
 __all__ = [
-    "OPTIMIZERS",
     "ConfigMismatchError",
     "RunConfig",
     "RunResult",
-    "Task",
-    "build_optimizer",
-    "build_task",
-    "calls_per_step",
-    "evaluate",
-    "recompute_batchnorm",
     "run_dir",
     "setup_run",
     "train",
 ]
 
-OPTIMIZERS = ("sgd", "adam", "entropy-sgd", "entropy-adam", "sgld", "sam")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -119,8 +101,9 @@ class RunConfig:
     Attributes:
         name: readable label, the first part of the run directory's name.
         model: a :data:`figures.models.REGISTRY` key; ``model_kwargs`` go to its builder.
-        data: ``"mnist"``, ``"cifar10"``, ``"austen"``, ``"ptb"``, ``"synthetic-images"`` or
-            ``"synthetic-tokens"``; ``data_kwargs`` configure it (see :func:`build_task`).
+        data: a :data:`figures.tasks.DATASETS` key (``"mnist"``, ``"cifar10"``, ``"austen"``,
+            ``"ptb"``, the figures' ``"austen-lines"``, the synthetic ones for tests);
+            ``data_kwargs`` configure it (see :func:`figures.tasks.build_task`).
         optimizer: one of :data:`OPTIMIZERS`; ``optimizer_kwargs`` go to its constructor
             (for ``"sgd"`` the default is Nesterov momentum 0.9; for ``"sam"``, ``base``
             picks ``"sgd"`` or ``"adam"``).
@@ -133,6 +116,16 @@ class RunConfig:
         bn_batches: training mini-batches used by :func:`recompute_batchnorm`.
         clip_grad_norm: clip each closure's gradient to this norm (RNNs), None = off.
         eval_every: evaluate every this many effective epochs (default 1).
+        eval_splits: the held-out splits each log row evaluates; None (default) = every
+            one the task has (``val``, ``test``).  The figures log only the running train
+            metrics per epoch and evaluate at the end.
+        noise_seed: seed of the global torch RNG while training (dropout, Langevin noise);
+            None (default) = ``seed + 1``, independent of the initialisation.  The figures
+            use ``seed``, as their runs always have.
+
+    Fields added after runs were recorded (:data:`ADDED_FIELDS`) are left out of
+    :meth:`to_dict` and :meth:`digest` while they hold their default, so every existing
+    run directory keeps its name and resumes.
     """
 
     name: str
@@ -150,6 +143,8 @@ class RunConfig:
     bn_batches: int = 50
     clip_grad_norm: float | None = None
     eval_every: int = 1
+    eval_splits: list[str] | None = None
+    noise_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -157,9 +152,18 @@ class RunConfig:
         for label in ("epochs", "batch_size", "eval_every"):
             if int(getattr(self, label)) < 1:
                 raise ValueError(f"{label} must be >= 1, got {getattr(self, label)}")
+        if self.bn_batches < 0:
+            raise ValueError(
+                f"bn_batches must be >= 0 (0: leave BatchNorm alone), got {self.bn_batches}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The config as JSON-ready data (what :meth:`digest` hashes and the logs record)."""
+        data = json.loads(json.dumps(dataclasses.asdict(self)))
+        for name, default in ADDED_FIELDS.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     def digest(self) -> str:
         """8 hex digits of the SHA-256 of the canonical JSON (keys sorted)."""
@@ -167,218 +171,17 @@ class RunConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` applied (checked like a new config)."""
         return dataclasses.replace(self, **changes)
+
+
+#: Fields added to :class:`RunConfig` after runs were recorded, with their defaults.
+ADDED_FIELDS: dict[str, Any] = {"eval_splits": None, "noise_seed": None}
 
 
 def run_dir(config: RunConfig, out_dir: str | os.PathLike) -> Path:
     """``<out_dir>/<name>-<digest>``."""
     return Path(out_dir) / f"{config.name}-{config.digest()}"
-
-
-# --------------------------------------------------------------------------------------
-# Data: tasks (the mini-batch streams are in figures.loop)
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Task:
-    """A dataset with its loss and metrics.
-
-    ``kind`` is ``"classification"`` (``splits`` hold ``(x, y)`` tensors; error is the
-    fraction of wrong argmaxes) or ``"language"`` (``splits`` hold 1-D id streams; the
-    metrics are the mean cross-entropy per token ``loss``, its exponential ``perplexity``
-    and the fraction of mispredicted tokens ``error``).
-    """
-
-    kind: str
-    splits: dict[str, Any]
-    batch_size: int
-    seed: int
-    bptt: int = 50
-    eval_batch_size: int = 1000
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def stream(self) -> ImageStream | TokenStream:
-        if self.kind == "classification":
-            x, y = self.splits["train"]
-            return ImageStream(x, y, self.batch_size, self.seed)
-        return TokenStream(self.splits["train"], self.batch_size, self.bptt)
-
-    def bn_batches(self, count: int) -> Iterator[Any]:
-        """The first ``count`` training mini-batches in a fixed order (no stream state)."""
-        if self.kind == "classification":
-            x, _ = self.splits["train"]
-            for i in range(min(count, math.ceil(len(x) / self.batch_size))):
-                yield x[i * self.batch_size : (i + 1) * self.batch_size]
-        else:
-            stream = TokenStream(self.splits["train"], self.batch_size, self.bptt)
-            for _ in range(min(count, stream.per_pass)):
-                (x, _state), _ = stream.next()
-                yield x
-
-
-def _split_off(x: Tensor, y: Tensor, val: int, seed: int) -> tuple[tuple, tuple]:
-    if not 0 < val < len(x):
-        raise ValueError(f"val_size must be in (0, {len(x)}), got {val}")
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    return (x[perm[val:]], y[perm[val:]]), (x[perm[:val]], y[perm[:val]])
-
-
-def _synthetic_images(n: int, shape: list[int], classes: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Gaussian images labelled by a random linear teacher (learnable, no download)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *shape, generator=g)
-    w = torch.randn(math.prod(shape), classes, generator=g)
-    return x, (x.flatten(1) @ w).argmax(1)
-
-
-def _synthetic_tokens(n: int, vocab: int, seed: int) -> Tensor:
-    """A first-order Markov chain with 3 likely successors per token (learnable)."""
-    g = torch.Generator().manual_seed(seed)
-    succ = torch.randint(vocab, (vocab, 3), generator=g)
-    ids = torch.empty(n, dtype=torch.long)
-    ids[0] = 0
-    choice = torch.randint(3, (n,), generator=g)
-    noise = torch.rand(n, generator=g) < 0.1
-    rand = torch.randint(vocab, (n,), generator=g)
-    for t in range(1, n):
-        ids[t] = rand[t] if noise[t] else succ[ids[t - 1], choice[t]]
-    return ids
-
-
-def build_task(config: RunConfig) -> Task:
-    """Load the data a config names and split it.
-
-    ``data_kwargs`` by dataset:
-
-    * ``mnist`` / ``cifar10``: ``val_size`` (default 5000) held out of the training set
-      with a fixed seed; ``train_size`` / ``test_size`` subsample (default: all);
-      ``root``.
-    * ``austen``: the joined novels split 80/10/10 by characters (``fractions``);
-      ``chars`` keeps the first that many characters of the text before splitting
-      (default: all); ``bptt`` (default 50), ``eval_batch_size`` (default 10).  The
-      vocabulary is every character of the (kept) text.
-    * ``ptb``: the standard splits; ``bptt`` (default 35), ``tokens`` truncates each split.
-    * ``synthetic-images``: ``n`` (default 512), ``shape`` (default [1, 28, 28]),
-      ``classes`` (10), ``val_size``/``test_size`` (default n // 8 each).
-    * ``synthetic-tokens``: ``n`` tokens (default 20,000), ``vocab`` (default 50), split
-      80/10/10; ``bptt`` (default 20).
-    """
-    kw = dict(config.data_kwargs)
-    seed, bs = config.seed, config.batch_size
-    name = config.data
-    if name in ("mnist", "cifar10", "synthetic-images"):
-        if name == "synthetic-images":
-            n = kw.get("n", 512)
-            x, y = _synthetic_images(n, kw.get("shape", [1, 28, 28]), kw.get("classes", 10), 1234)
-            nt = kw.get("test_size", n // 8)
-            test = (x[:nt], y[:nt])
-            x, y = x[nt:], y[nt:]
-            val_size = kw.get("val_size", n // 8)
-        else:
-            load = D.load_mnist if name == "mnist" else D.load_cifar10
-            x, y = load(kw.get("root"), split="train")
-            test = load(kw.get("root"), split="test")
-            if kw.get("test_size"):
-                test = D.subsample(*test, kw["test_size"], seed=0)
-            val_size = kw.get("val_size", 5000)
-        train, val = _split_off(x, y, val_size, seed=0)
-        if kw.get("train_size"):
-            train = D.subsample(*train, kw["train_size"], seed=0)
-        splits = {"train": train, "val": val, "test": test}
-        return Task("classification", splits, bs, seed, eval_batch_size=kw.get("eval_batch_size", 1000))
-    if name in ("austen", "ptb", "synthetic-tokens"):
-        if name == "austen":
-            text = D.load_austen(kw.get("root"))
-            text = text[: kw["chars"]] if kw.get("chars") else text
-            vocab = D.CharVocab.from_text(text)
-            parts = D.char_splits(text, tuple(kw.get("fractions", (0.8, 0.1, 0.1))))
-            splits = dict(zip(("train", "val", "test"), map(vocab.encode, parts), strict=True))
-            info = {"vocab": len(vocab), "chars": len(text)}
-            bptt = kw.get("bptt", 50)
-        elif name == "ptb":
-            corpus = D.load_ptb(kw.get("root"))
-            tokens = kw.get("tokens")
-            splits = {s: getattr(corpus, s)[:tokens] for s in ("train", "valid", "test")}
-            splits["val"] = splits.pop("valid")
-            info = {"vocab": len(corpus.vocab)}
-            bptt = kw.get("bptt", 35)
-        else:
-            vocab_size = kw.get("vocab", 50)
-            ids = _synthetic_tokens(kw.get("n", 20_000), vocab_size, 1234)
-            a, b = int(0.8 * len(ids)), int(0.9 * len(ids))
-            splits = {"train": ids[:a], "val": ids[a:b], "test": ids[b:]}
-            info = {"vocab": vocab_size}
-            bptt = kw.get("bptt", 20)
-        return Task("language", splits, bs, seed, bptt=bptt,
-                    eval_batch_size=kw.get("eval_batch_size", 10), info=info)
-    raise ValueError(f"unknown dataset {name!r}")
-
-
-# --------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, task: Task, split: str, device: torch.device) -> dict[str, float]:
-    """Eval-mode metrics on one split: ``loss`` and ``error`` (for language tasks also
-    ``perplexity`` = exp(mean cross-entropy per token), the state carried across windows)."""
-    if task.kind == "classification":
-        return evaluate_metrics(model, task.splits[split], cross_entropy,
-                                task.eval_batch_size, device)
-    running = RunningMetrics()
-    was = model.training
-    model.eval()
-    try:
-        stream = TokenStream(task.splits[split], task.eval_batch_size, task.bptt)
-        for _ in range(stream.per_pass):
-            (x, state), y = stream.next()
-            logits, new_state = forward(model, (x.to(device), state))
-            stream.carry(new_state)
-            y = y.to(device)
-            running.add(cross_entropy(logits, y), batch_error(logits, y), y.numel())
-    finally:
-        model.train(was)
-    return {"loss": running.loss, "error": running.error, "perplexity": math.exp(running.loss)}
-
-
-# --------------------------------------------------------------------------------------
-# Optimizers
-# --------------------------------------------------------------------------------------
-
-
-def build_optimizer(name: str, params: Any, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
-    """The optimizer ``name`` (one of :data:`OPTIMIZERS`) on ``params``.
-
-    ``"sgd"`` defaults to Nesterov momentum 0.9 (the paper's baseline); ``"sam"`` wraps
-    ``torch.optim.SGD`` (Nesterov 0.9 by default) or, with ``base="adam"``, Adam.
-    """
-    kw = dict(kwargs)
-    if name == "sgd":
-        kw.setdefault("momentum", 0.9)
-        kw.setdefault("nesterov", kw["momentum"] > 0)
-        return torch.optim.SGD(params, **kw)
-    if name == "adam":
-        if "betas" in kw:
-            kw["betas"] = tuple(kw["betas"])
-        return torch.optim.Adam(params, **kw)
-    if name == "entropy-sgd":
-        return EntropySGD(params, **kw)
-    if name == "entropy-adam":
-        if "betas" in kw:
-            kw["betas"] = tuple(kw["betas"])
-        return EntropyAdam(params, **kw)
-    if name == "sgld":
-        return SGLD(params, **kw)
-    if name == "sam":
-        base = kw.pop("base", "sgd")
-        if base == "sgd":
-            kw.setdefault("momentum", 0.9)
-            kw.setdefault("nesterov", kw["momentum"] > 0)
-            return SAM(params, torch.optim.SGD, **kw)
-        return SAM(params, torch.optim.Adam, **kw)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
 # --------------------------------------------------------------------------------------
@@ -396,15 +199,21 @@ class RunResult:
     directory: Path
     task: Task
     config: RunConfig
+    optimizer: torch.optim.Optimizer | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> dict[str, Any]:
+        """The last log row."""
         return self.log[-1]
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -460,7 +269,9 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     max_effective_epochs: float | None = None,
+    checkpoint_seconds: float = 0.0,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
+    at_end: Callable[[RunResult], dict[str, Any]] | None = None,
 ) -> RunResult:
     """Train per ``config``; log, evaluate and checkpoint at every effective epoch.
 
@@ -477,6 +288,16 @@ def train(
             or past this many effective epochs; e.g. the first 25 of a 50-epoch baseline to
             compare it with a 25-effective-epoch Entropy-Adam run at equal cost.
         on_eval: called with each new log row.
+        checkpoint_seconds: write the checkpoint and logs at an evaluation only when this
+            many seconds have passed since the last write (default 0: at every one); the
+            last evaluation and a stop always write.  Where the checkpoints fall does not
+            change the run (a resumed run is bit-identical); figures with hundreds of
+            short epochs use it to skip the writes.
+        at_end: what the caller does with the trained run (e.g. a figure reading Adam's
+            moments or evaluating the training split), called with the finished
+            :class:`RunResult`; its dict becomes ``RunResult.extras``.  Also called when
+            the run was already complete and is only loaded from its checkpoint, not
+            when the run stops early (``stop_after``, ``max_effective_epochs``).
 
     The initial weights come from ``config.seed`` alone (:func:`setup_run`), so runs that
     differ only in the optimizer start from the same point.
@@ -495,7 +316,8 @@ def train(
     counters = LoopCounters()
     log: list[dict[str, Any]] = []
     elapsed = 0.0
-    torch.manual_seed(config.seed + 1)  # dropout / noise stream, independent of the init
+    # dropout / noise stream, by default independent of the init
+    torch.manual_seed(config.seed + 1 if config.noise_seed is None else config.noise_seed)
 
     ckpt_path = directory / CHECKPOINT
     if resume and ckpt_path.exists():
@@ -504,7 +326,8 @@ def train(
         if ckpt["digest"] != config.digest():
             raise ConfigMismatchError(
                 f"{ckpt_path} was written for config {ckpt['digest']} "
-                f"({ckpt['config']}), not {config.digest()}; pass resume=False to start over")
+                f"({ckpt['config']}), not {config.digest()}; pass resume=False to start over"
+            )
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -517,50 +340,93 @@ def train(
     t0 = time.perf_counter()
 
     def reached_cap(counters: LoopCounters) -> bool:
-        return (max_effective_epochs is not None
-                and counters.calls / stream.per_pass >= max_effective_epochs - 1e-9)
+        return (
+            max_effective_epochs is not None
+            and counters.calls / stream.per_pass >= max_effective_epochs - 1e-9
+        )
 
     if reached_cap(counters):
         model.eval()
-        return RunResult(model, log, directory, task, config)
+        return RunResult(model, log, directory, task, config, opt)
+
+    total_steps = config.epochs * stream.per_pass
+    saved_at = -math.inf
 
     def on_boundary(counters: LoopCounters, running: RunningMetrics) -> bool:
-        nonlocal elapsed, t0, evals_this_call
+        nonlocal elapsed, t0, evals_this_call, saved_at
         elapsed += time.perf_counter() - t0
         t0 = time.perf_counter()
         row = _evaluate_row(model, task, config, device, running, counters, stream.per_pass, opt)
         row["seconds"] = elapsed
         elapsed += time.perf_counter() - t0  # evaluation time counts too
         log.append(row)
-        _atomic_save({
-            "digest": config.digest(), "config": config.to_dict(),
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "stream": stream.state_dict(),
-            "steps": counters.steps, "calls": counters.calls, "elapsed": elapsed, "log": log,
-            "rng": _rng_state(),
-        }, ckpt_path)
-        _write_logs(directory, log, config)
+        evals_this_call += 1
+        stop = (stop_after is not None and evals_this_call >= stop_after) or reached_cap(counters)
+        if (
+            stop
+            or counters.steps == total_steps
+            or time.perf_counter() - saved_at >= checkpoint_seconds
+        ):
+            _atomic_save(
+                {
+                    "digest": config.digest(),
+                    "config": config.to_dict(),
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "stream": stream.state_dict(),
+                    "steps": counters.steps,
+                    "calls": counters.calls,
+                    "elapsed": elapsed,
+                    "log": log,
+                    "rng": _rng_state(),
+                },
+                ckpt_path,
+            )
+            _write_logs(directory, log, config)
+            saved_at = time.perf_counter()
         t0 = time.perf_counter()
         if on_eval is not None:
             on_eval(row)
-        evals_this_call += 1
-        return (stop_after is not None and evals_this_call >= stop_after) or reached_cap(counters)
+        return stop
 
-    run_loop(model, opt, stream, total_steps=config.epochs * stream.per_pass,
-             on_boundary=on_boundary, every=config.eval_every, unit="calls",
-             scheduler=sched, clip_grad_norm=config.clip_grad_norm, counters=counters,
-             device=device, progress=progress, desc=directory.name)
-    return RunResult(model, log, directory, task, config)
+    run_loop(
+        model,
+        opt,
+        stream,
+        total_steps=total_steps,
+        on_boundary=on_boundary,
+        every=config.eval_every,
+        unit="calls",
+        scheduler=sched,
+        clip_grad_norm=config.clip_grad_norm,
+        counters=counters,
+        device=device,
+        progress=progress,
+        desc=directory.name,
+    )
+    result = RunResult(model, log, directory, task, config, opt)
+    if at_end is not None and counters.steps == total_steps:
+        result.extras = at_end(result)
+    return result
 
 
 def _evaluate_row(
-    model: nn.Module, task: Task, config: RunConfig, device: torch.device,
-    running: RunningMetrics, counters: LoopCounters, per_pass: int,
+    model: nn.Module,
+    task: Task,
+    config: RunConfig,
+    device: torch.device,
+    running: RunningMetrics,
+    counters: LoopCounters,
+    per_pass: int,
     opt: torch.optim.Optimizer,
 ) -> dict[str, Any]:
-    """One log row: counters, the running train metrics, BN recompute, val/test metrics."""
-    recompute_batchnorm(model, (b.to(device) for b in task.bn_batches(config.bn_batches)),
-                        config.bn_batches)
+    """One log row: counters, the running train metrics, BN recompute (unless
+    ``bn_batches`` is 0), the metrics of the held-out splits the task has."""
+    if config.bn_batches:
+        recompute_batchnorm(
+            model, (b.to(device) for b in task.bn_batches(config.bn_batches)), config.bn_batches
+        )
     row: dict[str, Any] = {
         "effective_epoch": counters.calls / per_pass,
         "epoch": counters.steps / per_pass,
@@ -573,9 +439,12 @@ def _evaluate_row(
     }
     if "gamma" in opt.param_groups[0]:
         # the scoped gamma of the last step; the group holds only the initial gamma0
-        diagnostics = opt.state.get("diagnostics") or {}
+        diagnostics = getattr(opt, "diagnostics", None)
+        if not isinstance(diagnostics, dict):  # older optimizers: a flag, the record in state
+            diagnostics = opt.state.get("diagnostics") or {}
         row["gamma"] = float(diagnostics.get("gamma", opt.param_groups[0]["gamma"]))
-    for split in ("val", "test"):
+    splits = [s for s in ("val", "test") if s in task.splits]
+    for split in splits if config.eval_splits is None else config.eval_splits:
         for key, value in evaluate(model, task, split, device).items():
             row[f"{split}_{key}"] = value
     if task.kind == "language":

@@ -5,10 +5,8 @@ over a mini-batch stream, counting optimizer *steps* and closure *calls* (gradie
 evaluations), and hands control to a callback at evaluation boundaries.  Everything
 else is built on it:
 
-* :func:`fit` trains a given model on in-memory ``(inputs, targets)`` tensors: the Hessian
-  figures' runs (Figs. 1, 3) and the notebook-sized experiments;
-* :func:`figures.harness.train` adds configs, evaluation on held-out splits, BatchNorm
-  recomputation, logs and checkpoints: Table 1 and Figs. 4-6.
+:func:`figures.harness.train` adds configs, evaluation on held-out splits, BatchNorm
+recomputation, logs and checkpoints; every figure, Table 1 and Figs. 4-6 train through it.
 
 Closures.  The closure zeroes the gradients, runs forward and backward and returns the
 loss; optimizers may call it any number of times per step (LBFGS, SAM twice on the same
@@ -25,30 +23,26 @@ targets.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from entropy_opt.local_entropy import LocalEntropyOptimizer
+from entropy_opt import EntropyAdam, EntropySGD
 
-from . import data as D
+from .datasets import batchify
 
 __all__ = [
+    "cross_entropy",
     "ImageStream",
     "LoopCounters",
     "RunningMetrics",
     "TokenStream",
-    "TrainResult",
     "calls_per_step",
-    "evaluate_error",
-    "evaluate_loss",
     "evaluate_metrics",
-    "fit",
     "forward",
     "recompute_batchnorm",
     "run_loop",
@@ -77,8 +71,9 @@ class ImageStream:
     it is kept and a pass is ``ceil(n / batch_size)`` steps.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, seed: int,
-                 drop_last: bool = True) -> None:
+    def __init__(
+        self, x: Tensor, y: Tensor, batch_size: int, seed: int, drop_last: bool = True
+    ) -> None:
         if len(x) != len(y):
             raise ValueError(f"inputs and targets differ in length: {len(x)} vs {len(y)}")
         if batch_size < 1:
@@ -125,7 +120,7 @@ class TokenStream:
     def __init__(self, ids: Tensor, batch_size: int, bptt: int) -> None:
         if bptt < 1:
             raise ValueError(f"bptt must be >= 1, got {bptt}")
-        self.data = D.batchify(ids, batch_size)  # refuses < 2 tokens per row
+        self.data = batchify(ids, batch_size)  # refuses < 2 tokens per row
         self.bptt = bptt
         self.per_pass = (self.data.shape[1] - 2) // bptt + 1
         self.pass_, self.index = 0, 0
@@ -193,8 +188,11 @@ def _in_order(data: tuple[Tensor, Tensor], batch_size: int) -> Iterator[tuple[Te
 
 @torch.no_grad()
 def evaluate_metrics(
-    model: nn.Module, data: tuple[Tensor, Tensor], loss_fn: LossFn = cross_entropy,
-    batch_size: int = 1000, device: torch.device | str = "cpu",
+    model: nn.Module,
+    data: tuple[Tensor, Tensor],
+    loss_fn: LossFn = cross_entropy,
+    batch_size: int = 1000,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """``loss`` (mean of ``loss_fn``) and, for integer targets, ``error`` (fraction of
     targets that differ from the argmax over the last dimension of the outputs) of
@@ -216,26 +214,6 @@ def evaluate_metrics(
     if running.error_weight:
         out["error"] = running.error
     return out
-
-
-def evaluate_loss(
-    model: nn.Module, loss_fn: LossFn, data: tuple[Tensor, Tensor], batch_size: int = 1000,
-    device: torch.device | str = "cpu",
-) -> float:
-    """Mean of ``loss_fn`` over ``data`` in eval mode (see :func:`evaluate_metrics`)."""
-    return evaluate_metrics(model, data, loss_fn, batch_size, device)["loss"]
-
-
-def evaluate_error(
-    model: nn.Module, data: tuple[Tensor, Tensor], batch_size: int = 1000,
-    device: torch.device | str = "cpu",
-) -> float:
-    """Classification error of ``model`` on ``(inputs, targets)`` in eval mode (see
-    :func:`evaluate_metrics`); integer targets only."""
-    if data[1].is_floating_point():
-        raise ValueError(f"evaluate_error needs integer class targets, got {data[1].dtype}; "
-                         "use evaluate_loss for regression")
-    return evaluate_metrics(model, data, cross_entropy, batch_size, device)["error"]
 
 
 @torch.no_grad()
@@ -282,7 +260,7 @@ def recompute_batchnorm(model: nn.Module, batches: Any, num_batches: int | None 
 def fresh_batch_per_call(optimizer: torch.optim.Optimizer) -> bool:
     """Whether each closure call should see a new mini-batch: True for the local-entropy
     optimizers, whose inner SGLD loop samples one per iteration (Alg. 1 line 4)."""
-    return isinstance(optimizer, LocalEntropyOptimizer)
+    return isinstance(optimizer, EntropySGD | EntropyAdam)
 
 
 def calls_per_step(optimizer: torch.optim.Optimizer) -> int:
@@ -414,8 +392,15 @@ def run_loop(
         return loss
 
     boundary = next_boundary()
-    bar = tqdm(total=total_steps, initial=counters.steps, desc=desc, unit="step",
-               disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        total=total_steps,
+        initial=counters.steps,
+        desc=desc,
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
     model.train()
     try:
         while counters.steps < total_steps:
@@ -424,13 +409,16 @@ def run_loop(
             if loss is None:  # the Optimizer API allows step() to return nothing
                 loss = first_loss[0]
             if loss is None:
-                raise RuntimeError(f"{desc}: {type(optimizer).__name__}.step never called "
-                                   "the closure; run_loop needs closure-driven optimizers")
+                raise RuntimeError(
+                    f"{desc}: {type(optimizer).__name__}.step never called "
+                    "the closure; run_loop needs closure-driven optimizers"
+                )
             value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"{desc}: the training loss became {value} at step {counters.steps}; "
-                    "lower the learning rate or check the data for NaN/inf")
+                    "lower the learning rate or check the data for NaN/inf"
+                )
             counters.steps += 1
             bar.update(1)
             if scheduler is not None and counters.steps % per_pass == 0:
@@ -446,73 +434,3 @@ def run_loop(
         bar.close()
         model.eval()
     return counters
-
-
-@dataclass
-class TrainResult:
-    """What :func:`fit` produced besides the weights (which stay in the model).
-
-    Attributes:
-        epoch_losses: per outer epoch (``ceil(n / batch_size)`` steps: one data pass, or
-            ``L`` passes for the local-entropy optimizers), the mean first-call mini-batch
-            loss (in train mode, so with dropout; weighted by batch size).
-        steps: optimizer steps taken.
-        seconds: wall time of the loop.
-    """
-
-    epoch_losses: list[float] = field(default_factory=list)
-    steps: int = 0
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"epoch_losses": self.epoch_losses, "steps": self.steps, "seconds": self.seconds}
-
-
-def fit(
-    model: nn.Module,
-    loss_fn: LossFn,
-    train_data: tuple[Tensor, Tensor],
-    optimizer: torch.optim.Optimizer,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    device: torch.device | str = "cpu",
-    scheduler: Any | None = None,
-    progress: bool = True,
-    desc: str = "train",
-) -> TrainResult:
-    """Train ``model`` in place for ``epochs`` outer epochs over in-memory ``train_data``.
-
-    Args:
-        model: the network (already on ``device``); left in eval mode.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar`` mean over the batch.
-        train_data: ``(inputs, targets)`` tensors, moved to ``device`` batch by batch.
-        optimizer: any ``torch.optim.Optimizer``, stepped as ``optimizer.step(closure)``.
-        epochs: outer epochs of ``ceil(n / batch_size)`` steps (one data pass each, ``L``
-            for the local-entropy optimizers); 0 trains nothing.
-        batch_size: samples per step; the last short batch of a pass is kept, so a pass is
-            ``ceil(n / batch_size)`` steps.
-        seed: seeds the global RNG (dropout, optimizer noise) and the batch order
-            (:class:`ImageStream`).
-        scheduler: optional LR scheduler, stepped once per pass.
-        progress, desc: progress bar.
-
-    Same model initialisation, data, seed, machine and thread count give the same weights.
-    """
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
-    torch.manual_seed(seed)
-    stream = ImageStream(*train_data, batch_size, seed, drop_last=False)
-    result = TrainResult()
-
-    def on_boundary(counters: LoopCounters, running: RunningMetrics) -> bool:
-        result.epoch_losses.append(running.loss)
-        return False
-
-    t0 = time.perf_counter()
-    counters = run_loop(model, optimizer, stream, total_steps=epochs * stream.per_pass,
-                        on_boundary=on_boundary, every=1, unit="steps", loss_fn=loss_fn,
-                        scheduler=scheduler, device=device, progress=progress, desc=desc)
-    result.steps = counters.steps
-    result.seconds = time.perf_counter() - t0
-    return result

@@ -27,6 +27,7 @@ from typing import Any
 __all__ = [
     "DataConfig",
     "OptimConfig",
+    "TrainedFigure",
     "SpectrumFigure",
     "LandscapeFigure",
     "FisherFigure",
@@ -46,7 +47,7 @@ class DataConfig:
     """Which samples a figure trains on, tests on and takes the Hessian over.
 
     Attributes:
-        source: ``"mnist"`` or ``"austen"`` (real files, see :mod:`figures.data`), or
+        source: ``"mnist"`` or ``"austen"`` (real files, see :mod:`figures.datasets`), or
             ``"synthetic-images"`` / ``"synthetic-text"`` (generated from ``seed``; tests).
         n_train: training samples (images, or lines of text).  ``0`` = the whole split.
         n_test: test samples (images, or lines of text following the training lines).
@@ -70,7 +71,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimizer and schedule: ``name`` is one of :data:`figures.harness.OPTIMIZERS`, built
+    """Optimizer and schedule: ``name`` is one of :data:`figures.optimizers.OPTIMIZERS`, built
     with ``lr``, ``weight_decay`` and (for ``"sgd"``, ``"sam"``, ``"entropy-sgd"``)
     ``momentum`` and ``nesterov``, its other options at their constructor defaults (the
     figures use ``"adam"`` and ``"sgd"``); the learning rate is multiplied by ``decay`` every ``decay_every``
@@ -88,7 +89,20 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class SpectrumFigure:
+class TrainedFigure:
+    """What every figure that trains networks names first: ``model`` (a name in
+    :data:`figures.models.REGISTRY`), its ``model_kwargs``, the ``data``
+    (:class:`DataConfig`) and the optimizer and schedule ``optim`` (:class:`OptimConfig`);
+    :func:`figures.figure_runs.run_config` makes the run configuration from them."""
+
+    model: str
+    model_kwargs: dict[str, Any]
+    data: DataConfig
+    optim: OptimConfig
+
+
+@dataclass(frozen=True)
+class SpectrumFigure(TrainedFigure):
     """One Hessian-spectrum figure: train ``runs`` models, diagonalise each Hessian, plot.
 
     Attributes:
@@ -109,10 +123,6 @@ class SpectrumFigure:
         note: what differs from the paper, for the caption and JSON.
     """
 
-    model: str
-    model_kwargs: dict[str, Any]
-    data: DataConfig
-    optim: OptimConfig
     runs: int
     near_zero_tol: float
     paper: dict[str, Any]
@@ -140,7 +150,7 @@ class LandscapeFigure:
 
 
 @dataclass(frozen=True)
-class FisherFigure:
+class FisherFigure(TrainedFigure):
     """Fig 3c: train ``runs`` models with Adam, read diag(I) = v_hat - m_hat^2 from the
     optimizer's moments (:func:`spectra.fisher_diagonal_from_adam`), plot both signs.
 
@@ -150,10 +160,6 @@ class FisherFigure:
     correction of :func:`~spectra.fisher_diagonal_from_adam` (False: the paper's formula).
     """
 
-    model: str
-    model_kwargs: dict[str, Any]
-    data: DataConfig
-    optim: OptimConfig
     runs: int
     near_zero_tol: float
     paper: dict[str, Any]
@@ -163,15 +169,11 @@ class FisherFigure:
 
 
 @dataclass(frozen=True)
-class CompareFigure:
+class CompareFigure(TrainedFigure):
     """Adam-moment diagonal vs empirical Fisher diagonal vs exact Hessian diagonal on one
     small network: train with Adam, then compute the two exact diagonals over the first
     ``data.n_hessian`` training samples, in ``dtype``.  ``runs`` is 1."""
 
-    model: str
-    model_kwargs: dict[str, Any]
-    data: DataConfig
-    optim: OptimConfig
     near_zero_tol: float
     paper: dict[str, Any]
     runs: int = 1
@@ -180,19 +182,48 @@ class CompareFigure:
     note: str = ""
 
 
-_PAPER_FIG1 = {"test_error": 0.024, "near_zero_tol": 1e-4, "fraction_near_zero": 0.94,
-               "top": 40.0, "bottom": -0.46, "n_params": 47658, "runs": 2,
-               "optimizer": "Adam"}
-_PAPER_FIG3A = {"test_error": 0.025, "near_zero_tol": 1e-2, "fraction_near_zero": 0.90,
-                "n_params": 50890, "runs": 2, "optimizer": "SGD with momentum"}
-_PAPER_FIG3B = {"near_zero_tol": 1e-5, "fraction_near_zero": 0.95, "n_params": 32640,
-                "runs": 5, "optimizer": "Adam", "text": "256 lines x 32 characters"}
+_PAPER_FIG1 = {
+    "test_error": 0.024,
+    "near_zero_tol": 1e-4,
+    "fraction_near_zero": 0.94,
+    "top": 40.0,
+    "bottom": -0.46,
+    "n_params": 47658,
+    "runs": 2,
+    "optimizer": "Adam",
+}
+_PAPER_FIG3A = {
+    "test_error": 0.025,
+    "near_zero_tol": 1e-2,
+    "fraction_near_zero": 0.90,
+    "n_params": 50890,
+    "runs": 2,
+    "optimizer": "SGD with momentum",
+}
+_PAPER_FIG3B = {
+    "near_zero_tol": 1e-5,
+    "fraction_near_zero": 0.95,
+    "n_params": 32640,
+    "runs": 5,
+    "optimizer": "Adam",
+    "text": "256 lines x 32 characters",
+}
 
-_PAPER_FIG3C = {"test_error": 0.112, "near_zero_tol": 1e-5, "fraction_near_zero": 0.95,
-                "n_params": 1_600_000, "n_params_note": "'~1.6 million weights' (Sec 5.1)",
-                "runs": 4, "optimizer": "Adam", "dataset": "CIFAR-10"}
-_PAPER_COMPARE = {"near_zero_tol": 1e-5, "note": "not in the paper: a check of its proxy "
-                  "(Adam's moments for the Fisher diagonal, the Fisher for the Hessian)"}
+_PAPER_FIG3C = {
+    "test_error": 0.112,
+    "near_zero_tol": 1e-5,
+    "fraction_near_zero": 0.95,
+    "n_params": 1_600_000,
+    "n_params_note": "'~1.6 million weights' (Sec 5.1)",
+    "runs": 4,
+    "optimizer": "Adam",
+    "dataset": "CIFAR-10",
+}
+_PAPER_COMPARE = {
+    "near_zero_tol": 1e-5,
+    "note": "not in the paper: a check of its proxy "
+    "(Adam's moments for the Fisher diagonal, the Fisher for the Hessian)",
+}
 
 _DEFAULT: dict[str, Any] = {
     "fig1": SpectrumFigure(
@@ -212,8 +243,16 @@ _DEFAULT: dict[str, Any] = {
         model="small-mnistfc",
         model_kwargs={"hidden": 4},
         data=DataConfig("mnist", n_train=10000, n_test=10000, n_hessian=2000),
-        optim=OptimConfig("sgd", lr=0.05, epochs=30, batch_size=100, momentum=0.9,
-                          nesterov=True, decay_every=6, decay=0.5),
+        optim=OptimConfig(
+            "sgd",
+            lr=0.05,
+            epochs=30,
+            batch_size=100,
+            momentum=0.9,
+            nesterov=True,
+            decay_every=6,
+            decay=0.5,
+        ),
         runs=2,
         near_zero_tol=1e-2,
         dtype="float32",
@@ -224,8 +263,7 @@ _DEFAULT: dict[str, Any] = {
         model="char-lstm-small",
         model_kwargs={"hidden": 8},
         data=DataConfig("austen", n_train=256, n_test=256, n_hessian=64, hessian_batch=64),
-        optim=OptimConfig("adam", lr=1e-2, epochs=300, batch_size=32, decay_every=75,
-                          decay=0.5),
+        optim=OptimConfig("adam", lr=1e-2, epochs=300, batch_size=32, decay_every=75, decay=0.5),
         runs=2,
         hessian_forward="unrolled-lstm",
         hessian_chunk=128,
@@ -233,7 +271,7 @@ _DEFAULT: dict[str, Any] = {
         near_zero_tol=1e-5,
         paper=_PAPER_FIG3B,
         note="reduced hidden width 8, 2 runs instead of 5; trained on the paper's 256 x 32 "
-             "characters, Hessian over the first 64 lines",
+        "characters, Hessian over the first 64 lines",
     ),
     "fig3c": FisherFigure(
         model="all-cnn-bn",
@@ -244,115 +282,151 @@ _DEFAULT: dict[str, Any] = {
         near_zero_tol=1e-5,
         paper=_PAPER_FIG3C,
         note="reduced width 0.125; 4k training images, 4 epochs (the paper: full width, "
-             "full CIFAR-10, trained to 11.2% error)",
+        "full CIFAR-10, trained to 11.2% error)",
     ),
     "fisher-compare": CompareFigure(
         model="small-mnistfc",
         model_kwargs={"hidden": 8},
-        data=DataConfig("mnist", n_train=5000, n_test=2000, n_hessian=1000,
-                        hessian_batch=1000),
+        data=DataConfig("mnist", n_train=5000, n_test=2000, n_hessian=1000, hessian_batch=1000),
         optim=OptimConfig("adam", lr=3e-3, epochs=8, batch_size=50),
         near_zero_tol=1e-5,
         paper=_PAPER_COMPARE,
         note="small-mnistfc (hidden 8) on 5k MNIST images; Fisher and Hessian diagonals "
-             "over the first 1k of them",
+        "over the first 1k of them",
     ),
 }
 
+
+def _variant(
+    figure: str,
+    model_kwargs: dict[str, Any],
+    data: DataConfig | None,
+    optim: OptimConfig | None,
+    note: str,
+    **changes: Any,
+) -> Any:
+    """The default entry of ``figure`` with another size, data, optimizer and note."""
+    if data is not None:
+        changes["data"] = data
+    if optim is not None:
+        changes["optim"] = optim
+    return replace(_DEFAULT[figure], model_kwargs=model_kwargs, note=note, **changes)
+
+
 _PAPER: dict[str, Any] = {
-    "fig1": replace(
-        _DEFAULT["fig1"],
-        model_kwargs={"width": 1.0},
-        data=DataConfig("mnist", n_train=0, n_test=10000, n_hessian=2000),
+    "fig1": _variant(
+        "fig1",
+        {"width": 1.0},
+        DataConfig("mnist", n_train=0, n_test=10000, n_hessian=2000),
+        OptimConfig("adam", lr=1e-3, epochs=20, batch_size=128, decay_every=8, decay=0.5),
+        "the paper's size; Hessian over 2k training images (the build costs ~n x samples "
+        "forward-over-reverse passes: ~2 h per run on 2 CPU cores)",
         hessian_chunk=None,
-        optim=OptimConfig("adam", lr=1e-3, epochs=20, batch_size=128, decay_every=8, decay=0.5),
         dtype="float32",
         checkpoint=True,
-        note="the paper's size; Hessian over 2k training images (the build costs ~n x "
-             "samples forward-over-reverse passes: ~2 h per run on 2 CPU cores)",
     ),
     "fig2": LandscapeFigure(),
-    "fig3a": replace(
-        _DEFAULT["fig3a"],
-        model_kwargs={"hidden": 64},
-        data=DataConfig("mnist", n_train=0, n_test=10000, n_hessian=2000),
-        optim=OptimConfig("sgd", lr=0.05, epochs=30, batch_size=128, momentum=0.9,
-                          nesterov=True, decay_every=10, decay=0.5),
+    "fig3a": _variant(
+        "fig3a",
+        {"hidden": 64},
+        DataConfig("mnist", n_train=0, n_test=10000, n_hessian=2000),
+        OptimConfig(
+            "sgd",
+            lr=0.05,
+            epochs=30,
+            batch_size=128,
+            momentum=0.9,
+            nesterov=True,
+            decay_every=10,
+            decay=0.5,
+        ),
+        "the paper's parameter count (64 hidden units); Hessian over 2k training images",
         dtype="float32",
         checkpoint=True,
-        note="the paper's parameter count (64 hidden units); Hessian over 2k training images",
     ),
-    "fig3b": replace(
-        _DEFAULT["fig3b"],
-        model_kwargs={"hidden": 48},
-        data=DataConfig("austen", n_train=256, n_test=256, n_hessian=256, hessian_batch=256),
-        optim=OptimConfig("adam", lr=5e-3, epochs=200, batch_size=32, decay_every=50,
-                          decay=0.5),
+    "fig3b": _variant(
+        "fig3b",
+        {"hidden": 48},
+        DataConfig("austen", n_train=256, n_test=256, n_hessian=256, hessian_batch=256),
+        OptimConfig("adam", lr=5e-3, epochs=200, batch_size=32, decay_every=50, decay=0.5),
+        "the paper's size and run count",
         runs=5,
         dtype="float32",
         hessian_chunk=64,
         checkpoint=True,
-        note="the paper's size and run count",
     ),
-    "fig3c": replace(
-        _DEFAULT["fig3c"],
-        model_kwargs={"width": 1.0},
-        data=DataConfig("cifar10", n_train=0, n_test=10000, n_hessian=0),
-        optim=OptimConfig("adam", lr=1e-3, epochs=100, batch_size=128, decay_every=30,
-                          decay=0.2),
-        note="full width (1,372,254 parameters; the paper says ~1.6M), full training set, "
-             "100 epochs, 4 runs: for a GPU (--device cuda)",
+    "fig3c": _variant(
+        "fig3c",
+        {"width": 1.0},
+        DataConfig("cifar10", n_train=0, n_test=10000, n_hessian=0),
+        OptimConfig("adam", lr=1e-3, epochs=100, batch_size=128, decay_every=30, decay=0.2),
+        "full width (1,372,254 parameters; the paper says ~1.6M), full training set, "
+        "100 epochs, 4 runs: for a GPU (--device cuda)",
     ),
-    "fisher-compare": replace(
-        _DEFAULT["fisher-compare"],
-        model_kwargs={"hidden": 16},
-        data=DataConfig("mnist", n_train=0, n_test=10000, n_hessian=5000, hessian_batch=1000),
-        optim=OptimConfig("adam", lr=1e-3, epochs=20, batch_size=100),
-        note="small-mnistfc (hidden 16) on all of MNIST; Fisher and Hessian diagonals over "
-             "5k training images",
+    "fisher-compare": _variant(
+        "fisher-compare",
+        {"hidden": 16},
+        DataConfig("mnist", n_train=0, n_test=10000, n_hessian=5000, hessian_batch=1000),
+        OptimConfig("adam", lr=1e-3, epochs=20, batch_size=100),
+        "small-mnistfc (hidden 16) on all of MNIST; Fisher and Hessian diagonals over 5k "
+        "training images",
     ),
 }
 
+
+def _synthetic(n_hessian: int, hessian_batch: int = 1000) -> DataConfig:
+    """64 synthetic training images, 32 test images (the smoke preset's data)."""
+    return DataConfig(
+        "synthetic-images", n_train=64, n_test=32, n_hessian=n_hessian, hessian_batch=hessian_batch
+    )
+
+
+_ON_IMAGES = "smoke test on synthetic images"
 _SMOKE: dict[str, Any] = {
-    "fig1": replace(
-        _DEFAULT["fig1"],
-        model_kwargs={"width": 0.1},
-        data=DataConfig("synthetic-images", n_train=64, n_test=32, n_hessian=32,
-                        hessian_batch=16),
-        optim=OptimConfig("adam", lr=1e-2, epochs=2, batch_size=32),
-        note="smoke test on synthetic images",
+    "fig1": _variant(
+        "fig1",
+        {"width": 0.1},
+        _synthetic(32, 16),
+        OptimConfig("adam", lr=1e-2, epochs=2, batch_size=32),
+        _ON_IMAGES,
     ),
     "fig2": LandscapeFigure(n_points=101, step=5e-3),
-    "fig3a": replace(
-        _DEFAULT["fig3a"],
-        model_kwargs={"hidden": 2},
-        data=DataConfig("synthetic-images", n_train=64, n_test=32, n_hessian=32),
-        optim=OptimConfig("sgd", lr=0.05, epochs=2, batch_size=32, momentum=0.9),
-        note="smoke test on synthetic images",
+    "fig3a": _variant(
+        "fig3a",
+        {"hidden": 2},
+        _synthetic(32),
+        OptimConfig("sgd", lr=0.05, epochs=2, batch_size=32, momentum=0.9),
+        _ON_IMAGES,
     ),
-    "fig3b": replace(
-        _DEFAULT["fig3b"],
-        model_kwargs={"hidden": 2, "vocab": 12},
-        data=DataConfig("synthetic-text", n_train=8, n_test=4, n_hessian=8, hessian_batch=4,
-                        line_len=6, vocab_size=12),
-        optim=OptimConfig("adam", lr=1e-2, epochs=2, batch_size=4),
-        note="smoke test on synthetic text",
+    "fig3b": _variant(
+        "fig3b",
+        {"hidden": 2, "vocab": 12},
+        DataConfig(
+            "synthetic-text",
+            n_train=8,
+            n_test=4,
+            n_hessian=8,
+            hessian_batch=4,
+            line_len=6,
+            vocab_size=12,
+        ),
+        OptimConfig("adam", lr=1e-2, epochs=2, batch_size=4),
+        "smoke test on synthetic text",
     ),
-    "fig3c": replace(
-        _DEFAULT["fig3c"],
-        model_kwargs={"width": 0.05, "dropout": 0.0},
-        data=DataConfig("synthetic-images", n_train=64, n_test=32, n_hessian=0),
-        optim=OptimConfig("adam", lr=1e-2, epochs=2, batch_size=16),
+    "fig3c": _variant(
+        "fig3c",
+        {"width": 0.05, "dropout": 0.0},
+        _synthetic(0),
+        OptimConfig("adam", lr=1e-2, epochs=2, batch_size=16),
+        _ON_IMAGES,
         runs=2,
-        note="smoke test on synthetic images",
     ),
-    "fisher-compare": replace(
-        _DEFAULT["fisher-compare"],
-        model_kwargs={"hidden": 2},
-        data=DataConfig("synthetic-images", n_train=64, n_test=32, n_hessian=32,
-                        hessian_batch=16),
-        optim=OptimConfig("adam", lr=1e-2, epochs=3, batch_size=16),
-        note="smoke test on synthetic images",
+    "fisher-compare": _variant(
+        "fisher-compare",
+        {"hidden": 2},
+        _synthetic(32, 16),
+        OptimConfig("adam", lr=1e-2, epochs=3, batch_size=16),
+        _ON_IMAGES,
     ),
 }
 
@@ -364,7 +438,9 @@ def get(preset: str, figure: str) -> Any:
     if preset not in PRESETS:
         raise KeyError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     if figure not in PRESETS[preset]:
-        raise KeyError(f"preset {preset!r} has no figure {figure!r}; it has {sorted(PRESETS[preset])}")
+        raise KeyError(
+            f"preset {preset!r} has no figure {figure!r}; it has {sorted(PRESETS[preset])}"
+        )
     return PRESETS[preset][figure]
 
 
@@ -373,4 +449,3 @@ def as_dict(config: Any) -> dict[str, Any]:
     import json
 
     return json.loads(json.dumps(asdict(config)))
-

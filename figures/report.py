@@ -8,6 +8,7 @@ import io
 import json
 import math
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from matplotlib.figure import Figure
 
 from .cache import write_atomic
 
-__all__ = ["add_caption", "write_outputs", "summary_table"]
+__all__ = ["add_caption", "write_outputs", "publish", "summary_table"]
 
 
 def add_caption(fig: Figure, text: str, fontsize: float = 8.0, title: str | None = None) -> None:
@@ -56,8 +57,9 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def write_outputs(out_dir: str | Path, name: str, fig: Figure | None,
-                  stats: dict[str, Any], dpi: int = 150) -> dict[str, Path]:
+def write_outputs(
+    out_dir: str | Path, name: str, fig: Figure | None, stats: dict[str, Any], dpi: int = 150
+) -> dict[str, Path]:
     """Write ``<out_dir>/<name>.png``, ``.pdf`` (if ``fig``) and ``.json``, atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,6 +76,18 @@ def write_outputs(out_dir: str | Path, name: str, fig: Figure | None,
     return paths
 
 
+def publish(
+    out_dir: str | Path, name: str, fig: Figure, stats: dict[str, Any], title: str, started: float
+) -> dict[str, Any]:
+    """Caption ``fig`` with ``stats["caption"]`` under ``title``, record the seconds since
+    ``started`` (a ``time.perf_counter()``) and write the figure's outputs; returns
+    ``stats``."""
+    add_caption(fig, stats["caption"], title=title)
+    stats["seconds"] = time.perf_counter() - started
+    write_outputs(out_dir, name, fig, stats)
+    return stats
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -85,8 +99,10 @@ def _pct(value: float | None, spec: str) -> str:
 
 def summary_table(results: dict[str, dict[str, Any]]) -> str:
     """A plain-text table of the headline numbers of each figure, ours beside the paper's."""
-    head = (f"{'figure':7} {'params':>7} {'runs':>4} {'tol':>6} {'near0':>7} {'paper':>6} "
-            f"{'top':>9} {'bottom':>10} {'test err':>8} {'paper':>6} {'secs':>6}")
+    head = (
+        f"{'figure':7} {'params':>7} {'runs':>4} {'tol':>6} {'near0':>7} {'paper':>6} "
+        f"{'top':>9} {'bottom':>10} {'test err':>8} {'paper':>6} {'secs':>6}"
+    )
     rows = [head, "-" * len(head)]
     for name, s in results.items():
         if "mean" not in s:  # fig2

@@ -32,12 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .harness import RunConfig, run_dir, train
 from .recipes import RECIPES
 
-__all__ = ["SPACES", "Factor", "compress", "apply", "main", "search", "table"]
+__all__ = [
+    "SPACES",
+    "Factor",
+    "compress",
+    "apply",
+    "search",
+    "table",
+    "add_arguments",
+    "run_command",
+]
 
 
 @dataclass(frozen=True)
@@ -55,23 +62,23 @@ class Factor:
 SPACES: dict[str, dict[str, tuple[Factor, ...]]] = {
     "mnistfc": {
         "entropy-sgd": (
-            Factor("model", "dropout", (0.15, 0.0, 0.3, 0.5)),   # lost in our copy
-            Factor("optimizer", "momentum", (0.9, 0.5)),          # lost in our copy
-            Factor("optimizer", "gamma", (1e-4, 3e-5, 3e-4)),     # stated: 1e-4
-            Factor("optimizer", "L", (20, 10, 5)),                # stated: 20
+            Factor("model", "dropout", (0.15, 0.0, 0.3, 0.5)),  # lost in our copy
+            Factor("optimizer", "momentum", (0.9, 0.5)),  # lost in our copy
+            Factor("optimizer", "gamma", (1e-4, 3e-5, 3e-4)),  # stated: 1e-4
+            Factor("optimizer", "L", (20, 10, 5)),  # stated: 20
         ),
         "adam": (
-            Factor("model", "dropout", (0.5, 0.15, 0.3)),         # lost in our copy
-            Factor("optimizer", "lr", (1e-3, 5e-4, 2e-3)),        # stated: 1e-3
+            Factor("model", "dropout", (0.5, 0.15, 0.3)),  # lost in our copy
+            Factor("optimizer", "lr", (1e-3, 5e-4, 2e-3)),  # stated: 1e-3
         ),
     },
     "char-lstm": {
         "entropy-adam": (
             Factor("optimizer", "lr", (2e-3, 5e-3, 1e-2, 2e-2)),  # lost in our copy
-            Factor("optimizer", "gamma", (1e-2, 3e-3, 3e-2)),     # stated: 0.01
+            Factor("optimizer", "gamma", (1e-2, 3e-3, 3e-2)),  # stated: 0.01
         ),
         "adam": (
-            Factor("optimizer", "lr", (2e-3, 1e-3, 4e-3)),        # stated: 2e-3
+            Factor("optimizer", "lr", (2e-3, 1e-3, 4e-3)),  # stated: 2e-3
         ),
     },
 }
@@ -100,9 +107,11 @@ def compress(full: RunConfig, cfg: RunConfig, fraction: float) -> RunConfig:
     budget = fraction * full.epochs * _calls(full)
     epochs = budget / _calls(cfg)
     if abs(epochs - round(epochs)) > 1e-9 or round(epochs) < 1:
-        raise ValueError(f"{fraction:g} of {full.name}'s {full.epochs * _calls(full)} effective "
-                         f"epochs is {epochs:g} outer epochs at L={_calls(cfg)}; choose a "
-                         "fraction or L that makes it a whole number")
+        raise ValueError(
+            f"{fraction:g} of {full.name}'s {full.epochs * _calls(full)} effective "
+            f"epochs is {epochs:g} outer epochs at L={_calls(cfg)}; choose a "
+            "fraction or L that makes it a whole number"
+        )
     epochs = round(epochs)
     scale = epochs / full.epochs
     milestones = sorted({round(m * scale) for m in full.milestones} - {0})
@@ -110,8 +119,12 @@ def compress(full: RunConfig, cfg: RunConfig, fraction: float) -> RunConfig:
     if kw.get("scoping") == "exponential" and kw.get("scoping_rate"):
         # the variant's full-length run makes 1/fraction times as many steps
         kw["scoping_rate"] = (1 + kw["scoping_rate"]) ** (1 / fraction) - 1
-    return cfg.replace(name=cfg.name + "-search", epochs=epochs,
-                       milestones=[m for m in milestones if m < epochs], optimizer_kwargs=kw)
+    return cfg.replace(
+        name=cfg.name + "-search",
+        epochs=epochs,
+        milestones=[m for m in milestones if m < epochs],
+        optimizer_kwargs=kw,
+    )
 
 
 def _val_metric(row: dict[str, Any]) -> float:
@@ -145,10 +158,17 @@ class Trial:
         return statistics.mean(_val_metric(log[-1]) for log in self.logs.values())
 
 
-def search(experiment: str, optimizer: str, runs: str | Path, seeds: Sequence[int] = (0, 1),
-           fraction: float = 0.2, run: bool = True, device: str = "cpu",
-           progress: bool = True,
-           on_trial: Callable[[list[Trial]], None] | None = None) -> list[Trial]:
+def search(
+    experiment: str,
+    optimizer: str,
+    runs: str | Path,
+    seeds: Sequence[int] = (0, 1),
+    fraction: float = 0.2,
+    run: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+    on_trial: Callable[[list[Trial]], None] | None = None,
+) -> list[Trial]:
     """Run (or, with ``run=False``, read) the coordinate search of ``SPACES[experiment]
     [optimizer]``; returns every trial in order.  A trial whose runs are missing stops a
     read-only search at that factor (later factors depend on its outcome).  ``on_trial``
@@ -187,38 +207,61 @@ def search(experiment: str, optimizer: str, runs: str | Path, seeds: Sequence[in
     return trials
 
 
-def table(experiment: str, results: dict[str, list[Trial]], seeds: Sequence[int],
-          fraction: float, path: Path) -> str:
+def table(
+    experiment: str,
+    results: dict[str, list[Trial]],
+    seeds: Sequence[int],
+    fraction: float,
+    path: Path,
+) -> str:
     """Markdown: every trial with its settings, per-seed and mean validation metric, the
     test metric (reported, not used to choose) and the wall time; the best per optimizer."""
-    lines = [f"## Hyper-parameter search, {experiment} ({fraction:.0%} of each recipe's "
-             f"effective epochs, seeds {', '.join(map(str, seeds))})", ""]
+    lines = [
+        f"## Hyper-parameter search, {experiment} ({fraction:.0%} of each recipe's "
+        f"effective epochs, seeds {', '.join(map(str, seeds))})",
+        "",
+    ]
     for optimizer, trials in results.items():
-        lines += [f"### {optimizer}", "",
-                  "| searched | setting | outer epochs | milestones | val (mean) | val per seed "
-                  "| test (mean) | min per run |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {optimizer}",
+            "",
+            "| searched | setting | outer epochs | milestones | val (mean) | val per seed "
+            "| test (mean) | min per run |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         finished = [t for t in trials if len(t.logs) == len(seeds)]
         for t in trials:
             setting = ", ".join(f"{k}={v:g}" for (_, k), v in t.settings.items())
             if not t.logs:
-                lines.append(f"| {t.factor} | {setting} | {t.config.epochs} | "
-                             f"{t.config.milestones} | not run | | | |")
+                lines.append(
+                    f"| {t.factor} | {setting} | {t.config.epochs} | "
+                    f"{t.config.milestones} | not run | | | |"
+                )
                 continue
             per_seed = ", ".join(f"{_val_metric(log[-1]):.4f}" for log in t.logs.values())
             test = statistics.mean(_test_metric(log[-1]) for log in t.logs.values())
             minutes = statistics.mean(log[-1]["seconds"] / 60 for log in t.logs.values())
-            lines.append(f"| {t.factor} | {setting} | {t.config.epochs} | {t.config.milestones}"
-                         f" | {t.val:.4f} | {per_seed} | {test:.3f} | {minutes:.1f} |")
+            lines.append(
+                f"| {t.factor} | {setting} | {t.config.epochs} | {t.config.milestones}"
+                f" | {t.val:.4f} | {per_seed} | {test:.3f} | {minutes:.1f} |"
+            )
         if finished:
             best = min(finished, key=lambda t: t.val)
             setting = ", ".join(f"{k}={v:g}" for (_, k), v in best.settings.items())
-            lines += ["", f"Best {optimizer} by mean validation metric: {setting} "
-                          f"(val {best.val:.4f})."]
+            lines += [
+                "",
+                f"Best {optimizer} by mean validation metric: {setting} (val {best.val:.4f}).",
+            ]
         lines.append("")
-    metric = ("val: cross-entropy in nats/char; test: CE in nats/char" if experiment ==
-              "char-lstm" else "val: error (fraction); test: error in %")
-    lines.append(f"Metric: {metric}.  Coordinate search in the order listed (figures/search.py "
-                 "SPACES); the schedule is compressed to the budget (see the module).")
+    metric = (
+        "val: cross-entropy in nats/char; test: CE in nats/char"
+        if experiment == "char-lstm"
+        else "val: error (fraction); test: error in %"
+    )
+    lines.append(
+        f"Metric: {metric}.  Coordinate search in the order listed (figures/search.py "
+        "SPACES); the schedule is compressed to the budget (see the module)."
+    )
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -234,44 +277,50 @@ def best_settings(trials: list[Trial], seeds: Sequence[int]) -> dict[tuple[str, 
     return min(trials, key=lambda t: t.val).settings
 
 
-def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m figures search", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m figures search`` (besides the shared ones of
+    :mod:`figures.cli`)."""
     p.add_argument("experiment", choices=sorted(SPACES))
-    p.add_argument("--side", choices=("entropy", "base", "both"), default="both",
-                   help="search the local-entropy optimizer, the baseline, or both")
+    p.add_argument(
+        "--side",
+        choices=("entropy", "base", "both"),
+        default="both",
+        help="search the local-entropy optimizer, the baseline, or both",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--fraction", type=float, default=0.2)
     p.add_argument("--runs", default="runs/search")
-    p.add_argument("--out", default="figures/out")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--table-only", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``python -m figures search``: run the search (resumably) and print its table,
+    ``<out>/search-<experiment>.md``, rewritten after every trial."""
     path = Path(args.out) / f"search-{args.experiment}.md"
     names = list(SPACES[args.experiment])
     results: dict[str, list[Trial]] = {}
     for optimizer in names:  # read everything first so the table is complete
-        results[optimizer] = search(args.experiment, optimizer, args.runs, args.seeds,
-                                    args.fraction, run=False)
+        results[optimizer] = search(
+            args.experiment, optimizer, args.runs, args.seeds, args.fraction, run=False
+        )
     for optimizer in names:
         side = "entropy" if optimizer.startswith("entropy") else "base"
         if args.table_only or args.side not in (side, "both"):
             continue
+
         def rewrite(trials: list[Trial], optimizer: str = optimizer) -> None:
-            table(args.experiment, {**results, optimizer: trials}, args.seeds,
-                  args.fraction, path)
+            table(args.experiment, {**results, optimizer: trials}, args.seeds, args.fraction, path)
 
-        results[optimizer] = search(args.experiment, optimizer, args.runs, args.seeds,
-                                    args.fraction, run=True, device=args.device,
-                                    progress=not args.no_progress, on_trial=rewrite)
-    text = table(args.experiment, results, args.seeds, args.fraction, path)
-    print(text)
-    return text
-
-
-if __name__ == "__main__":
-    main()
+        results[optimizer] = search(
+            args.experiment,
+            optimizer,
+            args.runs,
+            args.seeds,
+            args.fraction,
+            run=True,
+            device=args.device,
+            progress=not args.no_progress,
+            on_trial=rewrite,
+        )
+    print(table(args.experiment, results, args.seeds, args.fraction, path))
+    return 0

@@ -1,9 +1,9 @@
 """Table 1 of the paper: Entropy-SGD / Entropy-Adam against the baseline, per experiment.
 
-    python -m figures.table1 mnistfc               # full paper recipe (hours on 2 cores)
-    python -m figures.table1 mnistfc --quick       # 1 outer epoch each on 5k images
-    python -m figures.table1 char-lstm --reduced   # the documented CPU-sized variant
-    python -m figures.table1 lenet --device cuda   # GPU machines
+    python -m figures table1 mnistfc               # full paper recipe (hours on 2 cores)
+    python -m figures table1 mnistfc --quick       # 1 outer epoch each on 5k images
+    python -m figures table1 char-lstm --reduced   # the documented CPU-sized variant
+    python -m figures table1 lenet --device cuda   # GPU machines
 
 Each optimizer of the pair trains through :func:`figures.harness.train` (resumable: rerun
 the same command after an interruption) and the table ``<out>/<experiment>.md`` reports
@@ -21,14 +21,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from entropy_opt.local_entropy import AUTHORS_CODE
+from entropy_opt import AUTHORS_CODE
 
 from .harness import RunConfig, run_dir, train
 from .recipes import PAPER, RECIPES, quick
 
-__all__ = ["main", "configs", "REDUCED", "table"]
+__all__ = ["configs", "REDUCED", "table", "authors_conventions", "add_arguments", "run_command"]
 
 #: CPU-sized variants (``--reduced``), documented in the README.
 REDUCED: dict[str, dict[str, Any]] = {
@@ -42,7 +40,7 @@ REDUCED: dict[str, dict[str, Any]] = {
 
 def authors_conventions(cfg: RunConfig) -> RunConfig:
     """A local-entropy config run the way the authors' public code runs it (issue 17):
-    :data:`entropy_opt.local_entropy.AUTHORS_CODE` (alpha 0.25, sqrt(2) noise, gamma
+    :data:`entropy_opt.AUTHORS_CODE` (alpha 0.25, sqrt(2) noise, gamma
     never scoped, the first gradient discarded, weight decay twice) and the inner loop on
     the outer momentum, as ``EntropySGD.authors_code`` does; named ``<name>-authors``.
     Other configs are returned unchanged (the baseline is shared)."""
@@ -77,7 +75,8 @@ def configs(experiment: str, mode: str = "full", conventions: str = "paper") -> 
             milestones = sorted({max(1, round(m * scale)) for m in cfg.milestones})
             extra = {"chars": red["chars"]} if red.get("chars") else {}
             cfg = quick(cfg, epochs=epochs, **extra).replace(
-                name=cfg.name + "-reduced", milestones=[m for m in milestones if m < epochs])
+                name=cfg.name + "-reduced", milestones=[m for m in milestones if m < epochs]
+            )
         out.append(cfg)
     return out
 
@@ -104,8 +103,13 @@ def _side(cfg: RunConfig) -> str:
     return "entropy" if cfg.optimizer.startswith("entropy") else "base"
 
 
-def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path,
-          seeds: tuple[int, ...] | None = None) -> str:
+def table(
+    experiment: str,
+    cfgs: list[RunConfig],
+    path: Path,
+    runs_dir: Path,
+    seeds: tuple[int, ...] | None = None,
+) -> str:
     """Markdown table from the runs' logs, written to ``path`` and returned (missing runs
     are reported as such, unfinished ones as partial).  With several ``seeds`` each row
     gives the mean +/- sample standard deviation over the finished runs and lists every
@@ -119,9 +123,12 @@ def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path,
             if log_path.exists() and (log := json.loads(log_path.read_text())["log"]):
                 logs[i, seed] = log
     paper = PAPER[experiment]
-    lines = [f"## Table 1, {experiment}", "",
-             "| optimizer | ours | effective epochs | wall time (min) | paper | paper epochs |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"## Table 1, {experiment}",
+        "",
+        "| optimizer | ours | effective epochs | wall time (min) | paper | paper epochs |",
+        "|---|---|---|---|---|---|",
+    ]
     for i, cfg in enumerate(cfgs):
         ref = paper[_side(cfg)]
         tail = f"{ref[0]} +/- {ref[1]} | {paper[_side(cfg) + '_epochs']} |"
@@ -137,33 +144,51 @@ def table(experiment: str, cfgs: list[RunConfig], path: Path, runs_dir: Path,
             finished = [_metric(log[-1]) for log in mine.values() if log[-1]["epoch"] >= cfg.epochs]
             each = ", ".join(f"seed {k}: {_row_text(cfg, log)}" for k, log in mine.items())
             if len(finished) >= 2:
-                ours = (f"{statistics.mean(finished):.3f} +/- {statistics.stdev(finished):.3f} "
-                        f"({len(finished)} runs; {each})")
+                ours = (
+                    f"{statistics.mean(finished):.3f} +/- {statistics.stdev(finished):.3f} "
+                    f"({len(finished)} runs; {each})"
+                )
             else:
                 ours = each
-        lines.append(f"| {cfg.optimizer} | {ours} | {last['effective_epoch']:.1f} | "
-                     f"{minutes} | {tail}")
+        lines.append(
+            f"| {cfg.optimizer} | {ours} | {last['effective_epoch']:.1f} | {minutes} | {tail}"
+        )
     sides = {_side(cfg): i for i, cfg in enumerate(cfgs)}
     for seed in seeds:
         if {"base", "entropy"} <= sides.keys():
             b, e = sides["base"], sides["entropy"]
-            lines += _equal_cost_line(cfgs[b].optimizer, logs.get((b, seed)), cfgs[e].optimizer,
-                                      logs.get((e, seed)), f"seed {seed}, " if len(seeds) > 1 else "")
+            lines += _equal_cost_line(
+                cfgs[b].optimizer,
+                logs.get((b, seed)),
+                cfgs[e].optimizer,
+                logs.get((e, seed)),
+                f"seed {seed}, " if len(seeds) > 1 else "",
+            )
     runs_text = "one run each" if len(seeds) == 1 else "mean +/- standard deviation over seeds"
-    lines += ["", f"Metric: {paper['metric']} (ours: test error in %, or exp(cross-entropy) "
-              f"per token with the cross-entropy in nats); {runs_text} (the paper averages "
-              "4-5 runs)."]
+    lines += [
+        "",
+        f"Metric: {paper['metric']} (ours: test error in %, or exp(cross-entropy) "
+        f"per token with the cross-entropy in nats); {runs_text} (the paper averages "
+        "4-5 runs).",
+    ]
     if experiment == "char-lstm":
-        lines.append("The paper's char-LSTM 'perplexity' (1.22) can only be a cross-entropy in "
-                     "nats (exp of it would mean 0.2 nats/char); compare it with our CE.")
+        lines.append(
+            "The paper's char-LSTM 'perplexity' (1.22) can only be a cross-entropy in "
+            "nats (exp of it would mean 0.2 nats/char); compare it with our CE."
+        )
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return text
 
 
-def _equal_cost_line(base_name: str, base: list[dict[str, Any]] | None, ent_name: str,
-                     ent: list[dict[str, Any]] | None, label: str = "") -> list[str]:
+def _equal_cost_line(
+    base_name: str,
+    base: list[dict[str, Any]] | None,
+    ent_name: str,
+    ent: list[dict[str, Any]] | None,
+    label: str = "",
+) -> list[str]:
     """The baseline's metric at the local-entropy run's last effective epoch (the paper's
     claim is about equal cost: Figs. 4-6 share the effective-epoch axis); nothing until
     both runs exist and the baseline has got that far."""
@@ -176,37 +201,49 @@ def _equal_cost_line(base_name: str, base: list[dict[str, Any]] | None, ent_name
     if not earlier:
         return []
     row = earlier[-1]
-    return ["", f"At equal cost ({label}{row['effective_epoch']:.1f} vs {cost:.1f} effective "
-                f"epochs): {base_name} {_metric_text(row)}, {ent_name} {_metric_text(ent[-1])}."]
+    return [
+        "",
+        f"At equal cost ({label}{row['effective_epoch']:.1f} vs {cost:.1f} effective "
+        f"epochs): {base_name} {_metric_text(row)}, {ent_name} {_metric_text(ent[-1])}.",
+    ]
 
 
-def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m figures.table1", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m figures table1`` (besides the shared ones of
+    :mod:`figures.cli`)."""
     p.add_argument("experiment", choices=sorted(RECIPES))
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="1 outer epoch on a data subset")
     mode.add_argument("--reduced", action="store_true", help="the CPU-sized variant (REDUCED)")
     p.add_argument("--only", help="run just this optimizer of the pair")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--out", default="figures/out",
-                   help="tables go to <out>/table1-<experiment>[-<mode>].md, runs to "
-                        "<out>/table1/runs/")
     p.add_argument("--runs", default=None, help="run directories (default <out>/table1/runs)")
     p.add_argument("--table-only", action="store_true", help="rebuild the table from logs")
-    p.add_argument("--max-effective-epochs", type=float, default=None,
-                   help="stop (resumably) at this many effective epochs, e.g. 25 to run the "
-                        "first half of the 50-epoch char-LSTM baseline")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="train / tabulate these seeds (default 0); several give mean +/- std")
-    p.add_argument("--conventions", choices=("paper", "authors"), default="paper",
-                   help="run Entropy-SGD/-Adam as Algorithm 1 says (paper) or as the authors' "
-                        "code does (authors: runs and table get an -authors suffix)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    p.add_argument(
+        "--max-effective-epochs",
+        type=float,
+        default=None,
+        help="stop (resumably) at this many effective epochs, e.g. 25 to run the "
+        "first half of the 50-epoch char-LSTM baseline",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="train / tabulate these seeds (default 0); several give mean +/- std",
+    )
+    p.add_argument(
+        "--conventions",
+        choices=("paper", "authors"),
+        default="paper",
+        help="run Entropy-SGD/-Adam as Algorithm 1 says (paper) or as the authors' "
+        "code does (authors: runs and table get an -authors suffix)",
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``python -m figures table1``: train the pair (resumably) and print the table; tables
+    go to ``<out>/table1-<experiment>[-<mode>][-authors].md``."""
     mode_name = "quick" if args.quick else "reduced" if args.reduced else "full"
     cfgs = configs(args.experiment, mode_name, args.conventions)
     out = Path(args.out)
@@ -215,15 +252,22 @@ def main(argv: list[str] | None = None) -> str:
         for cfg in (c.replace(seed=seed) for seed in dict.fromkeys(args.seeds) for c in cfgs):
             if args.only and cfg.optimizer != args.only:
                 continue
-            train(cfg, runs, device=args.device, progress=not args.no_progress,
-                  max_effective_epochs=args.max_effective_epochs)
+            train(
+                cfg,
+                runs,
+                device=args.device,
+                progress=not args.no_progress,
+                max_effective_epochs=args.max_effective_epochs,
+            )
     suffix = "" if mode_name == "full" else f"-{mode_name}"
     suffix += "-authors" if args.conventions == "authors" else ""
-    text = table(args.experiment, cfgs, out / f"table1-{args.experiment}{suffix}.md", runs,
-                 tuple(args.seeds))
-    print(text)
-    return text
-
-
-if __name__ == "__main__":
-    main()
+    print(
+        table(
+            args.experiment,
+            cfgs,
+            out / f"table1-{args.experiment}{suffix}.md",
+            runs,
+            tuple(args.seeds),
+        )
+    )
+    return 0

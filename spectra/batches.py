@@ -143,8 +143,9 @@ def _fingerprint(inputs: Any, targets: Any) -> tuple:
         weights = torch.arange(1, probe.numel() + 1, dtype=torch.float64, device=probe.device)
         total = flat.sum() if flat.numel() else 0
         # hex strings: exact, and NaN compares equal to itself
-        marks.append((tuple(t.shape), str(t.dtype), float(total).hex(),
-                      float(probe @ weights).hex()))
+        marks.append(
+            (tuple(t.shape), str(t.dtype), float(total).hex(), float(probe @ weights).hex())
+        )
     return tuple(marks)
 
 
@@ -257,9 +258,10 @@ class DataSource:
         index = -1
         for index, item in enumerate(self._data):
             inputs, targets = self._unpack(index, item)
-            if index >= self.num_batches or _fingerprint(inputs, targets) != self._fingerprints[
-                index
-            ]:
+            if (
+                index >= self.num_batches
+                or _fingerprint(inputs, targets) != self._fingerprints[index]
+            ):
                 raise RuntimeError(
                     f"batch {index} differs from the first pass over the data: the curvature "
                     "needs the same data on every pass. A DataLoader with shuffle=True (or "

@@ -1,16 +1,21 @@
-"""Resumable long computations: fingerprints, atomic state files, row-checkpointed matrices.
+"""Checkpoint primitives and the row-checkpointed matrix of the dense builders.
 
-A checkpoint is a folder.  ``state.json`` is replaced atomically (temp file,
-fsync, rename), so it always describes work that is on disk; anything written
-after it is ignored on resume.  A fingerprint of the problem (operator kind,
-size, dtype, sample count, loss at the point, a hash of the weights) is stored
-with it, and a checkpoint whose fingerprint differs, or whose files are
-damaged, is refused with an error, never silently reused.
+The primitives every resumable computation shares: :class:`CheckpointError`, the
+check that a checkpoint path can be written before any work, atomic file writes and
+the comparison of operator fingerprints
+(:meth:`~spectra.linear_operator.LinearOperator.fingerprint`).  The states of the
+iterative algorithms (Lanczos, SLQ) are saved by :mod:`spectra.resumable`.
+
+A :class:`MatrixCheckpoint` is a folder.  ``state.json`` is replaced atomically (temp
+file, fsync, rename), so it always describes work that is on disk; anything written
+after it is ignored on resume.  The operator's fingerprint (kind, size, dtype, and
+for a curvature operator the sample count, loss at the point and a hash of the
+weights) is stored with it, and a checkpoint whose fingerprint differs, or whose
+files are damaged, is refused with an error, never silently reused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,7 +31,7 @@ __all__ = [
     "check_writable",
     "atomic_write_bytes",
     "atomic_write_json",
-    "operator_fingerprint",
+    "fingerprint_differences",
     "MatrixCheckpoint",
 ]
 
@@ -87,35 +92,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
     atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
-def operator_fingerprint(op: Any) -> dict[str, Any]:
-    """What identifies a curvature problem: operator kind, n, dtype, N, loss, weights hash.
+def fingerprint_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"key: checkpoint has a, this run has b"`` for every field in which two operator
+    fingerprints (:meth:`~spectra.linear_operator.LinearOperator.fingerprint`) differ.
 
-    Works for any :class:`~spectra.linear_operator.LinearOperator`; the model-
-    specific fields are added when the operator has them (curvature operators).
+    Fields are compared exactly, except ``loss``, which is equal to 1e-9 relative: it is
+    summed in data order, which a shuffling loader may change.
     """
-    fp: dict[str, Any] = {
-        "operator": type(op).__name__,
-        "n": int(op.shape[0]),
-        "dtype": str(op.dtype),
-    }
-    if hasattr(op, "theta"):
-        theta = op.theta.detach().to("cpu").contiguous()
-        fp["weights_sha256"] = hashlib.sha256(theta.view(torch.uint8).numpy().tobytes()).hexdigest()
-        fp["num_samples"] = int(op.num_samples)
-        fp["loss"] = float(op.loss)
-        fp["params"] = hashlib.sha256("\n".join(op.view.names).encode()).hexdigest()[:16]
-    return fp
-
-
-def _same(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     diffs = []
     for key in sorted(set(stored) | set(current)):
         a, b = stored.get(key), current.get(key)
         if key == "loss" and isinstance(a, float) and isinstance(b, float):
-            # the loss is summed in data order, which a shuffling loader may change
             if math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12):
                 continue
         if a != b:
@@ -131,8 +122,9 @@ class MatrixCheckpoint:
     any point leaves a consistent checkpoint.
     """
 
-    def __init__(self, folder: str | os.PathLike, fingerprint: dict[str, Any], n: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, folder: str | os.PathLike, fingerprint: dict[str, Any], n: int, dtype: torch.dtype
+    ) -> None:
         self.folder = Path(folder)
         self.fingerprint = fingerprint
         self.n = n
@@ -158,11 +150,12 @@ class MatrixCheckpoint:
             raise CheckpointError(
                 f"checkpoint {self.folder} is damaged ({exc}); delete it to start over"
             ) from None
-        diffs = _same(stored_fp, self.fingerprint)
+        diffs = fingerprint_differences(stored_fp, self.fingerprint)
         if diffs:
             raise CheckpointError(
                 f"checkpoint {self.folder} belongs to another computation ("
-                + "; ".join(diffs) + "); use another checkpoint path or delete it"
+                + "; ".join(diffs)
+                + "); use another checkpoint path or delete it"
             )
         expected = self.n * self.n * self.np_dtype.itemsize
         actual = self.matrix_path.stat().st_size if self.matrix_path.exists() else -1
@@ -175,6 +168,7 @@ class MatrixCheckpoint:
 
     @property
     def rows_done(self) -> int:
+        """How many leading rows of the matrix are complete on disk."""
         return int(self.state["rows_done"])
 
     def open(self, mode: str = "r+") -> np.memmap:
@@ -195,6 +189,7 @@ class MatrixCheckpoint:
         atomic_write_json(self.state_path, self.state)
 
     def load_array(self, name: str) -> np.ndarray | None:
+        """The result array stored as ``name`` (:meth:`save_array`), or None if there is none."""
         if not self.state.get(f"has_{name}"):
             return None
         try:

@@ -14,6 +14,7 @@ the single-vector paths agree.  Subclasses implement
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -36,6 +37,9 @@ from .reduction import LossReduction, LossTerms, detect_kind, resolve_reduction
 __all__ = ["CurvatureOperator", "default_forward"]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
+
+#: Memory one block of tangents may take by default (:meth:`CurvatureOperator.block_size`).
+BLOCK_MEMORY_BUDGET = 1 << 30
 
 
 def default_forward(model: nn.Module, inputs: Any) -> Any:
@@ -129,8 +133,15 @@ def resolve_batch_dim(
     return 0
 
 
-_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type",
-                   "scale_grad_by_freq", "sparse")
+_EMBEDDING_ARGS = (
+    "input",
+    "weight",
+    "padding_idx",
+    "max_norm",
+    "norm_type",
+    "scale_grad_by_freq",
+    "sparse",
+)
 
 
 class _ConstantPaddingRows(TorchFunctionMode):
@@ -159,8 +170,7 @@ class _ConstantPaddingRows(TorchFunctionMode):
 
 
 def _has_padding_rows(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Embedding) and m.padding_idx is not None
-               for m in model.modules())
+    return any(isinstance(m, nn.Embedding) and m.padding_idx is not None for m in model.modules())
 
 
 @contextmanager
@@ -303,7 +313,9 @@ class CurvatureOperator(LinearOperator):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {loss_fn!r}")
+            raise TypeError(
+                f"loss_fn must be callable (outputs, targets) -> scalar, got {loss_fn!r}"
+            )
         model = unwrap_compiled(model)
         self.view = ParameterView(model, params)
         dtype = computation_dtype(dtype, self.view.dtype)
@@ -335,6 +347,58 @@ class CurvatureOperator(LinearOperator):
         self.reduction, self.num_terms, self.loss = self._scan(
             kind, terms_rule, sum_loss, how, loss_terms is not None
         )
+
+    # --- what the algorithms may ask ----------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this curvature problem in a checkpoint.
+
+        The generic fields (:meth:`LinearOperator.fingerprint`: class, n, dtype) plus
+        ``weights_sha256`` (the SHA-256 of the point's weights), ``num_samples``,
+        ``loss`` (at the point) and ``params`` (a hash of the selected parameters'
+        names): another model, other data or other weights give another fingerprint.
+        """
+        theta = self.theta.detach().to("cpu").contiguous()
+        weights = hashlib.sha256(theta.view(torch.uint8).numpy().tobytes()).hexdigest()
+        names = hashlib.sha256("\n".join(self.view.names).encode()).hexdigest()[:16]
+        return {
+            **super().fingerprint(),
+            "weights_sha256": weights,
+            "num_samples": int(self.num_samples),
+            "loss": float(self.loss),
+            "params": names,
+        }
+
+    def block_size(self, memory_budget_bytes: int | None = None) -> int:
+        """Columns per block product so that one block's tangents fit the budget.
+
+        A column carries a tangent through every activation of the largest batch
+        (forward) and back (backward), plus a few length-n vectors; activation sizes
+        are measured with forward hooks on one forward pass.  Default budget
+        :data:`BLOCK_MEMORY_BUDGET` (1 GiB); the result is within [16, 2048] columns
+        (and at most n): the cost per column falls steeply with the block size, since
+        each block re-runs the forward and backward passes over all data (see
+        benchmarks/bench_exact.py).
+        """
+        budget = BLOCK_MEMORY_BUDGET if memory_budget_bytes is None else memory_budget_bytes
+        largest = max(self.source, key=lambda b: b.size)
+        elements = 0
+
+        def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            nonlocal elements
+            if isinstance(output, torch.Tensor):
+                elements += output.numel()
+
+        leaves = [m for m in self.model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(count) for m in leaves]
+        try:
+            with torch.no_grad(), self.evaluation_mode():
+                self.outputs(self.theta, largest.inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        per_column = itemsize * (3 * elements + 4 * self.shape[0])
+        return int(min(max(budget // max(per_column, 1), 16), 2048, self.shape[0]))
 
     # --- the model as a pure function of theta ---------------------------------
     @property
@@ -400,8 +464,9 @@ class CurvatureOperator(LinearOperator):
                         loss = self.loss_of_outputs(out, batch.targets)
                     self.internal_eps = max(torch.finfo(self.dtype).eps, lowest.eps)
                     self._precision = self.internal_eps
-                    rule = self._first_batch_rule(kind, how, terms_rule, sum_loss, out, batch,
-                                                  loss, terms_given)
+                    rule = self._first_batch_rule(
+                        kind, how, terms_rule, sum_loss, out, batch, loss, terms_given
+                    )
                 else:
                     out = self.outputs(self.theta, batch.inputs)
                     loss = self.loss_of_outputs(out, batch.targets)
@@ -415,11 +480,13 @@ class CurvatureOperator(LinearOperator):
                 losses.append(float(loss) if count > 0 else 0.0)
                 terms.append(count)
         if rule is None:  # an empty shard of distributed data: the other ranks hold the terms
-            rule = LossReduction(kind or "mean", how or "assumed (empty shard)", terms_rule,
-                                 sum_loss)
+            rule = LossReduction(
+                kind or "mean", how or "assumed (empty shard)", terms_rule, sum_loss
+            )
         if rule.kind == "mean":
-            total_terms = float(self._sum_over_ranks(
-                torch.tensor([sum(terms)], dtype=torch.float64))[0])
+            total_terms = float(
+                self._sum_over_ranks(torch.tensor([sum(terms)], dtype=torch.float64))[0]
+            )
             if total_terms <= 0:
                 raise ValueError(
                     "the loss counts no terms in the data (every target ignored?); there is "
@@ -430,8 +497,9 @@ class CurvatureOperator(LinearOperator):
             total_terms, weights = 1.0, [1.0] * len(terms)
         self.source.set_weights(weights, terms)
         if self.process_group is not None:  # one precision for all ranks
-            self.internal_eps = float(self._max_over_ranks(
-                torch.tensor([self.internal_eps], dtype=torch.float64))[0])
+            self.internal_eps = float(
+                self._max_over_ranks(torch.tensor([self.internal_eps], dtype=torch.float64))[0]
+            )
             self._precision = self.internal_eps
         loss = sum(w * v for w, v in zip(weights, losses, strict=True))
         loss = float(self._sum_over_ranks(torch.tensor([loss], dtype=torch.float64))[0])
@@ -488,7 +556,8 @@ class CurvatureOperator(LinearOperator):
         if self.source.num_batches == 1 and self.process_group is None:
             return  # one batch: its weight is 1 whatever the loss averages over
         negative = [
-            t for t in batch_leaves(batch.targets)
+            t
+            for t in batch_leaves(batch.targets)
             if not t.is_floating_point() and t.numel() and int(t.min()) < 0
         ]
         if negative:
@@ -512,8 +581,9 @@ class CurvatureOperator(LinearOperator):
     def _max_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce (max) ``t`` in place over the process group; identity without one."""
         if self.process_group is not None:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX,
-                                         group=self.process_group)
+            torch.distributed.all_reduce(
+                t, op=torch.distributed.ReduceOp.MAX, group=self.process_group
+            )
         return t
 
     def _sum_over_ranks_int(self, value: int) -> int:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,23 +36,10 @@ import scipy.linalg
 import torch
 
 from ._checks import check_int, check_seed
-from ._krylov import (
-    CompactBases,
-    KrylovCheckpoint,
-    breakdown_tolerance,
-    check_budget,
-    checkpoint_file,
-    default_memory_budget,
-    format_bytes,
-    lanczos_step,
-    load_into,
-    peak_memory_bytes,
-    progress_bar,
-    rademacher_columns,
-    stored_args,
-)
-from .checkpoint import CheckpointError
+from ._krylov import CompactBases, breakdown_tolerance, lanczos_step, rademacher_columns
+from ._resources import check_budget, default_memory_budget, format_bytes, progress_bar
 from .linear_operator import LinearOperator, as_linear_operator, check_symmetric
+from .resumable import KrylovCheckpoint, RunTotals, StoredArrays, load_into, tensor_to_array
 from .spectrum import Spectrum, default_sigma
 
 __all__ = ["spectral_density", "REORTHOGONALIZATION"]
@@ -223,8 +210,9 @@ def spectral_density(
     seed = check_seed(seed)
     steps = min(num_steps, size)
     if reorthogonalization not in REORTHOGONALIZATION:
-        raise ValueError(f"reorthogonalization must be one of {REORTHOGONALIZATION}, got "
-                         f"{reorthogonalization!r}")
+        raise ValueError(
+            f"reorthogonalization must be one of {REORTHOGONALIZATION}, got {reorthogonalization!r}"
+        )
     budget = check_budget(memory_budget)
     if max_basis_bytes is not None:
         if budget is not None:
@@ -234,21 +222,29 @@ def spectral_density(
         block_size = check_int("block_size", block_size)
     previous = None
     if checkpoint is not None:
-        checkpoint = checkpoint_file(checkpoint, "slq", checkpoint_every)
-        previous = stored_args(checkpoint, "slq")
+        checkpoint = KrylovCheckpoint.file_for(checkpoint, "slq", checkpoint_every)
+        previous = KrylovCheckpoint.stored_args(checkpoint, "slq")
     plan = _plan(op, num_probes, steps, reorthogonalization, budget, block_size, previous)
     ckpt, saved = None, None
     if checkpoint is not None:
-        args = {"num_probes": num_probes, "num_steps": steps, "seed": seed,
-                "check_symmetry": bool(check_symmetry), "reorthogonalization": plan.scheme,
-                "block_size": plan.block}
-        ckpt = KrylovCheckpoint(checkpoint, "slq", op, args, checkpoint_every,
-                                version=CHECKPOINT_FORMAT)  # checks first
+        args = {
+            "num_probes": num_probes,
+            "num_steps": steps,
+            "seed": seed,
+            "check_symmetry": bool(check_symmetry),
+            "reorthogonalization": plan.scheme,
+            "block_size": plan.block,
+        }
+        ckpt = KrylovCheckpoint(
+            checkpoint, "slq", op, args, checkpoint_every, version=CHECKPOINT_FORMAT
+        )  # checks first
         saved = ckpt.load()
-    start = op.matvecs
+    totals = RunTotals(op, t0)
     if check_symmetry and saved is None:
         check_symmetric(op, seed=seed)
-    run = _slq_recurrences(op, num_probes, steps, seed, plan, progress, start, ckpt, saved, t0)
+    run, basis_bytes = _slq_recurrences(
+        op, num_probes, steps, seed, plan, progress, totals, ckpt, saved
+    )
     nodes, weights = _gauss_rules(run.alphas, run.betas, run.lengths)
     sigma = default_sigma(nodes)
     device = op.device
@@ -258,16 +254,16 @@ def spectral_density(
         "num_steps": num_steps,
         "steps_per_probe": [int(x) for x in run.lengths],
         "seed": seed,
-        "matvecs": int(run.used),
+        "matvecs": int(totals.matvecs),
         "sigma": float(sigma),
         "sigma_rule": SIGMA_RULE,
         "probes": "rademacher",
         "reorthogonalization": plan.scheme,
         "block_size": plan.block,
-        "basis_bytes": int(run.basis_bytes),
+        "basis_bytes": int(basis_bytes),
         "memory_budget": int(plan.budget),
-        "seconds": float(run.seconds_before + time.perf_counter() - t0),
-        "peak_memory_bytes": max(run.peak_before, peak_memory_bytes(device)),
+        "seconds": float(totals.seconds),
+        "peak_memory_bytes": totals.peak_memory_bytes,
         "peak_memory_source": _peak_source(device),
     }
     return Spectrum.from_quadrature(
@@ -336,13 +332,21 @@ def _plan(
     if previous is not None and wanted is None and scheme == "auto":
         # resume with what the run started with, if it still fits
         s, b = previous.get("reorthogonalization"), previous.get("block_size")
-        if (s in schemes and isinstance(b, int) and 1 <= b <= probes
-                and b * _probe_bytes(s, steps, size, dtype) <= budget):
+        if (
+            s in schemes
+            and isinstance(b, int)
+            and 1 <= b <= probes
+            and b * _probe_bytes(s, steps, size, dtype) <= budget
+        ):
             return _Plan(s, b, budget, itemsize)
     if previous is not None and wanted is None and scheme != "auto":
         b = previous.get("block_size")
-        if (previous.get("reorthogonalization") == scheme and isinstance(b, int)
-                and 1 <= b <= probes and b * _probe_bytes(scheme, steps, size, dtype) <= budget):
+        if (
+            previous.get("reorthogonalization") == scheme
+            and isinstance(b, int)
+            and 1 <= b <= probes
+            and b * _probe_bytes(scheme, steps, size, dtype) <= budget
+        ):
             return _Plan(scheme, b, budget, itemsize)
     for s in schemes:
         per = _probe_bytes(s, steps, size, dtype)
@@ -359,8 +363,11 @@ def _plan(
     per = _probe_bytes(s, steps, size, dtype)
     count = wanted or 1
     held = per // (size * itemsize)
-    where = "" if free is None else (f" (default: half of the {format_bytes(free)} free on "
-                                     f"{op.device})")
+    where = (
+        ""
+        if free is None
+        else (f" (default: half of the {format_bytes(free)} free on {op.device})")
+    )
     raise MemoryError(
         f"SLQ with reorthogonalization={s!r} needs {count} probe(s) x {format_bytes(per)} "
         f"= {format_bytes(count * per)}: n = {size:,} numbers of {dtype}, "
@@ -376,64 +383,162 @@ def _plan(
 
 
 @dataclass
-class _Run:
-    alphas: np.ndarray
-    betas: np.ndarray
-    lengths: np.ndarray
-    used: int  # matvecs, as in an uninterrupted run
-    basis_bytes: int
-    seconds_before: float  # wall time of earlier (interrupted) sessions
-    peak_before: int  # their peak memory
+class _Quadrature:
+    """The state of an SLQ run: every probe's recurrence coefficients so far, where the
+    run stands (block, step, the block's live probes) and the current block's bases;
+    resumable (:class:`~spectra.resumable.ResumableState`).
+
+    Checkpoint layout (format 2): ``alphas``, ``betas`` (probes, steps), ``lengths``,
+    ``anorm`` (probes,), ``active``, ``scalars`` = [block start, step, finished,
+    matvecs], the totals' ``seconds`` and ``peak_memory_bytes``, and the arrays of the
+    block's bases when a block is under way.  :meth:`from_arrays` restores the run;
+    the block's bases are restored when that block is set up again.
+    """
+
+    alphas: np.ndarray  # (probes, steps) float64
+    betas: np.ndarray  # (probes, steps) float64
+    lengths: np.ndarray  # (probes,) int64: valid steps per probe
+    anorm: np.ndarray  # (probes,) float64: lower bounds on ||A|| seen by each probe
+    block: int  # probes per block
+    totals: RunTotals
+    active: list[int] = field(default_factory=list)  # the block's probes not broken down
+    block_start: int = 0
+    step: int = 0  # the next step of the current block
+    finished: bool = False
+    bases: _FullBases | _CompactBases | None = None  # the current block's
+
+    @classmethod
+    def empty(cls, probes: int, steps: int, block: int, totals: RunTotals) -> _Quadrature:
+        """The state before the first product."""
+        return cls(
+            np.zeros((probes, steps)),
+            np.zeros((probes, steps)),
+            np.zeros(probes, dtype=np.int64),
+            np.zeros(probes),
+            block,
+            totals,
+        )
+
+    def to_arrays(self) -> dict[str, Any]:
+        """The state at a step or block boundary."""
+        scalars = [self.block_start, self.step, int(self.finished), self.totals.matvecs]
+        return {
+            **({} if self.bases is None else self.bases.to_arrays()),
+            "alphas": self.alphas,
+            "betas": self.betas,
+            "lengths": self.lengths,
+            "anorm": self.anorm,
+            "active": np.array(self.active, dtype=np.int64),
+            "scalars": np.array(scalars, dtype=np.int64),
+            **self.totals.to_arrays(),
+        }
+
+    def from_arrays(self, arrays: StoredArrays) -> None:
+        """Restore the run (not yet the block's bases), checking the arrays fit it."""
+        probes, steps = self.alphas.shape
+        b0, j, finished, used = (int(x) for x in arrays["scalars"])
+        alphas = np.array(arrays["alphas"], dtype=np.float64)
+        betas = np.array(arrays["betas"], dtype=np.float64)
+        lengths = np.array(arrays["lengths"], dtype=np.int64)
+        anorm = np.array(arrays["anorm"], dtype=np.float64)
+        active = [int(p) for p in arrays["active"]]
+        b1 = min(probes, b0 + self.block)
+        if (
+            alphas.shape != (probes, steps)
+            or betas.shape != alphas.shape
+            or lengths.shape != (probes,)
+            or anorm.shape != (probes,)
+            or not 0 <= j < steps
+            or not 0 <= b0 <= probes
+            or b0 % self.block
+            or (j > 0 and (not active or any(not b0 <= p < b1 for p in active)))
+        ):
+            raise ValueError("array shapes do not fit num_probes, num_steps and the block")
+        if "seconds" not in arrays:  # (every format 2 file has it)
+            raise KeyError("seconds")
+        self.totals.from_arrays(arrays)
+        self.totals.resume_matvecs(used)  # matvecs count as in the uninterrupted run
+        self.alphas, self.betas, self.lengths, self.anorm = alphas, betas, lengths, anorm
+        self.active, self.block_start, self.step, self.finished = active, b0, j, bool(finished)
 
 
 class _FullBases:
-    """One block's bases in the operator's dtype (the reference scheme)."""
+    """One block's bases in the operator's dtype (the reference scheme); ``next_step``
+    is the step they are ready for (saved: vectors ``0..next_step``)."""
 
     def __init__(self, b: int, steps: int, size: int, op: LinearOperator) -> None:
         self.Q = torch.zeros((b, steps, size), dtype=op.dtype, device=op.device)
+        self.next_step = 0
 
     nbytes = property(lambda self: self.Q.nbytes)
 
     def start(self, V: torch.Tensor) -> None:
         self.Q[:, 0] = V.T
 
-    def step(self, op: LinearOperator, j: int, active: list[int], iteration: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def step(
+        self, op: LinearOperator, j: int, active: list[int], iteration: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         h, beta = lanczos_step(op, self.Q, j, active, iteration=iteration)
         norms = [math.sqrt(float(h[i] @ h[i]) + beta[i] ** 2) for i in range(len(active))]
+        self.next_step = j + 1
         return h[:, j], beta, np.array(norms)
 
-    def state(self, j: int) -> dict[str, np.ndarray]:
-        return {"Q": self.Q[:, : j + 1].cpu().numpy()}
+    def to_arrays(self) -> dict[str, Any]:
+        return {"Q": self.Q[:, : self.next_step + 1].cpu().numpy()}
 
-    def restore(self, arrays: Any, j: int) -> None:
+    def from_arrays(self, arrays: StoredArrays) -> None:
         b, _, size = self.Q.shape
+        j = self.next_step
         load_into(arrays, "Q", [self.Q[p, : j + 1] for p in range(b)], (b, j + 1, size))
 
 
 class _CompactBases:
-    """One block of :class:`~spectra._krylov.CompactBases` (stored copies or local only)."""
+    """One block of :class:`~spectra._krylov.CompactBases` (stored copies or local only);
+    ``next_step`` as for :class:`_FullBases`."""
 
-    def __init__(self, b: int, steps: int, size: int, op: LinearOperator,
-                 store: torch.dtype | None) -> None:
+    def __init__(
+        self, b: int, steps: int, size: int, op: LinearOperator, store: torch.dtype | None
+    ) -> None:
         self.bases = CompactBases(b, steps, size, op.dtype, op.device, store)
+        self.next_step = 0
 
     nbytes = property(lambda self: self.bases.nbytes)
 
     def start(self, V: torch.Tensor) -> None:
         self.bases.cur.copy_(V.T)
 
-    def step(self, op: LinearOperator, j: int, active: list[int], iteration: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def step(
+        self, op: LinearOperator, j: int, active: list[int], iteration: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         before = self.bases.beta[active].copy() if j > 0 else np.zeros(len(active))
         alpha, beta = self.bases.step(op, j, active, iteration)
+        self.next_step = j + 1
         return alpha, beta, np.sqrt(alpha**2 + before**2 + beta**2)
 
-    def state(self, j: int) -> dict[str, np.ndarray]:
-        return self.bases.state(j)
+    def to_arrays(self) -> dict[str, Any]:
+        """The working pair, the couplings and the stored copies of q_0 .. q_{j-2}."""
+        bases = self.bases
+        out = {
+            "cur": bases.cur.cpu().numpy(),
+            "prev": bases.prev.cpu().numpy(),
+            "beta_prev": bases.beta.copy(),
+        }
+        if bases.S is not None:
+            out["stored"] = tensor_to_array(bases.S[:, : bases.filled(self.next_step)])
+        return out
 
-    def restore(self, arrays: Any, j: int) -> None:
-        self.bases.restore(arrays, j)
+    def from_arrays(self, arrays: StoredArrays) -> None:
+        bases = self.bases
+        b, n = bases.cur.shape
+        load_into(arrays, "cur", [bases.cur], (b, n))
+        load_into(arrays, "prev", [bases.prev], (b, n))
+        beta = np.array(arrays["beta_prev"], dtype=np.float64)
+        if beta.shape != (b,):
+            raise ValueError("beta_prev does not fit the block")
+        bases.beta = beta
+        if bases.S is not None:
+            rows = bases.filled(self.next_step)
+            load_into(arrays, "stored", [bases.S[p, :rows] for p in range(b)], (b, rows, n))
 
 
 def _slq_recurrences(
@@ -443,115 +548,76 @@ def _slq_recurrences(
     seed: int,
     plan: _Plan,
     progress: bool | None,
-    start: int,
+    totals: RunTotals,
     ckpt: KrylovCheckpoint | None,
-    saved: dict[str, np.ndarray] | None,
-    t0: float,
-) -> _Run:
+    saved: StoredArrays | None,
+) -> tuple[_Quadrature, int]:
     """Run ``probes`` independent Lanczos recurrences, ``plan.block`` at a time, with one
     block matvec per step.
 
-    Gives alphas (probes, steps), betas (probes, steps), the number of valid steps
-    per probe (a probe that breaks down stops: its Krylov space is invariant and its
-    Gauss rule exact), and the matvecs used since ``start`` (the symmetry check's
+    Gives the run's state, whose alphas (probes, steps), betas (probes, steps) and
+    lengths (the valid steps per probe: a probe that breaks down stops, its Krylov
+    space is invariant and its Gauss rule exact) make the rules, and the largest
+    bytes one block's bases held.  ``totals`` counts the matvecs (the symmetry check's
     included; on resume, as in the uninterrupted run).
     """
     size = op.shape[0]
-    alphas = np.zeros((probes, steps))
-    betas = np.zeros((probes, steps))
-    lengths = np.zeros(probes, dtype=np.int64)
-    anorm = np.zeros(probes)
-    b0, j0, finished, active, arrays, before, peak = 0, 0, False, [], None, 0.0, 0
+    run = _Quadrature.empty(probes, steps, plan.block, totals)
     if saved is not None:
-        (alphas, betas, lengths, anorm, active, b0, j0, finished, offset, before,
-         peak) = _restore(saved, probes, steps, plan.block, ckpt)
-        arrays = saved
-        start = op.matvecs - offset  # matvecs count as in the uninterrupted run
+        ckpt.restore(run, saved)
     held = 0
 
-    def save(block_start: int, j_next: int, done: bool, bases: Any = None) -> None:
-        if ckpt is not None and (done or ckpt.due()):
-            state = {} if bases is None else bases.state(j_next)
-            ckpt.save({
-                **state, "alphas": alphas, "betas": betas, "lengths": lengths, "anorm": anorm,
-                "active": np.array(active, dtype=np.int64),
-                "scalars": np.array([block_start, j_next, int(done), op.matvecs - start],
-                                    dtype=np.int64),
-                "seconds": np.float64(before + time.perf_counter() - t0),
-                "peak_memory_bytes": np.int64(max(peak, peak_memory_bytes(op.device))),
-            })
+    def save(final: bool = False) -> None:
+        if ckpt is not None:
+            ckpt.save_state(run, final)
 
     desc = f"slq({probes} probes" + ("" if plan.block == probes else f", {plan.block} at a time")
     with progress_bar(probes * steps, desc + ")", progress) as bar:
-        bar.update(op.matvecs - start)
-        while not finished and b0 < probes:
+        bar.update(totals.matvecs)
+        while not run.finished and run.block_start < probes:
+            b0 = run.block_start
             b1 = min(probes, b0 + plan.block)
             if plan.scheme == "full":
                 bases: Any = _FullBases(b1 - b0, steps, size, op)
             else:
                 bases = _CompactBases(b1 - b0, steps, size, op, plan.store)
             held = max(held, bases.nbytes)
-            if j0 == 0:
+            if run.step == 0:
                 gen = torch.Generator(device="cpu").manual_seed(seed + 2)
                 V = rademacher_columns(size, probes, gen, op.dtype, op.device, cols=(b0, b1))
                 bases.start(V / math.sqrt(size))
                 del V
-                active = list(range(b0, b1))
+                run.active = list(range(b0, b1))
             else:
-                try:
-                    bases.restore(arrays, j0)
-                except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-                    raise CheckpointError(f"checkpoint {ckpt.path} is damaged ({exc}); "
-                                          "delete it to start over") from None
-                arrays = None
-            for j in range(j0, steps):
-                alpha, beta, colnorm = bases.step(op, j, [p - b0 for p in active], iteration=j)
-                bar.update(len(active))
+                bases.next_step = run.step
+                ckpt.restore(bases, saved)
+            run.bases = bases
+            for j in range(run.step, steps):
+                alpha, beta, colnorm = bases.step(op, j, [p - b0 for p in run.active], iteration=j)
+                bar.update(len(run.active))
                 still = []
-                for i, p in enumerate(active):
-                    alphas[p, j] = alpha[i]
-                    betas[p, j] = beta[i]
-                    lengths[p] = j + 1
-                    anorm[p] = max(anorm[p], float(colnorm[i]))
-                    if beta[i] > breakdown_tolerance(anorm[p], size, op.dtype):
+                for i, p in enumerate(run.active):
+                    run.alphas[p, j] = alpha[i]
+                    run.betas[p, j] = beta[i]
+                    run.lengths[p] = j + 1
+                    run.anorm[p] = max(run.anorm[p], float(colnorm[i]))
+                    if beta[i] > breakdown_tolerance(run.anorm[p], size, op.dtype):
                         still.append(p)
-                active = still
-                if not active:
+                run.active = still
+                if not still:
                     break
                 if j + 1 < steps:
-                    save(b0, j + 1, False, bases)  # resume point: step j + 1 of this block
+                    run.step = j + 1
+                    save()  # resume point: step j + 1 of this block
+            run.bases = None
             del bases
-            b0, j0, active = b1, 0, []
-            if b0 < probes:
-                save(b0, 0, False)  # resume point: the next block's start
-        if not finished:
-            save(probes, 0, True)  # finished: the bases are no longer needed, only the rules
-    return _Run(alphas, betas, lengths, op.matvecs - start, held, before, peak)
-
-
-def _restore(
-    saved: dict[str, np.ndarray], probes: int, steps: int, block: int, ckpt: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[int], int, int, bool, int,
-           float, int]:
-    try:
-        b0, j, finished, used = (int(x) for x in saved["scalars"])
-        alphas = np.array(saved["alphas"], dtype=np.float64)
-        betas = np.array(saved["betas"], dtype=np.float64)
-        lengths = np.array(saved["lengths"], dtype=np.int64)
-        anorm = np.array(saved["anorm"], dtype=np.float64)
-        active = [int(p) for p in saved["active"]]
-        seconds = float(saved["seconds"])
-        peak = int(saved["peak_memory_bytes"]) if "peak_memory_bytes" in saved else 0
-        b1 = min(probes, b0 + block)
-        if (alphas.shape != (probes, steps) or betas.shape != alphas.shape
-                or lengths.shape != (probes,) or anorm.shape != (probes,)
-                or not 0 <= j < steps or not 0 <= b0 <= probes or b0 % block
-                or (j > 0 and (not active or any(not b0 <= p < b1 for p in active)))):
-            raise ValueError("array shapes do not fit num_probes, num_steps and the block")
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt.path} is damaged ({exc}); delete it to start "
-                              "over") from None
-    return alphas, betas, lengths, anorm, active, b0, j, bool(finished), used, seconds, peak
+            run.block_start, run.step, run.active = b1, 0, []
+            if b1 < probes:
+                save()  # resume point: the next block's start
+        if not run.finished:
+            run.finished = True
+            save(final=True)  # the bases are no longer needed, only the rules
+    return run, held
 
 
 def _gauss_rules(

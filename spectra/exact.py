@@ -12,22 +12,22 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import MatrixCheckpoint, operator_fingerprint
+from ._resources import available_memory_bytes
+from .checkpoint import MatrixCheckpoint
 from .curvature import CurvatureOperator, path_tolerance
 from .dense_eigensolver import eigensolver_workspace_bytes, eigvalsh_inplace
 from .hessian import hessian_operator
 from .linear_operator import LinearOperator
-from .parameters import ParamSelector
 from .spectrum import Spectrum
 
 __all__ = [
-    "auto_chunk_size",
+    "AssembledMatrix",
     "available_memory_bytes",
     "dense_matrix",
     "exact_hessian",
@@ -35,73 +35,10 @@ __all__ = [
     "spectrum_of",
 ]
 
-#: Memory allowed for one block of tangents when ``chunk_size`` is not given.
-#: Per-vector cost falls steeply with the block size (each block re-runs the
-#: forward and backward passes over all data; see benchmarks/bench_exact.py), so
-#: blocks are as large as this budget allows, within [16, 2048] columns.
-CHUNK_BUDGET_BYTES = 1 << 30
 
-
-def auto_chunk_size(op: CurvatureOperator, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
-    """Columns per block so that one block's tangents fit in ``budget_bytes``.
-
-    A column carries a tangent through every activation of the largest batch
-    (forward) and back (backward), plus a few length-n vectors; activation sizes
-    are measured with forward hooks on one forward pass.
-    """
-    largest = max(op.source, key=lambda b: b.size)
-    elements = 0
-
-    def count(_module, _inputs, output):
-        nonlocal elements
-        if isinstance(output, torch.Tensor):
-            elements += output.numel()
-
-    leaves = [m for m in op.model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(count) for m in leaves]
-    try:
-        with torch.no_grad(), op.evaluation_mode():
-            op.outputs(op.theta, largest.inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    itemsize = torch.empty((), dtype=op.dtype).element_size()
-    per_column = itemsize * (3 * elements + 4 * op.shape[0])
-    return int(min(max(budget_bytes // max(per_column, 1), 16), 2048, op.shape[0]))
-
-
-def available_memory_bytes(device: torch.device | str = "cpu") -> int:
-    """Memory that can still be allocated on ``device``, in bytes.
-
-    CPU: the smaller of /proc/meminfo's MemAvailable and the cgroup limit minus
-    usage (containers).  CUDA: ``torch.cuda.mem_get_info``.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    candidates = []
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    candidates.append(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as fh:
-            limit = fh.read().strip()
-        if limit != "max":
-            with open("/sys/fs/cgroup/memory.current") as fh:
-                candidates.append(int(limit) - int(fh.read().strip()))
-    except (OSError, ValueError):
-        pass
-    if not candidates:
-        pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
-        candidates.append(int(pages) * os.sysconf("SC_PAGE_SIZE") if pages else 1 << 62)
-    return max(0, min(candidates))
-
-
-def _require_memory(n: int, dtype: torch.dtype, device: torch.device, extra: int, what: str) -> None:
+def _require_memory(
+    n: int, dtype: torch.dtype, device: torch.device, extra: int, what: str
+) -> None:
     itemsize = torch.empty((), dtype=dtype).element_size()
     need = n * n * itemsize + extra
     free = available_memory_bytes(device)
@@ -115,6 +52,21 @@ def _require_memory(n: int, dtype: torch.dtype, device: torch.device, extra: int
         )
 
 
+class AssembledMatrix(NamedTuple):
+    """A symmetric operator assembled densely (:func:`dense_matrix`).
+
+    Attributes:
+        matrix: (n, n) tensor in the operator's dtype and device, symmetrised.
+        asymmetry: ``||A - A^T||_F / ||A||_F`` of the assembled matrix before it was
+            symmetrised (round-off only, for a true Hessian).
+
+    A tuple, so ``matrix, asymmetry = dense_matrix(op)`` unpacks it.
+    """
+
+    matrix: torch.Tensor
+    asymmetry: float
+
+
 def dense_matrix(
     op: LinearOperator,
     *,
@@ -123,15 +75,16 @@ def dense_matrix(
     memory_check: bool = True,
     checkpoint: str | os.PathLike | MatrixCheckpoint | None = None,
     checkpoint_every: float = 300.0,
-) -> tuple[torch.Tensor, float]:
+) -> AssembledMatrix:
     """Assemble a symmetric operator into an (n, n) tensor; symmetrise it in place.
 
-    Returns ``(matrix, asymmetry)`` with asymmetry = ||A - A^T||_F / ||A||_F of the
-    assembled matrix before symmetrisation (round-off only, for a true Hessian);
-    an asymmetry above :func:`asymmetry_tolerance` raises ``ValueError`` instead
-    of being symmetrised away.
-    Rows are written block by block (the operator's block product, transposed:
-    the operator is symmetric), so peak memory is the matrix plus one block.
+    Returns the matrix with its asymmetry before symmetrisation
+    (:class:`AssembledMatrix`); an asymmetry above :func:`asymmetry_tolerance` raises
+    ``ValueError`` instead of being symmetrised away.  Rows are written block by
+    block (the operator's block product, transposed: the operator is symmetric) of
+    ``chunk_size`` columns (default :meth:`~spectra.linear_operator.LinearOperator.block_size`:
+    for a curvature operator as many as fit a 1 GiB tangent budget), so peak memory
+    is the matrix plus one block.
 
     With ``checkpoint`` (a folder; CPU only) the matrix is built in a memory-mapped
     file there and progress is committed atomically at most every
@@ -155,8 +108,7 @@ def dense_matrix(
         mapped = None
         H = torch.empty((n, n), dtype=op.dtype, device=op.device)
         first = 0
-    bar = tqdm(total=n, initial=first, desc="Hessian rows", unit="row",
-               disable=_quiet(progress, n))
+    bar = tqdm(total=n, initial=first, desc="Hessian rows", unit="row", disable=_quiet(progress, n))
     last_commit = time.monotonic()
     for start in range(first, n, chunk):
         stop = min(n, start + chunk)
@@ -179,7 +131,7 @@ def dense_matrix(
     _symmetrize_inplace(H, block)  # idempotent, so safe to redo after a crash
     if store is not None:
         store.commit(mapped, symmetrized=True)
-    return H, asym
+    return AssembledMatrix(H, asym)
 
 
 def _open_checkpoint(
@@ -191,7 +143,7 @@ def _open_checkpoint(
         raise ValueError(
             f"checkpoint= builds the matrix in a file on the host; the operator is on {op.device}"
         )
-    return MatrixCheckpoint(checkpoint, operator_fingerprint(op), op.shape[0], op.dtype)
+    return MatrixCheckpoint(checkpoint, op.fingerprint(), op.shape[0], op.dtype)
 
 
 def _resolve_chunk(op: LinearOperator, chunk_size: int | None) -> int:
@@ -199,9 +151,7 @@ def _resolve_chunk(op: LinearOperator, chunk_size: int | None) -> int:
         if int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return min(int(chunk_size), op.shape[0])
-    if isinstance(op, CurvatureOperator):
-        return auto_chunk_size(op)
-    return min(256, op.shape[0])
+    return op.block_size()
 
 
 def _quiet(progress: bool | None, n: int) -> bool:
@@ -255,43 +205,39 @@ def _symmetrize_inplace(H: torch.Tensor, block: int) -> None:
         H[bj, bi] = avg.T
 
 
+#: The arguments of :func:`exact_hessian` and :func:`exact_spectrum` that go to the dense
+#: build (:func:`dense_matrix`, :func:`spectrum_of`); the others go to the operator.
+BUILD_ARGUMENTS = ("chunk_size", "progress", "checkpoint", "checkpoint_every")
+
+#: The dtype of the exact path unless ``dtype=`` says otherwise: the paper's
+#: 50k-parameter networks need 10 GB in float32 and 20 GB in float64.
+EXACT_DTYPE = torch.float32
+
+
 def exact_hessian(
-    model: nn.Module,
-    loss_fn: Callable[..., torch.Tensor],
-    data: Any,
-    *,
-    params: ParamSelector = None,
-    dtype: torch.dtype = torch.float32,
-    chunk_size: int | None = None,
-    progress: bool | None = None,
-    return_asymmetry: bool = False,
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: float = 300.0,
-    **options: Any,
-) -> torch.Tensor | tuple[torch.Tensor, float]:
-    """The full (n, n) Hessian of the sample-averaged loss, symmetrised.
+    model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: Any, **options: Any
+) -> torch.Tensor:
+    """The full (n, n) Hessian of the sample-averaged loss, symmetrised: always a tensor.
+
+    The matrix :func:`exact_spectrum` diagonalises, built the same way, with the same
+    arguments (but ``name``):
 
     Args:
-        model, loss_fn, data, params: as for :func:`spectra.hessian_operator`.
-        dtype: float32 by default: the paper's 50k-parameter networks need 10 GB
-            in float32 and 20 GB in float64; use float64 for small networks when
-            eigenvalues below ~1e-6 x lambda_max matter.
-        chunk_size: columns per block; default :func:`auto_chunk_size` (as many as
-            fit a 1 GiB tangent budget).  Memory is n^2 + ~4 x chunk x n scalars
-            plus the model's activations for ``chunk`` tangents.
-        progress: show a progress bar (default: for n >= 5000).
-        return_asymmetry: also return ||H - H^T||_F / ||H||_F before symmetrising.
-        checkpoint: a folder; the build resumes from it after an interruption
-            (see :func:`dense_matrix`).  The matrix then lives in a file there.
-        checkpoint_every: seconds between progress commits (default 300).
-        options: passed to the operator (``train_mode``, ``forward``, ``backend``).
+        model, loss_fn, data: as for :func:`spectra.hessian_operator`.
+        options: the build's ``chunk_size``, ``progress``, ``checkpoint`` and
+            ``checkpoint_every``, and the operator's ``params``, ``dtype`` (float32
+            here by default), ``train_mode``, ``forward``, ``backend``, ...; see
+            :func:`exact_spectrum`.  With ``checkpoint`` the returned tensor shares
+            memory with the file in that folder.
+
+    For the asymmetry ``||H - H^T||_F / ||H||_F`` measured before symmetrising, build
+    the operator and assemble it: ``dense_matrix(hessian_operator(model, loss_fn, data,
+    dtype=...))`` returns an :class:`AssembledMatrix` (matrix, asymmetry).
 
     Raises ``MemoryError`` before allocating anything if the matrix does not fit.
     """
-    op = hessian_operator(model, loss_fn, data, params=params, dtype=dtype, **options)
-    H, asym = dense_matrix(op, chunk_size=chunk_size, progress=progress, checkpoint=checkpoint,
-                           checkpoint_every=checkpoint_every)
-    return (H, asym) if return_asymmetry else H
+    op, build = _exact_problem(model, loss_fn, data, options)
+    return dense_matrix(op, **build).matrix
 
 
 def exact_spectrum(
@@ -299,30 +245,50 @@ def exact_spectrum(
     loss_fn: Callable[..., torch.Tensor],
     data: Any,
     *,
-    params: ParamSelector = None,
-    dtype: torch.dtype = torch.float32,
-    chunk_size: int | None = None,
     name: str | None = None,
-    progress: bool | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: float = 300.0,
     **options: Any,
 ) -> Spectrum:
     """All eigenvalues of the Hessian, as a :class:`~spectra.spectrum.Spectrum`.
 
-    Builds the matrix with :func:`exact_hessian`'s method and diagonalises it in
-    place (:func:`~spectra.dense_eigensolver.eigvalsh_inplace`), so peak memory is
-    one n x n matrix plus O(n) workspace on the CPU.  The memory check covers
-    both steps and runs before any allocation.  Metadata: n parameters, n samples,
-    dtype, the loss at the point, the asymmetry, build and solve seconds.
+    Args:
+        model, loss_fn, data: as for :func:`spectra.hessian_operator`.
+        name: label for plots.
+        options: the dense build's and the operator's keyword arguments:
 
-    With ``checkpoint`` (a folder), the build resumes after an interruption and
-    the eigenvalues are stored there once computed, so a re-run returns them
-    without rebuilding; a checkpoint of another problem is refused.
+            * ``chunk_size``: columns per block; default the operator's
+              :meth:`~spectra.curvature.CurvatureOperator.block_size` (as many as
+              fit a 1 GiB tangent budget).  Memory is n^2 + ~4 x chunk x n scalars
+              plus the model's activations for ``chunk`` tangents.
+            * ``progress``: show a progress bar (default: for n >= 5000).
+            * ``checkpoint``: a folder; the build resumes from it after an
+              interruption (see :func:`dense_matrix`) and the eigenvalues are
+              stored there once computed, so a re-run returns them without
+              rebuilding; a checkpoint of another problem is refused.
+            * ``checkpoint_every``: seconds between progress commits (default 300).
+            * ``params``, ``dtype`` and the rest (``train_mode``, ``forward``,
+              ``backend``, ...): the operator's (:func:`spectra.hessian_operator`),
+              except that ``dtype`` defaults to float32 (:data:`EXACT_DTYPE`): use
+              float64 for small networks when eigenvalues below ~1e-6 x lambda_max
+              matter.
+
+    Builds the matrix as :func:`exact_hessian` does and diagonalises it in place
+    (:func:`~spectra.dense_eigensolver.eigvalsh_inplace`), so peak memory is one
+    n x n matrix plus O(n) workspace on the CPU.  The memory check covers both
+    steps and runs before any allocation (``MemoryError``).  Metadata: n
+    parameters, n samples, dtype, the loss at the point, the asymmetry, build and
+    solve seconds.
     """
-    op = hessian_operator(model, loss_fn, data, params=params, dtype=dtype, **options)
-    return spectrum_of(op, chunk_size=chunk_size, name=name, progress=progress,
-                       checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+    op, build = _exact_problem(model, loss_fn, data, options)
+    return spectrum_of(op, name=name, **build)
+
+
+def _exact_problem(
+    model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: Any, options: dict[str, Any]
+) -> tuple[CurvatureOperator, dict[str, Any]]:
+    """The Hessian operator of the exact path (in :data:`EXACT_DTYPE` unless ``options``
+    say ``dtype=``) and the build's arguments, split from ``options``."""
+    build = {key: options.pop(key) for key in BUILD_ARGUMENTS if key in options}
+    return hessian_operator(model, loss_fn, data, **{"dtype": EXACT_DTYPE, **options}), build
 
 
 def spectrum_of(
@@ -334,7 +300,11 @@ def spectrum_of(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 300.0,
 ) -> Spectrum:
-    """Exact spectrum of an already-built curvature operator (Hessian, GGN or Fisher)."""
+    """Exact spectrum of an already-built curvature operator (Hessian, GGN or Fisher).
+
+    The build's arguments (:data:`BUILD_ARGUMENTS`) are those of :func:`exact_spectrum`,
+    and ``name`` labels the result.
+    """
     n = op.shape[0]
     itemsize = torch.empty((), dtype=op.dtype).element_size()
     store = _open_checkpoint(op, checkpoint)
@@ -345,8 +315,14 @@ def spectrum_of(
         chunk = _resolve_chunk(op, chunk_size)
         extra = max(4 * chunk * n * itemsize, eigensolver_workspace_bytes(n, op.dtype, op.device))
         _require_memory(n, op.dtype, op.device, extra, "the exact spectrum")
-        H, asym = dense_matrix(op, chunk_size=chunk, progress=progress, memory_check=False,
-                               checkpoint=store, checkpoint_every=checkpoint_every)
+        H, asym = dense_matrix(
+            op,
+            chunk_size=chunk,
+            progress=progress,
+            memory_check=False,
+            checkpoint=store,
+            checkpoint_every=checkpoint_every,
+        )
         if store is not None:
             # solve on a private copy-on-write view so the checkpointed matrix stays intact
             del H

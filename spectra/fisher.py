@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils._pytree import tree_map
 
 from .batches import Batch
 from .curvature import CurvatureOperator
-from .parameters import ParamSelector
 
 __all__ = ["EmpiricalFisherOperator", "empirical_fisher_operator"]
 
@@ -103,8 +100,9 @@ class EmpiricalFisherOperator(CurvatureOperator):
             for i in range(batch.size):
                 x = _select_where(batch.inputs, in_x, d, i)
                 y = _select_where(batch.targets, in_y, d, i)
-                (g,) = torch.autograd.grad(self._sample_loss(theta, x, y), theta,
-                                           allow_unused=True, materialize_grads=True)
+                (g,) = torch.autograd.grad(
+                    self._sample_loss(theta, x, y), theta, allow_unused=True, materialize_grads=True
+                )
                 rows.append(g.detach())
         return torch.stack(rows)
 
@@ -115,13 +113,25 @@ class EmpiricalFisherOperator(CurvatureOperator):
         d = self.batch_dim
 
         def head(obj: Any, dims: Any) -> Any:
-            return tree_map(
-                lambda t, k: t.narrow(d, 0, m) if k is not None else t, obj, dims,
-                is_leaf=lambda t: t is None,
-            ) if obj is not None else None
+            return (
+                tree_map(
+                    lambda t, k: t.narrow(d, 0, m) if k is not None else t,
+                    obj,
+                    dims,
+                    is_leaf=lambda t: t is None,
+                )
+                if obj is not None
+                else None
+            )
 
-        return Batch(batch.index, head(batch.inputs, in_x), head(batch.targets, in_y), m,
-                     batch.weight, batch.terms)
+        return Batch(
+            batch.index,
+            head(batch.inputs, in_x),
+            head(batch.targets, in_y),
+            m,
+            batch.weight,
+            batch.terms,
+        )
 
     def _batch_matmat(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
         G = self._per_sample_vmap(batch)
@@ -144,28 +154,22 @@ class EmpiricalFisherOperator(CurvatureOperator):
 def _unsqueeze_where(obj: Any, dims: Any, d: int) -> Any:
     if obj is None:
         return None
-    return tree_map(lambda t, k: t.unsqueeze(d) if k is not None else t, obj, dims,
-                    is_leaf=lambda t: t is None)
+    return tree_map(
+        lambda t, k: t.unsqueeze(d) if k is not None else t, obj, dims, is_leaf=lambda t: t is None
+    )
 
 
 def _select_where(obj: Any, dims: Any, d: int, i: int) -> Any:
     if obj is None:
         return None
-    return tree_map(lambda t, k: t.narrow(d, i, 1) if k is not None else t, obj, dims,
-                    is_leaf=lambda t: t is None)
+    return tree_map(
+        lambda t, k: t.narrow(d, i, 1) if k is not None else t,
+        obj,
+        dims,
+        is_leaf=lambda t: t is None,
+    )
 
 
-def empirical_fisher_operator(
-    model: nn.Module,
-    loss_fn: Callable[..., torch.Tensor],
-    data: Any,
-    *,
-    params: ParamSelector = None,
-    dtype: torch.dtype | None = None,
-    **options: Any,
-) -> EmpiricalFisherOperator:
-    """The empirical Fisher of the loss over all data (see :class:`EmpiricalFisherOperator`).
-
-    Same arguments, data weighting and product API as :func:`spectra.hessian_operator`.
-    """
-    return EmpiricalFisherOperator(model, loss_fn, data, params=params, dtype=dtype, **options)
+#: The function-style name of :class:`EmpiricalFisherOperator` (arguments as for
+#: :data:`spectra.hessian_operator`).
+empirical_fisher_operator = EmpiricalFisherOperator

@@ -58,9 +58,9 @@ Why entries can be negative (the three ways, and only these)
 3. **Rounding**: v_hat - m_hat^2 cancels where |m_hat| ~ sqrt(v_hat) (t = 1, or
    very high SNR).  The moments are stored in the parameters' dtype (float32
    usually), so entries with ``|value| <= 4 eps v_hat`` are rounding noise;
-   :attr:`FisherDiagonal.n_negative_rounding` counts negatives of that size.
+   :attr:`~spectra.CurvatureDiagonal.n_negative_rounding` counts negatives of that size.
 
-Negative entries are kept, counted (:attr:`FisherDiagonal.n_negative`) and plotted
+Negative entries are kept, counted (:attr:`~spectra.CurvatureDiagonal.n_negative`) and plotted
 on the negative side of :func:`spectra.plot.signed_panels`, never clipped.
 
 What it estimates, and how it relates to the per-sample Fisher
@@ -82,20 +82,17 @@ shifts the mean, not the variance, while theta is nearly constant.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .diagonal import CurvatureDiagonal
 from .fisher import EmpiricalFisherOperator
-from .parameters import ParamSelector
-from .spectrum import Spectrum
 
 __all__ = [
-    "FisherDiagonal",
     "fisher_diagonal_from_adam",
     "empirical_fisher_diagonal",
     "adam_noise_factor",
@@ -121,81 +118,6 @@ def adam_noise_factor(beta1: float, t: int) -> float:
     return 1.0 - (1.0 - beta1) / (1.0 + beta1) * (1.0 + b1t) / (1.0 - b1t)
 
 
-@dataclass(frozen=True, eq=False)
-class FisherDiagonal:
-    """A Fisher diagonal with its parameter layout and provenance.
-
-    Attributes:
-        values: (n,) float64, the diagonal entries; parameters concatenated in
-            :attr:`names` order, each flattened in row-major order.
-        names: one label per parameter (model names if a model was given, else
-            ``"group{g}.param{i}"``).
-        shapes: each parameter's shape.
-        steps: each parameter's Adam step count t.
-        betas: each parameter's (beta1, beta2).
-        unbiased: whether the stationary-noise factor was divided out.
-        n_negative: entries < 0.
-        n_negative_rounding: entries < 0 with ``|value| <= 4 eps v_hat`` (rounding
-            noise of the stored moments); the rest are drift or fluctuation.
-        skipped: parameters the optimizer holds but never stepped (no state),
-            left out when all parameters were asked for.
-        source: the optimizer's class name.
-    """
-
-    values: torch.Tensor
-    names: tuple[str, ...]
-    shapes: tuple[torch.Size, ...]
-    steps: tuple[int, ...]
-    betas: tuple[tuple[float, float], ...]
-    unbiased: bool = False
-    n_negative: int = 0
-    n_negative_rounding: int = 0
-    skipped: tuple[str, ...] = ()
-    source: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n(self) -> int:
-        """Number of entries."""
-        return int(self.values.numel())
-
-    @property
-    def per_parameter(self) -> dict[str, torch.Tensor]:
-        """``{name: view of values shaped like the parameter}`` (views, no copies)."""
-        pieces = torch.split(self.values, [math.prod(s) for s in self.shapes])
-        return {
-            name: piece.view(shape)
-            for name, piece, shape in zip(self.names, pieces, self.shapes, strict=True)
-        }
-
-    def to_spectrum(self, name: str | None = None, **metadata: Any) -> Spectrum:
-        """The entries as a ``kind="diagonal"`` :class:`~spectra.spectrum.Spectrum`.
-
-        So :func:`spectra.plot.spectrum` and :func:`spectra.plot.signed_panels`
-        (the paper's Fig. 3c) plot it; negative entries stay negative.
-        """
-        info = {
-            "estimator": "adam_moments",
-            "source": self.source,
-            "unbiased": self.unbiased,
-            "steps": sorted(set(self.steps)),
-            "betas": sorted({tuple(b) for b in self.betas}),
-            "n_negative": self.n_negative,
-            "n_negative_rounding": self.n_negative_rounding,
-            **self.info,
-            **metadata.pop("info", {}),
-        }
-        metadata.setdefault("dtype", str(self.values.dtype).replace("torch.", ""))
-        return Spectrum.from_diagonal(self.values.detach().cpu().numpy(), name=name,
-                                      info=info, **metadata)
-
-    def __repr__(self) -> str:
-        return (
-            f"FisherDiagonal(n={self.n}, tensors={len(self.names)}, steps={sorted(set(self.steps))}, "
-            f"n_negative={self.n_negative}, unbiased={self.unbiased}, source={self.source!r})"
-        )
-
-
 # --- selecting the parameters -----------------------------------------------------
 
 
@@ -209,9 +131,7 @@ class _Entry:
 def _check_adam_like(optimizer: Any) -> None:
     groups = getattr(optimizer, "param_groups", None)
     if not isinstance(groups, list) or not hasattr(optimizer, "state"):
-        raise TypeError(
-            f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
+        raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
     missing = [i for i, g in enumerate(groups) if "betas" not in g]
     if missing:
         raise TypeError(
@@ -314,10 +234,10 @@ def _step_count(step: Any) -> int:
 
 def _entry_diagonal(
     entry: _Entry, state: dict[str, Any], unbiased: bool, out: torch.Tensor
-) -> tuple[int, int, int, tuple[float, float]]:
+) -> tuple[int, tuple[float, float], int]:
     """Write one parameter's flattened entries into ``out``.
 
-    Returns (t, betas, negatives, negatives within rounding).  Works in place on
+    Returns (t, betas, negatives within rounding).  Works in place on
     ``out`` (no full-size temporaries besides m_hat), since on a 1.4M-parameter
     network fresh allocations, not arithmetic, dominate the cost.
     """
@@ -329,9 +249,8 @@ def _entry_diagonal(
     m_hat = state["exp_avg"].detach().reshape(-1).to(out.dtype) * (1.0 / (1.0 - beta1**t))
     out.addcmul_(m_hat, m_hat, value=-1.0)
     negative = out < 0
-    n_neg = int(negative.sum())
     n_round = 0
-    if n_neg:
+    if bool(negative.any()):
         v_hat = v[negative].to(out.dtype) / (1.0 - beta2**t)
         n_round = int((out[negative].abs() <= 4.0 * torch.finfo(v.dtype).eps * v_hat).sum())
     if unbiased:
@@ -342,7 +261,7 @@ def _entry_diagonal(
                 f"beta1={beta1}, t={t} (the estimate's expectation is 0 there)"
             )
         out.div_(factor)
-    return t, (beta1, beta2), n_neg, n_round
+    return t, (beta1, beta2), n_round
 
 
 def fisher_diagonal_from_adam(
@@ -352,7 +271,7 @@ def fisher_diagonal_from_adam(
     model: nn.Module | None = None,
     unbiased: bool = False,
     dtype: torch.dtype = torch.float64,
-) -> FisherDiagonal:
+) -> CurvatureDiagonal:
     """diag(I) = E[g^2] - (E g)^2 from Adam's moments (paper Sec. 5.1 (iv)); no backward pass.
 
     Args:
@@ -377,6 +296,11 @@ def fisher_diagonal_from_adam(
     Each parameter uses its own step count t in ``1 - beta1^t`` and ``1 - beta2^t``.
     Negative entries are kept; the module docstring says exactly when they occur.
 
+    Returns:
+        :class:`~spectra.CurvatureDiagonal` with ``method="adam_moments"``, the
+        optimizer's class as ``source``, each parameter's ``steps`` and ``betas``,
+        ``unbiased``, ``n_negative_rounding`` and ``skipped``; no operator products.
+
     Raises:
         TypeError: the optimizer keeps no Adam moments (e.g. SGD).
         RuntimeError: no step taken yet (for the selected parameters).
@@ -386,26 +310,27 @@ def fisher_diagonal_from_adam(
     entries = _select(_held(optimizer, model), params, optimizer, model is not None)
     _check_state(entries, optimizer)
     entries, skipped = _with_state(entries, optimizer, explicit=params is not None)
-    flat = torch.empty(sum(e.param.numel() for e in entries), dtype=dtype,
-                       device=entries[0].param.device)
-    steps, betas, n_neg, n_round, start = [], [], 0, 0, 0
+    flat = torch.empty(
+        sum(e.param.numel() for e in entries), dtype=dtype, device=entries[0].param.device
+    )
+    steps, betas, n_round, start = [], [], 0, 0
     for e in entries:
         stop = start + e.param.numel()
-        t, b, neg, rnd = _entry_diagonal(e, optimizer.state[e.param], unbiased, flat[start:stop])
+        t, b, rnd = _entry_diagonal(e, optimizer.state[e.param], unbiased, flat[start:stop])
         steps.append(t)
         betas.append(b)
-        n_neg, n_round, start = n_neg + neg, n_round + rnd, stop
-    return FisherDiagonal(
+        n_round, start = n_round + rnd, stop
+    return CurvatureDiagonal(
         values=flat,
+        method="adam_moments",
+        source=type(optimizer).__name__,
         names=tuple(e.name for e in entries),
         shapes=tuple(e.param.shape for e in entries),
         steps=tuple(steps),
         betas=tuple(betas),
         unbiased=unbiased,
-        n_negative=n_neg,
         n_negative_rounding=n_round,
         skipped=skipped,
-        source=type(optimizer).__name__,
     )
 
 
@@ -414,11 +339,9 @@ def empirical_fisher_diagonal(
     loss_fn: Callable[..., torch.Tensor],
     data: Any,
     *,
-    params: ParamSelector = None,
-    dtype: torch.dtype | None = None,
     centered: bool = False,
     **options: Any,
-) -> torch.Tensor:
+) -> CurvatureDiagonal:
     """diag of the empirical Fisher, ``c sum_i g_i^2``, from per-sample gradients.
 
     ``c`` is 1/T for a mean over T loss terms (1/N with one term per sample),
@@ -428,24 +351,34 @@ def empirical_fisher_diagonal(
     current weights, one per-sample-gradient pass.
 
     Args:
-        model, loss_fn, data, params, dtype: as for :func:`spectra.hessian_operator`.
+        model, loss_fn, data: as for :func:`spectra.hessian_operator`.
         centered: subtract the mean per-sample gradient, giving
             ``c sum_i (g_i - gbar)^2`` with ``gbar = (1/N) sum_i g_i``; with one term
             per sample and a mean, the per-sample variance
             ``(1/N) sum_i g_i^2 - ((1/N) sum_i g_i)^2``: the quantity the Adam
             estimate approximates (divided by the batch size; see the module
             docstring).  Costs one more gradient pass.
-        options: operator options (``train_mode``, ``forward``, ``chunk_size`` to
-            bound memory: a batch's per-sample gradients take m x n scalars).
+        options: the options of :func:`spectra.empirical_fisher_operator`: ``params``,
+            ``dtype``, ``train_mode``, ``forward``, ``chunk_size`` (to bound memory: a
+            batch's per-sample gradients take m x n scalars), ...
 
     Returns:
-        (n,) tensor in the layout of :class:`~spectra.ParameterView` (trainable
-        parameters in ``model.named_parameters()`` order).
+        :class:`~spectra.CurvatureDiagonal` with ``method="per_sample"``,
+        ``info["centered"]``, values in the operator's dtype and the layout of
+        :class:`~spectra.ParameterView` (trainable parameters in
+        ``model.named_parameters()`` order).
     """
-    op = EmpiricalFisherOperator(model, loss_fn, data, params=params, dtype=dtype, **options)
+    op = EmpiricalFisherOperator(model, loss_fn, data, **options)
     diag = op.diagonal()
     if centered:
         grad = op.gradient()  # = c sum_i g_i = c N gbar
         c = 1.0 / op.num_terms if op.reduction.kind == "mean" else 1.0
         diag = diag - grad * grad / (c * op.num_samples)
-    return diag
+    return CurvatureDiagonal(
+        values=diag,
+        method="per_sample",
+        source=type(op).__name__,
+        names=op.view.names,
+        shapes=op.view.shapes,
+        info={"centered": bool(centered)},
+    )

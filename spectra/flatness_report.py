@@ -40,8 +40,7 @@ from torch import nn
 from .checkpoint import atomic_write_json
 from .curvature import CurvatureOperator
 from .hessian import hessian_operator
-from .local_entropy import laplace_table
-from .parameters import ParamSelector
+from .laplace import laplace_table
 from .spectrum import Spectrum
 
 __all__ = ["EXACT_THRESHOLD", "FlatnessReport", "Measure", "flatness", "FlatnessFileError"]
@@ -123,14 +122,16 @@ class FlatnessReport(Mapping[str, float]):
 
     def measure(self, key: str) -> Measure:
         """The :class:`Measure` behind ``report[key]``."""
-        self[key]  # noqa: B018 - the KeyError naming what exists
+        self[key]  # raises the KeyError that names what exists
         return self._measures[key]
 
     def summary(self) -> str:
         """A plain-text table: measure, value, +/- uncertainty, method."""
         width = max(len(k) for k in self._measures)
-        lines = [f"{self.name or 'flatness'}: n = {self.info.get('n_params'):,}, "
-                 f"{self.info.get('method')}, {self.info.get('dtype')}"]
+        lines = [
+            f"{self.name or 'flatness'}: n = {self.info.get('n_params'):,}, "
+            f"{self.info.get('method')}, {self.info.get('dtype')}"
+        ]
         for key, m in self._measures.items():
             err = "" if m.uncertainty is None else f" +/- {m.uncertainty:.2g}"
             lines.append(f"  {key:<{width}}  {m.value:>12.6g}{err:<12}  {m.method}")
@@ -147,10 +148,17 @@ class FlatnessReport(Mapping[str, float]):
         if self.spectrum is not None:
             s = self.spectrum
             out["spectrum"] = {
-                "eigenvalues": s.eigenvalues.tolist(), "weights": s.weights.tolist(),
-                "n_params": s.n_params, "kind": s.kind, "n_samples": s.n_samples,
-                "dtype": s.dtype, "loss": s.loss, "name": s.name, "info": s.info,
-                "created": s.created, "versions": s.versions,
+                "eigenvalues": s.eigenvalues.tolist(),
+                "weights": s.weights.tolist(),
+                "n_params": s.n_params,
+                "kind": s.kind,
+                "n_samples": s.n_samples,
+                "dtype": s.dtype,
+                "loss": s.loss,
+                "name": s.name,
+                "info": s.info,
+                "created": s.created,
+                "versions": s.versions,
             }
         return out
 
@@ -171,8 +179,11 @@ class FlatnessReport(Mapping[str, float]):
         try:
             raw = json.loads(path.read_text())
             if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
-                raise ValueError(f"not a flatness report (format {raw.get('format')!r})"
-                                 if isinstance(raw, dict) else "not a JSON object")
+                raise ValueError(
+                    f"not a flatness report (format {raw.get('format')!r})"
+                    if isinstance(raw, dict)
+                    else "not a JSON object"
+                )
             measures = {k: Measure(**m) for k, m in raw["measures"].items()}
             spec = raw.get("spectrum")
             spectrum = Spectrum(**spec) if spec is not None else None
@@ -190,8 +201,6 @@ def flatness(
     loss_fn: Callable[..., torch.Tensor],
     data: Any,
     *,
-    params: ParamSelector = None,
-    dtype: torch.dtype | None = None,
     method: str = "auto",
     exact_threshold: int = EXACT_THRESHOLD,
     top_k: int = 5,
@@ -211,8 +220,8 @@ def flatness(
     """Every flatness measure at the model's current weights, with uncertainties.
 
     Args:
-        model, loss_fn, data, params, dtype: as for :func:`spectra.hessian_operator`
-            (the model is not changed; eval mode unless ``train_mode=True``).
+        model, loss_fn, data: as for :func:`spectra.hessian_operator` (the model is not
+            changed; eval mode unless ``train_mode=True``).
         method: ``"exact"`` (build and diagonalise the Hessian), ``"matrix-free"``
             (never build it), or ``"auto"``: exact when n <= ``exact_threshold``.
         exact_threshold: default :data:`EXACT_THRESHOLD` (5,000 parameters).
@@ -234,7 +243,8 @@ def flatness(
         seed: seeds every stochastic estimate (recorded).
         name: a label for tables and plots.
         progress: progress bars of the long steps (default: on a terminal).
-        options: operator options (``forward=``, ``batch_dim=``, ``train_mode=``, ...).
+        options: the options of :func:`spectra.hessian_operator` (``params=``,
+            ``dtype=``, ``forward=``, ``batch_dim=``, ``train_mode=``, ...).
 
     Returns:
         :class:`FlatnessReport`.  Wall time per measure group is in ``info["seconds"]``.
@@ -249,7 +259,7 @@ def flatness(
             raise ValueError(f"sharpness kinds are 'worst' and 'average', got {kind!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-    op = hessian_operator(model, loss_fn, data, params=params, dtype=dtype, **options)
+    op = hessian_operator(model, loss_fn, data, **options)
     if feature_layer is not None and feature_layer not in op.view.names:
         raise ValueError(
             f"feature_layer={feature_layer!r} is not among the operator's parameters: "
@@ -262,8 +272,9 @@ def flatness(
     if exact:
         spectrum, per_probe = _exact_measures(op, measures, top_k, name, progress), None
     else:
-        spectrum, per_probe = _matrix_free_measures(op, measures, top_k, slq_probes, slq_steps,
-                                                    trace_matvecs, seed, name, progress)
+        spectrum, per_probe = _matrix_free_measures(
+            op, measures, top_k, slq_probes, slq_steps, trace_matvecs, seed, name, progress
+        )
     seconds["spectrum"] = time.perf_counter() - t0
     _spectrum_measures(spectrum, per_probe, measures, near_zero_tols, gammas, op.loss)
     if rhos and sharpness:
@@ -301,8 +312,13 @@ def _check_positive_floats(label: str, values: Sequence[float], allow_zero: bool
             raise ValueError(f"{label} must hold positive finite numbers, got {v!r}")
 
 
-def _exact_measures(op: CurvatureOperator, measures: dict[str, Measure], top_k: int,
-                    name: str | None, progress: bool | None) -> Spectrum:
+def _exact_measures(
+    op: CurvatureOperator,
+    measures: dict[str, Measure],
+    top_k: int,
+    name: str | None,
+    progress: bool | None,
+) -> Spectrum:
     from .exact import spectrum_of
 
     spectrum = spectrum_of(op, name=name, progress=progress)
@@ -311,83 +327,138 @@ def _exact_measures(op: CurvatureOperator, measures: dict[str, Measure], top_k: 
     bound = float(ev.size * np.finfo(np.float64).eps * max(abs(ev[0]), abs(ev[-1])))
     bound = max(bound, float(op.precision) * max(abs(ev[0]), abs(ev[-1])))
     top = ev[::-1][:top_k]
-    measures["top_eigenvalue"] = Measure(float(top[0]), error_bound=bound, method="exact",
-                                         details={"top_k": top.tolist()})
+    measures["top_eigenvalue"] = Measure(
+        float(top[0]), error_bound=bound, method="exact", details={"top_k": top.tolist()}
+    )
     measures["lambda_min"] = Measure(float(ev[0]), error_bound=bound, method="exact")
     measures["trace"] = Measure(spectrum.trace(), error_bound=bound * ev.size, method="exact")
     return spectrum
 
 
-def _matrix_free_measures(op: CurvatureOperator, measures: dict[str, Measure], top_k: int,
-                          probes: int, steps: int, trace_matvecs: int, seed: int,
-                          name: str | None, progress: bool | None
-                          ) -> tuple[Spectrum, list[Spectrum]]:
+def _matrix_free_measures(
+    op: CurvatureOperator,
+    measures: dict[str, Measure],
+    top_k: int,
+    probes: int,
+    steps: int,
+    trace_matvecs: int,
+    seed: int,
+    name: str | None,
+    progress: bool | None,
+) -> tuple[Spectrum, list[Spectrum]]:
     from .density import spectral_density
     from .lanczos import lanczos
     from .trace import trace
 
-    top = lanczos(op, top_k, which="LA", seed=seed, return_eigenvectors=False,
-                  progress=progress)
+    top = lanczos(op, top_k, which="LA", seed=seed, return_eigenvectors=False, progress=progress)
     measures["top_eigenvalue"] = Measure(
-        float(top.eigenvalues[0]), error_bound=float(top.residuals[0]), method="lanczos",
-        details={"top_k": top.eigenvalues.tolist(), "residuals": top.residuals.tolist(),
-                 "converged": top.converged.tolist(), "matvecs": top.matvecs, "seed": seed})
-    bottom = lanczos(op, 1, which="SA", seed=seed, return_eigenvectors=False,
-                     progress=progress)
+        float(top.eigenvalues[0]),
+        error_bound=float(top.residuals[0]),
+        method="lanczos",
+        details={
+            "top_k": top.eigenvalues.tolist(),
+            "residuals": top.residuals.tolist(),
+            "converged": top.converged.tolist(),
+            "matvecs": top.matvecs,
+            "seed": seed,
+        },
+    )
+    bottom = lanczos(op, 1, which="SA", seed=seed, return_eigenvectors=False, progress=progress)
     measures["lambda_min"] = Measure(
-        float(bottom.eigenvalues[0]), error_bound=float(bottom.residuals[0]), method="lanczos",
-        details={"converged": bool(bottom.converged[0]), "matvecs": bottom.matvecs,
-                 "seed": seed})
+        float(bottom.eigenvalues[0]),
+        error_bound=float(bottom.residuals[0]),
+        method="lanczos",
+        details={"converged": bool(bottom.converged[0]), "matvecs": bottom.matvecs, "seed": seed},
+    )
     tr = trace(op, method="hutch++", num_matvecs=trace_matvecs, seed=seed, progress=progress)
-    measures["trace"] = Measure(float(tr.estimate), stderr=float(tr.stderr), method="hutch++",
-                                details={"matvecs": trace_matvecs, "seed": seed})
+    measures["trace"] = Measure(
+        float(tr.estimate),
+        stderr=float(tr.stderr),
+        method="hutch++",
+        details={"matvecs": trace_matvecs, "seed": seed},
+    )
     # one probe at a time (same matvecs), so every SLQ measure gets a probe-to-probe error
     per_probe = [
-        spectral_density(op, num_probes=1, num_steps=steps, seed=seed + i,
-                         check_symmetry=i == 0, progress=progress)
+        spectral_density(
+            op,
+            num_probes=1,
+            num_steps=steps,
+            seed=seed + i,
+            check_symmetry=i == 0,
+            progress=progress,
+        )
         for i in range(probes)
     ]
     nodes = np.concatenate([s.eigenvalues for s in per_probe])
     weights = np.concatenate([s.weights for s in per_probe]) / probes
-    info = {**per_probe[0].info, "num_probes": probes, "seed": seed,
-            "seeds": [seed + i for i in range(probes)],
-            "matvecs": sum(s.info["matvecs"] for s in per_probe)}
-    spectrum = Spectrum.from_quadrature(nodes, weights, op.shape[0], n_samples=op.num_samples,
-                                        dtype=per_probe[0].dtype, loss=op.loss, name=name,
-                                        info=info)
+    info = {
+        **per_probe[0].info,
+        "num_probes": probes,
+        "seed": seed,
+        "seeds": [seed + i for i in range(probes)],
+        "matvecs": sum(s.info["matvecs"] for s in per_probe),
+    }
+    spectrum = Spectrum.from_quadrature(
+        nodes,
+        weights,
+        op.shape[0],
+        n_samples=op.num_samples,
+        dtype=per_probe[0].dtype,
+        loss=op.loss,
+        name=name,
+        info=info,
+    )
     return spectrum, per_probe
 
 
-def _spectrum_measures(spectrum: Spectrum, per_probe: list[Spectrum] | None,
-                       measures: dict[str, Measure], tols: Sequence[float],
-                       gammas: Sequence[float], loss: float) -> None:
+def _spectrum_measures(
+    spectrum: Spectrum,
+    per_probe: list[Spectrum] | None,
+    measures: dict[str, Measure],
+    tols: Sequence[float],
+    gammas: Sequence[float],
+    loss: float,
+) -> None:
     """Measures read off the spectrum; for SLQ, each with its probe-to-probe standard
     error (they are linear in the quadrature weights, so the value is the probes' mean)."""
     if per_probe is None:
         how, details = "exact", {}
     else:
         how = "slq"
-        details = {"probes": len(per_probe), "steps": spectrum.info.get("num_steps"),
-                   "note": "quadrature-node weights: coarse at SLQ's resolution"}
+        details = {
+            "probes": len(per_probe),
+            "steps": spectrum.info.get("num_steps"),
+            "note": "quadrature-node weights: coarse at SLQ's resolution",
+        }
 
     def add(key: str, read: Callable[[Spectrum], float], **extra: Any) -> None:
         stderr = None
         if per_probe is not None and len(per_probe) > 1:
             stderr = float(np.std([read(s) for s in per_probe], ddof=1) / math.sqrt(len(per_probe)))
-        measures[key] = Measure(read(spectrum), stderr=stderr, method=how,
-                                details={**details, **extra})
+        measures[key] = Measure(
+            read(spectrum), stderr=stderr, method=how, details={**details, **extra}
+        )
 
     add("negative_mass", Spectrum.negative_mass)
     for tol in tols:
         add(f"near_zero_fraction@{tol:g}", lambda s, tol=tol: s.fraction_near_zero(tol))
     for gamma, le in laplace_table(spectrum, gammas, loss).items():
-        add(f"local_entropy@{gamma:g}",
+        add(
+            f"local_entropy@{gamma:g}",
             lambda s, gamma=gamma: laplace_table(s, (gamma,), loss)[gamma].value,
-            excluded=le.excluded, log_volume=le.log_volume, constant=le.constant)
+            excluded=le.excluded,
+            log_volume=le.log_volume,
+            constant=le.constant,
+        )
 
 
-def _sharpness_measures(op: CurvatureOperator, measures: dict[str, Measure],
-                        rhos: Sequence[float], kinds: Sequence[str], seed: int) -> None:
+def _sharpness_measures(
+    op: CurvatureOperator,
+    measures: dict[str, Measure],
+    rhos: Sequence[float],
+    kinds: Sequence[str],
+    seed: int,
+) -> None:
     from .sharpness import adaptive_sharpness
 
     key = {"worst": "adaptive_sharpness", "average": "average_sharpness"}
@@ -400,8 +471,9 @@ def _sharpness_measures(op: CurvatureOperator, measures: dict[str, Measure],
             measures[f"{key[kind]}@{rho:g}"] = m
 
 
-def _relative_flatness_measure(op: CurvatureOperator, measures: dict[str, Measure],
-                               layer: str, seed: int) -> None:
+def _relative_flatness_measure(
+    op: CurvatureOperator, measures: dict[str, Measure], layer: str, seed: int
+) -> None:
     from .relative_flatness import relative_flatness
 
     measures["relative_flatness"] = _measure_from(relative_flatness(op, layer, seed=seed))
@@ -409,11 +481,18 @@ def _relative_flatness_measure(op: CurvatureOperator, measures: dict[str, Measur
 
 def _measure_from(estimate: Any) -> Measure:
     """A :class:`Measure` from a result dataclass with ``value``/``stderr``/``method``."""
-    fields = {k: v for k, v in asdict(estimate).items()
-              if k not in ("value", "stderr", "method") and _json_ready(v)}
+    fields = {
+        k: v
+        for k, v in asdict(estimate).items()
+        if k not in ("value", "stderr", "method") and _json_ready(v)
+    }
     stderr = getattr(estimate, "stderr", None)
-    return Measure(float(estimate.value), stderr=None if stderr is None else float(stderr),
-                   method=str(getattr(estimate, "method", "")), details=fields)
+    return Measure(
+        float(estimate.value),
+        stderr=None if stderr is None else float(stderr),
+        method=str(getattr(estimate, "method", "")),
+        details=fields,
+    )
 
 
 def _json_ready(value: Any) -> bool:

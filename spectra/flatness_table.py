@@ -37,8 +37,11 @@ class FlatnessTable:
         columns: the measures every report has, in the first report's order.
     """
 
-    def __init__(self, reports: Mapping[str, FlatnessReport],
-                 subset_reports: Mapping[str, Sequence[FlatnessReport]] | None = None) -> None:
+    def __init__(
+        self,
+        reports: Mapping[str, FlatnessReport],
+        subset_reports: Mapping[str, Sequence[FlatnessReport]] | None = None,
+    ) -> None:
         if not reports:
             raise ValueError("a FlatnessTable needs at least one report")
         self.reports = dict(reports)
@@ -87,9 +90,11 @@ class FlatnessTable:
                 cells.append(cell if err is None else f"{cell} +/- {err:.2g}")
             lines.append("| " + " | ".join(cells) + " |")
         first = next(iter(self.reports.values()))
-        note = (f"\n{first.info['method']} ({first.info['dtype']}, n = "
-                f"{first.info['n_params']:,}, {first.info['n_samples']:,} samples, "
-                f"{first.info['mode']} mode)")
+        note = (
+            f"\n{first.info['method']} ({first.info['dtype']}, n = "
+            f"{first.info['n_params']:,}, {first.info['n_samples']:,} samples, "
+            f"{first.info['mode']} mode)"
+        )
         if self.subset_reports:
             k = len(next(iter(self.subset_reports.values())))
             note += f"; +/- is the std over {k} disjoint data subsets"
@@ -140,8 +145,12 @@ class FlatnessTable:
         x = np.arange(len(names))
         for ax, m in zip(axes[1:], measures, strict=False):
             vals = [self.value(n, m) for n in names]
-            errs = [self.spread(n, m) if self.spread(n, m) is not None
-                    else (self.uncertainty(n, m) or 0.0) for n in names]
+            errs = [
+                self.spread(n, m)
+                if self.spread(n, m) is not None
+                else (self.uncertainty(n, m) or 0.0)
+                for n in names
+            ]
             ax.bar(x, vals, yerr=errs, color=[f"C{i}" for i in range(len(names))], capsize=3)
             ax.set_xticks(x, names, rotation=30, fontsize=7)
             ax.set_title(m, fontsize=9)
@@ -176,8 +185,10 @@ def split_data(data: Any, k: int, batch_dim: int = 0) -> list[Any]:
         if m < k:
             raise ValueError(f"cannot cut {m} samples into {k} subsets")
         bounds = np.linspace(0, m, k + 1).round().astype(int)
-        return [(_narrow(inputs, batch_dim, m, a, b), _narrow(targets, batch_dim, m, a, b))
-                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [
+            (_narrow(inputs, batch_dim, m, a, b), _narrow(targets, batch_dim, m, a, b))
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
     batches = list(data)
     if len(batches) < k:
         raise ValueError(
@@ -232,8 +243,9 @@ def compare_minima(
     for name, model in built.items():
         reports[name] = flatness(model, loss_fn, data, name=name, **flatness_options)
         if parts is not None:
-            per_subset[name] = [flatness(model, loss_fn, part, name=name, **flatness_options)
-                                for part in parts]
+            per_subset[name] = [
+                flatness(model, loss_fn, part, name=name, **flatness_options) for part in parts
+            ]
     return FlatnessTable(reports, per_subset)
 
 

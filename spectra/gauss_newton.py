@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 from .batches import Batch
 from .curvature import CurvatureOperator
-from .parameters import ParamSelector
 
 __all__ = ["GGNOperator", "ggn_operator"]
 
@@ -79,17 +76,6 @@ def _check_outputs(z: Any) -> None:
         )
 
 
-def ggn_operator(
-    model: nn.Module,
-    loss_fn: Callable[..., torch.Tensor],
-    data: Any,
-    *,
-    params: ParamSelector = None,
-    dtype: torch.dtype | None = None,
-    **options: Any,
-) -> GGNOperator:
-    """The generalised Gauss-Newton matrix of the sample-averaged loss (see :class:`GGNOperator`).
-
-    Same arguments, data weighting and product API as :func:`spectra.hessian_operator`.
-    """
-    return GGNOperator(model, loss_fn, data, params=params, dtype=dtype, **options)
+#: The function-style name of :class:`GGNOperator` (arguments as for
+#: :data:`spectra.hessian_operator`).
+ggn_operator = GGNOperator

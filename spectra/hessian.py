@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 from .batches import Batch
 from .curvature import CurvatureOperator
-from .parameters import ParamSelector
 
 __all__ = ["HessianOperator", "hessian_operator"]
 
 
 class HessianOperator(CurvatureOperator):
-    """H = sum_b (m_b / N) grad^2 Lbar_b(theta); see :class:`CurvatureOperator` for arguments.
+    """The Hessian of ``loss_fn`` over the samples of ``data``, at ``model``'s weights.
+
+    H = sum_b (m_b / N) grad^2 Lbar_b(theta): a symmetric
+    :class:`~spectra.linear_operator.LinearOperator` of size n (the number of
+    selected parameters): ``H @ v`` for (n,), ``H @ V`` for (n, k), ``H.to_scipy()``
+    for SciPy.  Every batch is weighted by its share of samples, so any split of the
+    same data gives the same operator.  Arguments: see :class:`CurvatureOperator`
+    (``model, loss_fn, data, params=, dtype=, train_mode=, forward=, backend=,
+    chunk_size=``, ...).  The data are passed over once at construction (to count
+    samples and check the loss is finite) and once per product.  Also spelt
+    :data:`hessian_operator`.
 
     ``H @ V`` for a block runs forward-over-reverse (``jvp`` of ``grad``) per batch,
     vectorised over the k columns of V with ``vmap``: one forward and backward
@@ -71,7 +78,9 @@ class HessianOperator(CurvatureOperator):
         k = V.shape[1]
         with torch.enable_grad():
             cols = [
-                torch.autograd.grad(g, theta, V[:, j], retain_graph=self.cache_graph or j + 1 < k)[0]
+                torch.autograd.grad(g, theta, V[:, j], retain_graph=self.cache_graph or j + 1 < k)[
+                    0
+                ]
                 for j in range(k)
             ]
         return torch.stack(cols, dim=1).detach()
@@ -94,23 +103,6 @@ class HessianOperator(CurvatureOperator):
         return torch.stack(cols, dim=1)
 
 
-def hessian_operator(
-    model: nn.Module,
-    loss_fn: Callable[..., torch.Tensor],
-    data: Any,
-    *,
-    params: ParamSelector = None,
-    dtype: torch.dtype | None = None,
-    **options: Any,
-) -> HessianOperator:
-    """The Hessian of ``loss_fn`` averaged over the samples of ``data``, at ``model``'s weights.
-
-    Returns a symmetric :class:`~spectra.linear_operator.LinearOperator` of size n
-    (the number of selected parameters): ``H @ v`` for (n,), ``H @ V`` for (n, k),
-    ``H.to_scipy()`` for SciPy.  Every batch is weighted by its share of samples,
-    so any split of the same data gives the same operator.  ``options`` are those
-    of :class:`~spectra.curvature.CurvatureOperator` (``train_mode``, ``forward``,
-    ``backend``, ``chunk_size``).  The data are passed over once here (to count
-    samples and check the loss is finite) and once per product.
-    """
-    return HessianOperator(model, loss_fn, data, params=params, dtype=dtype, **options)
+#: The function-style name of :class:`HessianOperator`:
+#: ``hessian_operator(model, loss_fn, data, params=..., dtype=..., **options)``.
+hessian_operator = HessianOperator

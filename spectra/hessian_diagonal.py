@@ -10,87 +10,104 @@ per-entry standard error.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ._krylov import random_block
+from .diagonal import CurvatureDiagonal
 from .hessian import hessian_operator
 from .linear_operator import LinearOperator, as_linear_operator
-from .parameters import ParamSelector
-from .spectrum import Spectrum
+from .parameters import ParameterView
 
-__all__ = ["DiagonalEstimate", "hessian_diagonal", "operator_diagonal"]
+__all__ = ["hessian_diagonal"]
 
 _METHODS = ("exact", "hutchinson")
 
 
-@dataclass(frozen=True, eq=False)
-class DiagonalEstimate:
-    """A curvature diagonal with per-entry standard errors.
-
-    Attributes:
-        values: (n,) diagonal entries, in the operator's dtype and device.
-        stderr: (n,) standard errors (sample std over probes / sqrt(probes)) for
-            Hutchinson; None when exact.
-        method: ``"exact"`` or ``"hutchinson"``.
-        matvecs: operator-vector products spent (n for exact).
-        num_samples: probes (Hutchinson) or None.
-    """
-
-    values: torch.Tensor
-    stderr: torch.Tensor | None
-    method: str
-    matvecs: int
-    num_samples: int | None = None
-
-    def to_spectrum(self, name: str | None = None, **metadata: Any) -> Spectrum:
-        """The entries as a ``kind="diagonal"`` :class:`~spectra.spectrum.Spectrum`."""
-        info = {"estimator": f"hessian_diagonal/{self.method}", "matvecs": self.matvecs,
-                **metadata.pop("info", {})}
-        metadata.setdefault("dtype", str(self.values.dtype).replace("torch.", ""))
-        return Spectrum.from_diagonal(self.values.detach().cpu().numpy(), name=name,
-                                      info=info, **metadata)
-
-
-def operator_diagonal(
-    op: Any,
+def hessian_diagonal(
+    model: nn.Module | LinearOperator | torch.Tensor,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    data: Any = None,
     *,
     method: str = "exact",
     num_samples: int = 100,
     seed: int = 0,
     block_size: int = 32,
-    n: int | None = None,
-) -> DiagonalEstimate:
-    """diag(op) for any operator :func:`~spectra.as_linear_operator` accepts.
+    **options: Any,
+) -> CurvatureDiagonal:
+    """diag(H) of the sample-averaged loss, exactly or by Hutchinson's estimator.
+
+    ``hessian_diagonal(model, loss_fn, data, ...)`` builds
+    :func:`spectra.hessian_operator` (same data weighting m_b / N; ``options`` are its
+    options: ``params``, ``dtype``, ``train_mode``, ...); ``hessian_diagonal(op, ...)``
+    takes the diagonal of any operator :func:`~spectra.as_linear_operator` accepts (a
+    GGN or Fisher operator, a matrix; wrap a plain callable with
+    ``spectra.as_linear_operator(f, n=n)``).
 
     Args:
         method: ``"exact"``: ``op @ E`` for blocks E of ``block_size`` identity
             columns, keeping each block's diagonal (n products, memory n x
-            block_size).  ``"hutchinson"``: ``mean_j z_j * (op z_j)`` over
-            ``num_samples`` Rademacher probes; entry i has variance
-            ``sum_{k != i} A_ik^2`` per probe, so the standard error is the
-            sample std over sqrt(num_samples).
+            block_size; small networks).  ``"hutchinson"``: ``mean_j z_j * (op z_j)``
+            over ``num_samples`` Rademacher probes; entry i has variance
+            ``sum_{k != i} A_ik^2`` per probe, so the standard error is the sample std
+            over sqrt(num_samples).
         num_samples: Hutchinson probes (>= 2, for a standard error).
         seed: seeds the probes (drawn on the CPU in float64, so device-independent).
         block_size: columns (identity or probes) per operator product.
-        n: size, when ``op`` is a plain callable.
+
+    Returns:
+        :class:`~spectra.CurvatureDiagonal` with method ``"exact"`` or ``"hutchinson"``
+        (per-entry ``stderr``), ``matvecs``, the operator's class as ``source``, values in
+        its dtype and, for operators built from a model, its parameter layout
+        (:class:`~spectra.ParameterView`).
+
+    Raises:
+        ValueError: an unknown ``method``, ``block_size < 1`` or ``num_samples < 2`` for
+            Hutchinson, before any product.
+        TypeError: a model without ``loss_fn`` and ``data``, or an operator with them or
+            with operator options.
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    op = as_linear_operator(op, n=n)
-    if method == "exact":
-        return _exact(op, block_size)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    hutchinson = method == "hutchinson"
+    if hutchinson and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2
+    ):
         raise ValueError(f"hutchinson needs num_samples >= 2, got {num_samples!r}")
-    return _hutchinson(op, num_samples, seed, block_size)
+    if isinstance(model, nn.Module):
+        if loss_fn is None or data is None:
+            raise TypeError("hessian_diagonal(model, loss_fn, data): loss_fn and data are required")
+        op: Any = hessian_operator(model, loss_fn, data, **options)
+    else:
+        if loss_fn is not None or data is not None or options:
+            raise TypeError("with an operator, pass no loss_fn, data, params or operator options")
+        op = model
+    source = type(op).__name__
+    view = getattr(op, "view", None)  # the parameter layout of operators built from a model
+    layout = isinstance(view, ParameterView)
+    op = as_linear_operator(op)
+    values, stderr = (
+        _hutchinson(op, num_samples, seed, block_size)
+        if hutchinson
+        else (_exact(op, block_size), None)
+    )
+    return CurvatureDiagonal(
+        values=values,
+        method=method,
+        source=source,
+        names=view.names if layout else (),
+        shapes=view.shapes if layout else (),
+        stderr=stderr,
+        matvecs=num_samples if hutchinson else op.shape[0],
+        num_samples=num_samples if hutchinson else None,
+    )
 
 
-def _exact(op: LinearOperator, block_size: int) -> DiagonalEstimate:
+def _exact(op: LinearOperator, block_size: int) -> torch.Tensor:
     size = op.shape[0]
     diag = torch.empty(size, dtype=op.dtype, device=op.device)
     for start in range(0, size, block_size):
@@ -99,17 +116,21 @@ def _exact(op: LinearOperator, block_size: int) -> DiagonalEstimate:
         E = torch.zeros((size, stop - start), dtype=op.dtype, device=op.device)
         E[start + cols, cols] = 1
         diag[start:stop] = (op @ E)[start + cols, cols]
-    return DiagonalEstimate(diag, None, "exact", size)
+    return diag
 
 
-def _hutchinson(op: LinearOperator, probes: int, seed: int, block_size: int) -> DiagonalEstimate:
+def _hutchinson(
+    op: LinearOperator, probes: int, seed: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, standard error) per entry of ``z * (op z)`` over Rademacher probes."""
     size = op.shape[0]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     total = torch.zeros(size, dtype=torch.float64, device=op.device)
     total_sq = torch.zeros_like(total)
     for b0 in range(0, probes, block_size):
-        Z = random_block(size, min(block_size, probes - b0), gen, op.dtype, op.device,
-                         kind="rademacher")
+        Z = random_block(
+            size, min(block_size, probes - b0), gen, op.dtype, op.device, kind="rademacher"
+        )
         S = (Z * (op @ Z)).to(torch.float64)
         if not bool(torch.isfinite(S).all()):
             raise FloatingPointError("the operator returned NaN or Inf during diagonal estimation")
@@ -118,39 +139,4 @@ def _hutchinson(op: LinearOperator, probes: int, seed: int, block_size: int) -> 
     mean = total / probes
     var = (total_sq - probes * mean * mean).clamp_min(0.0) / (probes - 1)
     stderr = (var / probes).sqrt()
-    return DiagonalEstimate(mean.to(op.dtype), stderr.to(op.dtype), "hutchinson", probes, probes)
-
-
-def hessian_diagonal(
-    model: nn.Module | LinearOperator,
-    loss_fn: Callable[..., torch.Tensor] | None = None,
-    data: Any = None,
-    *,
-    method: str = "exact",
-    num_samples: int = 100,
-    seed: int = 0,
-    block_size: int = 32,
-    params: ParamSelector = None,
-    dtype: torch.dtype | None = None,
-    **options: Any,
-) -> DiagonalEstimate:
-    """diag(H) of the sample-averaged loss, exactly or by Hutchinson's estimator.
-
-    ``hessian_diagonal(model, loss_fn, data, ...)`` builds
-    :func:`spectra.hessian_operator` (same data weighting m_b / N, ``params``,
-    ``dtype`` and ``options``); ``hessian_diagonal(op, ...)`` takes any built
-    operator (a GGN or Fisher operator too).  ``method="exact"`` costs n
-    Hessian-vector products (small networks); ``"hutchinson"`` costs
-    ``num_samples`` and returns per-entry standard errors.  Entries are in the
-    operator's parameter layout (:class:`~spectra.ParameterView`).
-    """
-    if isinstance(model, nn.Module):
-        if loss_fn is None or data is None:
-            raise TypeError("hessian_diagonal(model, loss_fn, data): loss_fn and data are required")
-        op: Any = hessian_operator(model, loss_fn, data, params=params, dtype=dtype, **options)
-    else:
-        if loss_fn is not None or data is not None or params is not None or options:
-            raise TypeError("with an operator, pass no loss_fn, data, params or operator options")
-        op = model
-    return operator_diagonal(op, method=method, num_samples=num_samples, seed=seed,
-                             block_size=block_size)
+    return mean.to(op.dtype), stderr.to(op.dtype)

@@ -29,21 +29,8 @@ import scipy.linalg
 import torch
 
 from ._checks import check_int, check_real, check_seed
-from ._krylov import (
-    KrylovCheckpoint,
-    breakdown_tolerance,
-    check_budget,
-    checkpoint_file,
-    default_memory_budget,
-    format_bytes,
-    lanczos_step,
-    load_into,
-    peak_memory_bytes,
-    progress_bar,
-    random_orthogonal,
-    stored_args,
-)
-from .checkpoint import CheckpointError
+from ._krylov import breakdown_tolerance, lanczos_step, random_orthogonal
+from ._resources import check_budget, default_memory_budget, format_bytes, progress_bar
 from .linear_operator import (
     DenseOperator,
     LinearOperator,
@@ -51,6 +38,7 @@ from .linear_operator import (
     check_symmetric,
     operator_precision,
 )
+from .resumable import KrylovCheckpoint, RunTotals, StoredArrays, load_into
 
 __all__ = ["lanczos", "LanczosResult", "ConvergenceWarning"]
 
@@ -292,34 +280,50 @@ def lanczos(
         v0 = _check_v0(v0, op)
     budget = check_budget(memory_budget)
     if checkpoint is not None:
-        checkpoint = checkpoint_file(checkpoint, "lanczos", checkpoint_every)
+        checkpoint = KrylovCheckpoint.file_for(checkpoint, "lanczos", checkpoint_every)
 
     if dense is None:
         dense = size <= max(DENSE_THRESHOLD, 2 * m) or k >= size
     if not dense:
         previous = None
         if checkpoint is not None and ncv is None:
-            previous = (stored_args(checkpoint, "lanczos") or {}).get("ncv")
+            previous = (KrylovCheckpoint.stored_args(checkpoint, "lanczos") or {}).get("ncv")
         m = _fit_basis(op, k, m, ncv is not None, budget, return_eigenvectors, previous)
     acc = _accuracy(op, tol, m, dense)
     ckpt, saved = None, None
     if checkpoint is not None and not dense:
         args = {
-            "k": k, "which": which_n, "tol": acc.tol, "seed": seed, "ncv": int(m),
-            "max_matvecs": max_matvecs, "check_symmetry": bool(check_symmetry),
+            "k": k,
+            "which": which_n,
+            "tol": acc.tol,
+            "seed": seed,
+            "ncv": int(m),
+            "max_matvecs": max_matvecs,
+            "check_symmetry": bool(check_symmetry),
             "v0_sha256": None if v0 is None else _sha256(v0),
         }
         ckpt = KrylovCheckpoint(checkpoint, "lanczos", op, args, checkpoint_every)
         saved = ckpt.load()
-    start = op.matvecs
+    totals = RunTotals(op, t0)
     if check_symmetry and saved is None:
         check_symmetric(op, seed=seed)
     if dense:
-        return _dense(op, k, which_n, acc, start, return_eigenvectors, t0)
+        return _dense(op, k, which_n, acc, totals, return_eigenvectors)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     return _thick_restart(
-        op, k, which_n, acc, max_matvecs, gen, v0, m, start, return_eigenvectors, progress,
-        ckpt, saved, t0,
+        op,
+        k,
+        which_n,
+        acc,
+        max_matvecs,
+        gen,
+        v0,
+        m,
+        totals,
+        return_eigenvectors,
+        progress,
+        ckpt,
+        saved,
     )
 
 
@@ -364,8 +368,7 @@ def _fit_basis(
     limit = default_budget if budget is None else budget
     fits = limit // per_vector - 1 - extra  # largest ncv that fits
     smallest = max(min(k + MIN_EXTRA_NCV, size - 1), 1)
-    if (not given and isinstance(previous, int) and smallest <= previous <= m
-            and previous <= fits):
+    if not given and isinstance(previous, int) and smallest <= previous <= m and previous <= fits:
         return previous  # resume with the basis size the run started with
     if not given:
         m = min(m, max(fits, 0))
@@ -379,7 +382,8 @@ def _fit_basis(
     source = "memory_budget" if budget is not None else "the default budget (half the free memory)"
     raise MemoryError(
         f"lanczos(k={k}) with {which} ncv = {m} needs {m + 1 + extra} vectors (ncv + 1 "
-        f"basis + {WORK_VECTORS} temporaries" + (f" + k = {k} eigenvectors" if vectors else "")
+        f"basis + {WORK_VECTORS} temporaries"
+        + (f" + k = {k} eigenvectors" if vectors else "")
         + f") of n = {size:,} numbers of {dtype}, {per_vector:,} bytes per vector: "
         f"{format_bytes(need)}; {source} is {format_bytes(limit)}, with "
         f"{format_bytes(free)} free on {op.device}. Use a smaller k"
@@ -403,8 +407,10 @@ class _Accuracy:
 
     def advice(self, dtype: torch.dtype) -> str:
         """What to change when pairs do not converge."""
-        text = (f"raise max_matvecs or ncv, or loosen tol; the residuals cannot fall below "
-                f"~{self.floor:.1e} x ||A|| in {dtype}")
+        text = (
+            f"raise max_matvecs or ncv, or loosen tol; the residuals cannot fall below "
+            f"~{self.floor:.1e} x ||A|| in {dtype}"
+        )
         if dtype != torch.float64:
             text += " (for more accuracy, build the operator in float64: dtype=torch.float64)"
         return text
@@ -437,8 +443,11 @@ def _accuracy(op: LinearOperator, tol: float | None, m: int, dense: bool) -> _Ac
             f"tol={tol:g} cannot be reached: {op.dtype} products of this operator ({where}) "
             f"leave residuals of ~{floor:.1e} x ||A||; use tol >= "
             f"{MIN_TOL_OVER_FLOOR * floor:.1e} (or tol=None, the default: {default:.1e})"
-            + ("" if op.dtype == torch.float64 else
-               ", or build the operator in float64 (dtype=torch.float64) for more accuracy")
+            + (
+                ""
+                if op.dtype == torch.float64
+                else ", or build the operator in float64 (dtype=torch.float64) for more accuracy"
+            )
         )
     return _Accuracy(tol=float(tol), eps=eps, floor=floor)
 
@@ -478,8 +487,7 @@ def _select(theta: np.ndarray, count: int, which: str) -> np.ndarray:
 
 
 def _dense(
-    op: LinearOperator, k: int, which: str, acc: _Accuracy, start: int, vectors: bool,
-    t0: float,
+    op: LinearOperator, k: int, which: str, acc: _Accuracy, totals: RunTotals, vectors: bool
 ) -> LanczosResult:
     """Assemble the matrix and use ``torch.linalg.eigh`` in float64."""
     A = op.to_dense().to(torch.float64)
@@ -501,15 +509,13 @@ def _dense(
         eigenvectors=V.to(op.dtype) if vectors else None,
         residuals=res.to(torch.float64),
         converged=torch.as_tensor(conv),
-        matvecs=op.matvecs - start,
         restarts=0,
         which=which,
         method="dense",
         tol=acc.tol,
-        seconds=time.perf_counter() - t0,
-        peak_memory_bytes=peak_memory_bytes(op.device),
         basis_bytes=A.nbytes,
         ncv=0,
+        **totals.result_fields(),
     )
 
 
@@ -518,15 +524,59 @@ def _dense(
 
 @dataclass
 class _State:
-    """Mutable iteration state of one thick-restart run (internal)."""
+    """Mutable iteration state of one thick-restart run (internal); resumable
+    (:class:`~spectra.resumable.ResumableState`).
+
+    Checkpoint layout (format 1): ``Q`` (j + 1, n), ``H``, ``anorm``, ``rng`` (the
+    generator's state), ``scalars`` = [j, restarts, fresh, matvecs, exhausted,
+    finished] and the totals' ``seconds`` and ``peak_memory_bytes``.
+    """
 
     Q: torch.Tensor  # (m + 1, n) basis rows
     H: np.ndarray  # (m + 1, m + 1) projected matrix, float64
+    gen: torch.Generator  # draws the vectors that carry on after a breakdown
+    totals: RunTotals
     j: int = 0  # number of basis vectors whose product with A is in H
     anorm: float = 0.0  # lower bound on ||A||
     restarts: int = 0
     exhausted: bool = False  # the basis spans the whole space
     fresh: int = 0  # steps since the last breakdown (restart: the kept vectors)
+    finished: bool = False  # the run ended (converged or out of budget)
+
+    def to_arrays(self) -> dict[str, Any]:
+        """The state at a step or restart boundary; rows past ``j`` of Q are never read
+        again, so they are not saved."""
+        scalars = [
+            self.j,
+            self.restarts,
+            self.fresh,
+            self.totals.matvecs,
+            int(self.exhausted),
+            int(self.finished),
+        ]
+        return {
+            **self.totals.to_arrays(),
+            "Q": self.Q[: self.j + 1].cpu().numpy(),
+            "H": self.H,
+            "scalars": np.array(scalars, dtype=np.int64),
+            "anorm": np.float64(self.anorm),
+            "rng": self.gen.get_state().numpy(),
+        }
+
+    def from_arrays(self, arrays: StoredArrays) -> None:
+        """Restore in place (the basis is streamed into ``Q``)."""
+        j, restarts, fresh, used, exhausted, finished = (int(x) for x in arrays["scalars"])
+        H = np.array(arrays["H"], dtype=np.float64)
+        rows = self.Q.shape[0]
+        if not 0 <= j < rows or H.shape != (rows, rows):
+            raise ValueError(f"projected matrix {H.shape} / j={j} do not fit ncv={rows - 1}")
+        load_into(arrays, "Q", [self.Q[: j + 1]], (j + 1, self.Q.shape[1]))  # checks the shape
+        self.gen.set_state(torch.from_numpy(arrays["rng"]))
+        self.anorm = float(arrays["anorm"])
+        self.totals.from_arrays(arrays)
+        self.totals.resume_matvecs(used)  # matvecs count as in the uninterrupted run
+        self.H, self.j, self.restarts, self.fresh = H, j, restarts, fresh
+        self.exhausted, self.finished = bool(exhausted), bool(finished)
 
 
 def _thick_restart(
@@ -538,41 +588,36 @@ def _thick_restart(
     gen: torch.Generator,
     v0: torch.Tensor | None,
     m: int,
-    start: int,
+    totals: RunTotals,
     vectors: bool,
     progress: bool | None,
     ckpt: KrylovCheckpoint | None = None,
-    saved: dict[str, np.ndarray] | None = None,
-    t0: float = math.nan,
+    saved: StoredArrays | None = None,
 ) -> LanczosResult:
     size = op.shape[0]
     Q = torch.zeros((m + 1, size), dtype=op.dtype, device=op.device)
-    finished = False
-    before, peak = 0.0, 0  # seconds and peak memory of earlier sessions of a resumed run
+    st = _State(Q=Q, H=np.zeros((m + 1, m + 1)), gen=gen, totals=totals)
     if saved is None:
         if v0 is None:
             v0 = random_orthogonal(Q[:0], gen)
         Q[0] = v0
-        st = _State(Q=Q, H=np.zeros((m + 1, m + 1)))
     else:
-        st, finished, used, before, peak = _restore(saved, Q, gen, ckpt)
-        start = op.matvecs - used  # matvecs count as in the uninterrupted run
+        ckpt.restore(st, saved)
     nkeep = min(k + max((m - k) // 2, 1), m - 1)
 
-    def save(done: bool) -> None:
-        if ckpt is not None and (done or ckpt.due()):
-            _save(ckpt, st, gen, op.matvecs - start, done, before + time.perf_counter() - t0,
-                  max(peak, peak_memory_bytes(op.device)))
+    def save(final: bool = False) -> None:
+        if ckpt is not None:
+            ckpt.save_state(st, final)
 
     with progress_bar(max_matvecs, f"lanczos(k={k}, {which})", progress) as bar:
-        bar.update(op.matvecs - start)
-        while not finished:
+        bar.update(totals.matvecs)
+        while not st.finished:
             done = False
             while st.j < m and not st.exhausted:
-                if op.matvecs - start >= max_matvecs:
+                if totals.matvecs >= max_matvecs:
                     done = True
                     break
-                _expand(op, st, gen, op.matvecs - start)
+                _expand(op, st, totals.matvecs)
                 bar.update(1)
                 if st.j >= k and st.fresh >= k:
                     _, _, _, conv, idx = _ritz(st, k, which, acc)
@@ -581,13 +626,14 @@ def _thick_restart(
                     if nconv == k:
                         done = True
                         break
-                save(False)  # resume point: the top of this loop
-            if done or st.exhausted or op.matvecs - start >= max_matvecs:
+                save()  # resume point: the top of this loop
+            if done or st.exhausted or totals.matvecs >= max_matvecs:
                 break  # (never restart without budget for a step after it)
             _restart(st, nkeep, which)
-            save(False)
-        if not finished:
-            save(True)
+            save()
+        if not st.finished:
+            st.finished = True
+            save(final=True)
     theta, S, res, conv, idx = _ritz(st, k, which, acc)
     if not conv[idx].all():
         warnings.warn(
@@ -605,61 +651,23 @@ def _thick_restart(
         eigenvectors=Y,
         residuals=torch.as_tensor(res[idx].copy()),
         converged=torch.as_tensor(conv[idx].copy()),
-        matvecs=op.matvecs - start,
         restarts=st.restarts,
         which=which,
         method="krylov",
         tol=acc.tol,
-        seconds=before + time.perf_counter() - t0,
-        peak_memory_bytes=max(peak, peak_memory_bytes(op.device)),
         basis_bytes=Q.nbytes,
         ncv=m,
+        **totals.result_fields(),
     )
 
 
 def _sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(
+        t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
 
 
-def _save(ckpt: KrylovCheckpoint, st: _State, gen: torch.Generator, used: int, done: bool,
-          seconds: float, peak: int) -> None:
-    """The full state at a step/restart boundary; rows past ``j`` of Q are never read again."""
-    ckpt.save({
-        "seconds": np.float64(seconds),
-        "peak_memory_bytes": np.int64(peak),
-        "Q": st.Q[: st.j + 1].cpu().numpy(),
-        "H": st.H,
-        "scalars": np.array([st.j, st.restarts, st.fresh, used, int(st.exhausted), int(done)],
-                            dtype=np.int64),
-        "anorm": np.float64(st.anorm),
-        "rng": gen.get_state().numpy(),
-    })
-
-
-def _restore(
-    saved: dict[str, np.ndarray], Q: torch.Tensor, gen: torch.Generator, ckpt: Any
-) -> tuple[_State, bool, int, float, int]:
-    try:
-        j, restarts, fresh, used, exhausted, done = (int(x) for x in saved["scalars"])
-        H = np.array(saved["H"], dtype=np.float64)
-        if not 0 <= j < Q.shape[0] or H.shape != (Q.shape[0], Q.shape[0]):
-            raise ValueError(f"projected matrix {H.shape} / j={j} do not fit "
-                             f"ncv={Q.shape[0] - 1}")
-        load_into(saved, "Q", [Q[: j + 1]], (j + 1, Q.shape[1]))  # (checks the shape)
-        gen.set_state(torch.from_numpy(saved["rng"]))
-        anorm = float(saved["anorm"])
-        # (not in files of earlier versions)
-        seconds = float(saved["seconds"]) if "seconds" in saved else 0.0
-        peak = int(saved["peak_memory_bytes"]) if "peak_memory_bytes" in saved else 0
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt.path} is damaged ({exc}); delete it to start "
-                              "over") from None
-    st = _State(Q=Q, H=H, j=j, anorm=anorm, restarts=restarts, exhausted=bool(exhausted),
-                fresh=fresh)
-    return st, bool(done), used, seconds, peak
-
-
-def _expand(op: LinearOperator, st: _State, gen: torch.Generator, iteration: int) -> None:
+def _expand(op: LinearOperator, st: _State, iteration: int) -> None:
     """One Lanczos step on basis vector ``st.j``; handles breakdown."""
     j = st.j
     Q3 = st.Q.unsqueeze(0)
@@ -670,7 +678,7 @@ def _expand(op: LinearOperator, st: _State, gen: torch.Generator, iteration: int
     st.anorm = max(st.anorm, math.sqrt(float(h @ h) + b * b))
     if b <= breakdown_tolerance(st.anorm, op.shape[0], op.dtype):
         b = 0.0
-        fresh = random_orthogonal(st.Q[: j + 1], gen)
+        fresh = random_orthogonal(st.Q[: j + 1], st.gen)
         if fresh is None:
             st.exhausted = True
         else:

@@ -1,7 +1,10 @@
 """The one operator abstraction every algorithm in :mod:`spectra` consumes.
 
-An algorithm sees only ``op @ v`` / ``op @ V``, ``op.shape``, ``op.dtype`` and
-``op.device``.  Curvature operators (Hessian, GGN, Fisher) subclass
+An algorithm sees only ``op @ v`` / ``op @ V``, ``op.shape``, ``op.dtype``,
+``op.device`` and two questions an operator answers about itself:
+:meth:`LinearOperator.fingerprint` (what identifies it, for checkpoints) and
+:meth:`LinearOperator.block_size` (how many columns one product may take within a
+memory budget, for dense assembly).  Curvature operators (Hessian, GGN, Fisher) subclass
 :class:`LinearOperator`; anything else a user hands in (a dense tensor, a SciPy
 ``LinearOperator``, a plain callable) is wrapped by :func:`as_linear_operator`.
 """
@@ -30,6 +33,9 @@ __all__ = [
     "operator_precision",
     "symmetry_tolerance",
 ]
+
+#: Columns per product of a generic operator's dense assembly (:meth:`LinearOperator.block_size`).
+DEFAULT_BLOCK_SIZE = 256
 
 #: An operator passes the symmetry probe when its asymmetry is below this many times
 #: the relative accuracy of its products.
@@ -67,15 +73,39 @@ class LinearOperator(ABC):
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(n, n)``."""
         return (self._n, self._n)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the vectors the operator takes and returns."""
         return self._dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the vectors the operator takes and returns."""
         return self._device
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this operator in a checkpoint: a JSON-serialisable dict.
+
+        Here the class name, n and the dtype: all a generic operator (a matrix, a
+        callable) can say about itself, so it does not tell two matrices of the same
+        size apart; :mod:`spectra.resumable` therefore also stores a content probe
+        (one product) with every algorithm state.  Operators that know what they
+        compute (curvature operators: weights, data, loss) add fields that do.
+        """
+        return {"operator": type(self).__name__, "n": self._n, "dtype": str(self._dtype)}
+
+    def block_size(self, memory_budget_bytes: int | None = None) -> int:
+        """Columns per product when the matrix is assembled block by block.
+
+        A generic operator's products hold no workspace per column that it could
+        measure, so this is ``min(DEFAULT_BLOCK_SIZE, n)`` whatever the budget;
+        curvature operators size the block from their activations (see
+        :meth:`spectra.curvature.CurvatureOperator.block_size`).
+        """
+        return min(DEFAULT_BLOCK_SIZE, self._n)
 
     @abstractmethod
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -137,7 +167,7 @@ class LinearOperator(ABC):
             self.shape, matvec=mm, matmat=mm, rmatvec=mm, rmatmat=mm, dtype=np_dtype
         )
 
-    def to_dense(self, block_size: int = 256) -> torch.Tensor:
+    def to_dense(self, block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
         """The (n, n) matrix, assembled from blocks of identity columns (small n only)."""
         n = self._n
         out = torch.empty((n, n), dtype=self._dtype, device=self._device)
@@ -260,8 +290,12 @@ def as_linear_operator(
 
 
 def _check_precision(value: Any) -> float:
-    if (isinstance(value, int | float | np.floating) and not isinstance(value, bool)
-            and math.isfinite(value) and 0.0 <= value < 1.0):
+    if (
+        isinstance(value, int | float | np.floating)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0.0 <= value < 1.0
+    ):
         return float(value)
     raise ValueError(
         f"an operator's precision must be a number in [0, 1) (the relative accuracy of its "
@@ -302,9 +336,7 @@ def symmetry_tolerance(op: LinearOperator) -> float:
     return SYMMETRY_FACTOR * p
 
 
-def check_symmetric(
-    op: LinearOperator, seed: int = 0, rtol: float | None = None
-) -> float:
+def check_symmetric(op: LinearOperator, seed: int = 0, rtol: float | None = None) -> float:
     """Probe symmetry with two random vectors; raise ``ValueError`` if it fails.
 
     For Gaussian u, v the bilinear form ``u.(A v) - v.(A u) = u^T (A - A^T) v`` has

@@ -91,7 +91,7 @@ class ParameterView:
             raise ValueError(f"expected {len(self.names)} tensors, got {len(tensors)}")
         pieces = []
         for t, shape, numel in zip(tensors, self.shapes, self.numels, strict=True):
-            extra = t.shape[len(shape):]
+            extra = t.shape[len(shape) :]
             pieces.append(t.detach().reshape(numel, *extra))
         return torch.cat(pieces, dim=0)
 

@@ -87,9 +87,16 @@ def spectrum(
     peak_height, rest_height = 1.0, 1.0
     zero_bin = int(np.searchsorted(edges, 0.0, side="right") - 1)
     for s, name, color in zip(items, names, colors, strict=True):
-        counts = _step(ax, s, edges, f"{name}: {100 * s.fraction_near_zero(near_zero_tol):.1f}% "
-                       f"|λ|≤{near_zero_tol:g}", color)
-        peak_height = max(peak_height, float(counts[zero_bin]) if 0 <= zero_bin < counts.size else 0)
+        counts = _step(
+            ax,
+            s,
+            edges,
+            f"{name}: {100 * s.fraction_near_zero(near_zero_tol):.1f}% |λ|≤{near_zero_tol:g}",
+            color,
+        )
+        peak_height = max(
+            peak_height, float(counts[zero_bin]) if 0 <= zero_bin < counts.size else 0
+        )
         others = np.delete(counts, zero_bin) if 0 <= zero_bin < counts.size else counts
         rest_height = max(rest_height, float(others.max()) if others.size else 1.0)
     ax.set_yscale("log")
@@ -99,8 +106,12 @@ def spectrum(
         fractions = ", ".join(f"{100 * s.fraction_near_zero(near_zero_tol):.1f}%" for s in items)
         ax.annotate(
             f"peak clipped: {fractions} of eigenvalues have |λ| ≤ {near_zero_tol:g}",
-            xy=(0.0, clip), xytext=(0.5, 0.93), textcoords="axes fraction",
-            ha="center", fontsize=9, arrowprops={"arrowstyle": "->", "lw": 0.8},
+            xy=(0.0, clip),
+            xytext=(0.5, 0.93),
+            textcoords="axes fraction",
+            ha="center",
+            fontsize=9,
+            arrowprops={"arrowstyle": "->", "lw": 0.8},
         )
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("count (log scale)")
@@ -116,8 +127,9 @@ def spectrum(
     return fig
 
 
-def _tail(ax: Axes, items: list[Spectrum], colors: list[str], lo: float, hi: float,
-          bins: int, label: str) -> None:
+def _tail(
+    ax: Axes, items: list[Spectrum], colors: list[str], lo: float, hi: float, bins: int, label: str
+) -> None:
     edges = np.linspace(lo, hi, max(bins, 2) + 1)
     for s, color in zip(items, colors, strict=True):
         _step(ax, s, edges, None, color)
@@ -152,15 +164,27 @@ def signed_panels(
         top = max((float(m.max()) for m in mags if m.size), default=near_zero_tol * 10)
         edges = np.geomspace(near_zero_tol, max(top, near_zero_tol * 10) * 1.0001, bins + 1)
         for s, name, i in zip(items, names, range(len(items)), strict=True):
-            flipped = Spectrum(sign * s.eigenvalues, s.weights, n_params=s.n_params,
-                               kind=s.kind, versions=s.versions, created=s.created)
+            flipped = Spectrum(
+                sign * s.eigenvalues,
+                s.weights,
+                n_params=s.n_params,
+                kind=s.kind,
+                versions=s.versions,
+                created=s.created,
+            )
             _step(ax, flipped, edges, name if side == "positive" else None, f"C{i}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(f"{'−λ' if sign < 0 else 'λ'} ({side} values > {near_zero_tol:g})")
         near = ", ".join(f"{100 * s.fraction_near_zero(near_zero_tol):.1f}%" for s in items)
-        ax.text(0.02, 0.96, f"|λ| ≤ {near_zero_tol:g}: {near}", transform=ax.transAxes,
-                fontsize=8, va="top")
+        ax.text(
+            0.02,
+            0.96,
+            f"|λ| ≤ {near_zero_tol:g}: {near}",
+            transform=ax.transAxes,
+            fontsize=8,
+            va="top",
+        )
     axn.invert_xaxis()
     axn.set_ylabel("count (log scale)")
     axp.legend(fontsize=8, loc="upper right")
@@ -189,8 +213,11 @@ def density(
     fig = Figure(figsize=figsize)
     ax = fig.subplots()
     for s, name in zip(items, names, strict=True):
-        ax.plot(x, np.maximum(s.density(x, sigma), 1e-300),
-                label=f"{name} (σ={s.density_sigma(sigma):.2g})")
+        ax.plot(
+            x,
+            np.maximum(s.density(x, sigma), 1e-300),
+            label=f"{name} (σ={s.density_sigma(sigma):.2g})",
+        )
     ax.set_yscale("log")
     ax.set_ylim(bottom=1e-8)
     ax.set_xlabel("eigenvalue λ")

@@ -136,9 +136,7 @@ def resolve_reduction(
 
 def _module_terms(loss_fn: nn.Module) -> LossTerms:
     if isinstance(loss_fn, nn.CrossEntropyLoss | nn.NLLLoss):
-        return lambda outputs, targets: _class_terms(
-            targets, loss_fn.ignore_index, loss_fn.weight
-        )
+        return lambda outputs, targets: _class_terms(targets, loss_fn.ignore_index, loss_fn.weight)
     if isinstance(loss_fn, nn.KLDivLoss) and loss_fn.reduction == "batchmean":
         return lambda outputs, targets: outputs.shape[0] if outputs.ndim else 1
     if isinstance(loss_fn, _ELEMENTWISE):

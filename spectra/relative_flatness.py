@@ -145,26 +145,39 @@ def relative_flatness(
     exact = method == "exact" or (method == "auto" and size <= budget)
     before = op.matvecs
     est = trace(
-        CallableOperator(products, size, op.dtype, op.device), "hutch++",
-        num_matvecs=size if exact else budget, seed=seed, block_size=block_size,
+        CallableOperator(products, size, op.dtype, op.device),
+        "hutch++",
+        num_matvecs=size if exact else budget,
+        seed=seed,
+        block_size=block_size,
         progress=progress,
     )
     return RelativeFlatness(
-        value=est.estimate, stderr=est.stderr, method=est.method, matvecs=op.matvecs - before,
-        layer=layer, shape=(d, m), size=size, curvature=type(op).__name__, seed=seed,
+        value=est.estimate,
+        stderr=est.stderr,
+        method=est.method,
+        matvecs=op.matvecs - before,
+        layer=layer,
+        shape=(d, m),
+        size=size,
+        curvature=type(op).__name__,
+        seed=seed,
     )
 
 
 def _layer_weight(op: CurvatureOperator, layer: str) -> tuple[int, torch.Tensor]:
     """(offset of ``layer`` in theta, its weight W (d, m) at the point); names checked."""
     view = op.view
-    matrices = [name for name, shape in zip(view.names, view.shapes, strict=True)
-                if len(shape) == 2]
+    matrices = [
+        name for name, shape in zip(view.names, view.shapes, strict=True) if len(shape) == 2
+    ]
     if not isinstance(layer, str) or layer not in view.names:
         held = ""
         if layer in view.fixed_names:
-            held = (" (it is held fixed in this operator: build it with params=None or "
-                    f"params=[{layer!r}])")
+            held = (
+                " (it is held fixed in this operator: build it with params=None or "
+                f"params=[{layer!r}])"
+            )
         raise ValueError(
             f"layer={layer!r} is not a parameter of the operator{held}; 2-D parameters "
             f"available: {', '.join(matrices) or '(none)'}"
@@ -175,8 +188,7 @@ def _layer_weight(op: CurvatureOperator, layer: str) -> tuple[int, torch.Tensor]
         raise ValueError(
             f"relative flatness needs a 2-D weight (d_out, d_in) acting on features; "
             f"{layer!r} has shape {tuple(shape)}"
-            + (" (a convolution kernel: unfold it into its matrix first)" if len(shape) > 2
-               else "")
+            + (" (a convolution kernel: unfold it into its matrix first)" if len(shape) > 2 else "")
             + f". 2-D parameters available: {', '.join(matrices) or '(none)'}"
         )
     start = sum(view.numels[:index])

@@ -211,11 +211,31 @@ def adaptive_sharpness(
             "every selected parameter is exactly zero and eta=0: the adaptive ball "
             "{||T_w^-1 eps|| <= rho} is a single point; pass eta > 0"
         )
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    common = {"kind": kind, "rho": rho, "p": p, "eta": eta, "seed": seed}
+    ball = _Ball(
+        op,
+        scale,
+        rho,
+        p,
+        torch.Generator(device="cpu").manual_seed(seed),
+        {"kind": kind, "rho": rho, "p": p, "eta": eta, "seed": seed},
+    )
     if kind == "worst":
-        return _worst(op, scale, rho, p, steps, gen, common)
-    return _average(op, scale, rho, p, num_samples, antithetic, gen, common)
+        return _worst(ball, steps)
+    return _average(ball, num_samples, antithetic)
+
+
+@dataclass(frozen=True)
+class _Ball:
+    """What both kinds of sharpness share: the operator, whose loss is perturbed, the
+    scale ``|w| + eta`` (n,) of ``T_w``, the radius and norm, the seeded generator of the
+    random draws, and the :class:`SharpnessEstimate` fields that merely echo the input."""
+
+    op: CurvatureOperator
+    scale: torch.Tensor
+    rho: float
+    p: float
+    gen: torch.Generator
+    common: dict[str, Any]
 
 
 def _check_p(p: Any) -> float:
@@ -245,15 +265,8 @@ def _draw(n: int, p: float, gen: torch.Generator, like: torch.Tensor) -> torch.T
     return z.to(dtype=like.dtype, device=like.device)
 
 
-def _worst(
-    op: CurvatureOperator,
-    scale: torch.Tensor,
-    rho: float,
-    p: float,
-    steps: int,
-    gen: torch.Generator,
-    common: dict[str, Any],
-) -> SharpnessEstimate:
+def _worst(ball: _Ball, steps: int) -> SharpnessEstimate:
+    op, scale, rho, p, gen = ball.op, ball.scale, ball.rho, ball.p, ball.gen
     theta = op.theta
     n = theta.shape[0]
     movable = (scale > 0).to(theta.dtype)
@@ -301,22 +314,22 @@ def _worst(
         "steps, step 2*rho halved after each non-improving step)"
     )
     return SharpnessEstimate(
-        value=best_value, stderr=0.0, loss=loss0, steps=steps, num_samples=0,
-        gradient_evals=gradient_evals, loss_evals=loss_evals, improving=improving,
-        radius=norm, method=method, **common,
+        value=best_value,
+        stderr=0.0,
+        loss=loss0,
+        steps=steps,
+        num_samples=0,
+        gradient_evals=gradient_evals,
+        loss_evals=loss_evals,
+        improving=improving,
+        radius=norm,
+        method=method,
+        **ball.common,
     )
 
 
-def _average(
-    op: CurvatureOperator,
-    scale: torch.Tensor,
-    rho: float,
-    p: float,
-    num_samples: int,
-    antithetic: bool,
-    gen: torch.Generator,
-    common: dict[str, Any],
-) -> SharpnessEstimate:
+def _average(ball: _Ball, num_samples: int, antithetic: bool) -> SharpnessEstimate:
+    op, scale, rho, p, gen = ball.op, ball.scale, ball.rho, ball.p, ball.gen
     theta = op.theta
     loss0 = _finite(op.loss_at(theta), "at the point")
     draws = num_samples // 2 if antithetic else num_samples
@@ -332,9 +345,15 @@ def _average(
     law = "N(0, rho^2 T_w^2)" if p == 2.0 else "uniform on the box |T_w^-1 delta| <= rho"
     pairing = "antithetic pairs" if antithetic else "independent draws"
     return SharpnessEstimate(
-        value=float(values.mean()), stderr=float(values.std() / math.sqrt(draws)), loss=loss0,
-        steps=0, num_samples=num_samples, gradient_evals=0, loss_evals=num_samples + 1,
-        improving=False, radius=None,
+        value=float(values.mean()),
+        stderr=float(values.std() / math.sqrt(draws)),
+        loss=loss0,
+        steps=0,
+        num_samples=num_samples,
+        gradient_evals=0,
+        loss_evals=num_samples + 1,
+        improving=False,
+        radius=None,
         method=f"Monte Carlo, delta ~ {law}, {num_samples} evaluations in {pairing}",
-        **common,
+        **ball.common,
     )

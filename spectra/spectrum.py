@@ -137,9 +137,7 @@ class Spectrum:
         return cls(ev, weights, kind="exact", **metadata)
 
     @classmethod
-    def from_quadrature(
-        cls, nodes: Any, weights: Any, n_params: int, **metadata: Any
-    ) -> Spectrum:
+    def from_quadrature(cls, nodes: Any, weights: Any, n_params: int, **metadata: Any) -> Spectrum:
         """A quadrature measure (e.g. stochastic Lanczos quadrature) on ``nodes``."""
         return cls(nodes, weights, n_params=n_params, kind="quadrature", **metadata)
 
@@ -236,7 +234,9 @@ class Spectrum:
         """Write one ``.npz`` atomically (temp file in the same folder, then rename)."""
         path = Path(path)
         if path.suffix != ".npz":
-            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+            path = (
+                path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+            )
         meta = {
             "n_params": self.n_params,
             "kind": self.kind,
@@ -303,10 +303,11 @@ def _read_npz(path: Path) -> dict[str, Any]:
         raise ValueError("'meta' is not a JSON string")
     meta = json.loads(str(meta))
     if not isinstance(meta, dict) or "n_params" not in meta or not set(meta) <= _FIELDS:
-        raise ValueError(f"'meta' must be a JSON object with n_params and keys among "
-                         f"{sorted(_FIELDS)}, got {str(meta)[:200]}")
+        raise ValueError(
+            f"'meta' must be a JSON object with n_params and keys among "
+            f"{sorted(_FIELDS)}, got {str(meta)[:200]}"
+        )
     for name, array in (("eigenvalues", ev), ("weights", w)):
         if array.dtype.kind not in "fiu":
             raise ValueError(f"{name} are {array.dtype}, not numbers")
     return {"eigenvalues": ev, "weights": w, **meta}
-

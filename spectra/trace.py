@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from ._checks import check_int, check_seed
-from ._krylov import peak_memory_bytes, progress_bar, random_block
+from ._krylov import random_block
+from ._resources import peak_memory_bytes, progress_bar
 from .linear_operator import LinearOperator, as_linear_operator
 
 __all__ = ["trace", "TraceEstimate"]
@@ -119,9 +120,14 @@ def trace(
             est, se = _hutchinson(op, budget, gen, None, block_size, bar)
         else:
             est, se = _hutchpp(op, budget, gen, block_size, bar)
-    return TraceEstimate(float(est), float(se), op.matvecs - start,
-                         "exact" if exact else method, seconds=time.perf_counter() - t0,
-                         peak_memory_bytes=peak_memory_bytes(op.device))
+    return TraceEstimate(
+        float(est),
+        float(se),
+        op.matvecs - start,
+        "exact" if exact else method,
+        seconds=time.perf_counter() - t0,
+        peak_memory_bytes=peak_memory_bytes(op.device),
+    )
 
 
 def _exact(op: LinearOperator, block_size: int, bar: Any) -> float:
@@ -150,8 +156,9 @@ def _hutchinson(
     size = op.shape[0]
     samples: list[np.ndarray] = []
     for b0 in range(0, probes, block_size):
-        G = random_block(size, min(block_size, probes - b0), gen, op.dtype, op.device,
-                         kind="rademacher")
+        G = random_block(
+            size, min(block_size, probes - b0), gen, op.dtype, op.device, kind="rademacher"
+        )
         if basis is not None:
             G = G - basis @ (basis.T @ G)
         samples.append(_quadratic_forms(op, G))
@@ -188,9 +195,7 @@ def _hutchpp(
     return t_sketch + mean, se
 
 
-def _apply_blocks(
-    op: LinearOperator, X: torch.Tensor, block_size: int, bar: Any
-) -> torch.Tensor:
+def _apply_blocks(op: LinearOperator, X: torch.Tensor, block_size: int, bar: Any) -> torch.Tensor:
     """``op @ X`` in column blocks of ``block_size``."""
     out = torch.empty_like(X)
     for c0 in range(0, X.shape[1], block_size):

@@ -25,7 +25,9 @@ def reference_hessian(model: nn.Module, loss_fn, inputs, targets) -> torch.Tenso
     buffers = {n: b for n, b in model.named_buffers()}
 
     def f(t: torch.Tensor) -> torch.Tensor:
-        params = {n: p.view(s) for n, p, s in zip(names, torch.split(t, sizes), shapes, strict=True)}
+        params = {
+            n: p.view(s) for n, p, s in zip(names, torch.split(t, sizes), shapes, strict=True)
+        }
         out = torch.func.functional_call(model, {**params, **buffers}, (inputs,))
         return loss_fn(out, targets)
 

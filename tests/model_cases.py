@@ -123,8 +123,14 @@ def _gen(seed: int) -> torch.Generator:
 # ---------------------------------------------------------------------------------------
 # token batches for the Hugging Face models
 # ---------------------------------------------------------------------------------------
-def _token_batch(lengths: list[int], width: int, vocab: tuple[int, int], pad: int,
-                 eos: int | None, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _token_batch(
+    lengths: list[int],
+    width: int,
+    vocab: tuple[int, int],
+    pad: int,
+    eos: int | None,
+    gen: torch.Generator,
+) -> dict[str, torch.Tensor]:
     """Right-padded ids (eos-terminated if eos is given), attention mask and -100 labels."""
     ids = torch.full((len(lengths), width), pad, dtype=torch.long)
     mask = torch.zeros((len(lengths), width), dtype=torch.long)
@@ -155,11 +161,14 @@ def causal_lm_forward(m: nn.Module, b: Any) -> torch.Tensor:
     return m(**b).logits[:, :-1].transpose(1, 2)
 
 
-def _causal_lm_case(name: str, model: nn.Module, pad: int, eos: int, vocab: int,
-                    rtol: float, note: str) -> Case:
+def _causal_lm_case(
+    name: str, model: nn.Module, pad: int, eos: int, vocab: int, rtol: float, note: str
+) -> Case:
     gen = _gen(1)
-    raw = [_token_batch([6, 4, 5], 6, (3, vocab), pad, eos, gen),
-           _token_batch([5, 2], 5, (3, vocab), pad, eos, gen)]
+    raw = [
+        _token_batch([6, 4, 5], 6, (3, vocab), pad, eos, gen),
+        _token_batch([5, 2], 5, (3, vocab), pad, eos, gen),
+    ]
 
     def split(b):
         inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
@@ -191,9 +200,19 @@ def gpt2() -> Case:
 
     torch.manual_seed(10)
     eos = 2
-    cfg = GPT2Config(vocab_size=24, n_positions=8, n_embd=8, n_layer=1, n_head=2,
-                     bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=24,
+        n_positions=8,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = perturb_(GPT2LMHeadModel(cfg).to(F64)).eval()
@@ -206,18 +225,34 @@ def llama() -> Case:
 
     torch.manual_seed(11)
     eos = 2
-    cfg = LlamaConfig(vocab_size=24, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-                      bos_token_id=1, eos_token_id=eos, pad_token_id=eos,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=24,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        bos_token_id=1,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        tie_word_embeddings=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = perturb_(LlamaForCausalLM(cfg).to(F64)).eval()
     # LlamaRMSNorm computes in float32 (hidden_states.to(torch.float32)) and casts back,
     # so every second derivative through a norm carries float32 rounding: the operators
     # and the references differ by up to 2.5e-7 of the largest entry (see test_real_models).
-    return _causal_lm_case("llama", model, eos, eos, 24, 2e-6,
-                           "LlamaRMSNorm and rotary cos/sin are computed in float32")
+    return _causal_lm_case(
+        "llama",
+        model,
+        eos,
+        eos,
+        24,
+        2e-6,
+        "LlamaRMSNorm and rotary cos/sin are computed in float32",
+    )
 
 
 def bert() -> Case:
@@ -225,15 +260,25 @@ def bert() -> Case:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(12)
-    cfg = BertConfig(vocab_size=24, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=16, max_position_embeddings=8, num_labels=3,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=24,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=8,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = perturb_(BertForSequenceClassification(cfg).to(F64)).eval()
     gen = _gen(2)
-    raw = [_token_batch([6, 3, 5], 6, (1, 24), 0, None, gen),
-           _token_batch([4, 5], 5, (1, 24), 0, None, gen)]
+    raw = [
+        _token_batch([6, 3, 5], 6, (1, 24), 0, None, gen),
+        _token_batch([4, 5], 5, (1, 24), 0, None, gen),
+    ]
     labels = [torch.randint(0, 3, (3,), generator=gen), torch.randint(0, 3, (2,), generator=gen)]
 
     def inputs(b):
@@ -264,16 +309,27 @@ def vit() -> Case:
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(13)
-    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=8,
-                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-                    num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = perturb_(ViTForImageClassification(cfg).to(F64)).eval()
     gen = _gen(3)
     # float32-representable pixels: a float32 copy of the data is cast back exactly
-    xs = [torch.randn(3, 1, 8, 8, generator=gen).to(F64),
-          torch.randn(2, 1, 8, 8, generator=gen).to(F64)]
+    xs = [
+        torch.randn(3, 1, 8, 8, generator=gen).to(F64),
+        torch.randn(2, 1, 8, 8, generator=gen).to(F64),
+    ]
     ys = [torch.randint(0, 3, (3,), generator=gen), torch.randint(0, 3, (2,), generator=gen)]
 
     def forward(m, b):
@@ -344,6 +400,25 @@ def encoder_batch_first() -> Case:
     )
 
 
+def _time_major_tagging_case(
+    name: str, model: nn.Module, batches: list[tuple[Any, Any]], one_batch: tuple[Any, Any]
+) -> Case:
+    """A float64 time-major tagger's case: (T, B) targets with -100 pads, ``batch_dim=1``."""
+    return Case(
+        name=name,
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        batches=batches,
+        one_batch=one_batch,
+        options={"batch_dim": 1},
+        forward=default_call,
+        sum_loss=nn.CrossEntropyLoss(reduction="sum"),
+        count=not_ignored(),
+        batch_dim=1,
+        note="float64 throughout",
+    )
+
+
 class TimeMajorTagger(nn.Module):
     """nn.TransformerEncoder(batch_first=False) tagging (L, B) tokens; outputs (L, C, B).
 
@@ -378,21 +453,11 @@ def encoder_time_major() -> Case:
         src = torch.randn(width, len(ls), 4, generator=gen, dtype=F64)
         y = torch.randint(0, 3, (width, len(ls)), generator=gen).masked_fill(pad, -100)
         batches.append(((src, pad), y))
-    one = ((torch.cat([b[0][0] for b in batches], 1), torch.cat([b[0][1] for b in batches], 1)),
-           torch.cat([b[1] for b in batches], 1))
-    return Case(
-        name="encoder_time_major",
-        model=model,
-        loss_fn=nn.CrossEntropyLoss(),
-        batches=batches,
-        one_batch=one,
-        options={"batch_dim": 1},
-        forward=default_call,
-        sum_loss=nn.CrossEntropyLoss(reduction="sum"),
-        count=not_ignored(),
-        batch_dim=1,
-        note="float64 throughout",
+    one = (
+        (torch.cat([b[0][0] for b in batches], 1), torch.cat([b[0][1] for b in batches], 1)),
+        torch.cat([b[1] for b in batches], 1),
     )
+    return _time_major_tagging_case("encoder_time_major", model, batches, one)
 
 
 class TimeMajorLSTM(nn.Module):
@@ -418,26 +483,15 @@ def lstm_time_major() -> Case:
     for ls, width in specs:
         pad = _pad_mask(ls, width).T  # (T, B)
         x = torch.randn(width, len(ls), 3, generator=gen, dtype=F64).masked_fill(
-            pad.unsqueeze(-1), 0.0)
+            pad.unsqueeze(-1), 0.0
+        )
         y = torch.randint(0, 4, (width, len(ls)), generator=gen).masked_fill(pad, -100)
         batches.append((x, y))
     # one batch: re-pad the shorter batch in time (a unidirectional LSTM's outputs at real
     # steps do not depend on later steps; the added steps are ignored targets)
     x1 = torch.cat([batches[0][0], F.pad(batches[1][0], (0, 0, 0, 0, 0, 1))], 1)
     y1 = torch.cat([batches[0][1], F.pad(batches[1][1], (0, 0, 0, 1), value=-100)], 1)
-    return Case(
-        name="lstm_time_major",
-        model=model,
-        loss_fn=nn.CrossEntropyLoss(),
-        batches=batches,
-        one_batch=(x1, y1),
-        options={"batch_dim": 1},
-        forward=default_call,
-        sum_loss=nn.CrossEntropyLoss(reduction="sum"),
-        count=not_ignored(),
-        batch_dim=1,
-        note="float64 throughout",
-    )
+    return _time_major_tagging_case("lstm_time_major", model, batches, (x1, y1))
 
 
 class BagOfWords(nn.Module):
@@ -452,15 +506,19 @@ class BagOfWords(nn.Module):
         return self.head(torch.tanh(self.emb(ids).sum(1)))
 
 
-def _bow_data(gen: torch.Generator) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
-                                             tuple[torch.Tensor, torch.Tensor]]:
+def _bow_data(
+    gen: torch.Generator,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
     batches = []
     for ls, width in (([6, 2, 4, 5], 6), ([3, 5, 1], 5)):
         ids = torch.randint(1, 30, (len(ls), width), generator=gen).masked_fill(
-            _pad_mask(ls, width), 0)
+            _pad_mask(ls, width), 0
+        )
         batches.append((ids, torch.randint(0, 3, (len(ls),), generator=gen)))
-    one = (torch.cat([batches[0][0], F.pad(batches[1][0], (0, 1))]),
-           torch.cat([y for _, y in batches]))
+    one = (
+        torch.cat([batches[0][0], F.pad(batches[1][0], (0, 1))]),
+        torch.cat([y for _, y in batches]),
+    )
     return batches, one
 
 

@@ -95,5 +95,6 @@ def test_mixed_devices_refused():
     m = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
     m[1].to("meta")
     with pytest.raises(ValueError, match="several devices"):
-        spectra.hessian_operator(m, nn.CrossEntropyLoss(), (torch.randn(4, 3),
-                                                            torch.randint(0, 2, (4,))))
+        spectra.hessian_operator(
+            m, nn.CrossEntropyLoss(), (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+        )

@@ -14,14 +14,17 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import wasserstein_distance
+from synthetic import Stop, stopping_at
 from torch import nn
 
 import spectra
-from spectra._krylov import KrylovCheckpoint, peak_memory_bytes
+from benchmarks.training import trained_tanh_mlp
+from spectra._resources import peak_memory_bytes
 from spectra.checkpoint import CheckpointError
 from spectra.density import spectral_density
 from spectra.lanczos import lanczos
 from spectra.linear_operator import CallableOperator
+from spectra.resumable import KrylovCheckpoint
 
 N = 400
 F64 = torch.float64
@@ -31,8 +34,9 @@ def spiked(n: int = N, seed: int = 0, dtype: torch.dtype = F64) -> torch.Tensor:
     """Eight spikes above a bulk in [0, 1] (needs restarts at small ncv)."""
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
-    lam = torch.cat([torch.linspace(0.0, 1.0, n - 8, dtype=F64),
-                     1.0 + 0.1 * torch.arange(1, 9, dtype=F64)])
+    lam = torch.cat(
+        [torch.linspace(0.0, 1.0, n - 8, dtype=F64), 1.0 + 0.1 * torch.arange(1, 9, dtype=F64)]
+    )
     A = (Q * lam) @ Q.T
     return (0.5 * (A + A.T)).to(dtype)
 
@@ -80,13 +84,23 @@ def test_probes_in_sequence_equal_probes_together():
         # same probes and recurrences; only the block product's rounding differs
         assert w1(seq, together) <= 1e-12
         assert seq.info["steps_per_probe"] == together.info["steps_per_probe"]
-        np.testing.assert_allclose(np.sort(seq.eigenvalues), np.sort(together.eigenvalues),
-                                   rtol=0, atol=1e-12)
+        np.testing.assert_allclose(
+            np.sort(seq.eigenvalues), np.sort(together.eigenvalues), rtol=0, atol=1e-12
+        )
     # with products that do not depend on the block width, the compact schemes are
     # bit-identical in sequence and together
     for scheme in ("float32", "float16", "local"):
-        runs = [spectral_density(columnwise(A), num_probes=5, num_steps=30, seed=2,
-                                 reorthogonalization=scheme, block_size=b) for b in (5, 1, 2)]
+        runs = [
+            spectral_density(
+                columnwise(A),
+                num_probes=5,
+                num_steps=30,
+                seed=2,
+                reorthogonalization=scheme,
+                block_size=b,
+            )
+            for b in (5, 1, 2)
+        ]
         for r in runs[1:]:
             assert np.array_equal(r.eigenvalues, runs[0].eigenvalues)
             assert np.array_equal(r.weights, runs[0].weights)
@@ -94,8 +108,9 @@ def test_probes_in_sequence_equal_probes_together():
 
 def test_block_size_sets_the_block_matvecs():
     calls: list[int] = []
-    spectral_density(columnwise(spiked(), calls), num_probes=5, num_steps=10, block_size=2,
-                     check_symmetry=False)
+    spectral_density(
+        columnwise(spiked(), calls), num_probes=5, num_steps=10, block_size=2, check_symmetry=False
+    )
     assert calls == [2] * 10 + [2] * 10 + [1] * 10
 
 
@@ -105,17 +120,7 @@ def test_block_size_sets_the_block_matvecs():
 @pytest.fixture(scope="module")
 def mlp() -> tuple[spectra.LinearOperator, np.ndarray]:
     """A trained 1,333-parameter MLP's float32 Hessian and its exact spectrum."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(256, 12, generator=g)
-    y = (X @ torch.randn(12, 5, generator=g)).argmax(1)
-    model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(),
-                          nn.Linear(24, 5))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(150):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(X), y).backward()
-        opt.step()
+    model, X, y = trained_tanh_mlp((12, 32, 24, 5), samples=256, steps=150)
     H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y), dtype=torch.float32)
     D = H.to_dense().double()
     return H, np.linalg.eigvalsh((0.5 * (D + D.T)).numpy())
@@ -129,10 +134,14 @@ def test_cheaper_schemes_against_exact(mlp):
     up to the probe noise (measured 2e-4 to 7e-4) and stays within 2e-3 of exact."""
     H, lam = mlp
     span = lam.max() - lam.min()
-    runs = {s: spectral_density(H, num_probes=8, num_steps=50, seed=1, reorthogonalization=s)
-            for s in ("full", "float16", "bfloat16", "local")}
-    exact = {s: wasserstein_distance(r.eigenvalues, lam, u_weights=r.weights) / span
-             for s, r in runs.items()}
+    runs = {
+        s: spectral_density(H, num_probes=8, num_steps=50, seed=1, reorthogonalization=s)
+        for s in ("full", "float16", "bfloat16", "local")
+    }
+    exact = {
+        s: wasserstein_distance(r.eigenvalues, lam, u_weights=r.weights) / span
+        for s, r in runs.items()
+    }
     assert exact["full"] <= 2e-3
     for s in ("float16", "bfloat16"):
         assert w1(runs[s], runs["full"]) / span <= 1e-5, s
@@ -159,11 +168,17 @@ def test_auto_falls_back_to_cheaper_schemes(mlp):
         s = spectral_density(H, num_probes=3, num_steps=steps, memory_budget=budget)
         picks[budget] = (s.info["reorthogonalization"], s.info["block_size"])
     # the best scheme one probe fits; after a fallback the probes run one at a time
-    assert picks == {full: ("full", 1), full - 1: ("float16", 1), half: ("float16", 1),
-                     half - 1: ("local", 1), local: ("local", 1)}
+    assert picks == {
+        full: ("full", 1),
+        full - 1: ("float16", 1),
+        half: ("float16", 1),
+        half - 1: ("local", 1),
+        local: ("local", 1),
+    }
     # a fixed scheme takes as many probes as fit
-    s = spectral_density(H, num_probes=3, num_steps=steps, memory_budget=half - 1,
-                         reorthogonalization="local")
+    s = spectral_density(
+        H, num_probes=3, num_steps=steps, memory_budget=half - 1, reorthogonalization="local"
+    )
     assert s.info["block_size"] == 3
     # a float64 operator's half-width copy is float32
     s = spectral_density(spiked(), num_probes=2, num_steps=40, memory_budget=40 * N * 8)
@@ -182,11 +197,23 @@ def counting(A: torch.Tensor) -> CallableOperator:
 def test_slq_memory_error_names_the_numbers_before_any_product(tmp_path):
     op = counting(spiked())
     with pytest.raises(MemoryError) as err:
-        spectral_density(op, num_probes=4, num_steps=50, reorthogonalization="full",
-                         memory_budget=10**5, checkpoint=tmp_path / "slq.ckpt")
+        spectral_density(
+            op,
+            num_probes=4,
+            num_steps=50,
+            reorthogonalization="full",
+            memory_budget=10**5,
+            checkpoint=tmp_path / "slq.ckpt",
+        )
     text = str(err.value)
-    for part in ("n = 400", "torch.float64", "3,200 bytes per vector", "52 vector",
-                 "100,000 bytes", "num_steps = 50"):
+    for part in (
+        "n = 400",
+        "torch.float64",
+        "3,200 bytes per vector",
+        "52 vector",
+        "100,000 bytes",
+        "num_steps = 50",
+    ):
         assert part in text, (part, text)
     with pytest.raises(MemoryError, match="'local'"):  # below even the local scheme
         spectral_density(op, num_steps=50, memory_budget=4 * 3200 - 1)
@@ -197,11 +224,22 @@ def test_lanczos_memory_error_names_the_numbers_before_any_product(tmp_path):
     op = counting(spiked())
     per = N * 8
     with pytest.raises(MemoryError) as err:  # k + 3 basis + 1 + 2 temporaries + k vectors
-        lanczos(op, k=5, memory_budget=(5 + 3 + 1 + 2 + 5) * per - 1, dense=False,
-                checkpoint=tmp_path / "l.ckpt")
+        lanczos(
+            op,
+            k=5,
+            memory_budget=(5 + 3 + 1 + 2 + 5) * per - 1,
+            dense=False,
+            checkpoint=tmp_path / "l.ckpt",
+        )
     text = str(err.value)
-    for part in ("n = 400", "torch.float64", "3,200 bytes per vector", "16 vectors",
-                 "ncv = 8", "free on cpu"):
+    for part in (
+        "n = 400",
+        "torch.float64",
+        "3,200 bytes per vector",
+        "16 vectors",
+        "ncv = 8",
+        "free on cpu",
+    ):
         assert part in text, (part, text)
     with pytest.raises(MemoryError, match="ncv = 30"):  # a given ncv is not shrunk
         lanczos(op, k=5, ncv=30, memory_budget=20 * per, dense=False)
@@ -220,21 +258,24 @@ def test_lanczos_budget_picks_a_smaller_ncv_and_converges():
     np.testing.assert_allclose(small.eigenvalues.numpy(), ref, rtol=0, atol=1e-9)
     assert np.all(np.abs(small.eigenvalues.numpy() - ref) <= small.residuals.numpy())
     # without eigenvectors the k vectors are not needed: a larger basis fits
-    novec = lanczos(A, k=5, tol=1e-10, dense=False, return_eigenvectors=False,
-                    memory_budget=(12 + 1 + 2 + 5) * per)
+    novec = lanczos(
+        A,
+        k=5,
+        tol=1e-10,
+        dense=False,
+        return_eigenvectors=False,
+        memory_budget=(12 + 1 + 2 + 5) * per,
+    )
     assert novec.ncv == 17 and novec.eigenvectors is None
     # the smallest basis k + 3 still converges
-    least = lanczos(A, k=5, tol=1e-10, dense=False, memory_budget=(8 + 1 + 2 + 5) * per,
-                    max_matvecs=3000)
+    least = lanczos(
+        A, k=5, tol=1e-10, dense=False, memory_budget=(8 + 1 + 2 + 5) * per, max_matvecs=3000
+    )
     assert least.ncv == 8 and least.all_converged
     np.testing.assert_allclose(least.eigenvalues.numpy(), ref, rtol=0, atol=1e-9)
 
 
 # --- checkpoints with blocks --------------------------------------------------------
-
-
-class Stop(Exception):
-    pass
 
 
 @pytest.mark.parametrize("scheme", ["full", "float16", "local"])
@@ -244,16 +285,10 @@ def test_blocked_slq_resumes_bit_identically(tmp_path, scheme):
     ref = spectral_density(A, **kw)
     for stop_at in (5, 33, 61, 70):  # inside the first, second and third block
         path = tmp_path / f"{scheme}{stop_at}.ckpt"
-        calls = [0]
-
-        def f(V, stop_at=stop_at, calls=calls):
-            calls[0] += 1
-            if calls[0] == stop_at:
-                raise Stop
-            return A @ V
-
         with pytest.raises(Stop):
-            spectral_density(f, n=250, checkpoint=path, checkpoint_every=0, **kw)
+            spectral_density(
+                stopping_at(A, stop_at), n=250, checkpoint=path, checkpoint_every=0, **kw
+            )
         r = spectral_density(lambda V: A @ V, n=250, checkpoint=path, **kw)
         assert np.array_equal(r.eigenvalues, ref.eigenvalues), stop_at
         assert np.array_equal(r.weights, ref.weights)
@@ -264,8 +299,9 @@ def test_blocked_slq_resumes_bit_identically(tmp_path, scheme):
 def test_resume_keeps_the_block_size_chosen_from_memory(tmp_path):
     A = spiked()
     path = tmp_path / "slq.ckpt"
-    small = spectral_density(A, num_probes=4, num_steps=30, checkpoint=path,
-                             memory_budget=33 * N * 8)
+    small = spectral_density(
+        A, num_probes=4, num_steps=30, checkpoint=path, memory_budget=33 * N * 8
+    )
     assert small.info["block_size"] == 1
     # more memory now: the finished run is still read back, with its block size
     again = spectral_density(A, num_probes=4, num_steps=30, checkpoint=path)
@@ -280,9 +316,17 @@ def test_format_1_slq_checkpoint_is_refused_clearly(tmp_path):
     op = spectra.as_linear_operator(A)
     args = {"num_probes": 2, "num_steps": 10, "seed": 0, "check_symmetry": True}
     old = KrylovCheckpoint(tmp_path / "slq.ckpt", "slq", op, args, 0.0)  # format 1
-    old.save({"Q": np.zeros((2, 1, N)), "alphas": np.zeros((2, 10)), "betas": np.zeros((2, 10)),
-              "lengths": np.zeros(2, dtype=np.int64), "anorm": np.zeros(2),
-              "active": np.arange(2), "scalars": np.array([0, 0, 2])})
+    old.save(
+        {
+            "Q": np.zeros((2, 1, N)),
+            "alphas": np.zeros((2, 10)),
+            "betas": np.zeros((2, 10)),
+            "lengths": np.zeros(2, dtype=np.int64),
+            "anorm": np.zeros(2),
+            "active": np.arange(2),
+            "scalars": np.array([0, 0, 2]),
+        }
+    )
     with pytest.raises(CheckpointError, match="format 1.*format 2"):
         spectral_density(A, num_probes=2, num_steps=10, checkpoint=tmp_path / "slq.ckpt")
 
@@ -302,9 +346,12 @@ def test_results_record_seconds_and_peak_memory():
     t = spectra.trace(A, num_matvecs=30)
     d = lanczos(A, k=3, dense=True)
     wall = time.perf_counter() - t0
-    for seconds, peak in ((r.seconds, r.peak_memory_bytes), (t.seconds, t.peak_memory_bytes),
-                          (s.info["seconds"], s.info["peak_memory_bytes"]),
-                          (d.seconds, d.peak_memory_bytes)):
+    for seconds, peak in (
+        (r.seconds, r.peak_memory_bytes),
+        (t.seconds, t.peak_memory_bytes),
+        (s.info["seconds"], s.info["peak_memory_bytes"]),
+        (d.seconds, d.peak_memory_bytes),
+    ):
         assert 0 < seconds <= wall
         assert rss <= peak <= total  # the process's high-water mark: never decreases
     assert peak_memory_bytes("cpu") >= s.info["peak_memory_bytes"]
@@ -331,7 +378,7 @@ def test_checkpoint_save_and_restore_stream(tmp_path):
     of numpy's allocations (what tracemalloc sees) is about two 16 MiB chunks."""
     import tracemalloc
 
-    from spectra._krylov import load_into
+    from spectra.resumable import load_into
 
     op = spectra.as_linear_operator(spiked())
     ck = KrylovCheckpoint(tmp_path / "big.ckpt", "slq", op, {"x": 1}, 0.0, version=2)

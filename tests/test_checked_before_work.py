@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference_entropy import ReferenceEntropySGD
 
 import spectra
 import spectra.spectrum as spectrum_module
 from entropy_opt import SAM, SGLD, EntropyAdam, EntropySGD
-from entropy_opt.reference import ReferenceEntropySGD
 from spectra.checkpoint import CheckpointError
 from spectra.linear_operator import CallableOperator
 
@@ -147,14 +147,29 @@ def _closure(p: torch.Tensor):
 
 
 OPTIMIZERS = {
-    "EntropySGD": (lambda p, **kw: EntropySGD([p], L=2, **kw),
-                   ["lr", "weight_decay", "sgld_lr", "noise", "gamma", "scoping_rate", "alpha",
-                    "momentum", "sgld_momentum"]),
-    "EntropyAdam": (lambda p, **kw: EntropyAdam([p], L=2, **kw),
-                    ["lr", "eps", "sgld_lr", "noise", "gamma", "weight_decay"]),
+    "EntropySGD": (
+        lambda p, **kw: EntropySGD([p], L=2, **kw),
+        [
+            "lr",
+            "weight_decay",
+            "sgld_lr",
+            "noise",
+            "gamma",
+            "scoping_rate",
+            "alpha",
+            "momentum",
+            "sgld_momentum",
+        ],
+    ),
+    "EntropyAdam": (
+        lambda p, **kw: EntropyAdam([p], L=2, **kw),
+        ["lr", "eps", "sgld_lr", "noise", "gamma", "weight_decay"],
+    ),
     "SGLD": (lambda p, **kw: SGLD([p], **kw), ["lr", "b", "noise", "weight_decay"]),
-    "SAM": (lambda p, **kw: SAM([p], torch.optim.SGD, **{"lr": 0.1, **kw}),
-            ["rho", "lr", "momentum", "weight_decay"]),
+    "SAM": (
+        lambda p, **kw: SAM([p], torch.optim.SGD, **{"lr": 0.1, **kw}),
+        ["rho", "lr", "momentum", "weight_decay"],
+    ),
 }
 CASES = [(name, hp) for name, (_, hps) in OPTIMIZERS.items() for hp in hps]
 
@@ -187,8 +202,18 @@ def test_adam_betas_must_be_finite():
 
 
 def test_reference_optimizer_config_must_be_finite():
-    config = dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0, L=2, sgld_lr=0.1,
-                  noise=INF, gamma=0.03, scoping_rate=1e-3, alpha=0.75)
+    config = dict(
+        lr=0.1,
+        momentum=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        L=2,
+        sgld_lr=0.1,
+        noise=INF,
+        gamma=0.03,
+        scoping_rate=1e-3,
+        alpha=0.75,
+    )
     with pytest.raises(ValueError, match="noise"):
         ReferenceEntropySGD([_param()], config)
 
@@ -208,8 +233,12 @@ FOREIGN = {
     "SGLD": lambda p: SGLD([p]),
     "SAM": lambda p: SAM([p], torch.optim.SGD, lr=0.1),
 }
-PAIRS = [(src, dst) for dst in ("EntropySGD", "EntropyAdam", "SGLD", "SAM") for src in FOREIGN
-         if src != dst]
+PAIRS = [
+    (src, dst)
+    for dst in ("EntropySGD", "EntropyAdam", "SGLD", "SAM")
+    for src in FOREIGN
+    if src != dst
+]
 
 
 @pytest.mark.parametrize(("src", "dst"), PAIRS)
@@ -256,8 +285,9 @@ def test_per_parameter_state_keys_are_checked():
 
 CALLS = {
     "lanczos": lambda op, **kw: spectra.lanczos(op, 2, **kw),
-    "spectral_density": lambda op, **kw: spectra.spectral_density(op, **{"num_probes": 2,
-                                                                      "num_steps": 5, **kw}),
+    "spectral_density": lambda op, **kw: spectra.spectral_density(
+        op, **{"num_probes": 2, "num_steps": 5, **kw}
+    ),
     "trace": lambda op, **kw: spectra.trace(op, **kw),
 }
 BAD = [
@@ -282,7 +312,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("fn", "kwargs", "name"), BAD, ids=[f"{f}-{n}-{kw[n]!r}" for f, kw, n in BAD])
+@pytest.mark.parametrize(
+    ("fn", "kwargs", "name"), BAD, ids=[f"{f}-{n}-{kw[n]!r}" for f, kw, n in BAD]
+)
 def test_bad_argument_refused_before_any_product(A, fn, kwargs, name):
     op = _counting(A)
     with pytest.raises(ValueError, match=name):
@@ -344,14 +376,27 @@ def _foreign_files(tmp_path: Path) -> dict[str, Path]:
     np.savez(tmp_path / "other.npz", x=np.arange(3))
     np.save(tmp_path / "array.npy", np.arange(3.0))
     meta_list = np.array(json.dumps([1, 2]))
-    np.savez(tmp_path / "meta_list.npz", eigenvalues=np.ones(2), weights=np.full(2, 0.5),
-             meta=meta_list)
-    np.savez(tmp_path / "meta_keys.npz", eigenvalues=np.ones(2), weights=np.full(2, 0.5),
-             meta=np.array(json.dumps({"n_params": 2, "colour": "red"})))
-    np.savez(tmp_path / "bad_weights.npz", eigenvalues=np.ones(2), weights=np.ones(2),
-             meta=np.array(json.dumps({"n_params": 2})))
-    np.savez(tmp_path / "no_n_params.npz", eigenvalues=np.ones(2), weights=np.full(2, 0.5),
-             meta=np.array(json.dumps({})))
+    np.savez(
+        tmp_path / "meta_list.npz", eigenvalues=np.ones(2), weights=np.full(2, 0.5), meta=meta_list
+    )
+    np.savez(
+        tmp_path / "meta_keys.npz",
+        eigenvalues=np.ones(2),
+        weights=np.full(2, 0.5),
+        meta=np.array(json.dumps({"n_params": 2, "colour": "red"})),
+    )
+    np.savez(
+        tmp_path / "bad_weights.npz",
+        eigenvalues=np.ones(2),
+        weights=np.ones(2),
+        meta=np.array(json.dumps({"n_params": 2})),
+    )
+    np.savez(
+        tmp_path / "no_n_params.npz",
+        eigenvalues=np.ones(2),
+        weights=np.full(2, 0.5),
+        meta=np.array(json.dumps({})),
+    )
     for name in ("other", "meta_list", "meta_keys", "bad_weights", "no_n_params"):
         out[name] = tmp_path / f"{name}.npz"
     out["npy"] = tmp_path / "array.npy"
@@ -359,8 +404,20 @@ def _foreign_files(tmp_path: Path) -> dict[str, Path]:
     return out
 
 
-CORRUPT = ["truncated", "garbage", "empty", "json", "text", "other", "npy", "meta_list",
-           "meta_keys", "bad_weights", "no_n_params", "folder"]
+CORRUPT = [
+    "truncated",
+    "garbage",
+    "empty",
+    "json",
+    "text",
+    "other",
+    "npy",
+    "meta_list",
+    "meta_keys",
+    "bad_weights",
+    "no_n_params",
+    "folder",
+]
 
 
 @pytest.mark.parametrize("case", CORRUPT)

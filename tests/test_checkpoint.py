@@ -44,9 +44,11 @@ def test_sigkill_mid_build_then_resume_gives_same_spectrum(tmp_path, monkeypatch
     # commit after every block so the kill lands between commits
     monkeypatch.setenv("PYTHONPATH", os.getcwd())
     script = tmp_path / "run.py"
-    script.write_text(SCRIPT.replace("checkpoint=sys.argv[1])",
-                                     "checkpoint=sys.argv[1], checkpoint_every=0.0)")
-                      .replace("spectra.exact_spectrum(", "spectra.exact_spectrum("))
+    script.write_text(
+        SCRIPT.replace(
+            "checkpoint=sys.argv[1])", "checkpoint=sys.argv[1], checkpoint_every=0.0)"
+        ).replace("spectra.exact_spectrum(", "spectra.exact_spectrum(")
+    )
     ckpt = tmp_path / "ckpt"
     state = ckpt / "state.json"
     proc = subprocess.Popen([sys.executable, str(script), str(ckpt), str(tmp_path / "a.npz")])
@@ -73,8 +75,9 @@ def test_sigkill_mid_build_then_resume_gives_same_spectrum(tmp_path, monkeypatch
     fresh = spectra.exact_spectrum(model, loss, data, dtype=torch.float64, chunk_size=8)
     np.testing.assert_array_equal(resumed.eigenvalues, fresh.eigenvalues)
     # a third run reads the stored eigenvalues instead of rebuilding
-    again = spectra.exact_spectrum(model, loss, data, dtype=torch.float64, chunk_size=8,
-                                   checkpoint=ckpt)
+    again = spectra.exact_spectrum(
+        model, loss, data, dtype=torch.float64, chunk_size=8, checkpoint=ckpt
+    )
     assert again.info["eigenvalues_from_checkpoint"]
     np.testing.assert_array_equal(again.eigenvalues, fresh.eigenvalues)
 
@@ -84,8 +87,7 @@ def test_checkpoint_of_another_problem_is_refused(tmp_path):
     ckpt = tmp_path / "ckpt"
     spectra.exact_hessian(model, loss, (X, y), dtype=torch.float64, checkpoint=ckpt)
     with pytest.raises(CheckpointError, match="num_samples"):
-        spectra.exact_hessian(model, loss, (X[:100], y[:100]), dtype=torch.float64,
-                              checkpoint=ckpt)
+        spectra.exact_hessian(model, loss, (X[:100], y[:100]), dtype=torch.float64, checkpoint=ckpt)
     with pytest.raises(CheckpointError, match="dtype"):
         spectra.exact_hessian(model, loss, (X, y), dtype=torch.float32, checkpoint=ckpt)
     other = nn.Sequential(nn.Linear(20, 40), nn.Tanh(), nn.Linear(40, 10)).double()
@@ -127,3 +129,36 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "x.bin").stat().st_mode) == 0o644
+
+
+def test_operators_fingerprint_themselves():
+    import hashlib
+
+    model, loss, (X, y) = problem()
+    H = spectra.hessian_operator(model, loss, (X, y), dtype=torch.float64)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).contiguous()
+    names = "\n".join(name for name, _ in model.named_parameters())
+    fingerprint = H.fingerprint()
+    assert fingerprint.pop("loss") == pytest.approx(float(loss(model(X), y)), rel=1e-12)
+    assert fingerprint == {
+        "operator": "HessianOperator",
+        "n": 1250,
+        "dtype": "torch.float64",
+        "weights_sha256": hashlib.sha256(theta.numpy().tobytes()).hexdigest(),
+        "num_samples": 200,
+        "params": hashlib.sha256(names.encode()).hexdigest()[:16],
+    }
+    A = spectra.as_linear_operator(torch.eye(5, dtype=torch.float64))
+    assert A.fingerprint() == {"operator": "DenseOperator", "n": 5, "dtype": "torch.float64"}
+
+
+def test_block_size_is_asked_of_the_operator():
+    model, loss, (X, y) = problem()
+    H = spectra.hessian_operator(model, loss, (X, y), dtype=torch.float64)
+    # activations of one forward pass over the 200 samples: 40 + 40 + 10 per sample
+    per_column = 8 * (3 * 200 * (40 + 40 + 10) + 4 * 1250)
+    assert H.block_size(memory_budget_bytes=20 * per_column) == 20
+    assert H.block_size(memory_budget_bytes=1) == 16  # at least 16 columns
+    assert H.block_size() == min((1 << 30) // per_column, 2048, 1250)
+    assert spectra.as_linear_operator(torch.eye(300)).block_size() == 256
+    assert spectra.as_linear_operator(torch.eye(30)).block_size() == 30

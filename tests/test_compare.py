@@ -12,14 +12,18 @@ from scipy import integrate
 
 from figures.compare import CompareConfig, compare
 from figures.harness import train
-from spectra import FlatnessReport, Spectrum
-from spectra.local_entropy import laplace_local_entropy, laplace_table
+from spectra import FlatnessReport, Spectrum, laplace_local_entropy, laplace_table
 
 
 def _log_integral_1d(f0: float, lam: float, gamma: float) -> float:
     """log int exp(-f(x') - gamma/2 x'^2) dx' for f = f0 + lam/2 x'^2, at x = x* = 0."""
-    value, _ = integrate.quad(lambda t: math.exp(-f0 - 0.5 * (lam + gamma) * t * t),
-                              -np.inf, np.inf, epsabs=0, epsrel=1e-12)
+    value, _ = integrate.quad(
+        lambda t: math.exp(-f0 - 0.5 * (lam + gamma) * t * t),
+        -np.inf,
+        np.inf,
+        epsabs=0,
+        epsrel=1e-12,
+    )
     return math.log(value)
 
 
@@ -74,15 +78,30 @@ def test_quadrature_spectrum_weights_count_eigenvalues():
 
 
 def test_compare_end_to_end_on_synthetic_data(tmp_path):
-    cfg = CompareConfig(hidden=1, train_size=192, test_size=64, effective_epochs=2,
-                        batch_size=32, spectrum_samples=64, synthetic=True,
-                        optimizers={"sgd": {"lr": 0.05}, "adam": {"lr": 1e-3},
-                                    "entropy-sgd": {"lr": 0.5, "L": 2},
-                                    "sam": {"lr": 0.05, "rho": 0.05}})
+    cfg = CompareConfig(
+        hidden=1,
+        train_size=192,
+        test_size=64,
+        effective_epochs=2,
+        batch_size=32,
+        spectrum_samples=64,
+        synthetic=True,
+        optimizers={
+            "sgd": {"lr": 0.05},
+            "adam": {"lr": 1e-3},
+            "entropy-sgd": {"lr": 0.5, "L": 2},
+            "sam": {"lr": 0.05, "rho": 0.05},
+        },
+    )
     res = compare(cfg, tmp_path, progress=False)
     assert res.data == "synthetic-images"
-    assert [r["optimizer"] for r in res.rows] == ["(initialisation)", "sgd", "adam",
-                                                  "entropy-sgd", "sam"]
+    assert [r["optimizer"] for r in res.rows] == [
+        "(initialisation)",
+        "sgd",
+        "adam",
+        "entropy-sgd",
+        "sam",
+    ]
     n = res.rows[0]["n_params"]
     assert n == 784 * 1 + 1 + 1 * 10 + 10
     # one initialisation: every run's first spectrum is the same "init"
@@ -119,8 +138,15 @@ def test_leaving_L_out_gives_entropy_sgd_its_default_budget(tmp_path):
     """EntropySGD's default L is 20: the budget comes from the optimizer, not from the
     kwargs (a kwargs lookup with a default of 1 gave it 20x the gradient evaluations)."""
     opts = {"sgd": {"lr": 0.05}, "entropy-sgd": {"lr": 0.5}, "sam": {"lr": 0.05}}
-    cfg = CompareConfig(hidden=1, train_size=64, test_size=32, effective_epochs=20,
-                        batch_size=32, synthetic=True, optimizers=opts)
+    cfg = CompareConfig(
+        hidden=1,
+        train_size=64,
+        test_size=32,
+        effective_epochs=20,
+        batch_size=32,
+        synthetic=True,
+        optimizers=opts,
+    )
     assert cfg.gradient_evaluations_per_step("entropy-sgd") == 20
     epochs = {o: cfg.run_config(o, "synthetic-images").epochs for o in opts}
     assert epochs == {"sgd": 20, "entropy-sgd": 1, "sam": 10}  # 1/20 and 1/2 of the steps
@@ -133,7 +159,8 @@ def test_leaving_L_out_gives_entropy_sgd_its_default_budget(tmp_path):
         cfg.run_config("entropy-sgd", "synthetic-images")
     with pytest.raises(ValueError, match="not a multiple of entropy-sgd's 20"):
         CompareConfig(effective_epochs=10, optimizers={"entropy-sgd": {}}).run_config(
-            "entropy-sgd", "mnist")
+            "entropy-sgd", "mnist"
+        )
 
 
 def test_matrix_free_measure_agrees_with_exact():
@@ -148,15 +175,22 @@ def test_matrix_free_measure_agrees_with_exact():
     model = mnistfc(hidden=2, dropout=0.0, batchnorm=False).eval()
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(64, 1, 28, 28, generator=g), torch.randint(10, (64,), generator=g))
-    cfg = CompareConfig(model="mnistfc", hidden=2, lanczos_k=2, slq_probes=2, slq_steps=30,
-                        trace_matvecs=150)
+    cfg = CompareConfig(
+        model="mnistfc", hidden=2, lanczos_k=2, slq_probes=2, slq_steps=30, trace_matvecs=150
+    )
     free = measure(model, data, cfg, "free")
     exact = measure(model, data, CompareConfig(model="small-mnistfc"), "exact")
     assert free.info["method"] == "matrix-free" and exact.info["method"] == "exact"
     assert free.spectrum.kind == "quadrature" and free.measure("top_eigenvalue").method == "lanczos"
     top = free.measure("top_eigenvalue")
-    assert abs(top.value - exact["top_eigenvalue"]) <= top.error_bound + 1e-6 * exact["top_eigenvalue"]
-    assert free["trace"] == pytest.approx(exact["trace"], rel=0.3)
+    assert (
+        abs(top.value - exact["top_eigenvalue"]) <= top.error_bound + 1e-6 * exact["top_eigenvalue"]
+    )
+    # Hutch++ with 150 products on a Hessian of low numerical rank (hidden width 2): within
+    # 4 of its own standard errors plus the float32 products' rounding (it was rel=0.3)
+    trace = free.measure("trace")
+    assert trace.method == "hutch++" and trace.details["matvecs"] == 150
+    assert abs(trace.value - exact["trace"]) <= 4 * trace.stderr + 1e-6 * exact["trace"]
     assert free["loss"] == pytest.approx(exact["loss"], rel=1e-12)
     # the invariant measures do not depend on the spectrum method
     for key in ("adaptive_sharpness@0.05", "relative_flatness"):

@@ -1,4 +1,4 @@
-"""figures.data readers and figures.fetch_data mechanics, on small fixtures written here."""
+"""figures.datasets readers and figures.fetch_data mechanics, on small fixtures written here."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from figures import data, fetch_data
-from figures.data import DataFormatError, MissingDataError
+from figures import datasets, fetch_data
+from figures.datasets import DataFormatError, MissingDataError
 
 # --------------------------------------------------------------------------------------
 # IDX / MNIST
@@ -36,10 +36,12 @@ def write_idx(path: Path, arr: np.ndarray) -> Path:
 @pytest.mark.parametrize("dtype", ["u1", "i2", "f4"])
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_read_idx_roundtrip(tmp_path: Path, dtype: str, suffix: str) -> None:
-    arr = (np.arange(24).reshape(2, 3, 4) - 5).astype(dtype) if dtype != "u1" else np.arange(
-        24, dtype="u1"
-    ).reshape(2, 3, 4)
-    out = data.read_idx(write_idx(tmp_path / f"x{suffix}", arr))
+    arr = (
+        (np.arange(24).reshape(2, 3, 4) - 5).astype(dtype)
+        if dtype != "u1"
+        else np.arange(24, dtype="u1").reshape(2, 3, 4)
+    )
+    out = datasets.read_idx(write_idx(tmp_path / f"x{suffix}", arr))
     assert out.dtype == np.dtype(dtype) and out.dtype.isnative
     np.testing.assert_array_equal(out, arr)
 
@@ -55,12 +57,12 @@ def test_read_idx_errors(tmp_path: Path) -> None:
     for name, blob in cases.items():
         (tmp_path / name).write_bytes(blob)
         with pytest.raises(DataFormatError):
-            data.read_idx(tmp_path / name)
+            datasets.read_idx(tmp_path / name)
     (tmp_path / "cut.gz").write_bytes(gzip.compress(good)[:-8])
     with pytest.raises(DataFormatError, match="truncated"):
-        data.read_idx(tmp_path / "cut.gz")
+        datasets.read_idx(tmp_path / "cut.gz")
     with pytest.raises(MissingDataError):
-        data.read_idx(tmp_path / "absent")
+        datasets.read_idx(tmp_path / "absent")
 
 
 def write_mnist(directory: Path, n_train: int = 5, n_test: int = 3, gz: bool = False) -> None:
@@ -78,37 +80,42 @@ def write_mnist(directory: Path, n_train: int = 5, n_test: int = 3, gz: bool = F
 )
 def test_load_mnist_layouts(tmp_path: Path, layout: str, gz: bool) -> None:
     write_mnist(tmp_path / layout, gz=gz)
-    x, y = data.load_mnist(tmp_path, "train")
+    x, y = datasets.load_mnist(tmp_path, "train")
     assert x.shape == (5, 1, 28, 28) and x.dtype == torch.float32
     assert x[0, 0, 0, 0] == 0.0 and x[0, 0, 0, 1] == 1.0 and 0 <= x.min() and x.max() <= 1
     assert y.dtype == torch.int64 and y.tolist() == [0, 1, 2, 3, 4]
-    assert data.load_mnist(tmp_path, "test")[0].shape == (3, 1, 28, 28)
+    assert datasets.load_mnist(tmp_path, "test")[0].shape == (3, 1, 28, 28)
 
 
 def test_load_from_env_and_default_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_mnist(tmp_path / "env")
     monkeypatch.setenv("HS_MNIST_DIR", str(tmp_path / "env"))
-    assert len(data.load_mnist()[0]) == 5
+    assert len(datasets.load_mnist()[0]) == 5
     monkeypatch.delenv("HS_MNIST_DIR")
     write_mnist(tmp_path / "default" / "fashion-mnist" / "FashionMNIST/raw", n_train=4, gz=True)
     monkeypatch.setenv("HS_DATA_DIR", str(tmp_path / "default"))
-    assert len(data.load_fashion_mnist(split="train")[1]) == 4
+    assert len(datasets.load_fashion_mnist(split="train")[1]) == 4
+    # without HS_DATA_DIR: data/ in the current directory (where `make data` writes it)
+    monkeypatch.delenv("HS_DATA_DIR")
+    write_mnist(tmp_path / "cwd" / "data" / "mnist", n_train=3)
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert datasets.data_dir() == Path("data") and len(datasets.load_mnist()[0]) == 3
 
 
 def test_missing_and_bad_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HS_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("HS_MNIST_DIR", raising=False)
     with pytest.raises(MissingDataError, match="make data") as info:
-        data.load_mnist()
+        datasets.load_mnist()
     assert isinstance(info.value, FileNotFoundError) and "HS_MNIST_DIR" in str(info.value)
     with pytest.raises(MissingDataError, match="HS_FASHION_MNIST_DIR"):
-        data.load_fashion_mnist(tmp_path / "nowhere")
+        datasets.load_fashion_mnist(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="split"):
-        data.load_mnist(tmp_path, "valid")
+        datasets.load_mnist(tmp_path, "valid")
     write_mnist(tmp_path / "bad")
     write_idx(tmp_path / "bad/train-labels-idx1-ubyte", np.zeros(4, "u1"))
     with pytest.raises(DataFormatError, match="do not match"):
-        data.load_mnist(tmp_path / "bad")
+        datasets.load_mnist(tmp_path / "bad")
 
 
 # --------------------------------------------------------------------------------------
@@ -127,21 +134,21 @@ def write_cifar(directory: Path, n: int = 2) -> None:
 
 def test_load_cifar10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_cifar(tmp_path / "cifar-10-batches-py")
-    x, y = data.load_cifar10(tmp_path, "train")
+    x, y = datasets.load_cifar10(tmp_path, "train")
     assert x.shape == (10, 3, 32, 32) and x.dtype == torch.float32
     assert (x[:, 1] == 1.0).all() and x[0, 0, 0, 0] == 0.0 and x[-1, 0, 0, 0] == 4 / 255
     assert y.dtype == torch.int64 and y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     monkeypatch.setenv("HS_CIFAR10_DIR", str(tmp_path / "cifar-10-batches-py"))
-    assert data.load_cifar10(split="test")[1].tolist() == [5, 5]
+    assert datasets.load_cifar10(split="test")[1].tolist() == [5, 5]
 
 
 def test_cifar10_missing_and_unsafe(tmp_path: Path) -> None:
     with pytest.raises(MissingDataError, match="HS_CIFAR10_DIR"):
-        data.load_cifar10(tmp_path)
+        datasets.load_cifar10(tmp_path)
     write_cifar(tmp_path)
     (tmp_path / "data_batch_3").write_bytes(pickle.dumps(os.getcwd))  # not a numpy object
     with pytest.raises(DataFormatError, match="refusing"):
-        data.load_cifar10(tmp_path)
+        datasets.load_cifar10(tmp_path)
 
 
 # --------------------------------------------------------------------------------------
@@ -151,12 +158,12 @@ def test_cifar10_missing_and_unsafe(tmp_path: Path) -> None:
 
 def test_load_text(tmp_path: Path) -> None:
     (tmp_path / "t.txt").write_bytes("Émma\r\nline\n".encode())
-    assert data.load_text(tmp_path / "t.txt") == "Émma\r\nline\n"
+    assert datasets.load_text(tmp_path / "t.txt") == "Émma\r\nline\n"
     (tmp_path / "bad.txt").write_bytes(b"ok \xff")
     with pytest.raises(DataFormatError, match="UTF-8"):
-        data.load_text(tmp_path / "bad.txt")
+        datasets.load_text(tmp_path / "bad.txt")
     with pytest.raises(MissingDataError):
-        data.load_text(tmp_path / "absent.txt")
+        datasets.load_text(tmp_path / "absent.txt")
 
 
 def test_load_ptb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,13 +172,13 @@ def test_load_ptb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (root / "ptb.train.txt").write_text(" the cat <unk> \n the dog \n")
     (root / "ptb.valid.txt").write_text(" the cat \n")
     (root / "ptb.test.txt").write_text(" a dog \n")  # 'a' unseen -> <unk>
-    corpus = data.load_ptb(tmp_path)
+    corpus = datasets.load_ptb(tmp_path)
     assert corpus.vocab == ["the", "cat", "<unk>", "<eos>", "dog"]
     assert corpus.train.tolist() == [0, 1, 2, 3, 0, 4, 3]
     assert corpus.valid.tolist() == [0, 1, 3] and corpus.test.tolist() == [2, 4, 3]
     monkeypatch.setenv("HS_PTB_DIR", str(tmp_path / "elsewhere"))
     with pytest.raises(MissingDataError, match="HS_PTB_DIR"):
-        data.load_ptb()
+        datasets.load_ptb()
 
 
 # --------------------------------------------------------------------------------------
@@ -210,14 +217,14 @@ def test_unserialize_strings_with_na_and_encodings() -> None:
     body = i32(16, 5) + r_char(b"plain") + r_char(None)
     body += r_char("café".encode(), 1 << 3) + r_char("café".encode("latin-1"), 1 << 2)
     body += r_char("ñ".encode(), 0)  # no flag: native encoding from the v3 header
-    out = data.unserialize_r(r_header(3) + body)
+    out = datasets.unserialize_r(r_header(3) + body)
     assert list(out) == ["plain", None, "café", "café", "ñ"] and out.attributes == {}
-    assert data.unserialize_r(r_header(2) + i32(16, 1) + r_char(b"v2")) == ["v2"]
-    assert data.unserialize_r(r_header() + i32(13, 3, 1, -(2**31), 7)) == [1, None, 7]
+    assert datasets.unserialize_r(r_header(2) + i32(16, 1) + r_char(b"v2")) == ["v2"]
+    assert datasets.unserialize_r(r_header() + i32(13, 3, 1, -(2**31), 7)) == [1, None, 7]
     with pytest.raises(DataFormatError, match="XDR"):
-        data.unserialize_r(b"A\n" + body)
+        datasets.unserialize_r(b"A\n" + body)
     with pytest.raises(DataFormatError, match="truncated"):
-        data.unserialize_r(r_header() + body[:-3])
+        datasets.unserialize_r(r_header() + body[:-3])
 
 
 NOVELS = {"persuasion": ["Persuasion", "", "Anne Elliot"], "emma": ["EMMA", "Emma Woodhouse"]}
@@ -243,24 +250,24 @@ def write_rdata(directory: Path, novels: dict[str, list[str]]) -> Path:
 
 def test_read_rdata_and_austen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rdb = write_rdata(tmp_path / "janeaustenr" / "data", NOVELS)
-    assert data.read_rdata(rdb) == NOVELS
-    novels = data.austen_novels_from_rdata(rdb)
+    assert datasets.read_rdata(rdb) == NOVELS
+    novels = datasets.austen_novels_from_rdata(rdb)
     assert list(novels) == ["emma", "persuasion"]  # publication order
     assert novels["persuasion"] == "Persuasion\n\nAnne Elliot"
     combined = "EMMA\nEmma Woodhouse\nPersuasion\n\nAnne Elliot"
-    assert data.join_austen(novels) == combined
-    assert data.load_austen(tmp_path / "janeaustenr") == combined  # decodes the package dir
-    assert data.load_austen(tmp_path / "janeaustenr", novel="emma") == "EMMA\nEmma Woodhouse"
+    assert datasets.join_austen(novels) == combined
+    assert datasets.load_austen(tmp_path / "janeaustenr") == combined  # decodes the package dir
+    assert datasets.load_austen(tmp_path / "janeaustenr", novel="emma") == "EMMA\nEmma Woodhouse"
     (tmp_path / "txt").mkdir()
     (tmp_path / "txt" / "austen.txt").write_text("from text")
     monkeypatch.setenv("HS_AUSTEN_DIR", str(tmp_path / "txt"))
-    assert data.load_austen() == "from text"
+    assert datasets.load_austen() == "from text"
     monkeypatch.setenv("HS_AUSTEN_DIR", str(tmp_path / "none"))
     with pytest.raises(MissingDataError, match="make data"):
-        data.load_austen()
+        datasets.load_austen()
     rdb.write_bytes(rdb.read_bytes()[:-5])
     with pytest.raises(DataFormatError):
-        data.read_rdata(rdb)
+        datasets.read_rdata(rdb)
 
 
 # --------------------------------------------------------------------------------------
@@ -269,19 +276,19 @@ def test_read_rdata_and_austen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_char_vocab() -> None:
-    vocab = data.CharVocab.from_text("hello world")
+    vocab = datasets.CharVocab.from_text("hello world")
     assert vocab.chars == (" ", "d", "e", "h", "l", "o", "r", "w") and vocab.unk is None
     ids = vocab.encode("hold")
     assert ids.dtype == torch.int64 and vocab.decode(ids) == "hold"
     with pytest.raises(ValueError, match="'z'"):
         vocab.encode("zz")
-    capped = data.CharVocab.from_text("aaabbcd", max_size=3, unk="?")
+    capped = datasets.CharVocab.from_text("aaabbcd", max_size=3, unk="?")
     assert capped.chars == ("a", "b", "?") and capped.decode(capped.encode("cabd")) == "?ab?"
 
 
 def test_char_lines_shapes_and_shift() -> None:
     text = "".join(chr(33 + (i * 7) % 120) for i in range(2000))  # 120 distinct characters
-    inputs, targets, vocab = data.char_lines(text, n_lines=8, line_len=5, vocab_size=96)
+    inputs, targets, vocab = datasets.char_lines(text, n_lines=8, line_len=5, vocab_size=96)
     assert inputs.shape == (8, 5, 96) and inputs.dtype == torch.float32
     assert targets.shape == (8, 5) and targets.dtype == torch.int64
     assert len(vocab) == 96 and vocab.unk is not None
@@ -292,32 +299,32 @@ def test_char_lines_shapes_and_shift() -> None:
     assert len(rare) == 120 - 95
     assert torch.equal(vocab.encode(text[:41])[1:].view(8, 5), targets)
     with pytest.raises(ValueError, match="needs"):
-        data.char_lines("short", n_lines=2, line_len=3)
+        datasets.char_lines("short", n_lines=2, line_len=3)
 
 
 def test_char_splits_and_bptt() -> None:
     text = "abcdefghij" * 10
-    train, valid, test = data.char_splits(text)
+    train, valid, test = datasets.char_splits(text)
     assert (len(train), len(valid), len(test)) == (80, 10, 10) and train + valid + test == text
     with pytest.raises(ValueError, match="fractions"):
-        data.char_splits(text, (0.5, 0.5, 0.5))
-    batched = data.batchify(torch.arange(23), 2)
+        datasets.char_splits(text, (0.5, 0.5, 0.5))
+    batched = datasets.batchify(torch.arange(23), 2)
     assert batched.tolist() == [list(range(11)), list(range(11, 22))]
-    windows = list(data.bptt_batches(batched, bptt=4))
+    windows = list(datasets.bptt_batches(batched, bptt=4))
     assert [x.shape[1] for x, _ in windows] == [4, 4, 2]
     for x, y in windows:
         assert torch.equal(x + 1, y)
     with pytest.raises(ValueError):
-        data.batchify(torch.arange(3), 2)
+        datasets.batchify(torch.arange(3), 2)
 
 
 def test_subsample_is_reproducible() -> None:
     x, y = torch.arange(20.0).view(10, 2), torch.arange(10)
-    xs, ys = data.subsample(x, y, 4, seed=1)
+    xs, ys = datasets.subsample(x, y, 4, seed=1)
     assert torch.equal(xs[:, 0] / 2, ys.float()) and len(set(ys.tolist())) == 4
-    assert torch.equal(data.subsample(x, y, 4, seed=1)[1], ys)
+    assert torch.equal(datasets.subsample(x, y, 4, seed=1)[1], ys)
     with pytest.raises(ValueError):
-        data.subsample(x, y, 11)
+        datasets.subsample(x, y, 11)
 
 
 # --------------------------------------------------------------------------------------
@@ -328,7 +335,9 @@ def test_subsample_is_reproducible() -> None:
 def test_verify_hashes(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_bytes(b"abc")
-    abc_sha512 = "3a81oZNherrMQXNJriBBMRLm+k6JqX6iCp7u5ktV05ohkpkqJ0/BqDa6PCOj/uu9RU1EI2Q86A4qmslPpUyknw=="
+    abc_sha512 = (
+        "3a81oZNherrMQXNJriBBMRLm+k6JqX6iCp7u5ktV05ohkpkqJ0/BqDa6PCOj/uu9RU1EI2Q86A4qmslPpUyknw=="
+    )
     fetch_data.verify_integrity(f, f"sha512-{abc_sha512}")
     with pytest.raises(fetch_data.FetchError, match="integrity mismatch"):
         fetch_data.verify_integrity(f, fetch_data.MNIST_INTEGRITY)

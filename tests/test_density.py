@@ -6,17 +6,10 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import wasserstein_distance
+from synthetic import with_eigenvalues as _sym
 
 from spectra.density import spectral_density
 from spectra.spectrum import Spectrum, default_sigma
-
-
-def _sym(lam: np.ndarray, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    n = lam.size
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    A = (Q * torch.as_tensor(lam)) @ Q.T
-    return (0.5 * (A + A.T)).to(dtype)
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +126,9 @@ def test_memory_guard_names_bytes(nn_like):
     fall back to a cheaper one instead (tests/test_bounded_memory.py)."""
     A, _ = nn_like
     with pytest.raises(MemoryError, match="GiB.*num_steps"):
-        spectral_density(A, num_probes=10, num_steps=100, max_basis_bytes=10**6,
-                         reorthogonalization="full")
+        spectral_density(
+            A, num_probes=10, num_steps=100, max_basis_bytes=10**6, reorthogonalization="full"
+        )
 
 
 def test_non_symmetric_raises():

@@ -32,8 +32,9 @@ def _worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         model, loss, X, y = problem()
-        shard = (X[:SPLIT], y[:SPLIT]) if rank == 0 else [(X[SPLIT:16], y[SPLIT:16]),
-                                                          (X[16:], y[16:])]
+        shard = (
+            (X[:SPLIT], y[:SPLIT]) if rank == 0 else [(X[SPLIT:16], y[SPLIT:16]), (X[16:], y[16:])]
+        )
         H = spectra.hessian_operator(model, loss, shard, process_group=True)
         dense = H.to_dense()
         result = {
@@ -59,8 +60,9 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["num_samples"] == 20
-        np.testing.assert_allclose(got["eigenvalues"], expected, rtol=0,
-                                   atol=1e-10 * np.abs(expected).max())
+        np.testing.assert_allclose(
+            got["eigenvalues"], expected, rtol=0, atol=1e-10 * np.abs(expected).max()
+        )
         assert abs(got["loss"] - H.loss) < 1e-12
         np.testing.assert_allclose(got["grad"], H.gradient().numpy(), rtol=0, atol=1e-12)
 

@@ -77,7 +77,9 @@ def test_groups_that_disagree_on_L_are_refused_by_the_cost_and_by_step():
     opt = EntropyAdam([{"params": first}, {"params": second}], L=3)
     assert opt.gradient_evaluations_per_step == 3  # groups that agree are fine
     opt.param_groups[1]["L"] = 5
-    with pytest.raises(ValueError, match=r"share L and discard_first_grad.*\(3, False\), \(5, False\)"):
+    with pytest.raises(
+        ValueError, match=r"share L and discard_first_grad.*\(3, False\), \(5, False\)"
+    ):
         opt.gradient_evaluations_per_step  # noqa: B018
     with pytest.raises(ValueError, match="share L"):
         measured_calls(opt, model, X, Y, steps=1)

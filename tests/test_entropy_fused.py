@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference_entropy import CONFIG, ReferenceEntropySGD
 
-from entropy_opt import EntropyAdam, EntropySGD, local_entropy
-from entropy_opt._common import fused_ok
-from entropy_opt.local_entropy import _fused_for, _sgld_update
-from entropy_opt.reference import ReferenceEntropySGD
+from entropy_opt import EntropyAdam, EntropySGD, base
+from entropy_opt._common import fused_ok, resolve_foreach
+from entropy_opt.base import _fused_for, _sgld_update
 
 CPU = torch.device("cpu")
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
-needs_fused_sgd = pytest.mark.skipif(not fused_ok("sgd", CPU, torch.float32),
-                                     reason="this torch has no CPU torch._fused_sgd_")
-needs_fused_adam = pytest.mark.skipif(not fused_ok("adam", CPU, torch.float32),
-                                      reason="this torch has no CPU torch._fused_adam_")
+needs_fused_sgd = pytest.mark.skipif(
+    not fused_ok("sgd", CPU, torch.float32), reason="this torch has no CPU torch._fused_sgd_"
+)
+needs_fused_adam = pytest.mark.skipif(
+    not fused_ok("adam", CPU, torch.float32), reason="this torch has no CPU torch._fused_adam_"
+)
 SHAPES = [(7, 5), (5,), (3, 5), (1,)]
 
 
@@ -54,8 +56,9 @@ def test_inner_step_equals_textbook_update_for_fixed_noise(dtype, case, path):
     gen = torch.Generator().manual_seed(5)
 
     def rand(scale=1.0):
-        return [scale * torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)
-                for s in SHAPES]
+        return [
+            scale * torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES
+        ]
 
     x = rand()
     xp = [a + 1e-2 * d for a, d in zip(x, rand(), strict=True)]
@@ -66,10 +69,21 @@ def test_inner_step_equals_textbook_update_for_fixed_noise(dtype, case, path):
     for _ in range(5):  # buffers carried across iterations, fresh gradient and noise each
         g, z = rand(), rand()
         want_xp, want_mu, want_b = _textbook(want_xp, x, g, want_mu, want_b, z, **hyper)
-        _sgld_update(xp, x, [t.clone() for t in g], mu, bufs, z, foreach=path != "loop",
-                     fused=path == "fused", **hyper)
+        _sgld_update(
+            xp,
+            x,
+            [t.clone() for t in g],
+            mu,
+            bufs,
+            z,
+            foreach=path != "loop",
+            fused=path == "fused",
+            **hyper,
+        )
     tol = TOL[dtype]
-    for got, want in ((xp, want_xp), (mu, want_mu)) + (((bufs, want_b),) if case["momentum"] else ()):
+    for got, want in ((xp, want_xp), (mu, want_mu)) + (
+        ((bufs, want_b),) if case["momentum"] else ()
+    ):
         for a, b in zip(got, want, strict=True):
             assert a.dtype == dtype
             torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
@@ -81,15 +95,22 @@ class NoiseTape:
     order) see the same noise."""
 
     def __init__(self, n: int, seed: int) -> None:
-        self.values = torch.randn(n, generator=torch.Generator().manual_seed(seed),
-                                  dtype=torch.float64)
+        self.values = torch.randn(
+            n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
         self.pos = 0
 
-    def __call__(self, t: torch.Tensor, mean: float = 0.0, std: float = 1.0, *,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        t: torch.Tensor,
+        mean: float = 0.0,
+        std: float = 1.0,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         k = t.numel()
         assert self.pos + k <= self.values.numel(), "noise tape exhausted"
-        t.copy_((self.values[self.pos: self.pos + k] * std + mean).view(t.shape))
+        t.copy_((self.values[self.pos : self.pos + k] * std + mean).view(t.shape))
         self.pos += k
         return t
 
@@ -106,8 +127,9 @@ def _run(make_opt, dtype, steps=4, tape_seed=None):
 
 def _train(make_opt, dtype, steps):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
-                                torch.nn.Linear(8, 3)).to(dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(
+        dtype
+    )
     X, Y = torch.randn(64, 5, dtype=dtype), torch.randint(0, 3, (64,))
     opt = make_opt(model.parameters())
     k = [0]
@@ -125,14 +147,15 @@ def _train(make_opt, dtype, steps):
     return torch.cat([p.detach().flatten() for p in model.parameters()]).double()
 
 
-PAPER = dict(lr=0.5, momentum=0.9, nesterov=True, weight_decay=1e-3, L=5, sgld_lr=0.1,
-             noise=0.1, gamma=0.03, scoping_rate=0.05, alpha=0.75)
+PAPER = dict(CONFIG, noise=0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("inner", [dict(sgld_momentum=0.9, sgld_nesterov=True),
-                                   dict(sgld_momentum=0.0, sgld_nesterov=False)],
-                         ids=["inner-nesterov", "inner-plain"])
+@pytest.mark.parametrize(
+    "inner",
+    [dict(sgld_momentum=0.9, sgld_nesterov=True), dict(sgld_momentum=0.0, sgld_nesterov=False)],
+    ids=["inner-nesterov", "inner-plain"],
+)
 @pytest.mark.parametrize("foreach", [True, False])
 def test_optimizer_equals_per_parameter_reference_with_the_same_noise(dtype, inner, foreach):
     cfg = dict(PAPER, **inner)
@@ -144,6 +167,29 @@ def test_optimizer_equals_per_parameter_reference_with_the_same_noise(dtype, inn
     assert (a - c).abs().max() > 1e3 * TOL[torch.float32]  # the noise matters at this size
 
 
+class _Marked(torch.Tensor):
+    """A tensor subclass: torch.optim keeps those off the foreach path."""
+
+
+def test_foreach_none_is_torch_optims_rule_with_the_cpu_added():
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    cpu = [torch.nn.Parameter(torch.ones(3)), torch.ones(2)]
+    meta = [torch.ones(2, device="meta")]
+    marked = [torch.ones(2).as_subclass(_Marked)]
+    assert resolve_foreach(None, cpu) and not resolve_foreach(False, cpu)
+    assert resolve_foreach(True, meta) and not resolve_foreach(None, meta)
+    assert not resolve_foreach(None, marked)
+    for tensors in (meta, marked):  # off the CPU, torch.optim's own answer
+        assert resolve_foreach(None, tensors) == _default_to_fused_or_foreach(tensors, False)[1]
+    if torch.cuda.is_available():
+        assert resolve_foreach(None, [torch.ones(2, device="cuda")])
+    # the CPU default is the foreach path, fused kernels included: bit-identical to True
+    cfg = dict(PAPER, momentum=0.9, sgld_momentum=0.9, sgld_nesterov=True)
+    default = _run(lambda p: EntropySGD(p, **cfg), torch.float32)
+    assert torch.equal(default, _run(lambda p: EntropySGD(p, **cfg, foreach=True), torch.float32))
+
+
 @needs_fused_sgd
 def test_fused_path_is_taken_and_agrees_with_unfused(monkeypatch):
     cfg = dict(PAPER, sgld_momentum=0.9, sgld_nesterov=True)
@@ -153,7 +199,7 @@ def test_fused_path_is_taken_and_agrees_with_unfused(monkeypatch):
     assert not _fused_for(params, 0.9, foreach=False)
     assert not _fused_for([torch.nn.Parameter(torch.ones(4, 3).t())], 0.9, foreach=True)
     a = _run(lambda p: EntropySGD(p, **cfg), torch.float32)
-    monkeypatch.setattr(local_entropy, "USE_FUSED", False)
+    monkeypatch.setattr(base, "USE_FUSED", False)
     b = _run(lambda p: EntropySGD(p, **cfg), torch.float32)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
@@ -182,8 +228,7 @@ def test_fused_outer_momentum_step_leaves_the_local_entropy_gradient_in_grad(nes
         step = G + 0.9 * buf if nesterov else buf
         torch.testing.assert_close(opt.state[x]["momentum_buffer"], buf, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(x.detach(), before - 0.3 * step, rtol=1e-6, atol=1e-7)
-        assert opt.state["diagnostics"]["dist_x_mu"].item() == pytest.approx(
-            G.norm().item(), rel=1e-5)
+        assert opt.diagnostics["dist_x_mu"].item() == pytest.approx(G.norm().item(), rel=1e-5)
 
 
 @needs_fused_sgd
@@ -193,8 +238,7 @@ def test_non_contiguous_gradients_fall_back_to_the_foreach_step():
     def run(foreach):
         torch.manual_seed(0)
         w = torch.nn.Parameter(torch.randn(4, 3))
-        opt = EntropySGD([w], lr=0.5, L=3, sgld_momentum=0.9, noise=0.0, gamma=0.1,
-                         foreach=foreach)
+        opt = EntropySGD([w], lr=0.5, L=3, sgld_momentum=0.9, noise=0.0, gamma=0.1, foreach=foreach)
         target = torch.arange(12.0).view(4, 3)
 
         def closure():
@@ -220,7 +264,7 @@ def test_fused_outer_adam_equals_the_foreach_and_loop_updates(dtype, monkeypatch
     kw = dict(lr=1e-2, L=3, noise=1e-2, gamma=0.1, weight_decay=1e-3)
     fused = _run(lambda p: EntropyAdam(p, **kw), dtype, tape_seed=3)
     loop = _run(lambda p: EntropyAdam(p, **kw, foreach=False), dtype, tape_seed=3)
-    monkeypatch.setattr(local_entropy, "USE_FUSED", False)
+    monkeypatch.setattr(base, "USE_FUSED", False)
     plain = _run(lambda p: EntropyAdam(p, **kw), dtype, tape_seed=3)
     torch.testing.assert_close(fused, plain, rtol=0, atol=TOL[dtype])
     torch.testing.assert_close(fused, loop, rtol=0, atol=TOL[dtype])

@@ -41,7 +41,7 @@ def run_gammas(opt, x, steps=5):
     out = []
     for _ in range(steps):
         opt.step(closure)
-        out.append(opt.state["diagnostics"]["gamma"])
+        out.append(opt.diagnostics["gamma"])
     return out
 
 

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from reference_entropy import CONFIG, ReferenceEntropySGD
 
 from entropy_opt import EntropySGD
-from entropy_opt.reference import ReferenceEntropySGD
 
 torch.set_default_dtype(torch.float32)
 
@@ -50,34 +50,30 @@ def mlp_run(make_opt, steps=5, seed=0):
     return torch.cat([p.detach().flatten() for p in model.parameters()]), opt, losses, k[0]
 
 
-CFG = dict(lr=0.5, momentum=0.9, nesterov=True, weight_decay=1e-3, L=5, sgld_lr=0.1,
-           noise=0.0, gamma=0.03, scoping_rate=0.05, alpha=0.75)
-
-
 def test_matches_per_parameter_reference_paper_mode():
-    cfg = dict(CFG, sgld_momentum=0.9, sgld_nesterov=True)
+    cfg = dict(CONFIG, sgld_momentum=0.9, sgld_nesterov=True)
     a, opt, _, calls = mlp_run(lambda p: EntropySGD(p, **cfg))
     b, _, _, _ = mlp_run(lambda p: ReferenceEntropySGD(p, cfg))
     assert calls == 5 * 5  # L closures per step: the gradient at x is used, not discarded
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert opt.state["diagnostics"]["gamma"] == pytest.approx(0.03 * 1.05**4)
+    assert opt.diagnostics["gamma"] == pytest.approx(0.03 * 1.05**4)
 
 
 def test_authors_code_setting_matches_authors_style_reference():
     # without momentum the authors' setting reproduces their code exactly
-    cfg = dict(CFG, momentum=0.0, nesterov=False)
+    cfg = dict(CONFIG, momentum=0.0, nesterov=False)
     a, opt, _, calls = mlp_run(lambda p: EntropySGD.authors_code(p, **dict(cfg, alpha=0.25)))
     b, _, _, _ = mlp_run(lambda p: ReferenceEntropySGD(p, cfg, authors=True))
     assert calls == 5 * 6  # L + 1: the first gradient is thrown away
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert opt.state["diagnostics"]["gamma"] == 0.03  # the frozen scoping counter
+    assert opt.diagnostics["gamma"] == 0.03  # the frozen scoping counter
     c, *_ = mlp_run(lambda p: EntropySGD(p, **cfg))
     assert (a - c).abs().max() > 1e-3  # and the paper's algorithm is a different one
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_foreach_and_loop_paths_agree(momentum):
-    kw = dict(CFG, noise=1e-3, momentum=momentum, nesterov=False, sgld_momentum=momentum)
+    kw = dict(CONFIG, noise=1e-3, momentum=momentum, nesterov=False, sgld_momentum=momentum)
     a, *_ = mlp_run(lambda p: EntropySGD(p, **kw, foreach=True))
     b, *_ = mlp_run(lambda p: EntropySGD(p, **kw, foreach=False))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
@@ -92,7 +88,7 @@ def test_reduces_to_sgd_with_one_uncoupled_noiseless_sample():
 
 
 def test_determinism_with_seed():
-    kw = dict(CFG, noise=1e-2)
+    kw = dict(CONFIG, noise=1e-2)
     a, *_ = mlp_run(lambda p: EntropySGD(p, **kw), seed=3)
     b, *_ = mlp_run(lambda p: EntropySGD(p, **kw), seed=3)
     c, *_ = mlp_run(lambda p: EntropySGD(p, **kw), seed=4)
@@ -105,8 +101,9 @@ def test_convex_quadratic_same_minimiser_as_sgd():
     # remark after eq. 9: for convex f, local entropy has the same minimiser as f
     for make in (
         lambda p: torch.optim.SGD(p, lr=0.3),
-        lambda p: EntropySGD(p, lr=1.0, L=10, sgld_lr=0.2, noise=1e-4, gamma=0.3,
-                             scoping="constant"),
+        lambda p: EntropySGD(
+            p, lr=1.0, L=10, sgld_lr=0.2, noise=1e-4, gamma=0.3, scoping="constant"
+        ),
     ):
         torch.manual_seed(0)
         x = torch.nn.Parameter(torch.full((5,), 3.0, dtype=torch.float64))
@@ -125,16 +122,24 @@ def test_local_entropy_gradient_matches_gibbs_mean(wd):
     A, c = spd(n, 1), torch.linspace(-2, 2, n, dtype=torch.float64)
     x0 = torch.linspace(1, 3, n, dtype=torch.float64)
     x = torch.nn.Parameter(x0.clone())
-    opt = EntropySGD([x], lr=0.0, L=300, sgld_lr=0.1, noise=1e-4, gamma=gamma,
-                     scoping="constant", weight_decay=wd, scale_by_gamma=True)
+    opt = EntropySGD(
+        [x],
+        lr=0.0,
+        L=300,
+        sgld_lr=0.1,
+        noise=1e-4,
+        gamma=gamma,
+        scoping="constant",
+        weight_decay=wd,
+        scale_by_gamma=True,
+    )
     torch.manual_seed(0)
     opt.step(quad_closure(opt, x, A, c))
     mean = torch.linalg.solve(A + (wd + gamma) * torch.eye(n, dtype=A.dtype), A @ c + gamma * x0)
     expected = gamma * (x0 - mean)
     torch.testing.assert_close(x.grad, expected, rtol=0, atol=2e-4)
     assert torch.equal(x.detach(), x0)  # lr = 0: x restored after the inner loop
-    assert opt.state["diagnostics"]["dist_x_mu"].item() == pytest.approx(
-        (x0 - mean).norm().item(), abs=1e-3)
+    assert opt.diagnostics["dist_x_mu"].item() == pytest.approx((x0 - mean).norm().item(), abs=1e-3)
 
 
 def test_first_gradient_is_at_x_and_drives_the_angle_diagnostic():
@@ -144,7 +149,7 @@ def test_first_gradient_is_at_x_and_drives_the_angle_diagnostic():
     x = torch.nn.Parameter(x0.clone())
     opt = EntropySGD([x], lr=0.0, L=1, alpha=1.0, noise=0.0, sgld_lr=0.3, gamma=0.7)
     loss = opt.step(quad_closure(opt, x, A, c))
-    d = opt.state["diagnostics"]
+    d = opt.diagnostics
     assert loss.item() == pytest.approx(0.5 * (x0 @ A @ x0).item())
     assert d["dist_x_mu"].item() == pytest.approx(0.3 * (A @ x0).norm().item())
     assert d["cos_angle"].item() == pytest.approx(1.0)
@@ -179,7 +184,7 @@ def test_wide_minimum_preferred_over_sharp_deeper_one():
     # 1-D cartoon of Fig. 2: a wide shallow well at 0 (depth 1, width 1) and a sharp deeper
     # well at 2.5 (depth 1.3, width 0.1); 200 independent runs are the coordinates of x.
     def f(x):
-        return (-torch.exp(-x**2 / 2) - 1.3 * torch.exp(-((x - 2.5) ** 2) / 0.02)).sum()
+        return (-torch.exp(-(x**2) / 2) - 1.3 * torch.exp(-((x - 2.5) ** 2) / 0.02)).sum()
 
     g = torch.Generator().manual_seed(0)
     x0 = 2.5 + 0.3 * (2 * torch.rand(200, generator=g) - 1)
@@ -204,8 +209,12 @@ def test_wide_minimum_preferred_over_sharp_deeper_one():
     # Entropy-SGD with the paper's eta' = 0.1: the SGLD chain cannot settle in a well of
     # curvature > 2 / eta' under thermal noise, so mu, and x with it, drifts to the wide one.
     torch.manual_seed(1)
-    xe = run(lambda p: EntropySGD(p, lr=0.5, L=20, sgld_lr=0.1, noise=0.3, gamma=0.3,
-                                  scoping="constant"), 100)
+    xe = run(
+        lambda p: EntropySGD(
+            p, lr=0.5, L=20, sgld_lr=0.1, noise=0.3, gamma=0.3, scoping="constant"
+        ),
+        100,
+    )
     assert (xe.abs() < 0.3).float().mean() >= 0.9
 
 
@@ -214,8 +223,13 @@ def test_param_groups_use_their_own_learning_rates():
     a = torch.nn.Parameter(torch.ones(3))
     b = torch.nn.Parameter(torch.ones(3))
     frozen = torch.nn.Parameter(torch.ones(3))
-    opt = EntropySGD([{"params": [a], "lr": 0.5}, {"params": [b]}, {"params": [frozen], "lr": 0}],
-                     lr=0.1, L=3, noise=0.0, gamma=0.1)
+    opt = EntropySGD(
+        [{"params": [a], "lr": 0.5}, {"params": [b]}, {"params": [frozen], "lr": 0}],
+        lr=0.1,
+        L=3,
+        noise=0.0,
+        gamma=0.1,
+    )
 
     def closure():
         opt.zero_grad()
@@ -310,7 +324,7 @@ def test_bad_value_in_a_param_group_is_caught():
 
 
 def test_flat_buffers_give_identical_results():
-    kw = dict(CFG, noise=1e-3, sgld_momentum=0.5, sgld_nesterov=True)
+    kw = dict(CONFIG, noise=1e-3, sgld_momentum=0.5, sgld_nesterov=True)
     a, opt, *_ = mlp_run(lambda p: EntropySGD(p, **kw, flat=True))
     b, *_ = mlp_run(lambda p: EntropySGD(p, **kw))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

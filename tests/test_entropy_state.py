@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -34,12 +36,20 @@ def train(model, opt, start: int, steps: int, counter: list[int]):
 
 
 FACTORIES = {
-    "entropy_sgd": lambda p, g: EntropySGD(p, lr=0.5, momentum=0.9, nesterov=True, L=4,
-                                           noise=1e-3, gamma=0.03, scoping_rate=0.1,
-                                           sgld_momentum=0.5, generator=g),
+    "entropy_sgd": lambda p, g: EntropySGD(
+        p,
+        lr=0.5,
+        momentum=0.9,
+        nesterov=True,
+        L=4,
+        noise=1e-3,
+        gamma=0.03,
+        scoping_rate=0.1,
+        sgld_momentum=0.5,
+        generator=g,
+    ),
     "entropy_adam": lambda p, g: EntropyAdam(p, lr=1e-2, L=3, noise=1e-3, generator=g),
-    "entropy_sgd_flat": lambda p, g: EntropySGD(p, lr=0.5, L=3, noise=1e-3, flat=True,
-                                                generator=g),
+    "entropy_sgd_flat": lambda p, g: EntropySGD(p, lr=0.5, L=3, noise=1e-3, flat=True, generator=g),
     "sgld": lambda p, g: SGLD(p, lr=0.05, noise=1e-2, generator=g),
     "sam": lambda p, g: SAM(p, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9),
 }
@@ -68,8 +78,15 @@ def test_resume_is_bit_identical(name, private_generator, tmp_path):
     counter = [0]
     train(model, opt, 0, 10, counter)
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                "rng": torch.get_rng_state(), "counter": counter[0]}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "rng": torch.get_rng_state(),
+            "counter": counter[0],
+        },
+        path,
+    )
     del model, opt
 
     ckpt = torch.load(path, weights_only=False)
@@ -84,3 +101,58 @@ def test_resume_is_bit_identical(name, private_generator, tmp_path):
         assert torch.equal(a, b)
     if name.startswith("entropy"):
         assert opt.state["global"]["step"] == 20
+
+
+@pytest.mark.parametrize("name", ["entropy_sgd", "entropy_adam"])
+def test_diagnostics_are_an_attribute_not_state(name):
+    torch.manual_seed(0)
+    model = make_model()
+    opt = FACTORIES[name](model.parameters(), None)
+    assert opt.diagnostics == {}
+    train(model, opt, 0, 2, [0])
+    assert set(opt.diagnostics) == {
+        "loss",
+        "gamma",
+        "gammas",
+        "dist_x_mu",
+        "cos_angle",
+        "angle_deg",
+    }
+    sd = opt.state_dict()
+    assert "diagnostics" not in sd["state"]
+    assert sd["state"]["global"] == {"step": 2}  # the scoping counter is state and is saved
+
+
+@pytest.mark.parametrize("name", ["entropy_sgd", "entropy_adam", "entropy_sgd_flat"])
+def test_state_dict_with_the_old_diagnostics_entry_loads_and_resumes_bit_identically(name):
+    """State dicts written before diagnostics moved out of the state carry
+    ``state["diagnostics"]``: loading drops it and the run continues as if uninterrupted."""
+    make = FACTORIES[name]
+    torch.manual_seed(0)
+    ref_model = make_model()
+    init = {k: v.clone() for k, v in ref_model.state_dict().items()}
+    ref_opt = make(ref_model.parameters(), None)
+    torch.manual_seed(1)
+    train(ref_model, ref_opt, 0, 6, [0])
+
+    model = make_model()
+    model.load_state_dict(init)
+    opt = make(model.parameters(), None)
+    torch.manual_seed(1)
+    counter = [0]
+    train(model, opt, 0, 3, counter)
+    old = copy.deepcopy(opt.state_dict())
+    old["state"]["diagnostics"] = {"gamma": 0.03, "gammas": [0.03], "loss": torch.tensor(1.0)}
+    rng = torch.get_rng_state()
+    saved_model = copy.deepcopy(model.state_dict())
+
+    model = make_model()
+    model.load_state_dict(saved_model)
+    opt = make(model.parameters(), None)
+    opt.load_state_dict(old)
+    assert "diagnostics" not in opt.state and opt.diagnostics == {}
+    torch.set_rng_state(rng)
+    train(model, opt, 3, 3, counter)
+    for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opt.state["global"]["step"] == 6

@@ -25,8 +25,9 @@ def small_problem():
 
 def test_exact_spectrum_matches_eigvalsh_of_reference():
     model, loss, X, y = small_problem()
-    s = spectra.exact_spectrum(model, loss, [(X[:11], y[:11]), (X[11:], y[11:])], dtype=F64,
-                               name="mlp")
+    s = spectra.exact_spectrum(
+        model, loss, [(X[:11], y[:11]), (X[11:], y[11:])], dtype=F64, name="mlp"
+    )
     ref = torch.linalg.eigvalsh(reference_hessian(model, loss, X, y)).numpy()
     np.testing.assert_allclose(s.eigenvalues, ref, rtol=0, atol=1e-12 * abs(ref).max())
     assert s.n_params == 92 and s.n_samples == 30 and s.dtype == "float64"
@@ -43,10 +44,22 @@ def test_exact_spectrum_matches_eigvalsh_of_reference():
 
 def test_asymmetry_is_reported_and_removed():
     model, loss, X, y = small_problem()
-    H, asym = spectra.exact_hessian(model, loss, (X, y), dtype=torch.float32,
-                                    return_asymmetry=True)
+    op = spectra.hessian_operator(model, loss, (X, y), dtype=torch.float32)
+    H, asym = exact.dense_matrix(op)
     assert torch.equal(H, H.T)
     assert 0 < asym < 1e-5  # float32 round-off, not zero, not large
+
+
+def test_exact_hessian_always_returns_a_tensor():
+    model, loss, X, y = small_problem()
+    H = spectra.exact_hessian(model, loss, (X, y), dtype=torch.float32)
+    assembled = exact.dense_matrix(
+        spectra.hessian_operator(model, loss, (X, y), dtype=torch.float32)
+    )
+    assert isinstance(H, torch.Tensor) and isinstance(assembled, exact.AssembledMatrix)
+    assert torch.equal(H, assembled.matrix)
+    with pytest.raises(TypeError, match="return_asymmetry"):  # the former flag is gone
+        spectra.exact_hessian(model, loss, (X, y), return_asymmetry=True)
 
 
 def test_inplace_eigensolver_uses_the_input_memory():
@@ -67,8 +80,17 @@ def test_spectrum_save_load_roundtrip_is_exact(tmp_path):
     back = spectra.Spectrum.load(path)
     assert np.array_equal(back.eigenvalues, s.eigenvalues)
     assert back.eigenvalues.tobytes() == s.eigenvalues.tobytes()
-    for attr in ("n_params", "kind", "n_samples", "dtype", "loss", "name", "created", "versions",
-                 "info"):
+    for attr in (
+        "n_params",
+        "kind",
+        "n_samples",
+        "dtype",
+        "loss",
+        "name",
+        "created",
+        "versions",
+        "info",
+    ):
         assert getattr(back, attr) == getattr(s, attr), attr
     assert [p.name for p in path.parent.iterdir()] == ["spec.npz"]  # no temp file left
 

@@ -6,19 +6,31 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from figures import __main__ as cli
-from figures import fig3c, fig_fisher_compare, presets
-from figures.data import MissingDataError
+from figures import catalog, cli, fig3c, fig_fisher_compare, presets, tasks
+from figures.datasets import MissingDataError
+from figures.figure_runs import figure_task
 
 FIGS = ("fig3c", "fisher-compare")
-RUN_KEYS = {"fraction_near_zero", "fraction_near_zero_at", "top", "bottom", "trace", "n_params",
-            "n_samples", "test_error", "train_loss", "grad_norm", "adam_steps"}
+RUN_KEYS = {
+    "fraction_near_zero",
+    "fraction_near_zero_at",
+    "top",
+    "bottom",
+    "trace",
+    "n_params",
+    "n_samples",
+    "test_error",
+    "train_loss",
+    "grad_norm",
+    "adam_steps",
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +39,10 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield out, {name: cli._module(name).run("smoke", out, "cpu", True, progress=False)
-                    for name in FIGS}
+        yield (
+            out,
+            {name: catalog.run(name, "smoke", out, "cpu", True, progress=False) for name in FIGS},
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -63,12 +77,19 @@ def test_fig3c_stats(smoke: tuple[Path, dict]) -> None:
 def test_compare_stats(smoke: tuple[Path, dict]) -> None:
     stats = smoke[1]["fisher-compare"]
     corr = stats["correlations"]
-    for pair in ("adam_x_B vs empirical_fisher", "empirical_fisher vs hessian",
-                 "adam_x_B vs hessian"):
+    for pair in (
+        "adam_x_B vs empirical_fisher",
+        "empirical_fisher vs hessian",
+        "adam_x_B vs hessian",
+    ):
         assert {"pearson", "spearman"} <= corr[pair].keys()
         assert -1.0 <= corr[pair]["spearman"] <= 1.0
-    assert set(stats["diagonals"]) == {"adam_x_B", "empirical_fisher",
-                                       "empirical_fisher_centered", "hessian"}
+    assert set(stats["diagonals"]) == {
+        "adam_x_B",
+        "empirical_fisher",
+        "empirical_fisher_centered",
+        "hessian",
+    }
     assert all(d["n_params"] == stats["n_params"] for d in stats["diagonals"].values())
 
 
@@ -98,13 +119,17 @@ def test_cifar_missing_falls_back_to_fashion_mnist(monkeypatch: pytest.MonkeyPat
         n = 20 if split == "train" else 10
         return torch.rand(n, 1, 28, 28), torch.randint(0, 10, (n,))
 
-    monkeypatch.setattr(fig3c.fdata, "load_cifar10", missing)
-    monkeypatch.setattr(fig3c.fdata, "load_fashion_mnist", fake_fashion)
-    cfg = presets.DataConfig("cifar10", n_train=8, n_test=4, n_hessian=0)
-    data = fig3c.load_image_data(cfg, channels=3)
-    assert data.dataset == fig3c.CIFAR_MISSING and "HS_CIFAR10_DIR" in data.dataset
-    assert data.train[0].shape == (8, 3, 28, 28) and data.test[0].shape == (4, 3, 28, 28)
-    assert torch.equal(data.train[0][:, 0], data.train[0][:, 2])
+    monkeypatch.setattr(tasks.D, "load_cifar10", missing)
+    monkeypatch.setattr(tasks.D, "load_fashion_mnist", fake_fashion)
+    cfg = replace(
+        presets.get("default", "fig3c"),
+        data=presets.DataConfig("cifar10", n_train=8, n_test=4, n_hessian=0),
+    )
+    task = figure_task("fig3c", cfg, channels=3, fallback="fashion-mnist")
+    assert task.info["dataset"] == fig3c.CIFAR_MISSING and "HS_CIFAR10_DIR" in fig3c.CIFAR_MISSING
+    (x, _), (xt, _) = task.splits["train"], task.splits["test"]
+    assert x.shape == (8, 3, 28, 28) and xt.shape == (4, 3, 28, 28) and "val" not in task.splits
+    assert torch.equal(x[:, 0], x[:, 2])
 
 
 def test_dry_run_paper_preset(capsys: pytest.CaptureFixture[str]) -> None:

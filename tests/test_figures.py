@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,13 @@ import torch
 from torch import nn
 
 import spectra
-from figures import __main__ as cli
-from figures import fig2, pipeline, presets, report
+from figures import catalog, cli, fig2, models, presets, report, spectrum_figure
 from figures.cache import MARKER, Cache, config_key
-from figures.loop import evaluate_error, fit
-from figures.models import char_lstm_small
+from figures.figure_runs import run_config
+from figures.harness import train
+from figures.loop import ImageStream, evaluate_metrics, run_loop
+from figures.models import char_lstm_small, unrolled_lstm_forward
+from figures.tasks import build_task
 
 # --------------------------------------------------------------------------------------
 # Fig 2: local entropy by quadrature
@@ -31,8 +34,9 @@ def test_local_entropy_matches_gaussian_closed_form(k: float, c: float, gamma: f
     """f = k/2 (x - c)^2: the integral of exp(-k/2 (x'-c)^2 - gamma/2 (x-x')^2) is Gaussian,
     F = 1/2 log(2 pi / (k + gamma)) - k gamma / (2 (k + gamma)) (x - c)^2."""
     x = np.linspace(-3, 3, 41)
-    numeric = fig2.local_entropy(lambda z: 0.5 * k * (z - c) ** 2, x, gamma,
-                                 bounds=(-40.0, 40.0), step=2e-3)
+    numeric = fig2.local_entropy(
+        lambda z: 0.5 * k * (z - c) ** 2, x, gamma, bounds=(-40.0, 40.0), step=2e-3
+    )
     exact = 0.5 * math.log(2 * math.pi / (k + gamma)) - k * gamma / (2 * (k + gamma)) * (x - c) ** 2
     np.testing.assert_allclose(numeric, exact, rtol=0, atol=1e-8)
 
@@ -149,37 +153,84 @@ def _toy() -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x[:, 0] > 0).long()
 
 
-def test_train_is_deterministic_and_learns() -> None:
-    data = _toy()
-    weights = []
-    for _ in range(2):
-        torch.manual_seed(3)
-        model = nn.Linear(5, 2)
-        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-        res = fit(model, nn.CrossEntropyLoss(), data, opt, epochs=5, batch_size=16, seed=7,
-                    progress=False)
-        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert torch.equal(weights[0], weights[1])
-    assert res.steps == 20 and len(res.epoch_losses) == 5
-    assert res.epoch_losses[-1] < res.epoch_losses[0]
-    assert evaluate_error(model, data) < 0.2
+def _loop(
+    model: nn.Module, opt: torch.optim.Optimizer, epochs: int, batch_size: int = 16
+) -> list[float]:
+    """run_loop over the toy data, one boundary per pass: the running losses."""
+    x, y = _toy()
+    losses: list[float] = []
+    stream = ImageStream(x, y, batch_size, seed=0, drop_last=False)
+    run_loop(
+        model,
+        opt,
+        stream,
+        total_steps=epochs * stream.per_pass,
+        every=1,
+        unit="steps",
+        on_boundary=lambda counters, running: losses.append(running.loss) or False,
+        progress=False,
+    )
+    return losses
 
 
-def test_train_supports_closure_optimizers() -> None:
+def test_figure_run_matches_a_hand_written_training_loop(tmp_path: Path) -> None:
+    """A figure's run through harness.train (StepLR-style decay as milestones, the last
+    short batch kept, the RNG seeded with the run's seed) gives the weights of the plain
+    loop the figures used to run: bit for bit."""
+    cfg = replace(
+        presets.get("smoke", "fig1"),
+        optim=presets.OptimConfig(
+            "adam", lr=1e-2, epochs=4, batch_size=24, decay_every=2, decay=0.5
+        ),
+    )
+    seed = 3
+    config = run_config("fig1", cfg, seed)
+    result = train(config, tmp_path, progress=False)
+    x, y = build_task(config).splits["train"]
+    torch.manual_seed(seed)
+    model = models.build(cfg.model, **cfg.model_kwargs)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    torch.manual_seed(seed)
+    model.train()
+    for epoch in range(4):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), 24):  # 64 samples: 24, 24, 16
+            idx = perm[i : i + 24]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        sched.step()
+    for (k, a), b in zip(
+        model.state_dict().items(), result.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), k
+    assert [row["steps"] for row in result.log] == [3, 6, 9, 12]
+    assert [row["lr"] for row in result.log] == [1e-2, 5e-3, 5e-3, 2.5e-3]
+
+
+def test_loop_supports_closure_optimizers_and_learns() -> None:
     torch.manual_seed(0)
     model = nn.Linear(5, 2)
-    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
-    res = fit(model, nn.CrossEntropyLoss(), _toy(), opt, epochs=2, batch_size=64, seed=0,
-                progress=False)
-    assert res.epoch_losses[-1] < res.epoch_losses[0]
+    losses = _loop(model, torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5), 2, 64)
+    assert losses[-1] < losses[0]
+    weights = []
+    for _ in range(2):  # the same seeds give the same weights
+        torch.manual_seed(3)
+        model = nn.Linear(5, 2)
+        losses = _loop(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), 5)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1]) and len(losses) == 5
+    x, y = _toy()
+    assert losses[-1] < losses[0] and evaluate_metrics(model, (x, y))["error"] < 0.2
 
 
 def test_unrolled_lstm_is_the_same_function() -> None:
     torch.manual_seed(0)
     model = char_lstm_small(hidden=3, vocab=7)
     x = torch.nn.functional.one_hot(torch.randint(0, 7, (4, 5)), 7).float()
-    torch.testing.assert_close(pipeline.unrolled_lstm_forward(model, x), model(x),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unrolled_lstm_forward(model, x), model(x), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------
@@ -190,11 +241,15 @@ def test_unrolled_lstm_is_the_same_function() -> None:
 def test_spectrum_plot_has_centre_and_two_insets_and_caption() -> None:
     rng = np.random.default_rng(0)
     ev = np.concatenate([rng.normal(0, 1e-6, 90), rng.uniform(0.01, 5, 8), [-0.05, -0.01]])
-    runs = [spectra.Spectrum.from_eigenvalues(ev * s, name=f"run {i}")
-            for i, s in enumerate((1.0, 1.1))]
+    runs = [
+        spectra.Spectrum.from_eigenvalues(ev * s, name=f"run {i}") for i, s in enumerate((1.0, 1.1))
+    ]
     fig = spectra.plot.spectrum(runs, near_zero_tol=1e-4, title="t")
     n_axes = len(fig.axes)
-    assert n_axes >= 3  # central histogram + negative and positive tail insets
+    assert n_axes == 3  # central histogram + negative and positive tail insets
+    central, negative, positive = (ax.get_position() for ax in fig.axes)
+    assert negative.y0 > central.y1 and positive.y0 > central.y1  # the insets sit above it
+    assert negative.x1 < positive.x0  # negative tail on the left
     report.add_caption(fig, "line one\nline two")
     assert len(fig.axes) == n_axes
     assert any("line two" in t.get_text() for t in fig.texts)
@@ -206,8 +261,17 @@ def test_spectrum_plot_has_centre_and_two_insets_and_caption() -> None:
 # Every figure on the smoke preset (synthetic data)
 # --------------------------------------------------------------------------------------
 
-SPECTRUM_KEYS = {"fraction_near_zero", "top", "bottom", "trace", "n_params", "n_samples",
-                 "test_error", "train_loss", "grad_norm"}
+SPECTRUM_KEYS = {
+    "fraction_near_zero",
+    "top",
+    "bottom",
+    "trace",
+    "n_params",
+    "n_samples",
+    "test_error",
+    "train_loss",
+    "grad_norm",
+}
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +280,10 @@ def smoke_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: threads only add overhead (as the CLI does)
     try:
-        results = {name: cli._module(name).run("smoke", out, "cpu", True)
-                   for name in presets.FIGURES}
+        results = {
+            name: catalog.run(name, "smoke", out, "cpu", True, progress=False)
+            for name in presets.FIGURES
+        }
         yield out, results
     finally:
         torch.set_num_threads(threads)
@@ -244,7 +310,7 @@ def test_figure_writes_png_pdf_json(smoke_out: tuple[Path, dict], name: str) -> 
 
 def test_rerun_reads_weights_and_spectra_from_cache(smoke_out: tuple[Path, dict]) -> None:
     out, results = smoke_out
-    again = cli._module("fig3a").run("smoke", out, "cpu", True)
+    again = catalog.run("fig3a", "smoke", out, "cpu", True, progress=False)
     assert all(r["weights_cached"] and r["spectrum_cached"] for r in again["runs"])
     assert again["mean"] == results["fig3a"]["mean"]
 
@@ -266,22 +332,68 @@ def test_cli_list_unknown_and_dry_run(capsys: pytest.CaptureFixture[str]) -> Non
     assert all(p["memory_ok"] for p in plans if "memory_ok" in p)
 
 
+def test_one_cli_runs_the_experiments_and_lists_every_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert tuple(catalog.FIGURES) == presets.FIGURES
+    assert cli.main(["table1", "mnistfc", "--table-only", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "table1-mnistfc.md").read_text()
+    assert table in capsys.readouterr().out and table.count("not run") == 2
+    assert (
+        cli.main(
+            [
+                "search",
+                "char-lstm",
+                "--table-only",
+                "--out",
+                str(tmp_path),
+                "--runs",
+                str(tmp_path / "none"),
+            ]
+        )
+        == 0
+    )
+    assert "not run" in (tmp_path / "search-char-lstm.md").read_text()
+    assert cli.main(["table1", "resnet"]) == 2  # argparse's own error, no traceback
+    assert "invalid choice" in capsys.readouterr().err
+    assert cli.main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in (*cli.EXPERIMENTS, *presets.PRESETS))
+
+
+def test_python_dash_m_figures_runs_the_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import runpy
+
+    monkeypatch.setattr("sys.argv", ["python -m figures", "list"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("figures", run_name="__main__")
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(
+        "figures: fig1, fig2, fig3a, fig3b, fig3c, fisher-compare"
+    )
+
+
 def test_paper_preset_has_the_paper_sizes() -> None:
-    sizes = {name: pipeline.plan_spectrum_figure(name, "paper")
-             for name in ("fig1", "fig3a", "fig3b")}
-    assert {k: v["n_params"] for k, v in sizes.items()} == \
-        {"fig1": 47658, "fig3a": 50890, "fig3b": 32640}
+    sizes = {name: spectrum_figure.plan(name, "paper") for name in ("fig1", "fig3a", "fig3b")}
+    assert {k: v["n_params"] for k, v in sizes.items()} == {
+        "fig1": 47658,
+        "fig3a": 50890,
+        "fig3b": 32640,
+    }
     assert {k: v["runs"] for k, v in sizes.items()} == {"fig1": 2, "fig3a": 2, "fig3b": 5}
 
 
-def test_cli_missing_data_names_make_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_missing_data_names_make_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("HS_MNIST_DIR", str(tmp_path))
     assert cli.main(["fig1", "--out", str(tmp_path / "out")]) == 1
     assert "make data" in capsys.readouterr().err
 
 
-def test_fit_accepts_optimizers_whose_step_returns_none() -> None:
+def test_loop_accepts_optimizers_whose_step_returns_none() -> None:
     class QuietSGD(torch.optim.SGD):
         def step(self, closure=None):  # type: ignore[override]
             super().step(closure)
@@ -289,9 +401,8 @@ def test_fit_accepts_optimizers_whose_step_returns_none() -> None:
 
     torch.manual_seed(0)
     model = nn.Linear(5, 2)
-    res = fit(model, nn.CrossEntropyLoss(), _toy(), QuietSGD(model.parameters(), lr=0.5),
-              epochs=3, batch_size=16, seed=0, progress=False)
-    assert len(res.epoch_losses) == 3 and res.epoch_losses[-1] < res.epoch_losses[0]
+    losses = _loop(model, QuietSGD(model.parameters(), lr=0.5), 3)
+    assert len(losses) == 3 and losses[-1] < losses[0]
 
 
 def test_token_stream_refuses_text_too_short_for_the_batch() -> None:

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import reference_hessian
 from torch import nn
 
-from spectra.fisher import empirical_fisher_operator
-from spectra.fisher_diagonal import (
-    FisherDiagonal,
+from spectra import (
+    CurvatureDiagonal,
+    Spectrum,
     adam_noise_factor,
     empirical_fisher_diagonal,
+    empirical_fisher_operator,
     fisher_diagonal_from_adam,
+    hessian_diagonal,
 )
-from spectra.hessian_diagonal import hessian_diagonal
-from spectra.spectrum import Spectrum
 
 F64 = torch.float64
 
@@ -74,15 +75,26 @@ def test_linear_regression_closed_form():
     G = torch.cat([2 * r * X, 2 * r], dim=1)  # per-sample gradients of (w.x + b - y)^2
     data = uneven_batches(X, y)
     diag = empirical_fisher_diagonal(model, nn.MSELoss(), data)
-    torch.testing.assert_close(diag, (G * G).mean(0), rtol=1e-12, atol=1e-12)
+    assert isinstance(diag, CurvatureDiagonal) and diag.method == "per_sample"
+    assert diag.names == ("weight", "bias") and diag.info == {"centered": False}
+    assert diag.source == "EmpiricalFisherOperator" and diag.stderr is None
+    torch.testing.assert_close(diag.values, (G * G).mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        diag.per_parameter["bias"], (G[:, -1:] ** 2).mean(0), rtol=1e-12, atol=1e-12
+    )
+    # read like the (n,) tensor this function returned before it returned the result type
+    assert diag.numel() == d + 1
+    assert np.array_equal(diag.detach().cpu().numpy(), diag.values.numpy())
+    with pytest.raises(ValueError, match="shapes hold 6 entries, values 5"):
+        CurvatureDiagonal(diag.values[:5], "per_sample", names=diag.names, shapes=diag.shapes)
     centered = empirical_fisher_diagonal(model, nn.MSELoss(), data, centered=True)
-    torch.testing.assert_close(centered, G.var(0, unbiased=False), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(centered.values, G.var(0, unbiased=False), rtol=1e-12, atol=1e-12)
     # the same as the operator's own diagonal (a thin wrapper, same weighting); a sum
     # stays a sum: sum_i g_i^2
     op = empirical_fisher_operator(model, nn.MSELoss(reduction="sum"), (X, y))
-    torch.testing.assert_close(op.diagonal(), N * diag, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(op.diagonal(), N * diag.values, rtol=1e-12, atol=1e-12)
     summed = empirical_fisher_diagonal(model, nn.MSELoss(reduction="sum"), data, centered=True)
-    torch.testing.assert_close(summed, N * G.var(0, unbiased=False), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(summed.values, N * G.var(0, unbiased=False), rtol=1e-12, atol=1e-10)
 
 
 def test_logistic_regression_closed_form():
@@ -94,9 +106,10 @@ def test_logistic_regression_closed_form():
     p = torch.sigmoid(model(X)).detach()
     G = torch.cat([(p - y) * X, p - y], dim=1)
     diag = empirical_fisher_diagonal(model, nn.BCEWithLogitsLoss(), uneven_batches(X, y))
-    torch.testing.assert_close(diag, (G * G).mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(diag.values, (G * G).mean(0), rtol=1e-12, atol=1e-12)
     bias_only = empirical_fisher_diagonal(model, nn.BCEWithLogitsLoss(), (X, y), params="bias")
-    torch.testing.assert_close(bias_only, (G[:, -1:] ** 2).mean(0), rtol=1e-12, atol=1e-12)
+    assert bias_only.names == ("bias",)
+    torch.testing.assert_close(bias_only.values, (G[:, -1:] ** 2).mean(0), rtol=1e-12, atol=1e-12)
 
 
 # --- Hessian diagonal --------------------------------------------------------------------
@@ -114,15 +127,31 @@ def test_hessian_diagonal_exact_and_hutchinson():
     ref = reference_hessian(model, loss, X, y).diagonal()
     exact = hessian_diagonal(model, loss, uneven_batches(X, y), block_size=7)
     assert exact.method == "exact" and exact.stderr is None and exact.matvecs == ref.numel()
+    assert exact.source == "HessianOperator" and exact.names == (
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+    )
     torch.testing.assert_close(exact.values, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        exact.per_parameter["2.weight"], ref[30:48].view(3, 6), rtol=1e-12, atol=1e-12
+    )
     est = hessian_diagonal(model, loss, (X, y), method="hutchinson", num_samples=400, seed=3)
     assert est.stderr is not None and bool((est.stderr > 0).all())
+    assert est.matvecs == est.num_samples == 400
     z = (est.values - ref) / est.stderr
     assert float(z.abs().max()) < 4.0
     # an operator or a dense matrix works too
     H = reference_hessian(model, loss, X, y)
-    assert torch.equal(hessian_diagonal(H).values, H.diagonal())
-    assert exact.to_spectrum(name="diag H").kind == "diagonal"
+    dense = hessian_diagonal(H)
+    assert torch.equal(dense.values, H.diagonal()) and dense.names == ()
+    with pytest.raises(ValueError, match="no parameter layout"):
+        _ = dense.per_parameter
+    spec = exact.to_spectrum(name="diag H")
+    assert spec.kind == "diagonal" and spec.info["estimator"] == "exact"
+    assert spec.info["matvecs"] == ref.numel() and spec.info["source"] == "HessianOperator"
+    assert np.array_equal(spec.eigenvalues, np.sort(exact.numpy()))
 
 
 def test_hessian_diagonal_bad_arguments():
@@ -132,6 +161,10 @@ def test_hessian_diagonal_bad_arguments():
         hessian_diagonal(torch.eye(3, dtype=F64), method="hutchinson", num_samples=1)
     with pytest.raises(TypeError, match="loss_fn and data"):
         hessian_diagonal(small_net())
+    with pytest.raises(ValueError, match="block_size"):
+        hessian_diagonal(torch.eye(3, dtype=F64), block_size=0)
+    with pytest.raises(TypeError, match="operator options"):
+        hessian_diagonal(torch.eye(3, dtype=F64), dtype=F64)
 
 
 # --- Adam's moments: bias corrections and convergence ----------------------------------------
@@ -155,7 +188,10 @@ def test_adam_estimate_converges_to_derived_expectation(opt_cls):
     assert fd.steps == (steps, steps - late)
     assert fd.source == opt_cls.__name__
     parts = fd.per_parameter
-    for name, idx, t in (("group0.param0", slice(0, d), steps), ("group0.param1", slice(d, None), steps - late)):
+    for name, idx, t in (
+        ("group0.param0", slice(0, d), steps),
+        ("group0.param1", slice(d, None), steps - late),
+    ):
         m, se = mean_and_se(parts[name] / s[idx] ** 2)
         assert abs(m - adam_noise_factor(0.9, t)) < 4 * se, (m, se, t)
     unbiased = fisher_diagonal_from_adam(opt, unbiased=True)
@@ -190,8 +226,9 @@ def test_adam_estimate_over_minibatches_matches_per_sample_variance():
     y = (torch.rand(N, 1, dtype=F64) < 0.5).to(F64)
     model = nn.Linear(d, 1).to(F64)
     loss = nn.BCEWithLogitsLoss()
-    lbfgs = torch.optim.LBFGS(model.parameters(), max_iter=200, tolerance_grad=1e-12,
-                              line_search_fn="strong_wolfe")
+    lbfgs = torch.optim.LBFGS(
+        model.parameters(), max_iter=200, tolerance_grad=1e-12, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         lbfgs.zero_grad()
@@ -212,8 +249,9 @@ def test_adam_estimate_over_minibatches_matches_per_sample_variance():
     fd = fisher_diagonal_from_adam(opt, model=model, unbiased=True)
     assert fd.names == ("weight", "bias")
     direct = empirical_fisher_diagonal(model, loss, (X, y), centered=True)
-    torch.testing.assert_close(direct, G.var(0, unbiased=False), rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(B * fd.values, direct, rtol=0.15, atol=0)
+    assert direct.names == fd.names and direct.info == {"centered": True}
+    torch.testing.assert_close(direct.values, G.var(0, unbiased=False), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(B * fd.values, direct.values, rtol=0.15, atol=0)
 
 
 # --- negative entries: only where the documentation says ---------------------------------------
@@ -231,7 +269,9 @@ def test_stationary_high_snr_negative_fraction_as_documented():
     s = torch.ones(4000, dtype=F64)
     _, opt = run_stream(torch.optim.Adam, lambda k: r, s, 2000)
     fd = fisher_diagonal_from_adam(opt)
-    rho = math.sqrt((1 - b2) / (1 + b2) + (1 - b1) / (1 + b1) - 2 * (1 - b1) * (1 - b2) / (1 - b1 * b2))
+    rho = math.sqrt(
+        (1 - b2) / (1 + b2) + (1 - b1) / (1 + b1) - 2 * (1 - b1) * (1 - b2) / (1 - b1 * b2)
+    )
     predicted = 0.5 * math.erfc((2 * b1 / (1 + b1)) / (2 * r * rho) / math.sqrt(2))
     assert abs(fd.n_negative / fd.n - predicted) < 0.03
     assert fd.n_negative_rounding == 0  # these are fluctuations, far above rounding
@@ -242,7 +282,11 @@ def test_drifting_mean_matches_drift_term(direction):
     """A mean that switches on 500 steps before the read makes the estimate negative
     (recent m^2 exceeds the long-run average of g^2); one that switches off inflates it."""
     steps, switch, level, d = 2000, 1500, 3.0, 3000
-    on = (lambda k: level * (k > switch)) if direction == "grows" else (lambda k: level * (k <= switch))
+    on = (
+        (lambda k: level * (k > switch))
+        if direction == "grows"
+        else (lambda k: level * (k <= switch))
+    )
     means = torch.tensor([float(on(k)) for k in range(1, steps + 1)], dtype=F64)
     _, opt = run_stream(torch.optim.Adam, on, torch.ones(d, dtype=F64), steps)
     fd = fisher_diagonal_from_adam(opt)
@@ -262,7 +306,9 @@ def test_first_step_is_rounding_only():
     opt.step()
     fd = fisher_diagonal_from_adam(opt)
     assert fd.n_negative == fd.n_negative_rounding
-    assert float(fd.values.abs().max()) <= 4 * torch.finfo(torch.float32).eps * float(p.grad.pow(2).max())
+    assert float(fd.values.abs().max()) <= 4 * torch.finfo(torch.float32).eps * float(
+        p.grad.pow(2).max()
+    )
     with pytest.raises(ValueError, match="at least 2 steps"):
         fisher_diagonal_from_adam(opt, unbiased=True)
 
@@ -282,8 +328,10 @@ def trained(model: nn.Module, opt_cls=torch.optim.Adam, steps: int = 3, **kw):
 def test_layout_names_subset_and_spectrum():
     model = small_net()
     # optimizer order differs from model order: entries follow the model with model=
-    groups = [{"params": [model[2].bias, model[2].weight]},
-              {"params": [model[0].weight, model[0].bias], "betas": (0.5, 0.99)}]
+    groups = [
+        {"params": [model[2].bias, model[2].weight]},
+        {"params": [model[0].weight, model[0].bias], "betas": (0.5, 0.99)},
+    ]
     opt = torch.optim.Adam(groups)
     for _ in range(2):
         opt.zero_grad()
@@ -295,7 +343,8 @@ def test_layout_names_subset_and_spectrum():
         for n, v in st.items():
             assert torch.equal(v, before[k][n])
     assert torch.equal(fisher_diagonal_from_adam(opt, model=model).values, fd.values)
-    assert isinstance(fd, FisherDiagonal)
+    assert isinstance(fd, CurvatureDiagonal) and fd.method == "adam_moments"
+    assert fd.source == "Adam" and fd.stderr is None and fd.matvecs == 0
     assert fd.names == tuple(n for n, _ in model.named_parameters())
     assert fd.n == sum(p.numel() for p in model.parameters())
     assert fd.betas[0] == (0.5, 0.99) and fd.betas[-1] == (0.9, 0.999)
@@ -310,6 +359,7 @@ def test_layout_names_subset_and_spectrum():
     spec = fd.to_spectrum(name="adam")
     assert isinstance(spec, Spectrum) and spec.kind == "diagonal" and spec.n_params == fd.n
     assert spec.info["n_negative"] == fd.n_negative
+    assert spec.info["estimator"] == "adam_moments" and spec.info["steps"] == [2]
 
 
 def test_signed_panels_plot_a_fisher_diagonal():
@@ -326,6 +376,7 @@ def test_signed_panels_plot_a_fisher_diagonal():
 
 def test_entropy_adam_state_contract():
     import entropy_opt
+
     model = small_net()
     opt = entropy_opt.EntropyAdam(model.parameters(), lr=1e-3, L=2)
     X = torch.randn(16, 4, dtype=F64)

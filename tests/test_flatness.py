@@ -30,8 +30,7 @@ def dataset(m: int = 60):
 def test_exact_measures_match_the_dense_reference():
     model, (X, y) = mlp(), dataset()
     loss = nn.CrossEntropyLoss()
-    report = spectra.flatness(model, loss, (X, y), rhos=(), near_zero_tols=(1e-3,),
-                              gammas=(0.1,))
+    report = spectra.flatness(model, loss, (X, y), rhos=(), near_zero_tols=(1e-3,), gammas=(0.1,))
     ev = np.linalg.eigvalsh(reference_hessian(model, loss, X, y).numpy())
     assert report.info["method"] == "exact" and report.info["n_params"] == ev.size
     assert report["top_eigenvalue"] == pytest.approx(ev[-1], rel=1e-10)
@@ -42,10 +41,12 @@ def test_exact_measures_match_the_dense_reference():
     f = float(loss(model(X), y))
     kept = ev[ev > -0.1]
     assert report["local_entropy@0.1"] == pytest.approx(
-        -f - 0.5 * np.log1p(kept / 0.1).sum(), rel=1e-10)
+        -f - 0.5 * np.log1p(kept / 0.1).sum(), rel=1e-10
+    )
     assert report["loss"] == pytest.approx(f, rel=1e-12)
-    np.testing.assert_allclose(report.measure("top_eigenvalue").details["top_k"],
-                               ev[::-1][:5], rtol=1e-10)
+    np.testing.assert_allclose(
+        report.measure("top_eigenvalue").details["top_k"], ev[::-1][:5], rtol=1e-10
+    )
 
 
 def test_matrix_free_agrees_with_exact_within_its_error_bars():
@@ -53,8 +54,9 @@ def test_matrix_free_agrees_with_exact_within_its_error_bars():
     loss = nn.CrossEntropyLoss()
     common = dict(rhos=(), near_zero_tols=(1e-3,), gammas=(1.0,), progress=False)
     exact = spectra.flatness(model, loss, (X, y), **common)
-    free = spectra.flatness(model, loss, (X, y), method="matrix-free", slq_probes=8,
-                            slq_steps=40, **common)
+    free = spectra.flatness(
+        model, loss, (X, y), method="matrix-free", slq_probes=8, slq_steps=40, **common
+    )
     assert free.info["method"] == "matrix-free"
     for key in ("top_eigenvalue", "lambda_min"):
         m = free.measure(key)
@@ -93,9 +95,14 @@ def test_report_is_a_mapping_saves_atomically_and_loads(tmp_path):
 def test_bad_arguments_are_refused_before_any_work():
     model, data = mlp(), dataset()
     loss = nn.CrossEntropyLoss()
-    for kwargs, match in [({"method": "fast"}, "method"), ({"gammas": (0.0,)}, "gammas"),
-                          ({"rhos": (-1,)}, "rhos"), ({"sharpness": ("best",)}, "sharpness"),
-                          ({"top_k": 0}, "top_k"), ({"feature_layer": "nope"}, "0.weight")]:
+    for kwargs, match in [
+        ({"method": "fast"}, "method"),
+        ({"gammas": (0.0,)}, "gammas"),
+        ({"rhos": (-1,)}, "rhos"),
+        ({"sharpness": ("best",)}, "sharpness"),
+        ({"top_k": 0}, "top_k"),
+        ({"feature_layer": "nope"}, "0.weight"),
+    ]:
         with pytest.raises(ValueError, match=match):
             spectra.flatness(model, loss, data, **kwargs)
 
@@ -103,13 +110,21 @@ def test_bad_arguments_are_refused_before_any_work():
 def test_compare_minima_table_from_models_and_state_dicts(tmp_path):
     data = dataset(60)
     a, b = mlp(0), mlp(1)
-    table = spectra.compare_minima({"a": a, "b": b.state_dict()}, nn.CrossEntropyLoss(), data,
-                                   factory=lambda: mlp(5), subsets=3, rhos=())
+    table = spectra.compare_minima(
+        {"a": a, "b": b.state_dict()},
+        nn.CrossEntropyLoss(),
+        data,
+        factory=lambda: mlp(5),
+        subsets=3,
+        rhos=(),
+    )
     direct = spectra.flatness(b, nn.CrossEntropyLoss(), data, rhos=())
     assert table.value("b", "top_eigenvalue") == pytest.approx(direct["top_eigenvalue"])
     # the spread over disjoint subsets: the std of the measure on each third of the data
-    thirds = [spectra.flatness(a, nn.CrossEntropyLoss(), part, rhos=())["trace"]
-              for part in split_data(data, 3)]
+    thirds = [
+        spectra.flatness(a, nn.CrossEntropyLoss(), part, rhos=())["trace"]
+        for part in split_data(data, 3)
+    ]
     assert table.spread("a", "trace") == pytest.approx(np.std(thirds, ddof=1), rel=1e-10)
     md = table.to_markdown(["top_eigenvalue", "trace"])
     assert md.count("\n| ") == 2 and "+/-" in md and "3 disjoint data subsets" in md
@@ -136,12 +151,15 @@ def test_invariant_measures_survive_rescaling_while_the_spectrum_moves():
     model, (X, y) = mlp(), dataset()
     twin = rescaled_twin(model, 10.0)
     torch.testing.assert_close(twin(X), model(X), rtol=1e-12, atol=1e-12)
-    table = spectra.compare_minima({"original": model, "rescaled": twin},
-                                   nn.CrossEntropyLoss(), (X, y), rhos=(0.05,),
-                                   feature_layer="2.weight")
+    table = spectra.compare_minima(
+        {"original": model, "rescaled": twin},
+        nn.CrossEntropyLoss(),
+        (X, y),
+        rhos=(0.05,),
+        feature_layer="2.weight",
+    )
     a, b = table.reports["original"], table.reports["rescaled"]
-    for key in ("adaptive_sharpness@0.05", "average_sharpness@0.05", "relative_flatness",
-                "loss"):
+    for key in ("adaptive_sharpness@0.05", "average_sharpness@0.05", "relative_flatness", "loss"):
         assert b[key] == pytest.approx(a[key], rel=1e-9), key
     assert b["top_eigenvalue"] > 2 * a["top_eigenvalue"]  # sharp "by the Hessian"
     assert a.measure("average_sharpness@0.05").stderr > 0

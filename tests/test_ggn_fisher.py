@@ -53,20 +53,23 @@ def test_ggn_equals_hessian_for_linear_model():
 def test_empirical_fisher_equals_mean_outer_product():
     model, loss, X, y = problem()
     names, shapes, theta = flat_params(model)
-    g = torch.stack([
-        torch.func.grad(lambda t, i=i: loss(call(model, names, shapes, t, X[i:i + 1]), y[i:i + 1]))(
-            theta
-        )
-        for i in range(len(X))
-    ])
+    g = torch.stack(
+        [
+            torch.func.grad(
+                lambda t, i=i: loss(call(model, names, shapes, t, X[i : i + 1]), y[i : i + 1])
+            )(theta)
+            for i in range(len(X))
+        ]
+    )
     expected = g.T @ g / len(X)
     F = spectra.empirical_fisher_operator(model, loss, uneven(X, y))
     torch.testing.assert_close(F.to_dense(), expected, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(F.diagonal(), expected.diagonal(), rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("factory", [spectra.ggn_operator, spectra.empirical_fisher_operator,
-                                     spectra.hessian_operator])
+@pytest.mark.parametrize(
+    "factory", [spectra.ggn_operator, spectra.empirical_fisher_operator, spectra.hessian_operator]
+)
 def test_per_layer_operator_is_principal_block(factory):
     model, loss, X, y = problem()
     full = factory(model, loss, (X, y)).to_dense()

@@ -27,9 +27,11 @@ class LastStep(nn.Module):
 
 
 def tanh_mlp():
-    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double(), torch.randn(
-        17, 5, dtype=F64
-    ), torch.randint(0, 3, (17,))
+    return (
+        nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double(),
+        torch.randn(17, 5, dtype=F64),
+        torch.randint(0, 3, (17,)),
+    )
 
 
 def conv_net():
@@ -125,9 +127,12 @@ def test_sum_reduction_stays_a_sum():
     model, X, y = tanh_mlp()
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64)
     mean = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y)) @ v
-    summed = spectra.hessian_operator(
-        model, nn.CrossEntropyLoss(reduction="sum"), [(X[:5], y[:5]), (X[5:], y[5:])]
-    ) @ v
+    summed = (
+        spectra.hessian_operator(
+            model, nn.CrossEntropyLoss(reduction="sum"), [(X[:5], y[:5]), (X[5:], y[5:])]
+        )
+        @ v
+    )
     torch.testing.assert_close(summed, len(y) * mean, rtol=1e-12, atol=1e-12)
     ref = reference_hessian(model, nn.CrossEntropyLoss(reduction="sum"), X, y)
     torch.testing.assert_close(summed, ref @ v, rtol=1e-12, atol=1e-12)
@@ -151,8 +156,9 @@ def test_tied_and_frozen_parameters_count_once():
     emb = nn.Linear(4, 4, bias=False)
     model = nn.Sequential(emb, nn.Tanh(), emb, nn.Linear(4, 2)).double()
     model[3].bias.requires_grad_(False)
-    H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (torch.randn(5, 4, dtype=F64),
-                                                                 torch.randint(0, 2, (5,))))
+    H = spectra.hessian_operator(
+        model, nn.CrossEntropyLoss(), (torch.randn(5, 4, dtype=F64), torch.randint(0, 2, (5,)))
+    )
     assert H.shape == (16 + 8, 16 + 8)
 
 

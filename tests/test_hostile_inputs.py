@@ -35,8 +35,9 @@ def test_hugging_face_style_dict_batch_with_user_forward():
     def forward(m, inputs):
         return m(**inputs)["logits"]
 
-    H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (batch, y), forward=forward,
-                                 dtype=F64)
+    H = spectra.hessian_operator(
+        model, nn.CrossEntropyLoss(), (batch, y), forward=forward, dtype=F64
+    )
     dense = H.to_dense()
 
     class Wrapped(nn.Module):
@@ -55,8 +56,9 @@ def test_finite_difference_hvp_matches_exact_hvp():
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
     X, y = torch.randn(20, 5, dtype=F64), torch.randint(0, 3, (20,))
     H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y))
-    Hfd = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y),
-                                   backend="finite_difference")
+    Hfd = spectra.hessian_operator(
+        model, nn.CrossEntropyLoss(), (X, y), backend="finite_difference"
+    )
     V = torch.randn(H.shape[0], 4, dtype=F64)
     V[:, 3] = 0
     exact, approx = H @ V, Hfd @ V
@@ -75,8 +77,9 @@ def test_finite_difference_is_only_for_the_hessian():
 
 def test_non_finite_vector_is_reported():
     model = nn.Linear(3, 2).double()
-    H = spectra.hessian_operator(model, nn.CrossEntropyLoss(),
-                                 (torch.randn(4, 3, dtype=F64), torch.randint(0, 2, (4,))))
+    H = spectra.hessian_operator(
+        model, nn.CrossEntropyLoss(), (torch.randn(4, 3, dtype=F64), torch.randint(0, 2, (4,)))
+    )
     v = torch.randn(8, dtype=F64)
     v[2] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -87,7 +90,7 @@ def test_non_finite_vector_is_reported():
 def test_one_shot_generator_of_batches_is_materialised():
     model = nn.Linear(3, 2).double()
     X, y = torch.randn(9, 3, dtype=F64), torch.randint(0, 2, (9,))
-    gen = ((X[i:i + 4], y[i:i + 4]) for i in range(0, 9, 4))
+    gen = ((X[i : i + 4], y[i : i + 4]) for i in range(0, 9, 4))
     H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), gen)
     v = torch.randn(8, dtype=F64)
     torch.testing.assert_close(H @ v, H @ v)  # second pass sees the same data
@@ -147,10 +150,12 @@ def _padding_reference(model, loss, ids, y):
         return loss(torch.func.functional_call(model, named, (ids,)), y)
 
     small = torch.autograd.functional.hessian(f, torch.cat([t.reshape(-1) for t in free]))
-    index = torch.cat([
-        torch.arange(params["emb.weight"].numel()).view(keep.shape[0], -1)[keep].reshape(-1),
-        torch.arange(params["emb.weight"].numel(), sum(p.numel() for p in model.parameters())),
-    ])
+    index = torch.cat(
+        [
+            torch.arange(params["emb.weight"].numel()).view(keep.shape[0], -1)[keep].reshape(-1),
+            torch.arange(params["emb.weight"].numel(), sum(p.numel() for p in model.parameters())),
+        ]
+    )
     full = torch.zeros(index.numel() + 3, index.numel() + 3, dtype=F64)
     full[index[:, None], index[None, :]] = small
     return full
@@ -173,12 +178,15 @@ def test_padding_idx_every_path_agrees_with_the_held_fixed_reference(embedding):
     torch.testing.assert_close(H @ eye, ref, rtol=1e-10, atol=1e-12)  # vmap block
     cols = torch.stack([H @ eye[:, j] for j in range(n)], 1)  # double backward
     torch.testing.assert_close(cols, ref, rtol=1e-10, atol=1e-12)
-    exact, asym = spectra.exact_hessian(model, loss, (ids, y), dtype=F64, return_asymmetry=True)
+    exact, asym = spectra.exact.dense_matrix(
+        spectra.hessian_operator(model, loss, (ids, y), dtype=F64)
+    )
     assert asym < 1e-14
     torch.testing.assert_close(exact, ref, rtol=1e-10, atol=1e-12)
     G = spectra.ggn_operator(model, loss, (ids, y))
-    torch.testing.assert_close(G @ eye[:, :4], torch.stack([G @ eye[:, j] for j in range(4)], 1),
-                               rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(
+        G @ eye[:, :4], torch.stack([G @ eye[:, j] for j in range(4)], 1), rtol=1e-10, atol=1e-13
+    )
 
 
 class _WrongBackwardCube(torch.autograd.Function):
@@ -257,12 +265,14 @@ def test_mapping_inputs_none_targets_numpy_pairs_and_compiled_models():
     def logits(m, b):
         return m(**b)["logits"]
 
-    ref = spectra.hessian_operator(model, loss, ({"input_ids": ids, "attention_mask": mask}, y),
-                                   forward=logits, dtype=F64).to_dense()
+    ref = spectra.hessian_operator(
+        model, loss, ({"input_ids": ids, "attention_mask": mask}, y), forward=logits, dtype=F64
+    ).to_dense()
     # a Mapping that is not a dict: moved, cast (float32 mask -> float64) and passed as **kwargs
     user = UserDict(input_ids=ids, attention_mask=mask)
     got = spectra.hessian_operator(model, loss, (user, y), forward=logits, dtype=F64)
     torch.testing.assert_close(got.to_dense(), ref, rtol=1e-12, atol=1e-14)
+
     # the `.loss` idiom: the forward returns the loss, the data are (inputs, None)
     def with_loss(m, b):
         out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
@@ -273,15 +283,19 @@ def test_mapping_inputs_none_targets_numpy_pairs_and_compiled_models():
     torch.testing.assert_close(H.to_dense(), ref, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="logits"):
         spectra.ggn_operator(model, lambda value, _: value, (batch, None), forward=with_loss) @ (
-            torch.randn(H.shape[0], dtype=F64))
+            torch.randn(H.shape[0], dtype=F64)
+        )
     # a pair of NumPy arrays is one batch, not two
     lin = nn.Linear(3, 2).double()
     Xn, yn = np.random.default_rng(0).normal(size=(7, 3)), np.arange(7) % 2
     Hn = spectra.hessian_operator(lin, loss, (Xn, yn))
     assert Hn.num_samples == 7 and Hn.source.num_batches == 1
     torch.testing.assert_close(
-        Hn.to_dense(), reference_hessian(lin, loss, torch.as_tensor(Xn), torch.as_tensor(yn)),
-        rtol=1e-12, atol=1e-14)
+        Hn.to_dense(),
+        reference_hessian(lin, loss, torch.as_tensor(Xn), torch.as_tensor(yn)),
+        rtol=1e-12,
+        atol=1e-14,
+    )
     # a torch.compile wrapper is unwrapped (never compiled: products run eagerly)
     Hc = spectra.hessian_operator(torch.compile(lin), loss, (Xn, yn))
     assert Hc.view.names == ("weight", "bias")

@@ -10,21 +10,11 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg
 import torch
+from synthetic import with_eigenvalues as _sym
 
 from spectra.lanczos import ConvergenceWarning, LanczosResult, lanczos
 
 EPS = torch.finfo(torch.float64).eps
-
-
-
-
-def _sym(lam: np.ndarray, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Q diag(lam) Q^T with a random orthogonal Q (float64, then cast)."""
-    g = torch.Generator().manual_seed(seed)
-    n = lam.size
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    A = (Q * torch.as_tensor(lam)) @ Q.T
-    return (0.5 * (A + A.T)).to(dtype)
 
 
 def _separated(n: int = 400) -> np.ndarray:

@@ -32,8 +32,6 @@ F64 = torch.float64
 N = 96  # samples: small enough for a fast dense Hessian, enough to train
 
 
-
-
 def _data(shape: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian inputs labelled by a random linear teacher (3 classes)."""
     g = torch.Generator().manual_seed(seed)
@@ -43,14 +41,23 @@ def _data(shape: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Te
 
 
 def _mlp() -> nn.Module:  # 10 -> 30 -> 30 -> 3, tanh: n = 1,353
-    return nn.Sequential(nn.Linear(10, 30), nn.Tanh(), nn.Linear(30, 30), nn.Tanh(),
-                         nn.Linear(30, 3))
+    return nn.Sequential(
+        nn.Linear(10, 30), nn.Tanh(), nn.Linear(30, 30), nn.Tanh(), nn.Linear(30, 3)
+    )
 
 
 def _convnet() -> nn.Module:  # conv3x3(4) - conv3x3(8) - avgpool - fc 72->12 - fc 12->3: n = 1,255
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Conv2d(4, 8, 3), nn.Tanh(),
-                         nn.AvgPool2d(2), nn.Flatten(), nn.Linear(72, 12), nn.Tanh(),
-                         nn.Linear(12, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.Tanh(),
+        nn.Conv2d(4, 8, 3),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(72, 12),
+        nn.Tanh(),
+        nn.Linear(12, 3),
+    )
 
 
 NETS = {"mlp": (_mlp, (10,)), "convnet": (_convnet, (1, 10, 10))}
@@ -91,7 +98,11 @@ def test_trained_network_top_and_bottom_five_match_eigvalsh(network):
         assert np.all(err <= 1e-8 * scale), (name, which, err / scale)
         # the residuals are honest error bars (a small margin for eigvalsh's own error)
         assert np.all(err <= r.residuals.numpy() + 10 * H.shape[0] * 2.2e-16 * hnorm), (
-            name, which, err, r.residuals)
+            name,
+            which,
+            err,
+            r.residuals,
+        )
         assert np.all(err <= 1e-10 * np.abs(ref)), (name, which, err / np.abs(ref))
     if which == "SA":
         assert ref[0] < 0  # a trained network has negative curvature directions here
@@ -115,14 +126,25 @@ def _dist_worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         model, X, y = _trained("mlp")
-        shard = (X[:SPLIT], y[:SPLIT]) if rank == 0 else [(X[SPLIT:80], y[SPLIT:80]),
-                                                          (X[80:], y[80:])]
+        shard = (
+            (X[:SPLIT], y[:SPLIT]) if rank == 0 else [(X[SPLIT:80], y[SPLIT:80]), (X[80:], y[80:])]
+        )
         H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), shard, process_group=True)
         r = spectra.lanczos(H, k=5, tol=1e-10, ncv=20)
         with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
-            json.dump({"eigenvalues": r.eigenvalues.tolist(), "residuals": r.residuals.tolist(),
-                       "matvecs": r.matvecs, "n": H.num_samples}, fh)
+            json.dump(
+                {
+                    "eigenvalues": r.eigenvalues.tolist(),
+                    "residuals": r.residuals.tolist(),
+                    "matvecs": r.matvecs,
+                    "n": H.num_samples,
+                },
+                fh,
+            )
     finally:
+        # both ranks leave together: tearing gloo down while the peer still talks to it
+        # aborts the process now and then ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -68,6 +68,7 @@ def test_masked_token_loss_is_the_loss_over_all_data_for_any_split(loss):
 def test_sum_is_not_divided_and_a_plain_sum_function_is_detected():
     model, ids, y = tagged_tokens()
     as_module = dense(model, nn.CrossEntropyLoss(reduction="sum"), splits(ids, y))
+
     def summed(out, t):
         return F.cross_entropy(out, t, reduction="sum")
 
@@ -83,8 +84,13 @@ def test_plain_function_with_ignored_labels_needs_loss_terms():
     model, ids, y = tagged_tokens()
     with pytest.raises(ValueError, match="loss_terms="):
         spectra.hessian_operator(model, F.cross_entropy, splits(ids, y), dtype=F64)
-    H = spectra.hessian_operator(model, F.cross_entropy, splits(ids, y), dtype=F64,
-                                 loss_terms=lambda out, t: (t != -100).sum())
+    H = spectra.hessian_operator(
+        model,
+        F.cross_entropy,
+        splits(ids, y),
+        dtype=F64,
+        loss_terms=lambda out, t: (t != -100).sum(),
+    )
     ref = reference_hessian(model, nn.CrossEntropyLoss(), ids, y)
     torch.testing.assert_close(H.to_dense(), ref, rtol=1e-10, atol=1e-12)
 
@@ -100,7 +106,8 @@ def test_reduction_option_is_checked():
     # a plain function that is neither (normalised by something else) is refused
     with pytest.raises(ValueError, match="neither a mean nor a sum"):
         spectra.hessian_operator(
-            model, lambda o, t: F.cross_entropy(o, t, reduction="sum") / len(t) ** 0.5,
+            model,
+            lambda o, t: F.cross_entropy(o, t, reduction="sum") / len(t) ** 0.5,
             (ids, y),
         )
 
@@ -155,7 +162,7 @@ def test_empirical_fisher_of_a_time_major_lstm_is_per_sequence():
     params = list(model.parameters())
     rows = []
     for i in range(5):  # each sequence's summed loss; c = 1 / (number of elements)
-        s = nn.MSELoss(reduction="sum")(model(X[:, i:i + 1]), y[:, i:i + 1])
+        s = nn.MSELoss(reduction="sum")(model(X[:, i : i + 1]), y[:, i : i + 1])
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(s, params)]))
     G = torch.stack(rows)
     ref = G.T @ G / y.numel()
@@ -171,8 +178,12 @@ def test_what_a_sample_is():
         batch_size((torch.zeros(5, 3), torch.zeros(4, 3)), None)
     model = nn.Linear(3, 1).double()
     X = torch.randn(6, 3, dtype=F64)
-    H = spectra.hessian_operator(model, nn.MSELoss(), (X, torch.randn(6, 1, dtype=F64)),
-                                 count_samples=lambda inputs, targets: 3)
+    H = spectra.hessian_operator(
+        model,
+        nn.MSELoss(),
+        (X, torch.randn(6, 1, dtype=F64)),
+        count_samples=lambda inputs, targets: 3,
+    )
     assert H.num_samples == 3
 
 
@@ -187,8 +198,9 @@ def test_reshuffling_loader_is_refused_before_any_product():
     fixed = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=6)
     H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), fixed)
     v = torch.randn(8, dtype=F64)
-    torch.testing.assert_close(H @ v, reference_hessian(model, nn.CrossEntropyLoss(), X, y) @ v,
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        H @ v, reference_hessian(model, nn.CrossEntropyLoss(), X, y) @ v, rtol=1e-10, atol=1e-12
+    )
 
 
 def test_cast_copies_of_in_memory_data_are_kept_and_mutation_is_still_caught():
@@ -200,8 +212,11 @@ def test_cast_copies_of_in_memory_data_are_kept_and_mutation_is_still_caught():
     assert first[0].dtype == F64
     v = torch.randn(8, dtype=F64)
     torch.testing.assert_close(
-        H @ v, reference_hessian(model, nn.CrossEntropyLoss(), X.double(), y) @ v,
-        rtol=1e-10, atol=1e-12)
+        H @ v,
+        reference_hessian(model, nn.CrossEntropyLoss(), X.double(), y) @ v,
+        rtol=1e-10,
+        atol=1e-12,
+    )
     X[0, 0] += 1.0  # the user's tensor changes in place: the kept copy would be stale
     with pytest.raises(RuntimeError, match="differs from the first pass"):
         H @ v

@@ -58,8 +58,9 @@ class _Encoder(nn.Module):
 
 def _mlp_case():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(),
-                          nn.Linear(40, 4)).double()
+    model = nn.Sequential(
+        nn.Linear(12, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 4)
+    ).double()
     g = torch.Generator().manual_seed(0)
     X = torch.randn(128, 12, generator=g, dtype=F64)
     return model, X, torch.randint(0, 4, (128,), generator=g)

@@ -78,8 +78,9 @@ class Reference:
     def params(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
         t = torch.where(self.frozen, self.theta, t)  # padding rows are constants
         pieces = torch.split(t, self.sizes)
-        return {f"m.{n}": p.view(s) for n, p, s in zip(self.names, pieces, self.shapes,
-                                                       strict=True)}
+        return {
+            f"m.{n}": p.view(s) for n, p, s in zip(self.names, pieces, self.shapes, strict=True)
+        }
 
     def outputs(self, t: torch.Tensor, inputs):
         with warnings.catch_warnings():
@@ -108,10 +109,12 @@ class Reference:
             with sdpa_kernel(SDPBackend.MATH):
                 for x, y in self.case.batches:
                     J = torch.autograd.functional.jacobian(
-                        lambda t, x=x: self.outputs(t, x), self.theta, vectorize=True)
+                        lambda t, x=x: self.outputs(t, x), self.theta, vectorize=True
+                    )
                     z = self.outputs(self.theta, x).detach()
                     Hz = torch.autograd.functional.hessian(
-                        lambda z, y=y: self.case.sum_loss(z, y) / T, z, vectorize=True)
+                        lambda z, y=y: self.case.sum_loss(z, y) / T, z, vectorize=True
+                    )
                     J = J.reshape(z.numel(), self.n)
                     G += J.T @ Hz.reshape(z.numel(), z.numel()) @ J
             self._cache["G"] = (G + G.T) / 2
@@ -160,7 +163,7 @@ def padding_rows(model: nn.Module) -> torch.Tensor:
             w = module.weight
             row = module.padding_idx % w.shape[0]
             begin = offsets[id(w)] + row * w.shape[1]
-            mask[begin:begin + w.shape[1]] = True
+            mask[begin : begin + w.shape[1]] = True
     return mask
 
 
@@ -190,14 +193,17 @@ def block(n: int, k: int = 3, seed: int = 1) -> torch.Tensor:
 
 def hessian(case: Case, data=None, **extra) -> spectra.HessianOperator:
     data = case.batches if data is None else data
-    return spectra.hessian_operator(case.model, case.loss_fn, data, dtype=F64,
-                                    **{**case.options, **extra})
+    return spectra.hessian_operator(
+        case.model, case.loss_fn, data, dtype=F64, **{**case.options, **extra}
+    )
 
 
 def per_sample_batches(case: Case) -> list:
     x, y = case.one_batch
-    return [(take(x, case.batch_dim, i), take(y, case.batch_dim, i))
-            for i in range(y.shape[case.batch_dim])]
+    return [
+        (take(x, case.batch_dim, i), take(y, case.batch_dim, i))
+        for i in range(y.shape[case.batch_dim])
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,8 +223,9 @@ def test_reference_definitions_agree(case):
         loss = case.loss_fn(ref.outputs(t, x), y)
         (g,) = torch.autograd.grad(loss, t, create_graph=True)
         V = block(ref.n)
-        HV = torch.stack([torch.autograd.grad(g, t, V[:, j], retain_graph=True)[0]
-                          for j in range(V.shape[1])], 1)
+        HV = torch.stack(
+            [torch.autograd.grad(g, t, V[:, j], retain_graph=True)[0] for j in range(V.shape[1])], 1
+        )
         g_split = torch.func.grad(ref.loss)(ref.theta)
     assert_matches(g.detach(), g_split, 1e-12)
     assert_matches(HV, H @ V, max(case.rtol, 1e-12) if case.name != "llama" else 1e-6)
@@ -263,8 +270,9 @@ def test_float32_operator_agrees_with_float64(case):
     float32 round-off of the float64 reference, on both product paths."""
     H_ref = reference(case).hessian()
     V = block(H_ref.shape[0])
-    H32 = spectra.hessian_operator(case.model, case.loss_fn, case.batches, dtype=torch.float32,
-                                   **case.options)
+    H32 = spectra.hessian_operator(
+        case.model, case.loss_fn, case.batches, dtype=torch.float32, **case.options
+    )
     want = H_ref @ V
     scale = float(want.abs().max())
     for got in (H32 @ V.float(), torch.stack([H32 @ V[:, j].float() for j in range(3)], 1)):
@@ -292,11 +300,9 @@ def test_hessian_to_dense(case):
 
 def test_exact_hessian_and_exact_spectrum(case):
     H_ref = reference(case).hessian()
-    H = spectra.exact_hessian(case.model, case.loss_fn, case.batches, dtype=F64,
-                              **case.options)
+    H = spectra.exact_hessian(case.model, case.loss_fn, case.batches, dtype=F64, **case.options)
     assert_matches(H, H_ref, case.rtol)
-    s = spectra.exact_spectrum(case.model, case.loss_fn, case.batches, dtype=F64,
-                               **case.options)
+    s = spectra.exact_spectrum(case.model, case.loss_fn, case.batches, dtype=F64, **case.options)
     expected = torch.linalg.eigvalsh(H_ref).numpy()
     scale = float(np.abs(expected).max())
     np.testing.assert_allclose(s.eigenvalues, expected, rtol=0, atol=case.rtol * scale)
@@ -328,8 +334,9 @@ def test_ggn_matches_jacobian_construction(case):
 
 def test_empirical_fisher_matches_per_sample_loop(case):
     F_ref = reference(case).fisher()
-    Fop = spectra.empirical_fisher_operator(case.model, case.loss_fn, case.batches, dtype=F64,
-                                            **case.options)
+    Fop = spectra.empirical_fisher_operator(
+        case.model, case.loss_fn, case.batches, dtype=F64, **case.options
+    )
     assert_matches(Fop.to_dense(), F_ref, case.rtol)
     v = block(F_ref.shape[0], 1, seed=3)[:, 0]
     assert_matches(Fop @ v, F_ref @ v, case.rtol)
@@ -386,8 +393,12 @@ def test_trace_estimate(case):
 # ---------------------------------------------------------------------------------------
 def _sdpa_flags() -> tuple[bool, ...]:
     b = torch.backends.cuda
-    return (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(),
-            b.cudnn_sdp_enabled())
+    return (
+        b.flash_sdp_enabled(),
+        b.mem_efficient_sdp_enabled(),
+        b.math_sdp_enabled(),
+        b.cudnn_sdp_enabled(),
+    )
 
 
 def _plain_sdpa_double_backward() -> None:
@@ -415,8 +426,7 @@ def test_sdpa_backend_choice_is_restored(backend):
         assert_matches(H @ V[:, 0], H_ref @ V[:, 0], case.rtol)
         assert _sdpa_flags() == before
         assert_matches(H @ V, H_ref @ V, case.rtol)
-        G = spectra.ggn_operator(case.model, case.loss_fn, case.batches, dtype=F64,
-                                 **case.options)
+        G = spectra.ggn_operator(case.model, case.loss_fn, case.batches, dtype=F64, **case.options)
         assert_matches(G @ V[:, 0], G_ref @ V[:, 0], case.rtol)
         assert _sdpa_flags() == before
         with pytest.raises(RuntimeError, match="not implemented"):
@@ -453,9 +463,11 @@ def test_hf_loss_idiom_hessian(name):
     T0 = float(case.count(y))
     with sdpa_kernel(SDPBackend.MATH):
         H_ref = torch.autograd.functional.hessian(
-            lambda t: ref.loss(t, [(x, y)]) * case.total_count / T0, ref.theta, vectorize=True)
-    H = spectra.hessian_operator(case.model, _hf_loss, (batch, None), dtype=F64,
-                                 forward=_hf_loss_forward)
+            lambda t: ref.loss(t, [(x, y)]) * case.total_count / T0, ref.theta, vectorize=True
+        )
+    H = spectra.hessian_operator(
+        case.model, _hf_loss, (batch, None), dtype=F64, forward=_hf_loss_forward
+    )
     V = block(ref.n)
     assert_matches(H @ V, H_ref @ V, rtol)
     assert_matches(H @ V[:, 0], H_ref @ V[:, 0], rtol)
@@ -467,10 +479,12 @@ def test_hf_loss_idiom_ggn_is_refused_clearly():
     case = get_case("gpt2")
     x, _ = case.batches[0]
     batch = {**x, "labels": case.extra["raw_batches"][0]["labels"]}
-    with pytest.raises((TypeError, ValueError),
-                       match=r"(?is)(output|logit).*loss|loss.*(output|logit)"):
-        G = spectra.ggn_operator(case.model, _hf_loss, (batch, None), dtype=F64,
-                                 forward=_hf_loss_forward)
+    with pytest.raises(
+        (TypeError, ValueError), match=r"(?is)(output|logit).*loss|loss.*(output|logit)"
+    ):
+        G = spectra.ggn_operator(
+            case.model, _hf_loss, (batch, None), dtype=F64, forward=_hf_loss_forward
+        )
         G @ torch.ones(G.shape[0], dtype=F64)
 
 
@@ -511,8 +525,9 @@ def test_plain_callable_losses_on_a_causal_lm():
     expected_mean, expected_sum = H_ref @ V, T * (H_ref @ V)
 
     def op(loss_fn, **extra):
-        return spectra.hessian_operator(case.model, loss_fn, case.batches, dtype=F64,
-                                        forward=causal_lm_forward, **extra)
+        return spectra.hessian_operator(
+            case.model, loss_fn, case.batches, dtype=F64, forward=causal_lm_forward, **extra
+        )
 
     def plain_mean(out, y):
         return F.cross_entropy(out, y)
@@ -524,8 +539,7 @@ def test_plain_callable_losses_on_a_causal_lm():
         return (y != -100).sum()
 
     assert_matches(op(plain_mean, loss_terms=terms) @ V, expected_mean, case.rtol)
-    assert_matches(op(plain_mean, reduction="mean", loss_terms=terms) @ V, expected_mean,
-                   case.rtol)
+    assert_matches(op(plain_mean, reduction="mean", loss_terms=terms) @ V, expected_mean, case.rtol)
     assert_matches(op(nn.CrossEntropyLoss(reduction="sum")) @ V, expected_sum, case.rtol)
     assert_matches(op(plain_sum, reduction="sum") @ V, expected_sum, case.rtol)
     assert_matches(op(plain_sum) @ V, expected_sum, case.rtol)  # detected as a sum
@@ -570,8 +584,15 @@ class _EncoderLayer(nn.Module):
         return self.head(self.layer(x)).permute(0, 2, 1)
 
 
-@pytest.mark.parametrize("factory", [spectra.hessian_operator, spectra.ggn_operator,
-                                     spectra.empirical_fisher_operator, spectra.exact_hessian])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        spectra.hessian_operator,
+        spectra.ggn_operator,
+        spectra.empirical_fisher_operator,
+        spectra.exact_hessian,
+    ],
+)
 @pytest.mark.parametrize("module", [_LSTM, _MHA, _EncoderLayer])
 def test_batch_first_false_without_batch_dim_is_refused(module, factory):
     with warnings.catch_warnings():
@@ -588,8 +609,10 @@ def test_explicit_batch_dim_zero_accepts_a_batch_first_false_module():
     """A time-major LSTM fed batch-major data (the forward transposes) with batch_dim=0."""
     model = _LSTM(batch_major=True).to(F64).eval()
     gen = torch.Generator().manual_seed(4)
-    x, y = torch.randn(5, 4, 4, generator=gen, dtype=F64), torch.randint(0, 3, (5, 4),
-                                                                         generator=gen)
+    x, y = (
+        torch.randn(5, 4, 4, generator=gen, dtype=F64),
+        torch.randint(0, 3, (5, 4), generator=gen),
+    )
     y[0, 3:] = -100
     data = [(x[:3], y[:3]), (x[3:], y[3:])]
     loss = nn.CrossEntropyLoss()
@@ -598,9 +621,12 @@ def test_explicit_batch_dim_zero_accepts_a_batch_first_false_module():
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     def f(t):
-        params = {n: p.view(s) for n, p, s in zip(names, torch.split(t, [s.numel() for s in
-                                                                           shapes]), shapes,
-                                                 strict=True)}
+        params = {
+            n: p.view(s)
+            for n, p, s in zip(
+                names, torch.split(t, [s.numel() for s in shapes]), shapes, strict=True
+            )
+        }
         return loss(torch.func.functional_call(model, params, (x,)), y)
 
     H_ref = torch.autograd.functional.hessian(f, theta)
@@ -610,10 +636,13 @@ def test_explicit_batch_dim_zero_accepts_a_batch_first_false_module():
     g = []
     for i in range(5):
         t = theta.clone().requires_grad_(True)
-        params = {n: p.view(s) for n, p, s in zip(names, torch.split(t, [s.numel() for s in
-                                                                           shapes]), shapes,
-                                                 strict=True)}
-        out = torch.func.functional_call(model, params, (x[i:i + 1],))
-        g.append(torch.autograd.grad(F.cross_entropy(out, y[i:i + 1], reduction="sum"), t)[0])
+        params = {
+            n: p.view(s)
+            for n, p, s in zip(
+                names, torch.split(t, [s.numel() for s in shapes]), shapes, strict=True
+            )
+        }
+        out = torch.func.functional_call(model, params, (x[i : i + 1],))
+        g.append(torch.autograd.grad(F.cross_entropy(out, y[i : i + 1], reduction="sum"), t)[0])
     Gs = torch.stack(g)
     assert_matches(Fop.to_dense(), Gs.T @ Gs / float((y != -100).sum()), 1e-9)

@@ -49,7 +49,9 @@ def reference_kappa(model: nn.Module, layer: str, X: torch.Tensor, y: torch.Tens
 def references(data) -> dict[str, float]:
     X, y = data
     model = relu_mlp()
-    return {name: reference_kappa(model, name, X, y) for name in ("0.weight", "2.weight", "4.weight")}
+    return {
+        name: reference_kappa(model, name, X, y) for name in ("0.weight", "2.weight", "4.weight")
+    }
 
 
 # --- (a) exact value ----------------------------------------------------------------------------

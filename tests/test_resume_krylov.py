@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic import Stop, stopping_at
 from torch import nn
 
 import spectra
-from spectra._krylov import KrylovCheckpoint
 from spectra.checkpoint import CheckpointError
 from spectra.density import spectral_density
 from spectra.lanczos import lanczos
+from spectra.resumable import KrylovCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 400
@@ -64,19 +65,25 @@ def matrix(n: int = N, seed: int = 0) -> torch.Tensor:
     """Spikes above a bulk: Lanczos needs several restarts at ncv=14."""
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    lam = torch.cat([torch.linspace(0.0, 1.0, n - 8, dtype=torch.float64),
-                     1.0 + 0.1 * torch.arange(1, 9, dtype=torch.float64)])
+    lam = torch.cat(
+        [
+            torch.linspace(0.0, 1.0, n - 8, dtype=torch.float64),
+            1.0 + 0.1 * torch.arange(1, 9, dtype=torch.float64),
+        ]
+    )
     A = (Q * lam) @ Q.T
     return 0.5 * (A + A.T)
-
-
 
 
 def _child(algo: str, ckpt: Path, out: Path, delay: float) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     code = CHILD.format(matrix_src=inspect.getsource(matrix), lanczos=LANCZOS, slq=SLQ, n=N)
-    return subprocess.Popen([sys.executable, "-c", code, algo, str(ckpt), str(out), str(delay)],
-                            env=env, cwd=str(ROOT), stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, algo, str(ckpt), str(out), str(delay)],
+        env=env,
+        cwd=str(ROOT),
+        stderr=subprocess.PIPE,
+    )
 
 
 def _kill_midway(algo: str, ckpt: Path, out: Path, delay: float) -> None:
@@ -134,28 +141,20 @@ def test_checkpoint_in_process_at_every_boundary_matches(tmp_path):
     A = matrix(250, seed=1)
     ref = lanczos(A, **LANCZOS)
     ref_s = spectral_density(A, **SLQ)
-
-    class Stop(Exception):
-        pass
-
     for stop_at in (3, 9, 17, 40):
-        calls = [0]
-
-        def f(V, stop_at=stop_at, calls=calls):
-            calls[0] += 1
-            if calls[0] == stop_at:
-                raise Stop
-            return A @ V
-
         for algo in ("lanczos", "slq"):
             path = tmp_path / f"{algo}{stop_at}.ckpt"
-            run = (lambda g, p=path: lanczos(g, n=250, checkpoint=p, checkpoint_every=0,
-                                             **LANCZOS)) if algo == "lanczos" else (
-                lambda g, p=path: spectral_density(g, n=250, checkpoint=p,
-                                                   checkpoint_every=0, **SLQ))
-            calls[0] = 0
+            run = (
+                (lambda g, p=path: lanczos(g, n=250, checkpoint=p, checkpoint_every=0, **LANCZOS))
+                if algo == "lanczos"
+                else (
+                    lambda g, p=path: spectral_density(
+                        g, n=250, checkpoint=p, checkpoint_every=0, **SLQ
+                    )
+                )
+            )
             with pytest.raises(Stop):
-                run(f)
+                run(stopping_at(A, stop_at))
             r = run(lambda V: A @ V)
             if algo == "lanczos":
                 assert torch.equal(r.eigenvalues, ref.eigenvalues)
@@ -212,7 +211,7 @@ def test_damaged_checkpoints_are_refused(saved, damage):
         saved.write_bytes(blob[: len(blob) // 2])
     elif damage == "flip":
         i = len(blob) - 1000
-        saved.write_bytes(blob[:i] + bytes([blob[i] ^ 1]) + blob[i + 1:])
+        saved.write_bytes(blob[:i] + bytes([blob[i] ^ 1]) + blob[i + 1 :])
     elif damage == "garbage":
         saved.write_bytes(b"PK\x03\x04 not a checkpoint")
     else:
@@ -225,12 +224,26 @@ def test_inconsistent_state_with_valid_digest_is_refused(tmp_path):
     """A well-formed file whose arrays do not fit the problem (e.g. written by a bug)."""
     A = matrix(250)
     op = spectra.as_linear_operator(A)
-    args = {"k": 5, "which": "LA", "tol": 1e-10, "seed": 3, "ncv": 14, "max_matvecs": 1000,
-            "check_symmetry": True, "v0_sha256": None}
+    args = {
+        "k": 5,
+        "which": "LA",
+        "tol": 1e-10,
+        "seed": 3,
+        "ncv": 14,
+        "max_matvecs": 1000,
+        "check_symmetry": True,
+        "v0_sha256": None,
+    }
     ck = KrylovCheckpoint(tmp_path / "bad.ckpt", "lanczos", op, args, 0.0)
-    ck.save({"Q": np.zeros((3, 250)), "H": np.zeros((15, 15)),
-             "scalars": np.array([7, 0, 0, 10, 0, 0]), "anorm": np.float64(1.0),
-             "rng": torch.Generator().get_state().numpy()})
+    ck.save(
+        {
+            "Q": np.zeros((3, 250)),
+            "H": np.zeros((15, 15)),
+            "scalars": np.array([7, 0, 0, 10, 0, 0]),
+            "anorm": np.float64(1.0),
+            "rng": torch.Generator().get_state().numpy(),
+        }
+    )
     with pytest.raises(CheckpointError, match="damaged"):
         lanczos(A, checkpoint=tmp_path / "bad.ckpt", **LANCZOS)
 
@@ -250,8 +263,9 @@ def test_curvature_operator_with_other_data_is_refused(tmp_path):
     H32 = spectra.hessian_operator(model, loss, (X, y), dtype=torch.float32)
     with pytest.raises(CheckpointError, match="dtype"):  # (tol=1e-8 is out of float32's reach)
         lanczos(H32, k=3, tol=1e-4, dense=False, checkpoint=path)
-    again = lanczos(spectra.hessian_operator(model, loss, (X, y)), k=3, tol=1e-8, dense=False,
-                    checkpoint=path)
+    again = lanczos(
+        spectra.hessian_operator(model, loss, (X, y)), k=3, tol=1e-8, dense=False, checkpoint=path
+    )
     assert torch.equal(again.eigenvalues, r.eigenvalues)
 
 

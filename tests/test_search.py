@@ -21,7 +21,7 @@ def test_compress_keeps_the_effective_budget_and_the_final_gamma():
         # gamma0 (1 + rate)^(steps) ends where the variant's full-length run would
         steps_full, steps = 5 * 20 // L, cfg.epochs
         rate = cfg.optimizer_kwargs["scoping_rate"]
-        assert (1 + rate) ** steps == pytest.approx(1.001 ** steps_full, rel=1e-12)
+        assert (1 + rate) ** steps == pytest.approx(1.001**steps_full, rel=1e-12)
     adam = RECIPES["mnistfc"]["adam"]()
     assert compress(adam, adam, 0.2).milestones == [6, 12, 18]
     assert compress(adam, adam, 0.2).name.endswith("-search")
@@ -55,5 +55,6 @@ def test_coordinate_search_picks_the_best_mean_validation_and_moves_on(tmp_path,
     # the lr factor is tried at the winning dropout (the incumbent lr reuses its runs); the
     # untried values are listed without logs and a read-only search stops there
     assert [t.settings for t in trials[3:]] == [
-        {("model", "dropout"): 0.3, ("optimizer", "lr"): lr} for lr in space[1].values[1:]]
+        {("model", "dropout"): 0.3, ("optimizer", "lr"): lr} for lr in space[1].values[1:]
+    ]
     assert all(t.logs == {} for t in trials[3:])

@@ -39,8 +39,12 @@ def _least_squares(X: torch.Tensor, y: torch.Tensor) -> tuple[nn.Module, torch.T
 def quadratic() -> tuple[spectra.HessianOperator, torch.Tensor]:
     """Well-separated top eigenvalue of T A T (ratio ~0.46), so 20 steps converge."""
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(50, 6, generator=g, dtype=F64) * torch.tensor([3.0, 1, 1, 1, 0.5, 0.5], dtype=F64)
-    y = X @ torch.randn(6, 1, generator=g, dtype=F64) + 0.1 * torch.randn(50, 1, generator=g, dtype=F64)
+    X = torch.randn(50, 6, generator=g, dtype=F64) * torch.tensor(
+        [3.0, 1, 1, 1, 0.5, 0.5], dtype=F64
+    )
+    y = X @ torch.randn(6, 1, generator=g, dtype=F64) + 0.1 * torch.randn(
+        50, 1, generator=g, dtype=F64
+    )
     model, M = _least_squares(X, y)
     return spectra.hessian_operator(model, nn.MSELoss(), (X, y)), M
 
@@ -98,8 +102,12 @@ def test_worst_case_linf_on_a_quadratic_is_the_best_vertex():
     rank-one curvature the sign ascent reaches the best of the 2^6 vertices."""
     g = torch.Generator().manual_seed(3)
     c = torch.tensor([1.0, -0.7, 0.4, 1.3, -0.2, 0.9], dtype=F64)
-    X = 2.0 * torch.randn(40, 1, generator=g, dtype=F64) * c + 0.3 * torch.randn(40, 6, generator=g, dtype=F64)
-    y = X @ torch.randn(6, 1, generator=g, dtype=F64) + 0.1 * torch.randn(40, 1, generator=g, dtype=F64)
+    X = 2.0 * torch.randn(40, 1, generator=g, dtype=F64) * c + 0.3 * torch.randn(
+        40, 6, generator=g, dtype=F64
+    )
+    y = X @ torch.randn(6, 1, generator=g, dtype=F64) + 0.1 * torch.randn(
+        40, 1, generator=g, dtype=F64
+    )
     model, M = _least_squares(X, y)
     op = spectra.hessian_operator(model, nn.MSELoss(), (X, y))
     rho = 0.2
@@ -130,8 +138,11 @@ def test_average_case_standard_error_covers_the_truth(quadratic):
     rho = 0.1
     closed = 0.5 * rho**2 * float(torch.trace(M))
     hits = sum(
-        abs((r := adaptive_sharpness(op, rho, kind="average", num_samples=40, seed=s)).value
-            - closed) <= 2 * r.stderr
+        abs(
+            (r := adaptive_sharpness(op, rho, kind="average", num_samples=40, seed=s)).value
+            - closed
+        )
+        <= 2 * r.stderr
         for s in range(60)
     )
     assert hits >= 50, hits  # ~95% expected for 2 standard errors
@@ -216,7 +227,14 @@ def test_result_is_frozen_deterministic_and_describes_itself(quadratic):
     b = adaptive_sharpness(op, 0.1, kind="average", num_samples=8, seed=3)
     c = adaptive_sharpness(op, 0.1, kind="average", num_samples=8, seed=4)
     assert isinstance(a, SharpnessEstimate) and a == b and a.value != c.value
-    assert (a.kind, a.rho, a.p, a.num_samples, a.seed, a.radius) == ("average", 0.1, 2.0, 8, 3, None)
+    assert (a.kind, a.rho, a.p, a.num_samples, a.seed, a.radius) == (
+        "average",
+        0.1,
+        2.0,
+        8,
+        3,
+        None,
+    )
     assert "Monte Carlo" in a.method and "+-" in repr(a)
     w = adaptive_sharpness(op, 0.1, steps=4)
     assert (w.steps, w.gradient_evals, w.loss_evals, w.stderr, w.num_samples) == (4, 4, 1, 0.0, 0)

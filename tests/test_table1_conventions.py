@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from entropy_opt import EntropySGD
-from entropy_opt.local_entropy import AUTHORS_CODE
-from figures.harness import build_optimizer
+from entropy_opt import AUTHORS_CODE, EntropySGD
+from figures.optimizers import build_optimizer
 from figures.table1 import configs
 
 
@@ -23,7 +22,8 @@ def test_authors_conventions_change_only_the_local_entropy_side(experiment):
         inner = ("sgld_momentum", "sgld_nesterov")
         rest = {k: v for k, v in a.optimizer_kwargs.items() if k not in AUTHORS_CODE}
         assert {k: v for k, v in rest.items() if k not in inner} == {
-            k: v for k, v in p.optimizer_kwargs.items() if k not in inner}
+            k: v for k, v in p.optimizer_kwargs.items() if k not in inner
+        }
         if a.optimizer == "entropy-sgd":  # the inner loop runs on the outer momentum
             assert rest["sgld_momentum"] == rest["momentum"]
             assert rest["sgld_nesterov"] == rest["nesterov"]
@@ -37,7 +37,10 @@ def test_authors_mnistfc_optimizer_matches_entropy_sgd_authors_code():
     cfg = configs("mnistfc", conventions="authors")[1]
     w = [torch.nn.Parameter(torch.zeros(3))]
     ours = build_optimizer(cfg.optimizer, w, cfg.optimizer_kwargs)
-    base = {k: v for k, v in configs("mnistfc")[1].optimizer_kwargs.items()
-            if k not in ("sgld_momentum", "sgld_nesterov")}
+    base = {
+        k: v
+        for k, v in configs("mnistfc")[1].optimizer_kwargs.items()
+        if k not in ("sgld_momentum", "sgld_nesterov")
+    }
     theirs = EntropySGD.authors_code(w, **base)
     assert ours.param_groups[0] == theirs.param_groups[0]

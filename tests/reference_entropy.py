@@ -1,9 +1,10 @@
 """A straightforward per-parameter Entropy-SGD, written the way the authors wrote theirs.
 
-Used by ``benchmarks/bench_optimizers.py`` as the cost baseline and by the tests as an
-independent implementation to compare with. Not meant for training: hyper-parameters live
-in a private ``config`` dict (LR schedulers cannot reach them), every parameter must have a
-gradient, there is no foreach path and noise is drawn one tensor at a time.
+An independent implementation for the tests to compare ``entropy_opt`` with, and the cost
+baseline of ``benchmarks/bench_optimizers.py``; it lives with the tests because it is not
+part of the library.  Not meant for training: hyper-parameters live in a private
+``config`` dict (LR schedulers cannot reach them), every parameter must have a gradient,
+there is no foreach path and noise is drawn one tensor at a time.
 
 ``authors=False`` follows the paper (alpha weights the new sample, noise
 ``eps sqrt(eta')``, gamma scoped, the first gradient used). ``authors=True`` transcribes
@@ -24,7 +25,22 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ._common import check_finite_group
+from entropy_opt._common import check_finite_group
+
+#: A configuration that exercises outer Nesterov momentum, weight decay and a fast scoping
+#: schedule, without noise (the tests that compare with this implementation start here).
+CONFIG: dict[str, Any] = dict(
+    lr=0.5,
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=1e-3,
+    L=5,
+    sgld_lr=0.1,
+    noise=0.0,
+    gamma=0.03,
+    scoping_rate=0.05,
+    alpha=0.75,
+)
 
 
 class ReferenceEntropySGD(Optimizer):

@@ -1,4 +1,4 @@
-"""The inner loop of Algorithm 1, shared by :class:`EntropySGD` and :class:`EntropyAdam`.
+"""The base class of :class:`EntropySGD` and :class:`EntropyAdam`: Algorithm 1's inner loop.
 
 One outer step of a local-entropy optimizer:
 
@@ -60,6 +60,7 @@ from ._common import (
     one_device_dtype,
     params_with_grad,
     require_closure,
+    resolve_foreach,
     split_views,
 )
 from .scoping import check_scoping, scoped_gamma
@@ -70,7 +71,8 @@ NOISE_CONVENTIONS = ("paper", "authors")
 #: (github.com/ucla-vision/entropy-sgd, python/optim.py). Without momentum this reproduces
 #: it exactly. With momentum their code also adds the coupling and noise after the inner
 #: momentum (into its buffer when nesterov=False) and seeds the outer buffer with the first
-#: gradient; those quirks are not reproduced (``entropy_opt.reference`` has them).
+#: gradient; those quirks are not reproduced (the tests' reference implementation,
+#: ``tests/reference_entropy.py``, has them).
 AUTHORS_CODE: dict[str, Any] = {
     "alpha": 0.25,
     "noise_convention": "authors",
@@ -79,52 +81,6 @@ AUTHORS_CODE: dict[str, Any] = {
     "outer_weight_decay": True,
     "scale_by_gamma": False,
 }
-
-
-def local_entropy_defaults(
-    *,
-    lr: float,
-    weight_decay: float,
-    L: int,
-    sgld_lr: float,
-    noise: float,
-    gamma: float,
-    scoping: str,
-    scoping_rate: float,
-    alpha: float,
-    sgld_momentum: float,
-    sgld_nesterov: bool,
-    scale_by_gamma: bool,
-    noise_convention: str,
-    advance_scoping: bool,
-    discard_first_grad: bool,
-    outer_weight_decay: bool,
-    foreach: bool | None,
-    flat: bool = False,
-) -> dict[str, Any]:
-    """Param-group entries common to every local-entropy optimizer (validated)."""
-    group = dict(
-        lr=lr,
-        weight_decay=weight_decay,
-        L=L,
-        sgld_lr=sgld_lr,
-        noise=noise,
-        gamma=gamma,
-        scoping=scoping,
-        scoping_rate=scoping_rate,
-        alpha=alpha,
-        sgld_momentum=sgld_momentum,
-        sgld_nesterov=sgld_nesterov,
-        scale_by_gamma=scale_by_gamma,
-        noise_convention=noise_convention,
-        advance_scoping=advance_scoping,
-        discard_first_grad=discard_first_grad,
-        outer_weight_decay=outer_weight_decay,
-        foreach=foreach,
-        flat=flat,
-    )
-    check_local_entropy_group(group)
-    return group
 
 
 def check_local_entropy_group(group: dict[str, Any]) -> None:
@@ -186,11 +142,9 @@ def _sgld_update(
         if momentum and fused:
             if gamma:
                 torch._foreach_add_(g, x, alpha=-gamma)
-            # g + (wd + gamma) x' = g + wd x' + gamma (x' - x); buffers start at zero, so
-            # is_first_step=False gives b = momentum * 0 + g' = g' exactly.
-            torch._fused_sgd_(
-                xp, g, bufs, weight_decay=wd + gamma, momentum=momentum, lr=lr,
-                dampening=0.0, nesterov=nesterov, maximize=False, is_first_step=False,
+            # g + (wd + gamma) x' = g + wd x' + gamma (x' - x)
+            fused_sgd_step(
+                xp, g, bufs, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd + gamma
             )
         elif momentum:
             if wd:
@@ -247,8 +201,39 @@ def use_fused(kind: str, *lists: list[Tensor]) -> bool:
         return False
     tensors = [t for ts in lists for t in ts]
     key = one_device_dtype(tensors)
-    return (key is not None and all(t.is_contiguous() for t in tensors)
-            and fused_ok(kind, *key))
+    return key is not None and all(t.is_contiguous() for t in tensors) and fused_ok(kind, *key)
+
+
+def fused_sgd_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float = 0.0,
+) -> None:
+    """One momentum-SGD step in a single ``torch._fused_sgd_`` pass, in place on ``params``
+    and ``bufs``; ``grads`` are left as they are.
+
+    ``g' = g + weight_decay p``, ``b <- momentum b + g'``, ``p <- p - lr (g' + momentum b)``
+    (Nesterov) or ``p - lr b``; no dampening.  The buffers must start at zero: the kernel
+    then runs with ``is_first_step=False`` throughout, which gives ``b = g'`` exactly at the
+    first step.  Callers check :func:`use_fused` first.
+    """
+    torch._fused_sgd_(
+        params,
+        grads,
+        bufs,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        lr=lr,
+        dampening=0.0,
+        nesterov=nesterov,
+        maximize=False,
+        is_first_step=False,
+    )
 
 
 def _fused_for(tensors: list[Tensor], momentum: float, foreach: bool) -> bool:
@@ -266,18 +251,56 @@ def _copy(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
             d.copy_(s)
 
 
+#: Names in a subclass constructor's ``locals()`` that are not hyper-parameters.
+_NOT_GROUP_ENTRIES = frozenset({"self", "params", "options", "__class__"})
+
+
 class LocalEntropyOptimizer(StateDictMixin, Optimizer):
     """Base class: runs the SGLD inner loop, then calls :meth:`_outer_update`.
 
-    Subclasses pass their full ``defaults`` (built with :func:`local_entropy_defaults` plus
-    their own entries) and implement ``_outer_update(group, params, grads, foreach)``.
+    A subclass declares its own hyper-parameters (``lr``, ``weight_decay``, ``L``,
+    ``sgld_lr``, ``noise``, ``gamma``, ``scoping``, ``scoping_rate``, ``alpha``, whose
+    defaults differ between the optimizers, and its outer rule's entries) as named
+    constructor arguments, passes them on as ``arguments=locals()`` (first thing in its
+    ``__init__``, so ``locals()`` holds its arguments only), hands the keyword options below
+    through unchanged, and implements ``_check_outer(group)`` (validate the outer rule's
+    entries) and ``_outer_update(group, params, grads, foreach)``.
+    Every argument but ``generator`` and ``diagnostics`` becomes a param-group entry,
+    re-read at every step.
+
+    Keyword options (the same for every local-entropy optimizer):
+        sgld_momentum, sgld_nesterov: momentum of the inner loop (default off); its buffer
+            restarts at zero every outer step.
+        scale_by_gamma, noise_convention, advance_scoping, discard_first_grad,
+        outer_weight_decay: choices where the authors' code departs from the paper (the
+            paper's by default; see the module docstring and :data:`AUTHORS_CODE`).
+        foreach: run the updates through the ``torch._foreach_*`` kernels. None (default):
+            on CUDA-like devices, as torch.optim does, and on the CPU, where it measured
+            as fast as the for-loop or faster (:func:`~._common.resolve_foreach` has the
+            numbers); True/False force it.  With momentum (inner or outer) and Adam's
+            outer step, the foreach path runs through torch's fused kernels where the build
+            has them for the parameters' device and dtype (one pass over the weights
+            instead of up to eight; same equations, rounding aside).
+        flat: during the inner loop, point the parameters (``p.data``) at views of one
+            contiguous buffer so each SGLD operation is one kernel instead of one per
+            tensor (default False). Much cheaper for models with many small tensors;
+            results are identical. Leave it off for modules that cache parameter storage
+            (cuDNN RNNs).
+        generator: ``torch.Generator`` for the SGLD noise (default: the global RNG, so
+            ``torch.manual_seed`` makes runs reproducible).
+        diagnostics: also record ``dist_x_mu`` and the gradient angle (default True; one
+            extra gradient copy per step).
 
     After :meth:`step`, ``p.grad`` holds the local-entropy gradient used for the update and
-    ``self.state["diagnostics"]`` holds ``loss`` (at x), ``gamma`` (first group; ``gammas``
-    per group), ``dist_x_mu`` = ||x - mu|| over all parameters, ``cos_angle`` and
-    ``angle_deg`` between ``x - mu`` and the plain gradient at x (Sec. 5.4 monitors it).
-    Diagnostics are 0-dim tensors so that recording them never forces a device sync.
-    ``self.state["global"]["step"]`` counts completed outer steps (the scoping ``t``).
+    the dict :attr:`diagnostics` holds ``loss`` (at x), ``gamma`` (first group; ``gammas``
+    per group) and, with ``diagnostics=True``, ``dist_x_mu`` = ||x - mu|| over all
+    parameters, ``cos_angle`` and ``angle_deg`` between ``x - mu`` and the plain gradient
+    at x (Sec. 5.4 monitors it).  Its values are 0-dim tensors so that recording them never
+    forces a device sync; it is empty before the first step.  Diagnostics describe the last
+    step only, so they are an attribute, not state: ``state_dict`` does not carry them (a
+    state dict written when they lived in ``state["diagnostics"]`` loads, that entry
+    dropped).  ``self.state["global"]["step"]`` counts completed outer steps (the scoping
+    ``t``) and is saved: a resumed run scopes gamma as an uninterrupted one.
 
     The cost of a step is :attr:`gradient_evaluations_per_step` (``L``, ``L + 1`` with
     ``discard_first_grad``), read from the param groups, so a training loop can count
@@ -289,36 +312,78 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
     """
 
     STATE_KEYS = frozenset({"anchor", "mu", "sgld_buffer"})
-    EXTRA_STATE = frozenset({"global", "diagnostics"})
+    EXTRA_STATE = frozenset({"global"})
+    #: Non-parameter state entries of older versions, accepted and dropped on load.
+    LEGACY_STATE = frozenset({"diagnostics"})
 
     def __init__(
         self,
         params: Any,
-        defaults: dict[str, Any],
+        arguments: dict[str, Any],
         *,
+        sgld_momentum: float = 0.0,
+        sgld_nesterov: bool = False,
+        scale_by_gamma: bool = False,
+        noise_convention: str = "paper",
+        advance_scoping: bool = True,
+        discard_first_grad: bool = False,
+        outer_weight_decay: bool = False,
+        foreach: bool | None = None,
+        flat: bool = False,
         generator: torch.Generator | None = None,
         diagnostics: bool = True,
     ) -> None:
+        defaults = {k: v for k, v in arguments.items() if k not in _NOT_GROUP_ENTRIES}
+        defaults.update(
+            sgld_momentum=sgld_momentum,
+            sgld_nesterov=sgld_nesterov,
+            scale_by_gamma=scale_by_gamma,
+            noise_convention=noise_convention,
+            advance_scoping=advance_scoping,
+            discard_first_grad=discard_first_grad,
+            outer_weight_decay=outer_weight_decay,
+            foreach=foreach,
+            flat=flat,
+        )
+        self._check_group(defaults)  # before torch.optim looks at the parameters
         super().__init__(params, defaults)
         self.generator = generator
-        self.diagnostics = diagnostics
+        self.record_diagnostics = bool(diagnostics)
+        self.diagnostics: dict[str, Any] = {}
         self._noise = NoiseBuffers()
         self._flat_cache: dict[int, dict] = {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this optimizer (see :class:`~._common.StateDictMixin`).
+
+        Entries of :attr:`LEGACY_STATE` (the diagnostics older versions kept in the state)
+        are dropped first; :attr:`diagnostics` starts empty again.
+        """
+        state = state_dict.get("state") if isinstance(state_dict, dict) else None
+        if isinstance(state, dict) and self.LEGACY_STATE & set(state):
+            kept = {k: v for k, v in state.items() if k not in self.LEGACY_STATE}
+            state_dict = {**state_dict, "state": kept}
+        super().load_state_dict(state_dict)
+        self.diagnostics = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its hyper-parameters are validated now (and again at every step)."""
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
-    # -- hooks for subclasses -------------------------------------------------------------
     def _check_group(self, group: dict[str, Any]) -> None:
         check_local_entropy_group(group)
+        self._check_outer(group)
+
+    # -- hooks for subclasses -------------------------------------------------------------
+    def _check_outer(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for an invalid entry of the outer rule (momentum, betas)."""
+        raise NotImplementedError
 
     def _outer_update(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], foreach: bool
     ) -> None:
         raise NotImplementedError
-
 
     # -- the cost of a step -----------------------------------------------------------------
     def _inner_loop(self) -> tuple[int, bool]:
@@ -445,7 +510,7 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
                 cos = (ns - nG - ng) / (2.0 * (nG * ng).sqrt()).clamp_min(1e-300)
                 cos = cos.clamp(-1.0, 1.0)
                 diag.update(dist_x_mu=nG.sqrt(), cos_angle=cos, angle_deg=torch.rad2deg(cos.acos()))
-            self.state["diagnostics"] = diag
+            self.diagnostics = diag
         return loss
 
     def _prepare(self, index: int, group: dict[str, Any], t: int, name: str) -> _GroupWork | None:
@@ -454,12 +519,14 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
         if not params:
             return None
         gamma = scoped_gamma(
-            group["scoping"], group["gamma"], group["scoping_rate"],
+            group["scoping"],
+            group["gamma"],
+            group["scoping_rate"],
             t if group["advance_scoping"] else 0,
         )
         factor = 2.0 if group["noise_convention"] == "authors" else 1.0
         sigma = group["noise"] * math.sqrt(factor * group["sgld_lr"])
-        foreach = group["foreach"] is None or bool(group["foreach"])
+        foreach = resolve_foreach(group["foreach"], params)
         w = _GroupWork(group, params, gamma, sigma, foreach)
         momentum = bool(group["sgld_momentum"])
         w.fused = _fused_for(params, group["sgld_momentum"], foreach)
@@ -483,7 +550,7 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
             _copy(w.mu, params, foreach)
             if w.bufs:
                 torch._foreach_zero_(w.bufs)
-        w.grad0 = [g.clone() for g in w.grads()] if self.diagnostics else None
+        w.grad0 = [g.clone() for g in w.grads()] if self.record_diagnostics else None
         return w
 
 
@@ -497,8 +564,9 @@ class _GroupWork:
     the original storage, which still holds ``x``, back.
     """
 
-    def __init__(self, group: dict, params: list[Tensor], gamma: float, sigma: float,
-                 foreach: bool) -> None:
+    def __init__(
+        self, group: dict, params: list[Tensor], gamma: float, sigma: float, foreach: bool
+    ) -> None:
         self.group, self.params, self.gamma, self.sigma = group, params, gamma, sigma
         self.foreach = foreach
         self.fused = False

@@ -65,7 +65,9 @@ class LaplaceLocalEntropy:
 
 
 def laplace_local_entropy(
-    spectrum: Spectrum | Iterable[float], gamma: float, loss: float | None = None,
+    spectrum: Spectrum | Iterable[float],
+    gamma: float,
+    loss: float | None = None,
     n_params: int | None = None,
 ) -> LaplaceLocalEntropy:
     """Laplace local entropy ``-f - 1/2 sum_i log(1 + lambda_i / gamma)`` (see module doc).
@@ -91,13 +93,18 @@ def laplace_local_entropy(
     ok = ev > -gamma
     log_volume = -0.5 * float(np.sum(w[ok] * np.log1p(ev[ok] / gamma)))
     return LaplaceLocalEntropy(
-        gamma=float(gamma), value=-loss + log_volume,
-        constant=0.5 * n * math.log(2 * math.pi / gamma), log_volume=log_volume,
-        loss=loss, excluded=float(w[~ok].sum()))
+        gamma=float(gamma),
+        value=-loss + log_volume,
+        constant=0.5 * n * math.log(2 * math.pi / gamma),
+        log_volume=log_volume,
+        loss=loss,
+        excluded=float(w[~ok].sum()),
+    )
 
 
 def laplace_table(
-    spectrum: Spectrum, gammas: Iterable[float] = (1e-3, 1e-2, 1e-1, 1.0),
+    spectrum: Spectrum,
+    gammas: Iterable[float] = (1e-3, 1e-2, 1e-1, 1.0),
     loss: float | None = None,
 ) -> dict[float, LaplaceLocalEntropy]:
     """:func:`laplace_local_entropy` for several gammas, keyed by gamma."""

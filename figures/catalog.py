@@ -1,0 +1,58 @@
+"""The figures of ``python -m figures all``, in order, and how to make or plan each one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from . import fig2, fig3c, fig_fisher_compare, spectrum_figure
+
+__all__ = ["Figure", "FIGURES", "run", "plan"]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """How to make one figure: ``make(preset, out_dir, device, use_cache, progress)`` writes
+    it and returns its statistics; ``plan(preset, device)`` describes the work without
+    doing it (None: nothing worth planning)."""
+
+    make: Callable[..., dict[str, Any]]
+    plan: Callable[..., dict[str, Any]] | None = None
+
+
+def _spectrum(name: str) -> Figure:
+    return Figure(partial(spectrum_figure.run, name), partial(spectrum_figure.plan, name))
+
+
+#: Figure name -> :class:`Figure`, in the order of :data:`figures.presets.FIGURES`.
+FIGURES: dict[str, Figure] = {
+    "fig1": _spectrum("fig1"),
+    "fig2": Figure(fig2.run),
+    "fig3a": _spectrum("fig3a"),
+    "fig3b": _spectrum("fig3b"),
+    "fig3c": Figure(fig3c.run, fig3c.plan),
+    "fisher-compare": Figure(fig_fisher_compare.run, fig_fisher_compare.plan),
+}
+
+
+def run(
+    name: str,
+    preset: str = "default",
+    out_dir: str | Path = "figures/out",
+    device: str = "cpu",
+    use_cache: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Make figure ``name`` of ``preset`` under ``out_dir``; returns its statistics."""
+    return FIGURES[name].make(preset, out_dir, device, use_cache, progress)
+
+
+def plan(name: str, preset: str = "default", device: str = "cpu") -> dict[str, Any]:
+    """What figure ``name`` of ``preset`` will compute, without data or training."""
+    figure = FIGURES[name]
+    if figure.plan is None:
+        return {"figure": name, "preset": preset, "note": "quadrature only, < 1 s"}
+    return figure.plan(preset, device)

@@ -1,0 +1,105 @@
+"""What a run may use and what it used: free memory, memory budgets, peak memory, progress.
+
+Shared by the matrix-free algorithms (:mod:`spectra.lanczos`, :mod:`spectra.density`,
+:mod:`spectra.trace`) and the dense builders (:mod:`spectra.exact`); it knows devices,
+not operators.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ._checks import check_int
+
+__all__ = [
+    "DEFAULT_BUDGET_SHARE",
+    "available_memory_bytes",
+    "check_budget",
+    "default_memory_budget",
+    "format_bytes",
+    "peak_memory_bytes",
+    "progress_bar",
+]
+
+#: Share of the free memory an algorithm's own vectors may take by default; the rest
+#: is left for the operator's products (a Hessian product's autograd temporaries).
+DEFAULT_BUDGET_SHARE = 0.5
+
+
+def available_memory_bytes(device: torch.device | str = "cpu") -> int:
+    """Memory that can still be allocated on ``device``, in bytes.
+
+    CPU: the smaller of /proc/meminfo's MemAvailable and the cgroup limit minus
+    usage (containers).  CUDA: ``torch.cuda.mem_get_info``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    candidates = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    candidates.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as fh:
+                candidates.append(int(limit) - int(fh.read().strip()))
+    except (OSError, ValueError):
+        pass
+    if not candidates:
+        pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
+        candidates.append(int(pages) * os.sysconf("SC_PAGE_SIZE") if pages else 1 << 62)
+    return max(0, min(candidates))
+
+
+def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
+    """The process's memory high-water mark, in bytes.
+
+    CPU: ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, the peak resident set size of
+    the whole process since it started (it cannot be reset, so it bounds the run's
+    own peak from above and includes everything the process held before).  CUDA:
+    ``torch.cuda.max_memory_allocated(device)``, the peak of tensor memory since the
+    last ``torch.cuda.reset_peak_memory_stats``.  0 where neither is available.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def default_memory_budget(device: torch.device) -> tuple[int, int]:
+    """``(budget, free)`` in bytes: :data:`DEFAULT_BUDGET_SHARE` of the free memory now."""
+    free = available_memory_bytes(device)
+    return int(free * DEFAULT_BUDGET_SHARE), int(free)
+
+
+def check_budget(value: Any) -> int | None:
+    """``memory_budget`` as bytes (an int >= 1, integral floats accepted) or None."""
+    return None if value is None else check_int("memory_budget", value)
+
+
+def format_bytes(x: float) -> str:
+    """``x`` bytes for an error message: GiB with two decimals and the exact count."""
+    return f"{x / 2**30:.2f} GiB ({int(x):,} bytes)"
+
+
+def progress_bar(total: int, desc: str, progress: bool | None) -> tqdm:
+    """A tqdm bar counting matvecs; ``progress=None`` shows it only when stderr is a terminal."""
+    if progress is None:
+        progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="matvec")
