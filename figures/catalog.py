@@ -5,18 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from . import fig2, fig3c, fig_fisher_compare, spectrum_figure
+from .request import FigureRequest
 
 __all__ = ["Figure", "FIGURES", "run", "plan"]
 
 
 @dataclass(frozen=True)
 class Figure:
-    """How to make one figure: ``make(preset, out_dir, device, use_cache, progress)`` writes
-    it and returns its statistics; ``plan(preset, device)`` describes the work without
+    """How to make one figure: ``make(request)`` (a :class:`FigureRequest`) writes it and
+    returns its statistics; ``plan(preset, device)`` describes the work without
     doing it (None: nothing worth planning)."""
 
     make: Callable[..., dict[str, Any]]
@@ -38,16 +38,9 @@ FIGURES: dict[str, Figure] = {
 }
 
 
-def run(
-    name: str,
-    preset: str = "default",
-    out_dir: str | Path = "figures/out",
-    device: str = "cpu",
-    use_cache: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Make figure ``name`` of ``preset`` under ``out_dir``; returns its statistics."""
-    return FIGURES[name].make(preset, out_dir, device, use_cache, progress)
+def run(name: str, request: FigureRequest = FigureRequest()) -> dict[str, Any]:
+    """Make figure ``name`` as ``request`` says; returns its statistics."""
+    return FIGURES[name].make(request)
 
 
 def plan(name: str, preset: str = "default", device: str = "cpu") -> dict[str, Any]:

@@ -26,6 +26,7 @@ import torch
 from . import catalog, compare, curves, presets, search, table1
 from .datasets import MissingDataError
 from .report import summary_table
+from .request import FigureRequest
 
 __all__ = ["main", "parser", "EXPERIMENTS"]
 
@@ -118,7 +119,9 @@ def _figures(args: argparse.Namespace) -> int:
     for name in names:
         print(f"== {name} (preset {args.preset}) ==", flush=True)
         try:
-            results[name] = catalog.run(name, args.preset, args.out, args.device, not args.no_cache)
+            results[name] = catalog.run(
+                name, FigureRequest(args.preset, args.out, args.device, not args.no_cache)
+            )
         except MissingDataError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

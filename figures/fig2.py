@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from matplotlib.figure import Figure
 from scipy.special import logsumexp
 
 from . import presets, report
+from .request import FigureRequest
 
 __all__ = ["local_entropy", "wells", "run", "NAME"]
 
@@ -118,18 +118,13 @@ def _plot(
     return fig
 
 
-def run(
-    preset: str = "default",
-    out_dir: str | Path = "figures/out",
-    device: str = "cpu",
-    use_cache: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
+def run(request: FigureRequest = FigureRequest()) -> dict[str, Any]:
     """Compute f and -F(., gamma) for the preset's gammas, write fig2.png/.pdf/.json.
 
-    ``device``, ``use_cache`` and ``progress`` are accepted for a uniform interface; this
-    figure is pure NumPy and takes well under a second.
+    The request's ``device``, ``use_cache`` and ``progress`` are accepted for a uniform
+    interface; this figure is pure NumPy and takes well under a second.
     """
+    preset, out_dir = request.preset, request.out_dir
     t0 = time.perf_counter()
     cfg: presets.LandscapeFigure = presets.get(preset, NAME)
     f = wells(cfg.wells)

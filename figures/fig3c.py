@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,8 @@ import spectra
 from . import presets, report
 from .adam_moments import data_options, trained_adam_run
 from .figure_runs import figure_setup, grad_norm, plan_head, stats_head, stats_tail
-from .stats import diagonal_stats
+from .request import FigureRequest
+from .stats import MEAN_KEYS, diagonal_stats
 from .tasks import CIFAR_MISSING
 
 __all__ = ["NAME", "TITLE", "run", "plan", "CIFAR_MISSING"]
@@ -73,14 +73,9 @@ def _caption(stats: dict[str, Any]) -> str:
     )
 
 
-def run(
-    preset: str = "default",
-    out_dir: str | Path = "figures/out",
-    device: str = "cpu",
-    use_cache: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
+def run(request: FigureRequest = FigureRequest()) -> dict[str, Any]:
     """Make fig3c.png/.pdf/.json under ``out_dir`` and return the statistics."""
+    preset, out_dir, device, use_cache, progress = request.astuple()
     t0 = time.perf_counter()
     cfg, cache, task = figure_setup(NAME, preset, out_dir, use_cache, data_options)
     x, y = task.splits["train"]
@@ -106,16 +101,7 @@ def run(
                 **diagonal_stats(s, cfg.near_zero_tol),
             }
         )
-    mean_keys = (
-        "fraction_near_zero",
-        "top",
-        "bottom",
-        "trace",
-        "test_error",
-        "train_loss",
-        "fraction_negative",
-        "n_negative",
-    )
+    mean_keys = (*MEAN_KEYS, "n_negative")
     stats: dict[str, Any] = {
         **stats_head(NAME, preset, task, cfg),
         "estimator": "Adam moments: v_hat - m_hat^2 (spectra.fisher_diagonal_from_adam); the "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +39,7 @@ from spectra.hessian_diagonal import hessian_diagonal
 from . import figure_runs, presets, report
 from .adam_moments import data_options, trained_adam_run
 from .cache import Cache, code_version
+from .request import FigureRequest
 from .stats import diagonal_stats
 
 __all__ = ["NAME", "TITLE", "run", "plan", "correlations"]
@@ -224,14 +224,9 @@ def _histograms(
     )
 
 
-def run(
-    preset: str = "default",
-    out_dir: str | Path = "figures/out",
-    device: str = "cpu",
-    use_cache: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
+def run(request: FigureRequest = FigureRequest()) -> dict[str, Any]:
     """Make fisher-compare.png/.pdf/.json under ``out_dir`` and return the statistics."""
+    preset, out_dir, device, use_cache, progress = request.astuple()
     t0 = time.perf_counter()
     cfg, cache, task = figure_runs.figure_setup(NAME, preset, out_dir, use_cache, data_options)
     batches = figure_runs.hessian_batches(task, cfg.data.n_hessian, cfg.data.hessian_batch)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +41,8 @@ from .figure_runs import (
     trained_run,
 )
 from .loop import cross_entropy
-from .stats import spectrum_stats
+from .request import FigureRequest
+from .stats import MEAN_KEYS, spectrum_stats
 
 __all__ = ["TITLES", "run", "plan", "spectrum_or_load", "default_caption", "loss_for"]
 
@@ -128,26 +128,17 @@ def spectrum_or_load(
     )
 
 
-def run(
-    figure: str,
-    preset: str = "default",
-    out_dir: str | Path = "figures/out",
-    device: str = "cpu",
-    use_cache: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
+def run(figure: str, request: FigureRequest = FigureRequest()) -> dict[str, Any]:
     """Train the runs, take their exact spectra, write ``<figure>.png/.pdf/.json``.
 
     Args:
-        figure: one of :data:`TITLES`; ``preset``: which configuration
-            (:func:`figures.presets.get`).
-        out_dir: output folder; the cache lives in ``<out_dir>/cache``.
-        device: ``"cpu"`` or ``"cuda"``.
-        use_cache: read and write the cache (``--no-cache`` turns it off).
-        progress: progress bars.
+        figure: one of :data:`TITLES`.
+        request: preset, output folder, device, cache and progress
+            (:class:`figures.request.FigureRequest`).
 
     Returns the statistics written to ``<figure>.json``.
     """
+    preset, out_dir, device, use_cache, progress = request.astuple()
     t0 = time.perf_counter()
     cfg, cache, task = figure_setup(figure, preset, out_dir, use_cache)
     batches = hessian_batches(task, cfg.data.n_hessian, cfg.data.hessian_batch)
@@ -172,15 +163,7 @@ def run(
                 **spectrum_stats(s, cfg.near_zero_tol),
             }
         )
-    mean_keys = (
-        "fraction_near_zero",
-        "top",
-        "bottom",
-        "trace",
-        "test_error",
-        "train_loss",
-        "fraction_negative",
-    )
+    mean_keys = MEAN_KEYS
     stats: dict[str, Any] = {
         **stats_head(figure, preset, task, cfg),
         "n_params": runs[0]["n_params"],

@@ -9,7 +9,18 @@ import numpy as np
 
 import spectra
 
-__all__ = ["spectrum_stats", "diagonal_stats", "SPECTRUM_TOLS", "DIAGONAL_TOLS"]
+__all__ = ["spectrum_stats", "diagonal_stats", "MEAN_KEYS", "SPECTRUM_TOLS", "DIAGONAL_TOLS"]
+
+#: Per-run statistics every figure averages over its runs (the JSON's ``mean``).
+MEAN_KEYS = (
+    "fraction_near_zero",
+    "top",
+    "bottom",
+    "trace",
+    "test_error",
+    "train_loss",
+    "fraction_negative",
+)
 
 #: Thresholds of ``fraction_near_zero_at`` for Hessian spectra and for diagonals.
 SPECTRUM_TOLS = (1e-5, 1e-4, 1e-3, 1e-2)

@@ -16,6 +16,7 @@ import torch
 from figures import catalog, cli, fig3c, fig_fisher_compare, presets, tasks
 from figures.datasets import MissingDataError
 from figures.figure_runs import figure_task
+from figures.request import FigureRequest
 
 FIGS = ("fig3c", "fisher-compare")
 RUN_KEYS = {
@@ -41,7 +42,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict
     try:
         yield (
             out,
-            {name: catalog.run(name, "smoke", out, "cpu", True, progress=False) for name in FIGS},
+            {name: catalog.run(name, FigureRequest("smoke", out, progress=False)) for name in FIGS},
         )
     finally:
         torch.set_num_threads(threads)
@@ -95,10 +96,10 @@ def test_compare_stats(smoke: tuple[Path, dict]) -> None:
 
 def test_rerun_reads_the_cache(smoke: tuple[Path, dict]) -> None:
     out, first = smoke
-    again = fig3c.run("smoke", out, "cpu", True, progress=False)
+    again = fig3c.run(FigureRequest("smoke", out, progress=False))
     assert all(r["weights_cached"] for r in again["runs"])
     assert again["mean"] == first["fig3c"]["mean"]
-    cmp_again = fig_fisher_compare.run("smoke", out, "cpu", True, progress=False)
+    cmp_again = fig_fisher_compare.run(FigureRequest("smoke", out, progress=False))
     run = cmp_again["runs"][0]
     assert run["weights_cached"] and run["diagonals_cached"]
     assert cmp_again["correlations"] == first["fisher-compare"]["correlations"]

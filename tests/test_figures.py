@@ -22,6 +22,7 @@ from figures.figure_runs import run_config
 from figures.harness import train
 from figures.loop import ImageStream, evaluate_metrics, run_loop
 from figures.models import char_lstm_small, unrolled_lstm_forward
+from figures.request import FigureRequest
 from figures.tasks import build_task
 
 # --------------------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def smoke_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     torch.set_num_threads(1)  # tiny ops: threads only add overhead (as the CLI does)
     try:
         results = {
-            name: catalog.run(name, "smoke", out, "cpu", True, progress=False)
+            name: catalog.run(name, FigureRequest("smoke", out, progress=False))
             for name in presets.FIGURES
         }
         yield out, results
@@ -310,7 +311,7 @@ def test_figure_writes_png_pdf_json(smoke_out: tuple[Path, dict], name: str) -> 
 
 def test_rerun_reads_weights_and_spectra_from_cache(smoke_out: tuple[Path, dict]) -> None:
     out, results = smoke_out
-    again = catalog.run("fig3a", "smoke", out, "cpu", True, progress=False)
+    again = catalog.run("fig3a", FigureRequest("smoke", out, progress=False))
     assert all(r["weights_cached"] and r["spectrum_cached"] for r in again["runs"])
     assert again["mean"] == results["fig3a"]["mean"]
 
