@@ -126,27 +126,13 @@ def _scatter(ax: Any, x: np.ndarray, y: np.ndarray, xl: str, yl: str, corr: dict
     nz = (x != 0) & (y != 0)
     neg = nz & ((x < 0) | (y < 0))
     pos = nz & ~neg
-    ax.scatter(
-        np.abs(x[pos]),
-        np.abs(y[pos]),
-        s=3,
-        alpha=0.35,
-        color="C0",
-        lw=0,
-        label="both > 0",
-        rasterized=True,
-    )
-    if neg.any():
-        ax.scatter(
-            np.abs(x[neg]),
-            np.abs(y[neg]),
-            s=5,
-            alpha=0.8,
-            color="C3",
-            lw=0,
-            label="either < 0",
-            rasterized=True,
-        )
+    # (points, drawn even when empty, style): the positive pairs, then any negative ones
+    for mask, always, style in (
+        (pos, True, dict(s=3, alpha=0.35, color="C0", label="both > 0")),
+        (neg, False, dict(s=5, alpha=0.8, color="C3", label="either < 0")),
+    ):
+        if always or mask.any():
+            ax.scatter(np.abs(x[mask]), np.abs(y[mask]), lw=0, rasterized=True, **style)
     if nz.any():
         lo = float(min(np.abs(x[nz]).min(), np.abs(y[nz]).min()))
         hi = float(max(np.abs(x[nz]).max(), np.abs(y[nz]).max()))

@@ -120,6 +120,46 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _built(make: Callable[..., nn.Module], *args: Any) -> nn.Module:
+    """``make(*args)`` (its warnings silenced) in float64, perturbed, in eval mode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return perturb_(make(*args).to(F64)).eval()
+
+
+def _classifier_case(
+    name: str,
+    model: nn.Module,
+    batches: list[tuple[Any, Any]],
+    one_batch: tuple[Any, Any],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    **fields: Any,
+) -> Case:
+    """A float64 classifier's case: mean cross-entropy over the samples (dim 0); ``forward``
+    (if given) is the user's ``forward=`` option."""
+    return Case(
+        name=name,
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        batches=batches,
+        one_batch=one_batch,
+        options={} if forward is None else {"forward": forward},
+        forward=default_call if forward is None else forward,
+        sum_loss=nn.CrossEntropyLoss(reduction="sum"),
+        count=samples_along(0),
+        note="float64 throughout",
+        **fields,
+    )
+
+
+#: The tiny transformer of every Hugging Face case but GPT-2 (which names these differently).
+_TINY_HF = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+#: ... as a 3-class classifier without dropout (BERT, ViT).
+_TINY_HF_CLASSIFIER = dict(
+    **_TINY_HF, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+)
+
+
 # ---------------------------------------------------------------------------------------
 # token batches for the Hugging Face models
 # ---------------------------------------------------------------------------------------
@@ -200,22 +240,12 @@ def gpt2() -> Case:
 
     torch.manual_seed(10)
     eos = 2
+    no_dropout = dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), 0.0)
+    tokens = dict(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     cfg = GPT2Config(
-        vocab_size=24,
-        n_positions=8,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+        vocab_size=24, n_positions=8, n_embd=8, n_layer=1, n_head=2, **tokens, **no_dropout
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = perturb_(GPT2LMHeadModel(cfg).to(F64)).eval()
+    model = _built(GPT2LMHeadModel, cfg)
     return _causal_lm_case("gpt2", model, eos, eos, 24, 1e-9, "float64 throughout")
 
 
@@ -225,22 +255,16 @@ def llama() -> Case:
 
     torch.manual_seed(11)
     eos = 2
+    tokens = dict(bos_token_id=1, eos_token_id=eos, pad_token_id=eos)
     cfg = LlamaConfig(
         vocab_size=24,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
+        **_TINY_HF,
         num_key_value_heads=1,
         max_position_embeddings=16,
-        bos_token_id=1,
-        eos_token_id=eos,
-        pad_token_id=eos,
+        **tokens,
         tie_word_embeddings=False,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = perturb_(LlamaForCausalLM(cfg).to(F64)).eval()
+    model = _built(LlamaForCausalLM, cfg)
     # LlamaRMSNorm computes in float32 (hidden_states.to(torch.float32)) and casts back,
     # so every second derivative through a norm carries float32 rounding: the operators
     # and the references differ by up to 2.5e-7 of the largest entry (see test_real_models).
@@ -260,20 +284,8 @@ def bert() -> Case:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(12)
-    cfg = BertConfig(
-        vocab_size=24,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=8,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = perturb_(BertForSequenceClassification(cfg).to(F64)).eval()
+    cfg = BertConfig(vocab_size=24, max_position_embeddings=8, **_TINY_HF_CLASSIFIER)
+    model = _built(BertForSequenceClassification, cfg)
     gen = _gen(2)
     raw = [
         _token_batch([6, 3, 5], 6, (1, 24), 0, None, gen),
@@ -289,17 +301,12 @@ def bert() -> Case:
     def forward(m, b):
         return m(**b).logits
 
-    return Case(
-        name="bert",
-        model=model,
-        loss_fn=nn.CrossEntropyLoss(),
-        batches=[(inputs(b), y) for b, y in zip(raw, labels, strict=True)],
-        one_batch=(one, torch.cat(labels)),
-        options={"forward": forward},
-        forward=forward,
-        sum_loss=nn.CrossEntropyLoss(reduction="sum"),
-        count=samples_along(0),
-        note="float64 throughout",
+    return _classifier_case(
+        "bert",
+        model,
+        [(inputs(b), y) for b, y in zip(raw, labels, strict=True)],
+        (one, torch.cat(labels)),
+        forward,
         extra={"raw_batches": raw, "labels": labels},
     )
 
@@ -309,21 +316,8 @@ def vit() -> Case:
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(13)
-    cfg = ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = perturb_(ViTForImageClassification(cfg).to(F64)).eval()
+    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, **_TINY_HF_CLASSIFIER)
+    model = _built(ViTForImageClassification, cfg)
     gen = _gen(3)
     # float32-representable pixels: a float32 copy of the data is cast back exactly
     xs = [
@@ -335,17 +329,12 @@ def vit() -> Case:
     def forward(m, b):
         return m(pixel_values=b["pixel_values"]).logits
 
-    return Case(
-        name="vit",
-        model=model,
-        loss_fn=nn.CrossEntropyLoss(),
-        batches=[({"pixel_values": x}, y) for x, y in zip(xs, ys, strict=True)],
-        one_batch=({"pixel_values": torch.cat(xs)}, torch.cat(ys)),
-        options={"forward": forward},
-        forward=forward,
-        sum_loss=nn.CrossEntropyLoss(reduction="sum"),
-        count=samples_along(0),
-        note="float64 throughout",
+    return _classifier_case(
+        "vit",
+        model,
+        [({"pixel_values": x}, y) for x, y in zip(xs, ys, strict=True)],
+        ({"pixel_values": torch.cat(xs)}, torch.cat(ys)),
+        forward,
     )
 
 
@@ -372,9 +361,7 @@ def _pad_mask(lengths: list[int], width: int) -> torch.Tensor:
 def encoder_batch_first() -> Case:
     """nn.TransformerEncoder(batch_first=True) with src_key_padding_mask. n = 667."""
     torch.manual_seed(14)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = perturb_(EncoderClassifier().to(F64)).eval()
+    model = _built(EncoderClassifier)
     gen = _gen(4)
     lengths = [[5, 3, 4], [2, 4]]
     widths = [5, 4]
@@ -386,18 +373,8 @@ def encoder_batch_first() -> Case:
         batches.append(((src, pad), torch.randint(0, 3, (len(ls),), generator=gen)))
     src1 = torch.cat([batches[0][0][0], F.pad(batches[1][0][0], (0, 0, 0, 1))])
     pad1 = torch.cat([batches[0][0][1], F.pad(batches[1][0][1], (0, 1), value=True)])
-    return Case(
-        name="encoder_batch_first",
-        model=model,
-        loss_fn=nn.CrossEntropyLoss(),
-        batches=batches,
-        one_batch=((src1, pad1), torch.cat([y for _, y in batches])),
-        options={},
-        forward=default_call,
-        sum_loss=nn.CrossEntropyLoss(reduction="sum"),
-        count=samples_along(0),
-        note="float64 throughout",
-    )
+    one = ((src1, pad1), torch.cat([y for _, y in batches]))
+    return _classifier_case("encoder_batch_first", model, batches, one)
 
 
 def _time_major_tagging_case(
@@ -441,9 +418,7 @@ class TimeMajorTagger(nn.Module):
 def encoder_time_major() -> Case:
     """nn.TransformerEncoder(batch_first=False), (L, B, F) inputs, batch_dim=1, -100 pads."""
     torch.manual_seed(15)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = perturb_(TimeMajorTagger().to(F64)).eval()
+    model = _built(TimeMajorTagger)
     gen = _gen(5)
     lengths = [[4, 2, 3], [3, 4]]
     width = 4

@@ -194,6 +194,13 @@ def counting(A: torch.Tensor) -> CallableOperator:
     return CallableOperator(lambda V: A @ V, A.shape[0], dtype=A.dtype)
 
 
+def _names(err: pytest.ExceptionInfo, *parts: str) -> None:
+    """The error names the operator (n = 400 float64, 3,200 bytes per vector) and ``parts``."""
+    text = str(err.value)
+    for part in ("n = 400", "torch.float64", "3,200 bytes per vector", *parts):
+        assert part in text, (part, text)
+
+
 def test_slq_memory_error_names_the_numbers_before_any_product(tmp_path):
     op = counting(spiked())
     with pytest.raises(MemoryError) as err:
@@ -205,16 +212,7 @@ def test_slq_memory_error_names_the_numbers_before_any_product(tmp_path):
             memory_budget=10**5,
             checkpoint=tmp_path / "slq.ckpt",
         )
-    text = str(err.value)
-    for part in (
-        "n = 400",
-        "torch.float64",
-        "3,200 bytes per vector",
-        "52 vector",
-        "100,000 bytes",
-        "num_steps = 50",
-    ):
-        assert part in text, (part, text)
+    _names(err, "52 vector", "100,000 bytes", "num_steps = 50")
     with pytest.raises(MemoryError, match="'local'"):  # below even the local scheme
         spectral_density(op, num_steps=50, memory_budget=4 * 3200 - 1)
     assert op.matvecs == 0 and not (tmp_path / "slq.ckpt").exists()
@@ -231,16 +229,7 @@ def test_lanczos_memory_error_names_the_numbers_before_any_product(tmp_path):
             dense=False,
             checkpoint=tmp_path / "l.ckpt",
         )
-    text = str(err.value)
-    for part in (
-        "n = 400",
-        "torch.float64",
-        "3,200 bytes per vector",
-        "16 vectors",
-        "ncv = 8",
-        "free on cpu",
-    ):
-        assert part in text, (part, text)
+    _names(err, "16 vectors", "ncv = 8", "free on cpu")
     with pytest.raises(MemoryError, match="ncv = 30"):  # a given ncv is not shrunk
         lanczos(op, k=5, ncv=30, memory_budget=20 * per, dense=False)
     assert op.matvecs == 0 and not (tmp_path / "l.ckpt").exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference_entropy import ReferenceEntropySGD
+from reference_entropy import CONFIG, ReferenceEntropySGD
 
 import spectra
 import spectra.spectrum as spectrum_module
@@ -202,18 +202,7 @@ def test_adam_betas_must_be_finite():
 
 
 def test_reference_optimizer_config_must_be_finite():
-    config = dict(
-        lr=0.1,
-        momentum=0.0,
-        nesterov=False,
-        weight_decay=0.0,
-        L=2,
-        sgld_lr=0.1,
-        noise=INF,
-        gamma=0.03,
-        scoping_rate=1e-3,
-        alpha=0.75,
-    )
+    config = {**CONFIG, "noise": INF}
     with pytest.raises(ValueError, match="noise"):
         ReferenceEntropySGD([_param()], config)
 

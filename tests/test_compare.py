@@ -77,15 +77,17 @@ def test_quadrature_spectrum_weights_count_eigenvalues():
     assert list(table) == [0.1, 1.0] and table[1.0] == le
 
 
+def _synthetic_config(**fields) -> CompareConfig:
+    """A comparison of hidden width 1 on synthetic images, in batches of 32."""
+    return CompareConfig(hidden=1, batch_size=32, synthetic=True, **fields)
+
+
 def test_compare_end_to_end_on_synthetic_data(tmp_path):
-    cfg = CompareConfig(
-        hidden=1,
+    cfg = _synthetic_config(
         train_size=192,
         test_size=64,
         effective_epochs=2,
-        batch_size=32,
         spectrum_samples=64,
-        synthetic=True,
         optimizers={
             "sgd": {"lr": 0.05},
             "adam": {"lr": 1e-3},
@@ -138,15 +140,7 @@ def test_leaving_L_out_gives_entropy_sgd_its_default_budget(tmp_path):
     """EntropySGD's default L is 20: the budget comes from the optimizer, not from the
     kwargs (a kwargs lookup with a default of 1 gave it 20x the gradient evaluations)."""
     opts = {"sgd": {"lr": 0.05}, "entropy-sgd": {"lr": 0.5}, "sam": {"lr": 0.05}}
-    cfg = CompareConfig(
-        hidden=1,
-        train_size=64,
-        test_size=32,
-        effective_epochs=20,
-        batch_size=32,
-        synthetic=True,
-        optimizers=opts,
-    )
+    cfg = _synthetic_config(train_size=64, test_size=32, effective_epochs=20, optimizers=opts)
     assert cfg.gradient_evaluations_per_step("entropy-sgd") == 20
     epochs = {o: cfg.run_config(o, "synthetic-images").epochs for o in opts}
     assert epochs == {"sgd": 20, "entropy-sgd": 1, "sam": 10}  # 1/20 and 1/2 of the steps

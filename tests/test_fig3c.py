@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SPECTRUM_KEYS
 
 from figures import catalog, cli, fig3c, fig_fisher_compare, presets, tasks
 from figures.datasets import MissingDataError
@@ -19,19 +20,7 @@ from figures.figure_runs import figure_task
 from figures.request import FigureRequest
 
 FIGS = ("fig3c", "fisher-compare")
-RUN_KEYS = {
-    "fraction_near_zero",
-    "fraction_near_zero_at",
-    "top",
-    "bottom",
-    "trace",
-    "n_params",
-    "n_samples",
-    "test_error",
-    "train_loss",
-    "grad_norm",
-    "adam_steps",
-}
+RUN_KEYS = SPECTRUM_KEYS | {"fraction_near_zero_at", "adam_steps"}
 
 
 @pytest.fixture(scope="module")

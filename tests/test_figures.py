@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SPECTRUM_KEYS
 from torch import nn
 
 import spectra
@@ -261,18 +262,6 @@ def test_spectrum_plot_has_centre_and_two_insets_and_caption() -> None:
 # --------------------------------------------------------------------------------------
 # Every figure on the smoke preset (synthetic data)
 # --------------------------------------------------------------------------------------
-
-SPECTRUM_KEYS = {
-    "fraction_near_zero",
-    "top",
-    "bottom",
-    "trace",
-    "n_params",
-    "n_samples",
-    "test_error",
-    "train_loss",
-    "grad_norm",
-}
 
 
 @pytest.fixture(scope="module")
