@@ -42,7 +42,7 @@ from .figure_runs import (
 )
 from .loop import cross_entropy
 from .request import FigureRequest
-from .stats import MEAN_KEYS, spectrum_stats
+from .stats import MEAN_KEYS, sample_rank_bound, spectrum_stats
 
 __all__ = ["TITLES", "run", "plan", "spectrum_or_load", "default_caption", "loss_for"]
 
@@ -172,6 +172,9 @@ def run(figure: str, request: FigureRequest = FigureRequest()) -> dict[str, Any]
         "n_test": len(task.splits["test"][0]),
         "dtype": cfg.dtype,
         "near_zero_tol": cfg.near_zero_tol,
+        "sample_rank_bound": sample_rank_bound(
+            runs[0]["n_params"], *_terms_and_classes(trained.model, cfg, batches)
+        ),
         "n_runs": cfg.runs,
         "mean": {k: float(np.mean([r[k] for r in runs])) for k in mean_keys},
         "runs": runs,
@@ -183,6 +186,21 @@ def run(figure: str, request: FigureRequest = FigureRequest()) -> dict[str, Any]
     if central.get_legend() is not None:  # keep it clear of the "peak clipped" note at the top
         central.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.0, 0.88))
     return report.publish(out_dir, figure, fig, stats, TITLES[figure], t0)
+
+
+def _terms_and_classes(model: nn.Module, cfg: Any, batches: list) -> tuple[int, int]:
+    """Targets the Hessian's loss averages over, and the classes of each (the logits'
+    dimension 1, as cross-entropy reads them)."""
+    forward = _FORWARDS[cfg.hessian_forward] or (lambda m, x: m(x))
+    x, _ = batches[0]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            classes = int(forward(model, x[:1].to(next(model.parameters()).device)).shape[1])
+    finally:
+        model.train(was)
+    return sum(int(y.numel()) for _, y in batches), classes
 
 
 def default_caption(stats: dict[str, Any]) -> str:

@@ -9,7 +9,14 @@ import numpy as np
 
 import spectra
 
-__all__ = ["spectrum_stats", "diagonal_stats", "MEAN_KEYS", "SPECTRUM_TOLS", "DIAGONAL_TOLS"]
+__all__ = [
+    "spectrum_stats",
+    "diagonal_stats",
+    "sample_rank_bound",
+    "MEAN_KEYS",
+    "SPECTRUM_TOLS",
+    "DIAGONAL_TOLS",
+]
 
 #: Per-run statistics every figure averages over its runs (the JSON's ``mean``).
 MEAN_KEYS = (
@@ -63,4 +70,22 @@ def diagonal_stats(s: spectra.Spectrum, tol: float) -> dict[str, Any]:
         "bottom": float(ev[0]),
         "median_abs": float(np.median(np.abs(ev))),
         "trace": s.trace(),
+    }
+
+
+def sample_rank_bound(n_params: int, loss_terms: int, classes: int) -> dict[str, Any]:
+    """What the sample count alone forces to zero (issue 15).
+
+    The Gauss-Newton part of a cross-entropy Hessian is a sum over the ``loss_terms``
+    targets of ``J^T (diag(p) - p p^T) J``, each of rank <= ``classes - 1``, so its rank is
+    at most ``loss_terms x (classes - 1)``; at least ``1 - that / n_params`` of its
+    eigenvalues are exactly zero whatever the network learnt.  (The Hessian adds the
+    residual term, which is small near a minimum, so the bound is for the GGN part.)
+    """
+    bound = min(n_params, loss_terms * max(classes - 1, 0))
+    return {
+        "loss_terms": loss_terms,
+        "classes": classes,
+        "ggn_rank_bound": bound,
+        "fraction_forced_zero_by_samples": 1.0 - bound / n_params,
     }

@@ -400,3 +400,21 @@ def test_token_stream_refuses_text_too_short_for_the_batch() -> None:
 
     with pytest.raises(ValueError, match="smaller batch_size"):
         TokenStream(torch.arange(30), batch_size=20, bptt=5)
+
+
+def test_sample_rank_bound_is_the_rank_of_a_real_gauss_newton_matrix():
+    from figures.stats import sample_rank_bound
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)
+    ).double()  # n = 84 parameters, 4 classes
+    X, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1])
+    G = spectra.ggn_operator(model, torch.nn.CrossEntropyLoss(), (X, y))
+    dense = G @ torch.eye(G.shape[0], dtype=torch.float64)
+    bound = sample_rank_bound(G.shape[0], len(y), 4)
+    assert bound["ggn_rank_bound"] == 6 * 3 == torch.linalg.matrix_rank(dense).item()
+    eig = torch.linalg.eigvalsh(dense)
+    zero = (eig.abs() <= 1e-12 * eig.abs().max()).double().mean().item()
+    assert zero == pytest.approx(bound["fraction_forced_zero_by_samples"]) == 1 - 18 / 84
+    assert sample_rank_bound(84, 100, 4)["fraction_forced_zero_by_samples"] == 0.0
