@@ -247,10 +247,12 @@ def table(
             )
         if finished:
             best = min(finished, key=lambda t: t.val)
+            so_far = "" if len(finished) == len(trials) else " so far"
             setting = ", ".join(f"{k}={v:g}" for (_, k), v in best.settings.items())
             lines += [
                 "",
-                f"Best {optimizer} by mean validation metric: {setting} (val {best.val:.4f}).",
+                f"Best {optimizer}{so_far} by mean validation metric: {setting} "
+                f"(val {best.val:.4f}).",
             ]
         lines.append("")
     metric = (

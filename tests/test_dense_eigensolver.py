@@ -388,3 +388,21 @@ def test_auto_skips_mkl_where_no_spare_copy_fits(not_converging, monkeypatch):
 def test_an_explicit_backend_that_does_not_converge_says_so(not_converging):
     with pytest.raises(_lapack.LapackConvergenceError, match="another backend"):
         de.eigvalsh_inplace(torch.eye(20, dtype=torch.float64) * 0 + 1, backend="mkl")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matrix_is_solved_on_the_device():
+    a = with_spectrum(known_spectrum(300))
+    w = de.eigvalsh_inplace(torch.tensor(a, device="cuda"))
+    np.testing.assert_allclose(w, np.linalg.eigvalsh(a), rtol=0, atol=1e-10 * 40)
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        de.eigvalsh_inplace(torch.tensor(a, device="cuda"), backend="mkl")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paper_pipeline_smoke_figure_on_cuda(tmp_path):
+    from figures import catalog
+    from figures.request import FigureRequest
+
+    stats = catalog.run("fig1", FigureRequest("smoke", tmp_path, device="cuda", progress=False))
+    assert 0.0 <= stats["mean"]["fraction_near_zero"] <= 1.0 and stats["n_params"] > 0
