@@ -1,15 +1,16 @@
 """Run the benchmarks: ``python -m benchmarks all`` or ``python -m benchmarks <name> [args]``.
 
-Names: exact, matrix_free, peers, optimizers, fisher_diagonal, flatness, eigensolver (the modules
-``benchmarks/bench_<name>.py``; ``bench_<name>`` is accepted too).  Each runs in
+Names: exact, matrix_free, peers, optimizers, fisher_diagonal, flatness, eigensolver, build
+(the modules ``benchmarks/bench_<name>.py``; ``bench_<name>`` is accepted too).  Each runs in
 its own process (``python -m benchmarks.bench_<name>``) so one benchmark's
 threads, memory and imports do not bleed into the next.  ``peers`` needs
 PyHessian, hessian-eigenthings and curvlinops, kept out of the dev install: it
 runs under ``.venv-anchors/bin/python`` when that exists (see
 benchmarks/README.md), else under this interpreter, where it prints how to
-install the peers and skips.  ``all`` runs every benchmark but ``large`` and
-``eigensolver`` with their defaults and exits non-zero if any failed; ``eigensolver``
-(dense solvers at n = 4k/8k/12k, minutes) and ``large`` (a GPT-2 Hessian at 10M
+install the peers and skips.  ``all`` runs every benchmark but ``large``,
+``eigensolver`` and ``build`` with their defaults and exits non-zero if any failed;
+``eigensolver`` (dense solvers at n = 4k/8k/12k, minutes), ``build`` (the exact build's cost
+per column at the paper's sizes, minutes) and ``large`` (a GPT-2 Hessian at 10M
 parameters by default, about half an hour on 2 cores; ``--size 124m`` for GPT-2 small)
 runs only when named.
 """
@@ -30,9 +31,10 @@ NAMES = (
     "fisher_diagonal",
     "flatness",
     "eigensolver",
+    "build",
     "large",
 )
-ALL = tuple(n for n in NAMES if n not in ("large", "eigensolver"))  # these only when named
+ALL = tuple(n for n in NAMES if n not in ("large", "eigensolver", "build"))  # only when named
 ANCHORS = ROOT / ".venv-anchors" / "bin" / "python"
 
 

@@ -1,0 +1,90 @@
+"""Exact Hessian build cost per column against one gradient, at the paper's sizes (issue 15).
+
+    python -m benchmarks build                 # Fig 1 (small-LeNet) and Fig 3a (small-mnistfc)
+    python -m benchmarks build --figures fig1 --blocks 16 64 --backends func autograd
+
+For each paper-preset spectrum network on the paper preset's Hessian sample count (random
+weights and random inputs of the data's shape: the cost does not depend on the values),
+times one full-data gradient and one block product ``H @ V`` of ``k`` columns, the unit the
+exact build repeats n / k times, and prints milliseconds per column and their ratio to the
+gradient, side by side in one process (ratios hold on a loaded machine; absolute times do
+not).  ``k`` defaults to the operator's own ``block_size()`` and 4x that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import spectra
+from figures import presets
+from figures.models import build
+from figures.spectrum_figure import loss_for
+
+IMAGE_FIGURES = ("fig1", "fig3a")
+
+
+def _problem(figure: str, seed: int = 0):
+    cfg = presets.get("paper", figure)
+    torch.manual_seed(seed)
+    model = build(cfg.model, **cfg.model_kwargs).float()
+    n_samples, batch = cfg.data.n_hessian, cfg.data.hessian_batch
+    X = torch.randn(n_samples, 1, 28, 28)
+    y = torch.randint(0, 10, (n_samples,))
+    batches = [(X[i : i + batch], y[i : i + batch]) for i in range(0, n_samples, batch)]
+    return model, loss_for(cfg), batches
+
+
+def _gradient_seconds(model, loss_fn, batches, repeat: int = 3) -> float:
+    total = sum(len(y) for _, y in batches)
+    best = float("inf")
+    for _ in range(repeat + 1):
+        model.zero_grad()
+        t = time.perf_counter()
+        for x, y in batches:
+            (loss_fn(model(x), y) * len(y) / total).backward()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--figures", nargs="+", default=list(IMAGE_FIGURES), choices=IMAGE_FIGURES)
+    ap.add_argument("--blocks", nargs="*", type=int, default=None)
+    ap.add_argument("--backends", nargs="+", default=["func", "autograd"])
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads {torch.get_num_threads()}")
+    print("| figure | n | samples | backend | k | ms / column | gradient ms | column / gradient |")
+    print("|---|---|---|---|---|---|---|---|")
+    for figure in args.figures:
+        model, loss_fn, batches = _problem(figure)
+        n = sum(p.numel() for p in model.parameters())
+        samples = sum(len(y) for _, y in batches)
+        for backend in args.backends:
+            op = spectra.hessian_operator(
+                model, loss_fn, batches, dtype=torch.float32, backend=backend
+            )
+            auto = op.block_size()
+            for k in args.blocks or (auto, 4 * auto):
+                V = torch.randn(n, k)
+                op @ V[:, :2]  # first use: path check and warm-up
+                grad = _gradient_seconds(model, loss_fn, batches)
+                t = time.perf_counter()
+                op @ V
+                col = (time.perf_counter() - t) / k
+                print(
+                    f"| {figure} | {n:,} | {samples:,} | {backend} | {k} | {1000 * col:.0f} | "
+                    f"{1000 * grad:.0f} | {col / grad:.2f}x |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
