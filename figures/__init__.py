@@ -5,7 +5,8 @@ One stack, top to bottom (``python -m figures ...`` runs from the checkout):
 | module | what it is |
 |---|---|
 | ``cli``, ``__main__`` | the one command line (figures and the four experiments) |
-| ``catalog`` | the figures of ``all``, in order, and how to make or plan each |
+| ``catalog``, ``request`` | the figures of ``all``, in order, how to make or plan each, and the
+  one ``FigureRequest`` (preset, output folder, device, cache, progress) each ``run`` takes |
 | ``spectrum_figure``, ``fig2``, ``fig3c``, ``fig_fisher_compare`` | the figures |
 | ``presets`` | each figure's configuration per preset, as data |
 | ``figure_runs``, ``adam_moments`` | preset -> ``RunConfig`` -> ``train()`` or the cache |
