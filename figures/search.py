@@ -19,7 +19,9 @@ are dropped) and, for exponential scoping, the rate raised so that gamma ends wh
 run's would (a variant with another L keeps the recipe's schedule in effective epochs at
 full length, and is compressed from that).  The baseline is searched at the same fraction of its own budget, so neither
 side gets more tuning than the other.  Runs resume like any :func:`figures.harness.train`
-run; the table ``figures/out/search-<experiment>.md`` lists every run.
+run; the table ``figures/out/search-<experiment>.md`` lists every run.  The logs of finished
+trials are also kept (committed) under ``figures/out/search-runs/``: where the run folders
+are gone, ``cp -r figures/out/search-runs/* runs/search/`` lets the search skip them.
 """
 
 from __future__ import annotations
