@@ -32,7 +32,10 @@ def sweep(counts: list[int], preset: str, out: str) -> list[dict]:
         data = dataclasses.replace(base.data, n_hessian=n, hessian_batch=min(n, 1000))
         presets.PRESETS[name] = {"fig1": dataclasses.replace(base, data=data)}
         t = time.perf_counter()
-        s = catalog.run("fig1", FigureRequest(name, out, progress=False))
+        try:  # a preset of its own only while it runs (and names its cache entries)
+            s = catalog.run("fig1", FigureRequest(name, out, progress=False))
+        finally:
+            del presets.PRESETS[name]
         rows.append(
             {
                 "n_hessian": n,

@@ -418,3 +418,17 @@ def test_sample_rank_bound_is_the_rank_of_a_real_gauss_newton_matrix():
     zero = (eig.abs() <= 1e-12 * eig.abs().max()).double().mean().item()
     assert zero == pytest.approx(bound["fraction_forced_zero_by_samples"]) == 1 - 18 / 84
     assert sample_rank_bound(84, 100, 4)["fraction_forced_zero_by_samples"] == 0.0
+
+
+def test_sample_count_sweep_reports_the_bound_for_each_count(tmp_path):
+    from figures import fig1_samples
+
+    table_path = tmp_path / "t.md"
+    fig1_samples.main(
+        ["16", "40", "--preset", "smoke", "--out", str(tmp_path), "--table", str(table_path)]
+    )
+    text = table_path.read_text()
+    n = 647  # the smoke preset's small-LeNet
+    for count in (16, 40):
+        forced = 100 * max(0.0, 1 - count * 9 / n)
+        assert f"| {count} | {min(n, count * 9):,} | {forced:.1f}% |" in text
