@@ -186,17 +186,16 @@ def eigvalsh_inplace(matrix: torch.Tensor, *, backend: str = "auto") -> np.ndarr
         return _solve(a, backend)
     # MKL may fail to converge where reference LAPACK does not (LapackConvergenceError):
     # under "auto" it runs on a spare copy when one fits, else a robust backend runs
-    fallback = _robust_fallback(n, dtype, _free_bytes(matrix.device))
-    spare = _free_bytes(matrix.device) - _workspace_bytes(backend, n, dtype) - a.nbytes
-    if spare < 0:
-        return _solve(a, fallback)
+    free = _free_bytes(matrix.device)
+    if free - _workspace_bytes(backend, n, dtype) - a.nbytes < 0:
+        return _solve(a, _robust_fallback(n, dtype, free))
     backup = a.copy()
     try:
         return _solve(a, backend)
     except LapackConvergenceError:
         np.copyto(a, backup)
         del backup
-        return _solve(a, fallback)
+        return _solve(a, _robust_fallback(n, dtype, free))
 
 
 #: Backends that have been seen to stop without converging (float32 MKL on Hessians with
