@@ -80,13 +80,17 @@ def _counting(op: spectra.HessianOperator) -> dict[str, int]:
 def test_worst_case_l2_on_a_quadratic_is_half_rho2_lambda_max(quadratic, rho):
     op, M = quadratic
     closed = 0.5 * rho**2 * float(torch.linalg.eigvalsh(M)[-1])
+    # At this minimum the gradient is rounding noise, so the first ascent direction
+    # depends on the machine's BLAS. Over 200 such starts (the point moved by 1e-13,
+    # seeded) 20 steps left a relative error of at most 5.1e-5 (median 1e-8) and 60
+    # steps at most 2.7e-14: the tolerances below are the worst start's, with margin.
     r = adaptive_sharpness(op, rho)  # the defaults: 20 steps
     assert r.value <= closed * (1 + 1e-12)  # a feasible point's value: a lower bound
-    assert r.value == pytest.approx(closed, rel=1e-6)
+    assert r.value == pytest.approx(closed, rel=2e-4)
     assert r.radius == pytest.approx(rho, rel=1e-12)  # a convex maximum is on the sphere
-    assert not r.improving
     long = adaptive_sharpness(op, rho, steps=60)
     assert long.value == pytest.approx(closed, rel=1e-11)
+    assert not long.improving
     assert long.value >= r.value  # monotone in the number of steps
 
 
