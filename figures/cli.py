@@ -52,16 +52,13 @@ EXPERIMENTS: dict[
 def _figure_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--preset", default="default", choices=list(presets.PRESETS))
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", default="figures/out", help="output folder (cache in <out>/cache)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--dry-run", action="store_true", help="print the plan, compute nothing")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads (default: 1 for the small presets, where "
-        "per-op threading only adds overhead; all cores for 'paper')",
+    _device_options(
+        p,
+        "(default: 1 for the small presets, where per-op threading only adds overhead; "
+        "all cores for 'paper')",
     )
     return p
 
@@ -70,10 +67,17 @@ def _experiment_options(with_device: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--out", default="figures/out", help="output folder")
     if with_device:
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+        _device_options(p, "(default: torch's)")
         p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _device_options(p: argparse.ArgumentParser, threads_default: str) -> None:
+    """``--device`` and ``--threads``, the same for every command that computes."""
+    p.add_argument("--device", default="cpu", help="cpu or cuda (e.g. cuda:1)")
+    p.add_argument(
+        "--threads", type=int, default=None, help=f"torch intra-op threads {threads_default}"
+    )
 
 
 def parser() -> argparse.ArgumentParser:

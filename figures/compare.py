@@ -329,12 +329,10 @@ def _markdown(
         lines.append("| " + " | ".join(cells) + " |")
     first = next(iter(table.reports.values()))
     note = (
-        f"\n{cfg.model} {cfg.model_kwargs()} (n = {rows[0]['n_params']:,} parameters), "
-        f"data: {data} ({cfg.train_size} training images), {cfg.effective_epochs} "
-        f"effective epochs each, one initialisation (seed {cfg.seed}); measured by "
-        f"spectra.compare_minima on the Hessian of the mean training loss on "
-        f"{cfg.spectrum_samples} training images, {first.info['method']} "
-        f"({first.info['dtype']}, {first.info['mode']} mode). "
+        f"\n{cfg.model} {cfg.model_kwargs()}, data: {data} ({cfg.train_size} training "
+        f"images), {cfg.effective_epochs} effective epochs each, one initialisation (seed "
+        f"{cfg.seed}); measured by spectra.compare_minima on the Hessian of the mean "
+        f"training loss on the first training images: {table.provenance()}. "
         "F@gamma = -f - 1/2 sum log(1 + lambda/gamma) (Laplace local entropy without "
         "the constant n/2 log(2 pi/gamma); higher = flatter), eigenvalues <= -gamma "
         "excluded (count in parentheses)."

@@ -89,18 +89,23 @@ class FlatnessTable:
                 cell = f"{self.value(name, c):.{digits}g}"
                 cells.append(cell if err is None else f"{cell} +/- {err:.2g}")
             lines.append("| " + " | ".join(cells) + " |")
-        first = next(iter(self.reports.values()))
-        note = (
-            f"\n{first.info['method']} ({first.info['dtype']}, n = "
-            f"{first.info['n_params']:,}, {first.info['n_samples']:,} samples, "
-            f"{first.info['mode']} mode)"
-        )
+        note = "\n" + self.provenance()
         if self.subset_reports:
             k = len(next(iter(self.subset_reports.values())))
             note += f"; +/- is the std over {k} disjoint data subsets"
         else:
             note += "; +/- is each estimate's standard error or residual bound"
         return "\n".join(lines) + note + "\n"
+
+    def provenance(self) -> str:
+        """How the reports were computed, read from the first one: ``"<method> (<dtype>,
+        n = <parameters>, <samples> samples, <mode> mode)"`` (every report of a
+        :func:`compare_minima` table shares these)."""
+        info = next(iter(self.reports.values())).info
+        return (
+            f"{info['method']} ({info['dtype']}, n = {info['n_params']:,}, "
+            f"{info['n_samples']:,} samples, {info['mode']} mode)"
+        )
 
     def to_csv(self, path: str | None = None) -> str:
         """The rows as CSV (and written to ``path`` when given); empty cells for None."""

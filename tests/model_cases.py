@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spectra.curvature import default_forward
+
 F64 = torch.float64
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -85,15 +87,6 @@ class Case:
         return float(sum(float(self.count(y)) for _, y in self.batches))
 
 
-def default_call(model: nn.Module, inputs: Any) -> Any:
-    """The default call convention: model(x), model(*tuple), model(**mapping)."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)
-
-
 def perturb_(model: nn.Module, scale: float = 0.3) -> nn.Module:
     """Move every parameter off its initialisation (padding rows included)."""
     with torch.no_grad():
@@ -144,7 +137,7 @@ def _classifier_case(
         batches=batches,
         one_batch=one_batch,
         options={} if forward is None else {"forward": forward},
-        forward=default_call if forward is None else forward,
+        forward=default_forward if forward is None else forward,
         sum_loss=nn.CrossEntropyLoss(reduction="sum"),
         count=samples_along(0),
         note="float64 throughout",
@@ -388,7 +381,7 @@ def _time_major_tagging_case(
         batches=batches,
         one_batch=one_batch,
         options={"batch_dim": 1},
-        forward=default_call,
+        forward=default_forward,
         sum_loss=nn.CrossEntropyLoss(reduction="sum"),
         count=not_ignored(),
         batch_dim=1,
@@ -521,7 +514,7 @@ def bag_of_words_padding_idx() -> Case:
         batches=batches,
         one_batch=one,
         options={},
-        forward=default_call,
+        forward=default_forward,
         sum_loss=nn.CrossEntropyLoss(weight=weight, reduction="sum"),
         count=count,
         note="float64 throughout",
@@ -544,7 +537,7 @@ def bag_of_words_plain_sum() -> Case:
         batches=batches,
         one_batch=one,
         options={},
-        forward=default_call,
+        forward=default_forward,
         sum_loss=summed,
         count=None,
         reduction="sum",

@@ -128,6 +128,8 @@ def test_compare_minima_table_from_models_and_state_dicts(tmp_path):
     assert table.spread("a", "trace") == pytest.approx(np.std(thirds, ddof=1), rel=1e-10)
     md = table.to_markdown(["top_eigenvalue", "trace"])
     assert md.count("\n| ") == 2 and "+/-" in md and "3 disjoint data subsets" in md
+    n = sum(p.numel() for p in a.parameters())
+    assert f"n = {n:,}, 60 samples" in table.provenance() and table.provenance() in md
     csv_text = table.to_csv(tmp_path / "t.csv")
     assert (tmp_path / "t.csv").read_text() == csv_text and csv_text.startswith("name,")
     fig = table.plot(["top_eigenvalue", "trace"])
