@@ -249,7 +249,7 @@ def section_slq(H, args, block: int | None, ckpt: Path | None) -> dict:
     }
 
 
-def section_trace(H, args, block: int) -> dict:
+def section_trace(H, args, block: int | None) -> dict:
     import spectra
 
     t = spectra.trace(
@@ -261,7 +261,7 @@ def section_trace(H, args, block: int) -> dict:
         "matvecs": t.matvecs,
         "seconds": t.seconds,
         "peak_rss": t.peak_memory_bytes,
-        "block_size": block,
+        "block_size": "auto (memory budget)" if block is None else block,
     }
 
 
@@ -611,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "slq":
             keep(name, section_slq(H, args, _block(res, args), args.checkpoint))
         elif name == "trace":
-            keep(name, section_trace(H, args, _block(res, args) or 64))
+            keep(name, section_trace(H, args, _block(res, args)))
     report(res, args)
     if args.json is not None:
         args.json.write_text(json.dumps(res, indent=1, default=str))

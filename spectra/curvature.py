@@ -329,6 +329,7 @@ class CurvatureOperator(LinearOperator):
         self.batch_dim = resolve_batch_dim(model, batch_dim, count_samples)
         self._module = _Forward(model, forward or default_forward)
         self._padding_rows = _has_padding_rows(model)
+        self._column_bytes: int | None = None
         self.process_group = _resolve_group(process_group)
         self.source = DataSource(
             data, self.device, dtype, batch_dim=self.batch_dim, count_samples=count_samples
@@ -371,34 +372,46 @@ class CurvatureOperator(LinearOperator):
     def block_size(self, memory_budget_bytes: int | None = None) -> int:
         """Columns per block product so that one block's tangents fit the budget.
 
-        A column carries a tangent through every activation of the largest batch
-        (forward) and back (backward), plus a few length-n vectors; activation sizes
-        are measured with forward hooks on one forward pass.  Default budget
-        :data:`BLOCK_MEMORY_BUDGET` (1 GiB); the result is within [16, 2048] columns
-        (and at most n): the cost per column falls steeply with the block size, since
-        each block re-runs the forward and backward passes over all data (see
-        benchmarks/bench_exact.py).
+        The budget divided by :meth:`column_workspace_bytes`, within [16, 2048]
+        columns (and at most n): the cost per column falls steeply with the block
+        size, since each block re-runs the forward and backward passes over all data
+        (see benchmarks/bench_exact.py).  Default budget :data:`BLOCK_MEMORY_BUDGET`
+        (1 GiB).
         """
         budget = BLOCK_MEMORY_BUDGET if memory_budget_bytes is None else memory_budget_bytes
-        largest = max(self.source, key=lambda b: b.size)
-        elements = 0
-
-        def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            nonlocal elements
-            if isinstance(output, torch.Tensor):
-                elements += output.numel()
-
-        leaves = [m for m in self.model.modules() if not list(m.children())]
-        handles = [m.register_forward_hook(count) for m in leaves]
-        try:
-            with torch.no_grad(), self.evaluation_mode():
-                self.outputs(self.theta, largest.inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        per_column = itemsize * (3 * elements + 4 * self.shape[0])
+        per_column = self.column_workspace_bytes()
         return int(min(max(budget // max(per_column, 1), 16), 2048, self.shape[0]))
+
+    def column_workspace_bytes(self) -> int:
+        """Memory of one column of a block product: a tangent carried through every
+        activation of the largest batch forward and back (3 numbers per activation
+        element) plus 4 length-n vectors.
+
+        Activation sizes are measured with forward hooks on one forward pass (made on
+        the first call and remembered: the operator's data and point are fixed).  An
+        estimate: at GPT-2 small (124M parameters, 4 x 128 tokens) it gives about half
+        the 6.7 GiB that one more column was measured to take.
+        """
+        if self._column_bytes is None:
+            largest = max(self.source, key=lambda b: b.size)
+            elements = 0
+
+            def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                nonlocal elements
+                if isinstance(output, torch.Tensor):
+                    elements += output.numel()
+
+            leaves = [m for m in self.model.modules() if not list(m.children())]
+            handles = [m.register_forward_hook(count) for m in leaves]
+            try:
+                with torch.no_grad(), self.evaluation_mode():
+                    self.outputs(self.theta, largest.inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+            itemsize = torch.empty((), dtype=self.dtype).element_size()
+            self._column_bytes = itemsize * (3 * elements + 4 * self.shape[0])
+        return self._column_bytes
 
     # --- the model as a pure function of theta ---------------------------------
     @property

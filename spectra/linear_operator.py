@@ -107,6 +107,16 @@ class LinearOperator(ABC):
         """
         return min(DEFAULT_BLOCK_SIZE, self._n)
 
+    def column_workspace_bytes(self) -> int:
+        """Memory one more column of a block product takes inside the operator.
+
+        What an algorithm adds to its own vectors when it sizes a block of columns to
+        a memory budget.  A generic operator holds nothing per column that it could
+        measure: 0.  Curvature operators measure their activations (see
+        :meth:`spectra.curvature.CurvatureOperator.column_workspace_bytes`).
+        """
+        return 0
+
     @abstractmethod
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         """Apply the operator to a validated block ``V`` of shape (n, k)."""

@@ -13,6 +13,13 @@ that of the Hutchinson part (the sketched part has no sampling error given Q).
 
 A budget of n products or more buys the trace itself: ``sum_i e_i^T A e_i`` from
 the n unit vectors, with no sampling error, so no estimator spends more than n.
+
+Memory: the probes are held as bits (:class:`~spectra._krylov.PackedSigns`) and applied a
+block of columns at a time, the block sized to a memory budget together with what the
+operator needs per column; Hutch++ holds its sketch basis (m // 3 vectors, orthonormalised
+in place) and nothing else of length n beyond one block.  At GPT-2 small (124M
+parameters, float32) a 30-product Hutch++ holds 5 GB of basis and runs single-vector
+products.  The random draws do not depend on the block size, so neither does the result.
 """
 
 from __future__ import annotations
@@ -26,8 +33,14 @@ import numpy as np
 import torch
 
 from ._checks import check_int, check_seed
-from ._krylov import random_block
-from ._resources import peak_memory_bytes, progress_bar
+from ._krylov import PackedSigns, breakdown_tolerance
+from ._resources import (
+    check_budget,
+    default_memory_budget,
+    format_bytes,
+    peak_memory_bytes,
+    progress_bar,
+)
 from .linear_operator import LinearOperator, as_linear_operator
 
 __all__ = ["trace", "TraceEstimate"]
@@ -41,8 +54,7 @@ class TraceEstimate:
 
     Attributes:
         estimate: the estimated trace.
-        stderr: standard error of ``estimate`` (0.0 when the estimate is exact:
-            method "exact", or a Hutch++ sketch that spans the whole space).
+        stderr: standard error of ``estimate`` (0.0 for method "exact").
         matvecs: operator applications used.
         method: "hutch++", "hutchinson", or "exact" (the budget reached n).
         seconds: wall time of the call.
@@ -72,7 +84,8 @@ def trace(
     seed: int = 0,
     *,
     n: int | None = None,
-    block_size: int = 64,
+    block_size: int | None = None,
+    memory_budget: int | None = None,
     progress: bool | None = None,
 ) -> TraceEstimate:
     """Estimate ``tr(op)`` with Rademacher probes.
@@ -92,8 +105,15 @@ def trace(
         seed: seeds the probes; deterministic given it.  An int in ``[0, 2**63)``;
             None is refused (pick one, so the run can be repeated).
         n: size, for a callable ``op``.
-        block_size: probes per block matvec (default 64; memory: ``block_size x
-            n``).
+        block_size: columns per block product (default: as many as fit the memory
+            budget, at most 64).  Each column of a block takes 3 length-n vectors
+            here plus the operator's own :meth:`~spectra.LinearOperator.column_workspace_bytes`
+            (a curvature operator's tangent activations), so at 100M+ parameters the
+            default is 1: single-vector products, which reuse one gradient graph.
+        memory_budget: bytes the estimate may hold (default: half of the memory free
+            on the operator's device now): the Hutch++ basis (m // 3 vectors) and one
+            block.  When even one column does not fit, ``MemoryError`` names the
+            numbers before any product.
         progress: tqdm progress bar: matvecs done of the budget and the estimated
             time left (default: only on a terminal).
     """
@@ -109,17 +129,21 @@ def trace(
             f"{method} needs num_matvecs >= {minimum} (to estimate a standard error), "
             f"got {num_matvecs!r}"
         )
-    block_size = check_int("block_size", block_size)
+    if block_size is not None:
+        block_size = check_int("block_size", block_size)
+    memory_budget = check_budget(memory_budget)
     gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     start = op.matvecs
     exact = budget >= size
+    held = budget // 3 if method == "hutch++" and not exact else 0
+    block = _block_size(op, held, block_size, memory_budget)
     with progress_bar(min(budget, size), f"trace({method})", progress) as bar:
         if exact:
-            est, se = _exact(op, block_size, bar), 0.0
+            est, se = _exact(op, block, bar), 0.0
         elif method == "hutchinson":
-            est, se = _hutchinson(op, budget, gen, None, block_size, bar)
+            est, se = _hutchinson(op, budget, gen, None, block, bar)
         else:
-            est, se = _hutchpp(op, budget, gen, block_size, bar)
+            est, se = _hutchpp(op, budget, gen, block, bar)
     return TraceEstimate(
         float(est),
         float(se),
@@ -128,6 +152,41 @@ def trace(
         seconds=time.perf_counter() - t0,
         peak_memory_bytes=peak_memory_bytes(op.device),
     )
+
+
+#: Largest default block (columns per product).
+MAX_BLOCK = 64
+
+#: Length-n vectors the estimate holds per column of a block: the probe, its product
+#: and the deflated probe (or the product's float64 accumulation).
+_VECTORS_PER_COLUMN = 3
+
+
+def _block_size(
+    op: LinearOperator, held_vectors: int, requested: int | None, memory_budget: int | None
+) -> int:
+    """Columns per product: ``requested``, or as many as fit the budget next to the
+    ``held_vectors`` length-n vectors (at most :data:`MAX_BLOCK`); ``MemoryError``
+    naming the numbers when even one column does not fit."""
+    free = None
+    if memory_budget is None:
+        memory_budget, free = default_memory_budget(op.device)
+    itemsize = torch.empty((), dtype=op.dtype).element_size()
+    vector = op.shape[0] * itemsize
+    per_column = _VECTORS_PER_COLUMN * vector + op.column_workspace_bytes()
+    room = memory_budget - held_vectors * vector
+    if room < per_column:
+        where = "" if free is None else f" (default: half of the {format_bytes(free)} free)"
+        raise MemoryError(
+            f"trace needs {held_vectors} basis vector(s) x {format_bytes(vector)} "
+            f"(n = {op.shape[0]:,} numbers of {op.dtype}) and {format_bytes(per_column)} "
+            f"for one column of a product, but memory_budget is "
+            f"{format_bytes(memory_budget)}{where}; use a smaller num_matvecs (Hutch++ "
+            "holds num_matvecs // 3 vectors), method='hutchinson', or raise memory_budget"
+        )
+    if requested is not None:
+        return requested
+    return int(max(1, min(MAX_BLOCK, room // per_column)))
 
 
 def _exact(op: LinearOperator, block_size: int, bar: Any) -> float:
@@ -139,7 +198,8 @@ def _exact(op: LinearOperator, block_size: int, bar: Any) -> float:
         cols = torch.arange(c0, c1, device=op.device)
         E = torch.zeros((size, c1 - c0), dtype=op.dtype, device=op.device)
         E[cols, cols - c0] = 1
-        AE = _apply_blocks(op, E, block_size, bar)
+        AE = _product(op, E)
+        bar.update(c1 - c0)
         total += float(AE[cols, cols - c0].to(torch.float64).sum())
     return total
 
@@ -152,27 +212,20 @@ def _hutchinson(
     block_size: int,
     bar: Any,
 ) -> tuple[float, float]:
-    """Mean and standard error of ``g^T P A P g`` (P = I - basis basis^T, or I)."""
+    """Mean and standard error of ``g^T P A P g`` (P = I - Q^T Q for the orthonormal
+    rows Q of ``basis``, or I)."""
     size = op.shape[0]
+    signs = PackedSigns(size, probes, gen)
     samples: list[np.ndarray] = []
-    for b0 in range(0, probes, block_size):
-        G = random_block(
-            size, min(block_size, probes - b0), gen, op.dtype, op.device, kind="rademacher"
-        )
-        if basis is not None:
-            G = G - basis @ (basis.T @ G)
-        samples.append(_quadratic_forms(op, G))
-        bar.update(G.shape[1])
+    for c0 in range(0, probes, block_size):
+        c1 = min(probes, c0 + block_size)
+        G = signs.columns(c0, c1, op.dtype, op.device)
+        if basis is not None and basis.shape[0]:
+            G -= basis.T @ (basis @ G)
+        samples.append(_column_dots(G, _product(op, G)))
+        bar.update(c1 - c0)
     z = np.concatenate(samples)
     return float(z.mean()), float(z.std(ddof=1) / math.sqrt(z.size))
-
-
-def _quadratic_forms(op: LinearOperator, G: torch.Tensor) -> np.ndarray:
-    """``g_i^T A g_i`` for the columns of G, accumulated in float64."""
-    AG = op @ G
-    if not bool(torch.isfinite(AG).all()):
-        raise FloatingPointError("the operator returned NaN or Inf during trace estimation")
-    return (G.to(torch.float64) * AG.to(torch.float64)).sum(0).cpu().numpy()
 
 
 def _hutchpp(
@@ -180,28 +233,64 @@ def _hutchpp(
 ) -> tuple[float, float]:
     size = op.shape[0]
     s = m // 3
-    S = random_block(size, s, gen, op.dtype, op.device, kind="rademacher")
-    Y = _apply_blocks(op, S, block_size, bar)
-    del S
-    Q, _ = torch.linalg.qr(Y.to(torch.float64))
-    Q = Q.to(op.dtype)
-    AQ = _apply_blocks(op, Q, block_size, bar)
-    t_sketch = float((Q.to(torch.float64) * AQ.to(torch.float64)).sum())
-    del AQ, Y
-    probes = m - 2 * s
-    if Q.shape[1] >= size:
-        return t_sketch, 0.0
-    mean, se = _hutchinson(op, probes, gen, Q, block_size, bar)
+    sketch = PackedSigns(size, s, gen)
+    Q = torch.empty((s, size), dtype=op.dtype, device=op.device)  # rows: A S, then Q
+    for c0 in range(0, s, block_size):
+        c1 = min(s, c0 + block_size)
+        Q[c0:c1] = _product(op, sketch.columns(c0, c1, op.dtype, op.device)).T
+        bar.update(c1 - c0)
+    del sketch
+    Q = _orthonormalise_rows_(Q)
+    t_sketch = 0.0
+    for r0 in range(0, Q.shape[0], block_size):
+        block = Q[r0 : r0 + block_size].T.contiguous()
+        t_sketch += float(_column_dots(block, _product(op, block)).sum())
+        bar.update(block.shape[1])
+    bar.update(s - Q.shape[0])  # products not needed: the sketch's rank was lower
+    mean, se = _hutchinson(op, m - 2 * s, gen, Q, block_size, bar)
     return t_sketch + mean, se
 
 
-def _apply_blocks(op: LinearOperator, X: torch.Tensor, block_size: int, bar: Any) -> torch.Tensor:
-    """``op @ X`` in column blocks of ``block_size``."""
-    out = torch.empty_like(X)
-    for c0 in range(0, X.shape[1], block_size):
-        c1 = min(X.shape[1], c0 + block_size)
-        out[:, c0:c1] = op @ X[:, c0:c1].contiguous()
-        bar.update(c1 - c0)
+def _orthonormalise_rows_(Y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the rows of Y (k, n), written over Y's leading rows and
+    returned as a view (r <= k rows; a row left as rounding noise after two classical
+    Gram-Schmidt passes, ``breakdown_tolerance`` of its norm, is dropped).
+
+    In place, so the sketch's basis costs its k vectors and no QR workspace (a
+    float64 QR of the (n, k) sketch took 5x its memory at 124M parameters)."""
+    size = Y.shape[1]
+    r = 0
+    for j in range(Y.shape[0]):
+        v = Y[j]
+        norm0 = float(v.norm())
+        for _ in range(2):
+            if r:
+                v -= Y[:r].T @ (Y[:r] @ v)
+        norm = float(v.norm())
+        if norm <= breakdown_tolerance(norm0, size, Y.dtype) or norm == 0.0:
+            continue
+        Y[r] = v / norm
+        r += 1
+    return Y[:r]
+
+
+def _product(op: LinearOperator, X: torch.Tensor) -> torch.Tensor:
+    """``op @ X``, refusing NaN or Inf."""
+    out = op @ X
     if not bool(torch.isfinite(out).all()):
         raise FloatingPointError("the operator returned NaN or Inf during trace estimation")
     return out
+
+
+#: Rows per chunk of the float64 accumulation in :func:`_column_dots`.
+_DOT_ROWS = 1 << 20
+
+
+def _column_dots(X: torch.Tensor, Y: torch.Tensor) -> np.ndarray:
+    """``x_i^T y_i`` for the columns of X, Y (n, b), accumulated in float64 over row
+    chunks (no float64 copy of the whole block)."""
+    total = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+    for r0 in range(0, X.shape[0], _DOT_ROWS):
+        x, y = X[r0 : r0 + _DOT_ROWS], Y[r0 : r0 + _DOT_ROWS]
+        total += (x.to(torch.float64) * y.to(torch.float64)).sum(0)
+    return total.cpu().numpy()

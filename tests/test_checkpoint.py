@@ -157,8 +157,10 @@ def test_block_size_is_asked_of_the_operator():
     H = spectra.hessian_operator(model, loss, (X, y), dtype=torch.float64)
     # activations of one forward pass over the 200 samples: 40 + 40 + 10 per sample
     per_column = 8 * (3 * 200 * (40 + 40 + 10) + 4 * 1250)
+    assert H.column_workspace_bytes() == per_column
     assert H.block_size(memory_budget_bytes=20 * per_column) == 20
     assert H.block_size(memory_budget_bytes=1) == 16  # at least 16 columns
     assert H.block_size() == min((1 << 30) // per_column, 2048, 1250)
     assert spectra.as_linear_operator(torch.eye(300)).block_size() == 256
     assert spectra.as_linear_operator(torch.eye(30)).block_size() == 30
+    assert spectra.as_linear_operator(torch.eye(30)).column_workspace_bytes() == 0

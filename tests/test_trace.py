@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from spectra._krylov import PackedSigns, rademacher_columns
+from spectra.linear_operator import LinearOperator
 from spectra.trace import TraceEstimate, trace
 
 
@@ -91,3 +93,73 @@ def test_bad_input(matrix):
 
     with pytest.raises(FloatingPointError):
         trace(bad, n=10, method="hutchinson", num_matvecs=4)
+
+
+class _Widths(LinearOperator):
+    """A dense operator that records the widths of the blocks it is applied to and
+    claims ``workspace`` bytes of its own per column."""
+
+    def __init__(self, A: torch.Tensor, workspace: int = 0) -> None:
+        super().__init__(A.shape[0], A.dtype, A.device)
+        self.A, self.workspace, self.widths = A, workspace, []
+
+    def column_workspace_bytes(self) -> int:
+        return self.workspace
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self.widths.append(V.shape[1])
+        return self.A @ V
+
+
+@pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
+def test_result_does_not_depend_on_the_block_size(matrix, method):
+    A, _ = matrix
+    ref = trace(A, method, 99, seed=4)
+    for block in (1, 7):
+        t = trace(A, method, 99, seed=4, block_size=block)
+        assert t.estimate == pytest.approx(ref.estimate, rel=1e-12)
+        assert t.stderr == pytest.approx(ref.stderr, rel=1e-10)
+
+
+def test_default_block_follows_the_operator_workspace_and_the_budget(matrix):
+    A, _ = matrix
+    vector = A.shape[0] * 8
+    small = _Widths(A)
+    trace(small, "hutch++", 99, memory_budget=1 << 30)
+    assert max(small.widths) == 33  # all of a third at once (<= 64)
+    # each column claims 10 MB inside the operator: a 25 MB budget fits 33 basis
+    # vectors and 2 columns of (3 vectors + 10 MB)
+    heavy = _Widths(A, workspace=10_000_000)
+    t = trace(heavy, "hutch++", 99, memory_budget=25_000_000)
+    assert max(heavy.widths) == 2 and t.matvecs == 99
+    assert t.estimate == pytest.approx(trace(A, "hutch++", 99).estimate, rel=1e-12)
+    starved = _Widths(A, workspace=10_000_000)
+    with pytest.raises(MemoryError, match=r"33 basis vector\(s\).*memory_budget"):
+        trace(starved, "hutch++", 99, memory_budget=33 * vector + 3 * vector)
+    assert starved.widths == []  # refused before any product
+
+
+def test_a_low_rank_sketch_gives_the_trace_exactly():
+    """Rank 3 < m // 3: the basis keeps the 3 directions of the range (the other sketch
+    columns are rounding noise and are dropped), so tr(Q^T A Q) is the trace and the
+    deflated residual is zero."""
+    g = torch.Generator().manual_seed(2)
+    U = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    A = U @ torch.diag(torch.tensor([5.0, -2.0, 0.5], dtype=torch.float64)) @ U.T
+    t = trace(A, "hutch++", 30, seed=1)
+    assert t.estimate == pytest.approx(float(torch.trace(A)), rel=1e-10)
+    assert t.stderr < 1e-10 * abs(t.estimate) and t.matvecs == 10 + 3 + 10
+
+
+def test_packed_signs_are_the_rademacher_stream():
+    for n, k in ((1, 1), (13, 3), (1_000_003, 2)):
+        g = torch.Generator().manual_seed(3)
+        ref = rademacher_columns(n, k, g, torch.float32, torch.device("cpu"))
+        state = g.get_state()
+        g = torch.Generator().manual_seed(3)
+        signs = PackedSigns(n, k, g)
+        assert torch.equal(g.get_state(), state)  # the generator moved on by n k draws
+        assert torch.equal(signs.columns(0, k, torch.float32, torch.device("cpu")), ref)
+        assert torch.equal(
+            signs.columns(k - 1, k, torch.float64, torch.device("cpu")), ref[:, -1:].double()
+        )
