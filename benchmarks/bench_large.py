@@ -84,7 +84,7 @@ def gib(x: float) -> str:
     return f"{x / 2**30:.2f} GiB"
 
 
-def build(size: str, batch: int, tokens: int, seed: int = 0):
+def build(size: str, batch: int, tokens: int, seed: int = 0, distributed: bool = False):
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging
 
@@ -96,12 +96,18 @@ def build(size: str, batch: int, tokens: int, seed: int = 0):
     model = GPT2LMHeadModel(config).eval()
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch, tokens), generator=g)
+    if distributed:  # every rank draws all sequences and keeps its share of them
+        import torch.distributed as dist
+
+        ids = ids[dist.get_rank() :: dist.get_world_size()]
     data = [({"input_ids": ids}, ids[:, 1:])]
 
     def forward(m, b):
         return m(**b).logits[:, :-1].transpose(1, 2)
 
-    H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), data, forward=forward)
+    H = spectra.hessian_operator(
+        model, nn.CrossEntropyLoss(), data, forward=forward, process_group=distributed or None
+    )
     return model, ids, forward, H
 
 
@@ -543,6 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--progress", action="store_true")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="under torchrun: shard the sequences over the ranks (gloo); rank 0 reports",
+    )
     p.add_argument("--accuracy", action="store_true")
     p.add_argument("--accuracy-probes", type=int, default=10)
     p.add_argument("--accuracy-steps", type=int, default=80)
@@ -557,9 +568,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     if args.size == "124m" and "arpack" in sections:
         sections.remove("arpack")  # ARPACK's matvecs at 124M are hours on a CPU
+    lead = True
+    if args.distributed:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        lead = dist.get_rank() == 0
+        if "arpack" in sections:
+            sections.remove("arpack")  # to_scipy() is a single-process operator
     store = None
     res: dict[str, Any] = {}
-    if args.checkpoint is not None:
+    if args.checkpoint is not None and lead:
         args.checkpoint.mkdir(parents=True, exist_ok=True)
         store = args.checkpoint / f"results-{args.size}.json"
         if store.exists():
@@ -585,10 +604,11 @@ def main(argv: list[str] | None = None) -> int:
             tmp = store.with_suffix(".tmp")
             tmp.write_text(json.dumps(res, indent=1, default=str))
             os.replace(tmp, store)
-        print(f"[{name}] {json.dumps(value, default=str)[:400]}", file=sys.stderr, flush=True)
+        if lead:
+            print(f"[{name}] {json.dumps(value, default=str)[:400]}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    model, ids, forward, H = build(args.size, args.batch, args.tokens)
+    model, ids, forward, H = build(args.size, args.batch, args.tokens, distributed=args.distributed)
     if "model" not in res:
         keep(
             "model",
@@ -612,9 +632,13 @@ def main(argv: list[str] | None = None) -> int:
             keep(name, section_slq(H, args, _block(res, args), args.checkpoint))
         elif name == "trace":
             keep(name, section_trace(H, args, _block(res, args)))
-    report(res, args)
-    if args.json is not None:
-        args.json.write_text(json.dumps(res, indent=1, default=str))
+    if lead:
+        report(res, args)
+        if args.json is not None:
+            args.json.write_text(json.dumps(res, indent=1, default=str))
+    if args.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

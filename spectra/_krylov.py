@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ._checks import all_finite
 from .linear_operator import LinearOperator
 
 __all__ = [
@@ -193,7 +194,7 @@ def lanczos_step(
         W = (op @ Q[idx[0], j]).reshape(n, 1)
     else:
         W = op @ Q[idx, j].T
-    if not bool(torch.isfinite(W).all()):
+    if not all_finite(W):
         raise FloatingPointError(
             f"the operator returned NaN or Inf at Lanczos iteration {iteration} "
             f"(basis vector {j}); check the model/loss for non-finite values"
@@ -299,7 +300,7 @@ class CompactBases:
         else:
             X = self.cur[torch.as_tensor(idx, device=self.cur.device)]
         W = (op @ X[0]).reshape(1, n) if len(idx) == 1 else (op @ X.T).T.contiguous()
-        if not bool(torch.isfinite(W).all()):
+        if not all_finite(W):
             raise FloatingPointError(
                 f"the operator returned NaN or Inf at Lanczos iteration {iteration} "
                 f"(basis vector {j}); check the model/loss for non-finite values"

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ._checks import resolve_dtype
+from ._checks import all_finite, resolve_dtype
 from .batches import Batch, CountSamples, DataSource, batch_leaves
 from .linear_operator import LinearOperator
 from .parameters import ParameterView, ParamSelector
@@ -721,7 +721,7 @@ class CurvatureOperator(LinearOperator):
         out = torch.zeros_like(V)
         for batch in self.batches():
             prod = self._batch_product(batch, V)
-            if not torch.isfinite(prod).all():
+            if not all_finite(prod):
                 raise FloatingPointError(
                     f"non-finite curvature product on batch {batch.index}; "
                     "the loss is finite there, so the curvature overflows: try dtype=torch.float64"

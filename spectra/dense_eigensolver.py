@@ -36,6 +36,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from ._checks import all_finite
 from ._lapack import LapackConvergenceError, LapackDriver, mkl_driver, openblas_two_stage_driver
 
 __all__ = [
@@ -294,7 +295,7 @@ def _require_finite(matrix: torch.Tensor) -> None:
     rows = max(1, _FINITE_CHECK_ELEMENTS // max(1, matrix.shape[1]))
     for start in range(0, matrix.shape[0], rows):
         block = matrix[start : start + rows]
-        if not bool(torch.isfinite(block).all()):
+        if not all_finite(block):
             bad = torch.nonzero(~torch.isfinite(block))[0]
             i, j = int(bad[0]) + start, int(bad[1])
             raise ValueError(

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import all_finite
 from ._krylov import random_block
 from .diagonal import CurvatureDiagonal
 from .hessian import hessian_operator
@@ -132,7 +133,7 @@ def _hutchinson(
             size, min(block_size, probes - b0), gen, op.dtype, op.device, kind="rademacher"
         )
         S = (Z * (op @ Z)).to(torch.float64)
-        if not bool(torch.isfinite(S).all()):
+        if not all_finite(S):
             raise FloatingPointError("the operator returned NaN or Inf during diagonal estimation")
         total += S.sum(dim=1)
         total_sq += (S * S).sum(dim=1)

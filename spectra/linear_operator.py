@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse.linalg
 import torch
 
-from ._checks import check_int, check_seed, resolve_dtype
+from ._checks import all_finite, check_int, check_seed, resolve_dtype
 
 __all__ = [
     "LinearOperator",
@@ -155,7 +155,7 @@ class LinearOperator(ABC):
                 f"operator lives on {self._device} but the vector is on {x.device}; "
                 f"move it with v.to('{self._device}')"
             )
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise ValueError("the vector contains NaN or Inf; curvature products need finite input")
         return x
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import check_int, check_seed
+from ._checks import all_finite, check_int, check_seed
 from ._krylov import PackedSigns, breakdown_tolerance
 from ._resources import (
     check_budget,
@@ -277,7 +277,7 @@ def _orthonormalise_rows_(Y: torch.Tensor) -> torch.Tensor:
 def _product(op: LinearOperator, X: torch.Tensor) -> torch.Tensor:
     """``op @ X``, refusing NaN or Inf."""
     out = op @ X
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise FloatingPointError("the operator returned NaN or Inf during trace estimation")
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -304,3 +305,23 @@ def test_mapping_inputs_none_targets_numpy_pairs_and_compiled_models():
     assert spectra.hessian_operator(lin, loss, (Xn, yn), dtype="float32").dtype == torch.float32
     with pytest.raises(ValueError, match="torch.float64"):
         spectra.hessian_operator(lin, loss, (Xn, yn), dtype="int64")
+
+
+def test_all_finite_agrees_with_the_elementwise_test():
+    """The one-pass check: a finite sum proves every element finite, and a sum that
+    overflows from finite elements must not be read as a NaN or an infinity."""
+    from spectra._checks import all_finite
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 3, generator=g)
+    cases = [x, x.double(), torch.empty(0), torch.arange(5), x[:, 0].to(torch.complex64)]
+    for bad in (math.nan, math.inf, -math.inf):
+        y = x.clone()
+        y[517, 1] = bad
+        cases.append(y)
+    cases.append(torch.full((4,), 6e4, dtype=torch.float16))  # sum overflows float16
+    cases.append(torch.tensor([3e38, 3e38, -1.0]))  # and float32
+    pair = torch.tensor([math.inf, -math.inf])  # inf - inf: the sum is NaN
+    cases.append(pair)
+    for c in cases:
+        assert all_finite(c) == bool(torch.isfinite(c).all()), c
