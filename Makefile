@@ -48,7 +48,7 @@ anchors: .venv-anchors/.installed
 .venv-anchors/.installed: pyproject.toml
 	test -x .venv-anchors/bin/python || $(PY) -m venv .venv-anchors
 	.venv-anchors/bin/pip install -q "$(TORCH)" && echo "$(TORCH)" > .venv-anchors/pin.txt
-	.venv-anchors/bin/pip install -q -c .venv-anchors/pin.txt -e . pyhessian hessian-eigenthings einops einconv linear_operator opt-einsum
+	.venv-anchors/bin/pip install -q -c .venv-anchors/pin.txt -e . pyhessian hessian-eigenthings einops einconv linear_operator opt-einsum "transformers>=4.45"
 	.venv-anchors/bin/pip install -q --no-deps curvlinops-for-pytorch backpack-for-pytorch
 	touch $@
 

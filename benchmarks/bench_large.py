@@ -69,6 +69,8 @@ SIZES = {
     "124m": {},
 }
 SECTIONS = ("products", "lanczos", "arpack", "slq", "trace")
+#: Sections that run only when asked for (``--sections ...,peers``; the peers' venv).
+OPTIONAL_SECTIONS = ("peers",)
 
 
 def peak_rss() -> int:
@@ -226,6 +228,69 @@ def section_arpack(H, args, lanczos_result: dict | None) -> dict:
     return out
 
 
+class _FlatLM(nn.Module):
+    """The language model as the peers call a model: ``model(x)`` -> (B (T - 1), V)
+    logits of the next token, for ``CrossEntropyLoss`` against ``ids[:, 1:].reshape(-1)``
+    (the same loss as the operator's)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.lm(input_ids=ids).logits[:, :-1]
+        return logits.reshape(-1, logits.shape[-1])
+
+
+def section_peers(model, ids, args, reference: dict | None) -> dict:
+    """PyHessian's top-5 (power iteration with deflation, its defaults) and
+    hessian-eigenthings' Lanczos (``max_iter`` = the matvecs our Lanczos used, which has
+    no stopping rule of its own) on the same model, data and loss, float32, attention
+    through the math kernel as in our products (the fused CPU kernel has no double
+    backward).  Errors are relative to ``reference`` (ARPACK's top-5, else ours)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from benchmarks.bench_peers import eigenthings_operator, pyhessian_top
+
+    flat, X, y = _FlatLM(model), ids, ids[:, 1:].reshape(-1)
+    ref = np.array(reference["eigenvalues"]) if reference else None
+    out: dict[str, Any] = {"reference": None if ref is None else ref.tolist()}
+
+    def errors(values) -> list[float] | None:
+        if ref is None:
+            return None
+        got = np.sort(np.asarray(values, dtype=np.float64))[::-1][: ref.size]
+        return (np.abs(got - ref) / np.abs(ref)).tolist()
+
+    with sdpa_kernel(SDPBackend.MATH), _no_convergence_warning():
+        try:
+            r = pyhessian_top(flat, X, y, tol=1e-3, max_iter=100, dtype=torch.float32)
+            r["values"] = np.asarray(r["values"]).tolist()
+            out["pyhessian"] = {**r, "rel_errors": errors(r["values"]), "peak_rss": peak_rss()}
+        except Exception as exc:  # a peer that fails is a result too
+            out["pyhessian"] = {"failed": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        print(f"[peers] pyhessian {out['pyhessian']}", file=sys.stderr, flush=True)
+        try:
+            import hessian_eigenthings as he
+
+            iters = int((reference or {}).get("lanczos_matvecs") or 60)
+            op, count = eigenthings_operator(flat, X, y, dtype=torch.float32)
+            t0 = time.perf_counter()
+            e = he.lanczos(op, k=args.k, max_iter=iters, which="LA", seed=0)
+            values = np.sort(e.eigenvalues.numpy())[::-1].tolist()
+            out["eigenthings"] = {
+                "values": values,
+                "matvecs": count.n,
+                "seconds": time.perf_counter() - t0,
+                "max_iter": iters,
+                "rel_errors": errors(values),
+                "peak_rss": peak_rss(),
+            }
+        except Exception as exc:
+            out["eigenthings"] = {"failed": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return out
+
+
 def section_slq(H, args, block: int | None, ckpt: Path | None) -> dict:
     import spectra
 
@@ -359,6 +424,21 @@ def report(res: dict, args) -> None:
             f"| Hutch++ trace, {t['matvecs']} matvecs | {t['seconds']:.1f} | {t['matvecs']} | "
             f"{gib(t['peak_rss'])} | {t['seconds'] / t['matvecs']:.2f} s/matvec; "
             f"{t['estimate']:.5g} +- {t['stderr']:.2g} (block {t['block_size']}) |"
+        )
+    for peer, label in (
+        ("pyhessian", "PyHessian top-5 (defaults)"),
+        ("eigenthings", "hessian-eigenthings Lanczos top-5"),
+    ):
+        r = res.get("peers", {}).get(peer)
+        if r is None:
+            continue
+        if "failed" in r:
+            print(f"| {label} | - | - | - | failed: {r['failed'][:120]} |")
+            continue
+        err = "" if r["rel_errors"] is None else f"max rel. error {max(r['rel_errors']):.1e}"
+        print(
+            f"| {label} | {r['seconds']:.1f} | {r['matvecs']} | {gib(r['peak_rss'])} | "
+            f"{r['seconds'] / max(r['matvecs'], 1):.2f} s/matvec; {err} |"
         )
     if "lanczos" in res:
         r = res["lanczos"]
@@ -563,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         accuracy(args)
         return 0
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - set(SECTIONS)
+    unknown = set(sections) - set(SECTIONS) - set(OPTIONAL_SECTIONS)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     if args.size == "124m" and "arpack" in sections:
@@ -632,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
             keep(name, section_slq(H, args, _block(res, args), args.checkpoint))
         elif name == "trace":
             keep(name, section_trace(H, args, _block(res, args)))
+        elif name == "peers":
+            keep(name, section_peers(model, ids, args, _peer_reference(res)))
     if lead:
         report(res, args)
         if args.json is not None:
@@ -640,6 +722,17 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _peer_reference(res: dict) -> dict | None:
+    """ARPACK's top eigenvalues where it ran (else ours), and our Lanczos' matvecs."""
+    source = res.get("arpack") or res.get("lanczos")
+    if source is None:
+        return None
+    return {
+        "eigenvalues": source["eigenvalues"],
+        "lanczos_matvecs": res.get("lanczos", {}).get("matvecs"),
+    }
 
 
 def _block(res: dict, args) -> int | None:

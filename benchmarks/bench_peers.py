@@ -122,7 +122,7 @@ def ours_top(model, X, y, tol: float, backend: str = "auto") -> dict:
     }
 
 
-def pyhessian_top(model, X, y, tol: float, max_iter: int) -> dict:
+def pyhessian_top(model, X, y, tol: float, max_iter: int, dtype: torch.dtype = F64) -> dict:
     ph = importlib.import_module("pyhessian.hessian")
 
     count = Counter()
@@ -133,7 +133,7 @@ def pyhessian_top(model, X, y, tol: float, max_iter: int) -> dict:
         return real(*a, **kw)
 
     old = torch.get_default_dtype()
-    torch.set_default_dtype(F64)
+    torch.set_default_dtype(dtype)  # PyHessian draws its vectors in the default dtype
     ph.hessian_vector_product = counted
     try:
         torch.manual_seed(0)
@@ -149,7 +149,7 @@ def pyhessian_top(model, X, y, tol: float, max_iter: int) -> dict:
     return {"values": np.array(vals), "matvecs": count.n, "seconds": t + t_setup}
 
 
-def eigenthings_operator(model, X, y):
+def eigenthings_operator(model, X, y, dtype: torch.dtype = F64):
     import hessian_eigenthings as he
 
     op = he.HessianOperator(model, [(X, y)], he.supervised_loss(nn.CrossEntropyLoss()))
@@ -159,7 +159,7 @@ def eigenthings_operator(model, X, y):
         count.n += 1
         return op.matvec(v)
 
-    return he.LambdaOperator(mv, op.size, dtype=F64), count
+    return he.LambdaOperator(mv, op.size, dtype=dtype), count
 
 
 def eigenthings_top(model, X, y, ref: np.ndarray, schedule=(10, 15, 20, 30, 40, 50, 70, 100)):
