@@ -116,6 +116,10 @@ class SpectrumFigure(TrainedFigure):
             library's choice from a 1 GiB tangent budget).
         checkpoint: build the Hessian through the library's resumable row checkpoint
             (in ``<cache>/checkpoints/``), for the hour-long paper-size spectra.
+        hessian_backend: the operator's product path for the build (``"auto"``, or
+            ``"autograd"`` where ``python -m benchmarks build`` measured double backward
+            cheaper per column, as for the conv net of Fig 1); fixed per preset, so the
+            build is the same computation on every machine.
         hessian_forward: ``"model"`` (``model(x)``) or ``"unrolled-lstm"`` (the same
             LSTM written as explicit cell steps, which ``torch.func.vmap`` batches; the
             fused ``nn.LSTM`` kernel has no batching rule and is ~10x slower there).
@@ -132,6 +136,7 @@ class SpectrumFigure(TrainedFigure):
     hessian_chunk: int | None = None
     checkpoint: bool = False
     hessian_forward: str = "model"
+    hessian_backend: str = "auto"
     note: str = ""
 
 
@@ -321,6 +326,7 @@ _PAPER: dict[str, Any] = {
         OptimConfig("adam", lr=1e-3, epochs=20, batch_size=128, decay_every=8, decay=0.5),
         "the paper's size; Hessian over 2k training images (the build costs ~n x samples "
         "forward-over-reverse passes: ~2 h per run on 2 CPU cores)",
+        hessian_backend="autograd",
         hessian_chunk=None,
         dtype="float32",
         checkpoint=True,

@@ -102,6 +102,8 @@ def spectrum_or_load(
         "name": name,
         "code": code_version([*_SPECTRUM_CODE, models.unrolled_lstm_forward, spectrum_or_load]),
     }
+    if cfg.hessian_backend != "auto":  # keeps the keys of the builds made before the field
+        config["backend"] = cfg.hessian_backend
 
     checkpoint = None
     if cache.enabled and cfg.checkpoint:
@@ -118,6 +120,7 @@ def spectrum_or_load(
             chunk_size=cfg.hessian_chunk,
             forward=_FORWARDS[cfg.hessian_forward],
             checkpoint=checkpoint,
+            backend=cfg.hessian_backend,
         )
 
     return cache.get_or_compute(
