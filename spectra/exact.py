@@ -46,9 +46,10 @@ def _require_memory(
         raise MemoryError(
             f"{what} needs about {need / 2**30:.2f} GiB ({need:,} bytes) for n = {n:,} "
             f"parameters in {dtype}, but only {free / 2**30:.2f} GiB ({free:,} bytes) is free "
-            f"on {device}. Use the matrix-free path instead (spectra.lanczos for extreme "
-            "eigenvalues, spectra.spectral_density for the density), select fewer parameters "
-            "with params=, or use float32."
+            f"on {device}. Free memory (another process may hold it), use the matrix-free "
+            "path instead (spectra.lanczos for extreme eigenvalues, spectra.spectral_density "
+            "for the density), or select fewer parameters with params="
+            + (", or use dtype=torch.float32." if itemsize > 4 else ".")
         )
 
 

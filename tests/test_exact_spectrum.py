@@ -145,8 +145,10 @@ def test_memory_guard_refuses_before_allocating(monkeypatch):
         spectra.exact_spectrum(model, loss, (X, y), dtype=F64)
     msg = str(info.value)
     assert "n = 92" in msg and "1,000 bytes" in msg and "lanczos" in msg
-    with pytest.raises(MemoryError, match="spectral_density"):
+    assert "dtype=torch.float32" in msg  # float64 was asked for: float32 would halve it
+    with pytest.raises(MemoryError, match="spectral_density") as info:
         spectra.exact_hessian(model, loss, (X, y))
+    assert "float32" not in str(info.value).split("bytes)")[-1]  # already float32
 
 
 def test_available_memory_is_positive_and_bounded():
