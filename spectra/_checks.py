@@ -88,8 +88,8 @@ def all_finite(x: torch.Tensor) -> bool:
     A NaN or an infinity makes the sum non-finite, so a finite sum proves every element
     finite; only a non-finite sum (which may also be an overflow of large finite
     elements) pays for the element-wise test.  ``torch.isfinite(x).all()`` makes about
-    five passes over ``x`` (measured: ~50 ms of each 1.3 s Hessian-vector product at
-    10M parameters, for the input and the output checks).
+    five passes over ``x`` (profiled: 0.1 s of a 1.3 s Hessian-vector product at 10M
+    parameters, for the input's and the output's checks together).
     """
     if not (x.is_floating_point() or x.is_complex()) or x.numel() == 0:
         return True

@@ -18,8 +18,10 @@ Memory: the probes are held as bits (:class:`~spectra._krylov.PackedSigns`) and 
 block of columns at a time, the block sized to a memory budget together with what the
 operator needs per column; Hutch++ holds its sketch basis (m // 3 vectors, orthonormalised
 in place) and nothing else of length n beyond one block.  At GPT-2 small (124M
-parameters, float32) a 30-product Hutch++ holds 5 GB of basis and runs single-vector
-products.  The random draws do not depend on the block size, so neither does the result.
+parameters, float32) a 30-product Hutch++ holds 10 x 124M x 4 bytes = 5 GB of basis, and
+with the default budget (half of ~20 GB free) the rule leaves room for one column: single-
+vector products.  The random draws do not depend on the block size, so neither does the
+result.
 """
 
 from __future__ import annotations
@@ -256,8 +258,8 @@ def _orthonormalise_rows_(Y: torch.Tensor) -> torch.Tensor:
     returned as a view (r <= k rows; a row left as rounding noise after two classical
     Gram-Schmidt passes, ``breakdown_tolerance`` of its norm, is dropped).
 
-    In place, so the sketch's basis costs its k vectors and no QR workspace (a
-    float64 QR of the (n, k) sketch took 5x its memory at 124M parameters)."""
+    In place, so the sketch's basis costs its k vectors and no QR workspace (a float64
+    QR of a float32 sketch holds a float64 copy and a float64 Q: 4x the sketch)."""
     size = Y.shape[1]
     r = 0
     for j in range(Y.shape[0]):
@@ -267,7 +269,7 @@ def _orthonormalise_rows_(Y: torch.Tensor) -> torch.Tensor:
             if r:
                 v -= Y[:r].T @ (Y[:r] @ v)
         norm = float(v.norm())
-        if norm <= breakdown_tolerance(norm0, size, Y.dtype) or norm == 0.0:
+        if norm <= breakdown_tolerance(norm0, size, Y.dtype):  # also a zero row
             continue
         Y[r] = v / norm
         r += 1
