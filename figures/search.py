@@ -46,6 +46,8 @@ __all__ = [
     "table",
     "add_arguments",
     "run_command",
+    "best_settings",
+    "tuned_config",
 ]
 
 
@@ -118,7 +120,7 @@ def compress(full: RunConfig, cfg: RunConfig, fraction: float) -> RunConfig:
     scale = epochs / full.epochs
     milestones = sorted({round(m * scale) for m in full.milestones} - {0})
     kw = dict(cfg.optimizer_kwargs)
-    if kw.get("scoping") == "exponential" and kw.get("scoping_rate"):
+    if kw.get("scoping") == "exponential" and kw.get("scoping_rate") and fraction != 1:
         # the variant's full-length run makes 1/fraction times as many steps
         kw["scoping_rate"] = (1 + kw["scoping_rate"]) ** (1 / fraction) - 1
     return cfg.replace(
@@ -328,3 +330,32 @@ def run_command(args: argparse.Namespace) -> int:
         )
     print(table(args.experiment, results, args.seeds, args.fraction, path))
     return 0
+
+
+def tuned_config(
+    experiment: str,
+    optimizer: str,
+    runs: str | Path,
+    seeds: Sequence[int] = (0, 1),
+    fraction: float = 0.2,
+) -> RunConfig:
+    """The full-length recipe of ``optimizer`` with the search's winning settings, named
+    ``<recipe name>-tuned``.
+
+    A winning ``L`` keeps the recipe's effective epochs (outer epochs and LR milestones
+    rescaled as in :func:`compress` at fraction 1).  The search must be finished (every
+    trial's runs, read from ``runs`` with the search's ``seeds`` and ``fraction``);
+    otherwise ``ValueError`` names the command that finishes it, since a half-searched
+    setting would be reported as tuned.
+    """
+    trials = search(experiment, optimizer, runs, seeds, fraction, run=False)
+    settings = best_settings(trials, seeds)
+    if settings is None:
+        done = sum(len(t.logs) == len(seeds) for t in trials)
+        raise ValueError(
+            f"the {optimizer} search of {experiment} in {runs} is not finished ({done} of "
+            f"the {len(trials)} trials read so far have all of seeds {list(seeds)}); run "
+            f"`python -m figures search {experiment} --runs {runs}` first"
+        )
+    full = RECIPES[experiment][optimizer]()
+    return compress(full, apply(full, settings), 1.0).replace(name=full.name + "-tuned")

@@ -4,6 +4,7 @@
     python -m figures table1 mnistfc --quick       # 1 outer epoch each on 5k images
     python -m figures table1 char-lstm --reduced   # the documented CPU-sized variant
     python -m figures table1 lenet --device cuda   # GPU machines
+    python -m figures table1 mnistfc --tuned --seeds 0 1 2   # the search's winners
 
 Each optimizer of the pair trains through :func:`figures.harness.train` (resumable: rerun
 the same command after an interruption) and the table ``<out>/<experiment>.md`` reports
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from entropy_opt import AUTHORS_CODE
 
 from .harness import RunConfig, run_dir, train
 from .recipes import PAPER, RECIPES, quick
+from .search import tuned_config
 
 __all__ = ["configs", "REDUCED", "table", "authors_conventions", "add_arguments", "run_command"]
 
@@ -54,15 +57,27 @@ def authors_conventions(cfg: RunConfig) -> RunConfig:
     return cfg.replace(name=cfg.name + "-authors", optimizer_kwargs=kw)
 
 
-def configs(experiment: str, mode: str = "full", conventions: str = "paper") -> list[RunConfig]:
-    """The pair of configs for ``experiment`` in ``mode`` "full", "reduced" or "quick",
-    with the local-entropy side under the paper's or the authors' ``conventions``."""
+def configs(
+    experiment: str,
+    mode: str = "full",
+    conventions: str = "paper",
+    search_runs: str | Path = "runs/search",
+) -> list[RunConfig]:
+    """The pair of configs for ``experiment`` in ``mode`` "full", "reduced", "quick" or
+    "tuned" (the full recipes with the winners of :mod:`figures.search`, read from
+    ``search_runs``), with the local-entropy side under the paper's or the authors'
+    ``conventions``."""
     if conventions not in ("paper", "authors"):
         raise ValueError(f"conventions must be 'paper' or 'authors', got {conventions!r}")
+    if mode == "tuned" and conventions != "paper":
+        raise ValueError(
+            "mode='tuned' takes the settings the search found under the paper's "
+            "conventions; the authors' conventions were not searched"
+        )
     pair = RECIPES[experiment]
     out = []
     for opt, make in pair.items():
-        cfg = make()
+        cfg = tuned_config(experiment, opt, search_runs) if mode == "tuned" else make()
         if conventions == "authors":
             cfg = authors_conventions(cfg)
         if mode == "quick":
@@ -164,6 +179,15 @@ def table(
                 logs.get((e, seed)),
                 f"seed {seed}, " if len(seeds) > 1 else "",
             )
+    for cfg in cfgs:
+        if cfg.name.endswith("-tuned"):  # say what the search chose, and where it is listed
+            lines += [
+                "",
+                f"{cfg.optimizer} (tuned, figures/out/search-{experiment}.md): "
+                f"{cfg.epochs} outer epochs, milestones {cfg.milestones}, model "
+                f"{json.dumps(cfg.model_kwargs, sort_keys=True)}, optimizer "
+                f"{json.dumps(cfg.optimizer_kwargs, sort_keys=True)}.",
+            ]
     runs_text = "one run each" if len(seeds) == 1 else "mean +/- standard deviation over seeds"
     lines += [
         "",
@@ -215,6 +239,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="1 outer epoch on a data subset")
     mode.add_argument("--reduced", action="store_true", help="the CPU-sized variant (REDUCED)")
+    mode.add_argument(
+        "--tuned",
+        action="store_true",
+        help="the full recipes with the winners of `python -m figures search` "
+        "(read from --search-runs); runs and table get a -tuned suffix",
+    )
+    p.add_argument("--search-runs", default="runs/search", help="the search's run directories")
     p.add_argument("--only", help="run just this optimizer of the pair")
     p.add_argument("--runs", default=None, help="run directories (default <out>/table1/runs)")
     p.add_argument("--table-only", action="store_true", help="rebuild the table from logs")
@@ -244,8 +275,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace) -> int:
     """``python -m figures table1``: train the pair (resumably) and print the table; tables
     go to ``<out>/table1-<experiment>[-<mode>][-authors].md``."""
-    mode_name = "quick" if args.quick else "reduced" if args.reduced else "full"
-    cfgs = configs(args.experiment, mode_name, args.conventions)
+    mode_name = (
+        "quick" if args.quick else "reduced" if args.reduced else "tuned" if args.tuned else "full"
+    )
+    try:
+        cfgs = configs(args.experiment, mode_name, args.conventions, args.search_runs)
+    except ValueError as exc:  # an unfinished search: say so before any training
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     runs = Path(args.runs) if args.runs else out / "table1" / "runs"
     if not args.table_only:

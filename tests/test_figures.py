@@ -344,6 +344,11 @@ def test_one_cli_runs_the_experiments_and_lists_every_command(
         == 0
     )
     assert "not run" in (tmp_path / "search-char-lstm.md").read_text()
+    capsys.readouterr()
+    tuned = ["table1", "char-lstm", "--tuned", "--out", str(tmp_path)]
+    assert cli.main([*tuned, "--search-runs", str(tmp_path / "none")]) == 2  # before training
+    assert "search of char-lstm" in capsys.readouterr().err
+    assert not (tmp_path / "table1").exists()
     assert cli.main(["table1", "resnet"]) == 2  # argparse's own error, no traceback
     assert "invalid choice" in capsys.readouterr().err
     assert cli.main(["list"]) == 0

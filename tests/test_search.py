@@ -9,7 +9,7 @@ import pytest
 
 from figures.harness import run_dir
 from figures.recipes import RECIPES
-from figures.search import SPACES, apply, compress, search
+from figures.search import SPACES, apply, compress, search, tuned_config
 
 
 def test_compress_keeps_the_effective_budget_and_the_final_gamma():
@@ -58,3 +58,44 @@ def test_coordinate_search_picks_the_best_mean_validation_and_moves_on(tmp_path,
         {("model", "dropout"): 0.3, ("optimizer", "lr"): lr} for lr in space[1].values[1:]
     ]
     assert all(t.logs == {} for t in trials[3:])
+
+
+def _finish_search(runs, experiment, optimizer, val_of):
+    """Fake finished logs for every trial of a search, ``val_of(settings)`` each."""
+    full = RECIPES[experiment][optimizer]()
+    while True:
+        trials = search(experiment, optimizer, runs, seeds=(0, 1), run=False)
+        missing = [t for t in trials if not t.logs]
+        if not missing:
+            return trials
+        for t in missing:
+            for seed in (0, 1):
+                c = t.config.replace(seed=seed)
+                _fake_log(run_dir(c, runs), val_of(t.settings), 9.9, c.epochs)
+        assert full.name in trials[0].config.name
+
+
+def test_tuned_config_is_the_full_recipe_with_the_winners_and_refuses_an_unfinished_search(
+    tmp_path,
+):
+    full = RECIPES["mnistfc"]["entropy-sgd"]()  # 5 epochs x L=20, LR / 10 after epoch 2
+    with pytest.raises(ValueError, match="not finished.*python -m figures search mnistfc"):
+        tuned_config("mnistfc", "entropy-sgd", tmp_path)
+
+    winners = {("model", "dropout"): 0.3, ("optimizer", "momentum"): 0.5}
+    winners |= {("optimizer", "gamma"): 3e-4, ("optimizer", "L"): 5}
+
+    def val(settings):  # each winning value lowers the validation error
+        return 0.02 - 0.001 * sum(settings.get(key) == value for key, value in winners.items())
+
+    trials = _finish_search(tmp_path, "mnistfc", "entropy-sgd", val)
+    assert len(trials) == 4 + 1 + 2 + 2  # each factor's values less the incumbents
+    cfg = tuned_config("mnistfc", "entropy-sgd", tmp_path)
+    assert cfg.name == full.name + "-tuned"
+    assert cfg.model_kwargs["dropout"] == 0.3
+    kw = cfg.optimizer_kwargs
+    assert (kw["momentum"], kw["gamma"], kw["L"]) == (0.5, 3e-4, 5)
+    # L = 5 keeps the recipe's 100 effective epochs: 20 outer epochs, milestone 2 -> 8
+    assert cfg.epochs * kw["L"] == full.epochs * full.optimizer_kwargs["L"] == 100
+    assert cfg.milestones == [m * 4 for m in full.milestones]
+    assert kw["scoping_rate"] == full.optimizer_kwargs["scoping_rate"]  # fraction 1
