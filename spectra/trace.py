@@ -109,13 +109,16 @@ def trace(
         n: size, for a callable ``op``.
         block_size: columns per block product (default: as many as fit the memory
             budget, at most 64).  Each column of a block takes 3 length-n vectors
-            here plus the operator's own :meth:`~spectra.LinearOperator.column_workspace_bytes`
-            (a curvature operator's tangent activations), so at 100M+ parameters the
-            default is 1: single-vector products, which reuse one gradient graph.
+            here, and each column after the first also the operator's own
+            :meth:`~spectra.LinearOperator.column_workspace_bytes` (a curvature
+            operator's tangent activations), so at 100M+ parameters the default is 1:
+            single-vector products, which reuse one gradient graph.
         memory_budget: bytes the estimate may hold (default: half of the memory free
             on the operator's device now): the Hutch++ basis (m // 3 vectors) and one
-            block.  When even one column does not fit, ``MemoryError`` names the
-            numbers before any product.
+            block.  The temporaries of a single product are left to the memory
+            outside the budget, as in :func:`~spectra.lanczos` and
+            :func:`~spectra.spectral_density`.  When not even a single-column
+            product's vectors fit, ``MemoryError`` names the numbers before any product.
         progress: tqdm progress bar: matvecs done of the budget and the estimated
             time left (default: only on a terminal).
     """
@@ -169,26 +172,29 @@ def _block_size(
 ) -> int:
     """Columns per product: ``requested``, or as many as fit the budget next to the
     ``held_vectors`` length-n vectors (at most :data:`MAX_BLOCK`); ``MemoryError``
-    naming the numbers when even one column does not fit."""
+    naming the numbers when not even a single-column product's vectors fit."""
     free = None
     if memory_budget is None:
         memory_budget, free = default_memory_budget(op.device)
     itemsize = torch.empty((), dtype=op.dtype).element_size()
     vector = op.shape[0] * itemsize
-    per_column = _VECTORS_PER_COLUMN * vector + op.column_workspace_bytes()
-    room = memory_budget - held_vectors * vector
-    if room < per_column:
+    # one product's own temporaries are what the memory outside the budget is for (as in
+    # lanczos and SLQ); each further column of a block is charged its workspace here
+    room = memory_budget - (held_vectors + _VECTORS_PER_COLUMN) * vector
+    if room < 0:
         where = "" if free is None else f" (default: half of the {format_bytes(free)} free)"
         raise MemoryError(
-            f"trace needs {held_vectors} basis vector(s) x {format_bytes(vector)} "
-            f"(n = {op.shape[0]:,} numbers of {op.dtype}) and {format_bytes(per_column)} "
-            f"for one column of a product, but memory_budget is "
-            f"{format_bytes(memory_budget)}{where}; use a smaller num_matvecs (Hutch++ "
-            "holds num_matvecs // 3 vectors), method='hutchinson', or raise memory_budget"
+            f"trace needs {held_vectors} basis vector(s) and {_VECTORS_PER_COLUMN} for a "
+            f"single-column product, {held_vectors + _VECTORS_PER_COLUMN} x "
+            f"{format_bytes(vector)} (n = {op.shape[0]:,} numbers of {op.dtype}), but "
+            f"memory_budget is {format_bytes(memory_budget)}{where}; use a smaller "
+            "num_matvecs (Hutch++ holds num_matvecs // 3 vectors), method='hutchinson', "
+            "or raise memory_budget"
         )
     if requested is not None:
         return requested
-    return int(max(1, min(MAX_BLOCK, room // per_column)))
+    per_column = _VECTORS_PER_COLUMN * vector + op.column_workspace_bytes()
+    return int(max(1, min(MAX_BLOCK, 1 + room // per_column)))
 
 
 def _exact(op: LinearOperator, block_size: int, bar: Any) -> float:

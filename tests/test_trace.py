@@ -132,14 +132,19 @@ def test_default_block_follows_the_operator_workspace_and_the_budget(matrix):
     trace(small, "hutch++", 99, memory_budget=1 << 30)
     assert max(small.widths) == 33  # all of a third at once (<= 64)
     # each column claims 10 MB inside the operator: a 25 MB budget fits 33 basis
-    # vectors and 2 columns of (3 vectors + 10 MB)
+    # vectors, the first column's 3 vectors (its workspace is outside the budget) and 2
+    # more columns of (3 vectors + 10 MB)
     heavy = _Widths(A, workspace=10_000_000)
     t = trace(heavy, "hutch++", 99, memory_budget=25_000_000)
-    assert max(heavy.widths) == 2 and t.matvecs == 99
+    assert max(heavy.widths) == 3 and t.matvecs == 99
     assert t.estimate == pytest.approx(trace(A, "hutch++", 99).estimate, rel=1e-12)
+    # single-column products: the vectors fit, a second column's workspace does not
+    single = _Widths(A, workspace=10_000_000)
+    trace(single, "hutch++", 99, memory_budget=(33 + 3) * vector)
+    assert set(single.widths) == {1}
     starved = _Widths(A, workspace=10_000_000)
-    with pytest.raises(MemoryError, match=r"33 basis vector\(s\).*memory_budget"):
-        trace(starved, "hutch++", 99, memory_budget=33 * vector + 3 * vector)
+    with pytest.raises(MemoryError, match=r"33 basis vector\(s\) and 3 .*memory_budget"):
+        trace(starved, "hutch++", 99, memory_budget=(33 + 3) * vector - 1)
     assert starved.widths == []  # refused before any product
 
 
