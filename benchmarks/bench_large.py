@@ -63,6 +63,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from spectra._resources import release_freed_heap
+
 SIZES = {
     "tiny": dict(n_embd=32, n_layer=2, n_head=2, vocab_size=100),  # a smoke test of the script
     "10m": dict(n_embd=256, n_layer=6, n_head=4, vocab_size=20000),
@@ -158,6 +160,8 @@ def section_products(H, model, ids, forward, args) -> dict:
     for _ in range(args.repeat):
         times["block"].append(timed(lambda: H @ V)[0] / V.shape[1])
     med = {k: float(np.median(x)) for k, x in times.items()}
+    rss = current_rss()  # the blocks are freed; glibc may still hold their pages
+    release_freed_heap()
     return {
         "hvp_first_s": t_first,
         "peak_rss_after_first": peak_first,
@@ -172,7 +176,8 @@ def section_products(H, model, ids, forward, args) -> dict:
         "warmup_s": warm,
         "matvecs": H.matvecs - before,
         "peak_rss": peak_rss(),
-        "rss": current_rss(),
+        "rss": rss,
+        "rss_after_trim": current_rss(),  # what available_memory_bytes sees next
         "backend": H.backend,
         "cache_graph": H.cache_graph,
     }
@@ -391,6 +396,11 @@ def report(res: dict, args) -> None:
             f"{h['block_per_vector_s'] / h['grad_plain_s']:.2f} x plain gradient; "
             f"{h['cheaper']} is cheaper per vector |"
         )
+        if "rss_after_trim" in h:
+            print(
+                f"| (freed blocks) | | | | resident {gib(h['rss'])}, after malloc_trim "
+                f"{gib(h['rss_after_trim'])} |"
+            )
     if "lanczos" in res:
         r = res["lanczos"]
         conv = sum(r["converged"])
