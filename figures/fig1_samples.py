@@ -1,12 +1,15 @@
 """Fig 1's near-zero fraction against the number of Hessian samples (issue 15).
 
     python -m figures.fig1_samples 100 400 1000 2500      # default preset, ~20 min on 2 cores
+    python -m figures.fig1_samples 500 --preset paper --runs 1   # the paper size, first run
 
 Each sample count N runs Fig 1 of ``--preset`` (default: "default") with ``n_hessian = N``
 (the first N training images; training is unchanged, so every N sees the same weights) into
 ``--out`` (its own folder, default /tmp/fig1-samples) and writes the table
 ``figures/out/fig1-samples.md``: N, the GGN rank bound N(C - 1) and the fraction it forces to
-zero, and the near-zero fractions per run.
+zero, and the near-zero fractions per run.  ``--runs K`` keeps the preset's first K runs
+(the same seeds, so the same trained weights as the figure's first K runs): at the paper
+size each point costs hours of Hessian build per run.
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ from . import catalog, presets
 from .request import FigureRequest
 
 
-def sweep(counts: list[int], preset: str, out: str) -> list[dict]:
-    """One Fig 1 per sample count; returns a row of statistics per count."""
+def sweep(counts: list[int], preset: str, out: str, runs: int | None = None) -> list[dict]:
+    """One Fig 1 per sample count (the preset's first ``runs`` runs, default all);
+    returns a row of statistics per count."""
     base = presets.get(preset, "fig1")
+    if runs is not None:
+        if not 1 <= runs <= base.runs:
+            raise ValueError(f"runs must be in 1..{base.runs} (the {preset} preset's), got {runs}")
+        base = dataclasses.replace(base, runs=runs)
     rows = []
     for n in counts:
         name = f"{preset}-n_hessian-{n}"
@@ -80,9 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="default")
     p.add_argument("--out", default="/tmp/fig1-samples")
     p.add_argument("--table", default="figures/out/fig1-samples.md")
+    p.add_argument("--runs", type=int, default=None, help="the preset's first K runs only")
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    rows = sweep(args.counts, args.preset, args.out)
+    torch.set_num_threads(args.threads)
+    rows = sweep(args.counts, args.preset, args.out, args.runs)
     Path(args.table).write_text(table(rows, args.preset))
 
 

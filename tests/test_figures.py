@@ -429,11 +429,18 @@ def test_sample_count_sweep_reports_the_bound_for_each_count(tmp_path):
     from figures import fig1_samples
 
     table_path = tmp_path / "t.md"
-    fig1_samples.main(
-        ["16", "40", "--preset", "smoke", "--out", str(tmp_path), "--table", str(table_path)]
-    )
+    args = ["16", "40", "--preset", "smoke", "--out", str(tmp_path), "--table", str(table_path)]
+    fig1_samples.main(args)
     text = table_path.read_text()
     n = 647  # the smoke preset's small-LeNet
     for count in (16, 40):
         forced = 100 * max(0.0, 1 - count * 9 / n)
         assert f"| {count} | {min(n, count * 9):,} | {forced:.1f}% |" in text
+    runs = presets.get("smoke", "fig1").runs
+    first = [float(x.strip().rstrip("%")) for x in text.splitlines()[-1].split("|")[4].split("/")]
+    assert len(first) == runs
+    fig1_samples.main([*args[1:], "--runs", "1"])  # 40 samples, the first run: same weights
+    one = table_path.read_text().splitlines()[-1].split("|")[4].strip()
+    assert len(one.split(" / ")) == 1 and float(one.rstrip("%")) == first[0]
+    with pytest.raises(ValueError, match="runs must be in"):
+        fig1_samples.sweep([16], "smoke", str(tmp_path), runs=runs + 1)
