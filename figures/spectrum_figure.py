@@ -80,6 +80,12 @@ def loss_for(cfg: presets.SpectrumFigure) -> Callable:
     return cross_entropy if text else nn.CrossEntropyLoss()
 
 
+def forward_for(cfg: presets.SpectrumFigure) -> Callable[[nn.Module, Any], Any] | None:
+    """The forward the Hessian of ``cfg`` is built with (None: ``model(inputs)``); see
+    ``SpectrumFigure.hessian_forward``."""
+    return _FORWARDS[cfg.hessian_forward]
+
+
 def spectrum_or_load(
     model: nn.Module,
     cfg: presets.SpectrumFigure,
