@@ -9,8 +9,8 @@ Fig 3b's char-LSTM through the preset's Hessian forward, the unrolled cell),
 times one full-data gradient and one block product ``H @ V`` of ``k`` columns, the unit the
 exact build repeats n / k times, and prints milliseconds per column and their ratio to the
 gradient, side by side in one process (ratios hold on a loaded machine; absolute times do
-not).  ``k`` defaults to the operator's own ``block_size()`` and 4x that (16 and ``block_size()``
-for :data:`SMALL_BLOCKS`).
+not), and the growth of resident memory per column (the high-water mark reset before the
+block, Linux) beside ``column_workspace_bytes()``, the estimate that sizes blocks.  ``k`` defaults to the operator's own ``block_size()`` and 4x that.
 """
 
 from __future__ import annotations
@@ -24,13 +24,9 @@ import spectra
 from figures import presets
 from figures.models import build
 from figures.spectrum_figure import forward_for, loss_for
+from spectra._resources import release_freed_heap
 
 FIGURES = ("fig1", "fig3a", "fig3b")
-
-#: Figures whose default blocks are 16 and ``block_size()`` rather than ``block_size()``
-#: and 4x that: Fig 3b's vectorised block of 4 x 107 columns took 23 GB and was killed
-#: (the unrolled LSTM's activations are invisible to ``column_workspace_bytes``).
-SMALL_BLOCKS = ("fig3b",)
 
 
 def _problem(figure: str, seed: int = 0):
@@ -64,6 +60,25 @@ def _gradient_seconds(model, loss_fn, batches, forward, repeat: int = 3) -> floa
     return best
 
 
+def _resident_peak_growth(fn) -> float | None:
+    """Bytes the resident set's high-water mark grew by while ``fn()`` ran, from a reset
+    mark (Linux ``/proc/self/clear_refs``); None where that is unavailable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    release_freed_heap()
+    start = _high_water_mark()
+    fn()
+    return _high_water_mark() - start
+
+
+def _high_water_mark() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,8 +91,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads {torch.get_num_threads()}")
-    print("| figure | n | samples | backend | k | ms / column | gradient ms | column / gradient |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| figure | n | samples | backend | k | ms / column | gradient ms | column / gradient "
+        "| MiB / column, measured | estimated |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for figure in args.figures:
         model, loss_fn, batches, forward = _problem(figure)
         n = sum(p.numel() for p in model.parameters())
@@ -87,17 +105,18 @@ def main() -> None:
                 model, loss_fn, batches, dtype=torch.float32, backend=backend, forward=forward
             )
             auto = op.block_size()
-            default = (16, auto) if figure in SMALL_BLOCKS else (auto, 4 * auto)
-            for k in args.blocks or default:
+            for k in dict.fromkeys(args.blocks or (auto, 4 * auto)):
                 V = torch.randn(n, k)
                 op @ V[:, :2]  # first use: path check and warm-up
                 grad = _gradient_seconds(model, loss_fn, batches, forward)
                 t = time.perf_counter()
-                op @ V
+                grown = _resident_peak_growth(lambda: op @ V)  # noqa: B023 (called here)
                 col = (time.perf_counter() - t) / k
+                measured = "-" if grown is None else f"{grown / k / 2**20:.1f}"
                 print(
                     f"| {figure} | {n:,} | {samples:,} | {backend} | {k} | {1000 * col:.0f} | "
-                    f"{1000 * grad:.0f} | {col / grad:.2f}x |",
+                    f"{1000 * grad:.0f} | {col / grad:.2f}x | {measured} | "
+                    f"{op.column_workspace_bytes() / 2**20:.1f} |",
                     flush=True,
                 )
 

@@ -155,9 +155,23 @@ def test_operators_fingerprint_themselves():
 def test_block_size_is_asked_of_the_operator():
     model, loss, (X, y) = problem()
     H = spectra.hessian_operator(model, loss, (X, y), dtype=torch.float64)
-    # activations of one forward pass over the 200 samples: 40 + 40 + 10 per sample
-    per_column = 8 * (3 * 200 * (40 + 40 + 10) + 4 * 1250)
+    # what the forward over the 200 samples saves for backward and depends on the
+    # parameters: tanh's output (40 per sample; the second Linear saves the same storage)
+    # and log_softmax's (10); the inputs and weights carry no tangent.  6 copies, 4 vectors
+    per_column = 6 * 8 * 200 * (40 + 10) + 4 * 8 * 1250
     assert H.column_workspace_bytes() == per_column
+    # the same function written without calling modules: forward hooks would see nothing,
+    # the saved-tensor count sees the same activations
+    functional = spectra.hessian_operator(
+        model,
+        loss,
+        (X, y),
+        dtype=torch.float64,
+        forward=lambda m, x: nn.functional.linear(
+            torch.tanh(nn.functional.linear(x, m[0].weight, m[0].bias)), m[2].weight, m[2].bias
+        ),
+    )
+    assert functional.column_workspace_bytes() == per_column
     assert H.block_size(memory_budget_bytes=20 * per_column) == 20
     assert H.block_size(memory_budget_bytes=1) == 16  # at least 16 columns
     assert H.block_size() == min((1 << 30) // per_column, 2048, 1250)
