@@ -28,6 +28,7 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "StaleCheckpointError",
     "check_writable",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -39,6 +40,11 @@ __all__ = [
 class CheckpointError(ValueError):
     """A checkpoint cannot be used for this computation: it belongs to another one, is
     damaged, or its path cannot be written."""
+
+
+class StaleCheckpointError(CheckpointError):
+    """A checkpoint of the same problem whose finished part this code computes
+    differently (see :func:`spectra.exact.dense_matrix`): delete it to start over."""
 
 
 def check_writable(path: Path) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._resources import available_memory_bytes
-from .checkpoint import MatrixCheckpoint
+from .checkpoint import MatrixCheckpoint, StaleCheckpointError
 from .curvature import CurvatureOperator, path_tolerance
 from .dense_eigensolver import eigensolver_workspace_bytes, eigvalsh_inplace
 from .hessian import hessian_operator
@@ -92,8 +92,11 @@ def dense_matrix(
     ``checkpoint_every`` seconds (default 5 minutes: a commit flushes the rows
     written since the last one, so more frequent commits cost disk bandwidth).
     A run killed at any point and restarted with the same arguments resumes from
-    the last commit and gives the same matrix, bit for bit.  The returned tensor
-    then shares memory with the file.
+    the last commit and gives the same matrix, bit for bit.  A resumed build first
+    recomputes its last committed block and raises :class:`StaleCheckpointError`
+    if the rows differ beyond round-off (rows of other code for the same problem),
+    so a checkpoint survives edits that do not change the function.  The returned
+    tensor then shares memory with the file.
     """
     n = op.shape[0]
     chunk = _resolve_chunk(op, chunk_size)
@@ -105,6 +108,8 @@ def dense_matrix(
         mapped = store.open("r+")
         H = torch.from_numpy(mapped)
         first = store.rows_done
+        if first and "asymmetry" not in store.state:
+            _check_resumed_rows(op, H, first, chunk, store.folder)
     else:
         mapped = None
         H = torch.empty((n, n), dtype=op.dtype, device=op.device)
@@ -133,6 +138,36 @@ def dense_matrix(
     if store is not None:
         store.commit(mapped, symmetrized=True)
     return AssembledMatrix(H, asym)
+
+
+def _check_resumed_rows(
+    op: LinearOperator, H: torch.Tensor, rows_done: int, chunk: int, folder: Any
+) -> None:
+    """Recompute the last committed block of rows and compare it with the checkpoint's.
+
+    The fingerprint names the problem (operator, weights, data, dtype), not the code that
+    computed the rows; a resumed build must not splice rows of two different functions
+    (a fixed bug, another library version).  The rows' own round-off is the tolerance:
+    :func:`asymmetry_tolerance` bounds the relative Frobenius difference of two
+    computations of the same entries.  ``StaleCheckpointError`` names the folder to
+    delete when they differ.  A finished build (asymmetry recorded, then symmetrised
+    in place) is not re-checked.
+    """
+    start = max(0, rows_done - chunk)
+    E = torch.zeros((op.shape[0], rows_done - start), dtype=op.dtype, device=op.device)
+    E[torch.arange(start, rows_done), torch.arange(rows_done - start)] = 1
+    fresh = (op @ E).T.to(torch.float64)
+    stored = H[start:rows_done].to(torch.float64)
+    scale = float(torch.linalg.norm(stored))
+    difference = float(torch.linalg.norm(fresh - stored)) / max(scale, torch.finfo(op.dtype).tiny)
+    tolerance = asymmetry_tolerance(op)
+    if not difference <= tolerance:
+        raise StaleCheckpointError(
+            f"the checkpoint in {folder} holds rows {start}..{rows_done - 1} that this code "
+            f"computes differently (relative Frobenius difference {difference:.2e}, "
+            f"tolerance {tolerance:.1e}): it was built by other code for the same problem. "
+            "Delete the folder to rebuild from the start"
+        )
 
 
 def _open_checkpoint(

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 import spectra
-from spectra.checkpoint import CheckpointError
+from spectra.checkpoint import CheckpointError, StaleCheckpointError
+from spectra.linear_operator import LinearOperator
 
 SCRIPT = textwrap.dedent("""
     import sys, torch
@@ -178,3 +179,42 @@ def test_block_size_is_asked_of_the_operator():
     assert spectra.as_linear_operator(torch.eye(300)).block_size() == 256
     assert spectra.as_linear_operator(torch.eye(30)).block_size() == 30
     assert spectra.as_linear_operator(torch.eye(30)).column_workspace_bytes() == 0
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _Dense(LinearOperator):
+    """``A @ V``, raising after ``stop_after`` products (a killed build)."""
+
+    def __init__(self, A: torch.Tensor, stop_after: int | None = None) -> None:
+        super().__init__(A.shape[0], A.dtype, A.device)
+        self.A, self.stop_after, self.calls = A, stop_after, 0
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.stop_after is not None and self.calls > self.stop_after:
+            raise _Interrupted
+        return self.A @ V
+
+
+def test_resumed_build_rechecks_its_last_block_against_the_current_code(tmp_path):
+    """Same fingerprint, other function: the finished rows are recomputed on resume and
+    a difference beyond round-off is refused; the same function resumes bit for bit."""
+    from spectra.exact import dense_matrix
+
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(60, 60, generator=g, dtype=torch.float64)
+    A = B + B.T
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Interrupted):  # 2 blocks of 8 rows committed, then killed
+        dense_matrix(_Dense(A, stop_after=2), chunk_size=8, checkpoint=ckpt, checkpoint_every=0)
+    assert json.loads((ckpt / "state.json").read_text())["rows_done"] == 16
+    changed = A.clone()
+    changed[10, 12] = changed[12, 10] = A[10, 12] + 1e-4 * float(A.abs().max())  # rows 10, 12
+    with pytest.raises(StaleCheckpointError, match=r"rows 8\.\.15 .*Delete the folder"):
+        dense_matrix(_Dense(changed), chunk_size=8, checkpoint=ckpt)
+    assert json.loads((ckpt / "state.json").read_text())["rows_done"] == 16  # left alone
+    resumed = dense_matrix(_Dense(A), chunk_size=8, checkpoint=ckpt).matrix
+    assert torch.equal(resumed, dense_matrix(_Dense(A), chunk_size=8).matrix)
