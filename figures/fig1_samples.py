@@ -63,7 +63,8 @@ def table(rows: list[dict], preset: str) -> str:
     lines = [
         f"## Fig 1 ({preset} preset) near-zero fraction against the Hessian's sample count",
         "",
-        f"{rows[0]['n_params']:,} parameters, the preset's runs, the first N training images; "
+        f"{rows[0]['n_params']:,} parameters, {len(rows[0]['near_zero'])} of the preset's "
+        "runs, the first N training images; "
         "`python -m figures.fig1_samples " + " ".join(str(r["n_hessian"]) for r in rows) + "`.",
         "",
         "| N | GGN rank bound min(n, N(C-1)) | forced zero by N | |λ| ≤ 1e-4 per run | mean "

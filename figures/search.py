@@ -355,7 +355,10 @@ def tuned_config(
         raise ValueError(
             f"the {optimizer} search of {experiment} in {runs} is not finished ({done} of "
             f"the {len(trials)} trials read so far have all of seeds {list(seeds)}); run "
-            f"`python -m figures search {experiment} --runs {runs}` first"
+            f"`python -m figures search {experiment} --runs {runs} --seeds "
+            f"{' '.join(map(str, seeds))} --fraction {fraction:g}` first (the committed logs "
+            "of finished trials are in figures/out/search-runs: copy them into the runs "
+            "folder, or pass it as the runs folder)"
         )
     full = RECIPES[experiment][optimizer]()
     return compress(full, apply(full, settings), 1.0).replace(name=full.name + "-tuned")

@@ -62,10 +62,12 @@ def configs(
     mode: str = "full",
     conventions: str = "paper",
     search_runs: str | Path = "runs/search",
+    search_seeds: tuple[int, ...] = (0, 1),
+    search_fraction: float = 0.2,
 ) -> list[RunConfig]:
     """The pair of configs for ``experiment`` in ``mode`` "full", "reduced", "quick" or
     "tuned" (the full recipes with the winners of :mod:`figures.search`, read from
-    ``search_runs``), with the local-entropy side under the paper's or the authors'
+    ``search_runs``, run with ``search_seeds`` at ``search_fraction``), with the local-entropy side under the paper's or the authors'
     ``conventions``."""
     if conventions not in ("paper", "authors"):
         raise ValueError(f"conventions must be 'paper' or 'authors', got {conventions!r}")
@@ -77,7 +79,10 @@ def configs(
     pair = RECIPES[experiment]
     out = []
     for opt, make in pair.items():
-        cfg = tuned_config(experiment, opt, search_runs) if mode == "tuned" else make()
+        if mode == "tuned":
+            cfg = tuned_config(experiment, opt, search_runs, search_seeds, search_fraction)
+        else:
+            cfg = make()
         if conventions == "authors":
             cfg = authors_conventions(cfg)
         if mode == "quick":
@@ -183,7 +188,7 @@ def table(
         if cfg.name.endswith("-tuned"):  # say what the search chose, and where it is listed
             lines += [
                 "",
-                f"{cfg.optimizer} (tuned, figures/out/search-{experiment}.md): "
+                f"{cfg.optimizer} (tuned; see search-{experiment}.md beside this table): "
                 f"{cfg.epochs} outer epochs, milestones {cfg.milestones}, model "
                 f"{json.dumps(cfg.model_kwargs, sort_keys=True)}, optimizer "
                 f"{json.dumps(cfg.optimizer_kwargs, sort_keys=True)}.",
@@ -245,7 +250,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the full recipes with the winners of `python -m figures search` "
         "(read from --search-runs); runs and table get a -tuned suffix",
     )
-    p.add_argument("--search-runs", default="runs/search", help="the search's run directories")
+    p.add_argument(
+        "--search-runs",
+        default="runs/search",
+        help="the search's run directories (the committed logs of finished trials are in "
+        "figures/out/search-runs)",
+    )
+    p.add_argument("--search-seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--search-fraction", type=float, default=0.2)
     p.add_argument("--only", help="run just this optimizer of the pair")
     p.add_argument("--runs", default=None, help="run directories (default <out>/table1/runs)")
     p.add_argument("--table-only", action="store_true", help="rebuild the table from logs")
@@ -279,7 +291,14 @@ def run_command(args: argparse.Namespace) -> int:
         "quick" if args.quick else "reduced" if args.reduced else "tuned" if args.tuned else "full"
     )
     try:
-        cfgs = configs(args.experiment, mode_name, args.conventions, args.search_runs)
+        cfgs = configs(
+            args.experiment,
+            mode_name,
+            args.conventions,
+            args.search_runs,
+            tuple(args.search_seeds),
+            args.search_fraction,
+        )
     except ValueError as exc:  # an unfinished search: say so before any training
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -412,9 +412,16 @@ class CurvatureOperator(LinearOperator):
             saved: dict[int, int] = {}
 
             def count(t: torch.Tensor) -> torch.Tensor:
-                # kept alive until the pass ends, so no two storages share an address
-                if t.requires_grad and (ptr := t.untyped_storage().data_ptr()) != own:
-                    saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+                # kept alive until the pass ends, so no two live storages share an address
+                if not t.requires_grad:
+                    return t
+                try:
+                    storage = t.untyped_storage()
+                    ptr, nbytes = storage.data_ptr(), storage.nbytes()
+                except (RuntimeError, NotImplementedError):  # sparse, nested: no storage
+                    ptr, nbytes = id(t), t.numel() * t.element_size()
+                if ptr != own:
+                    saved[ptr] = max(saved.get(ptr, 0), nbytes)
                 return t
 
             with (

@@ -93,10 +93,10 @@ def dense_matrix(
     written since the last one, so more frequent commits cost disk bandwidth).
     A run killed at any point and restarted with the same arguments resumes from
     the last commit and gives the same matrix, bit for bit.  A resumed build first
-    recomputes its last committed block and raises :class:`StaleCheckpointError`
-    if the rows differ beyond round-off (rows of other code for the same problem),
-    so a checkpoint survives edits that do not change the function.  The returned
-    tensor then shares memory with the file.
+    checks its finished rows against the current code (one product against all of
+    them, and its last committed block entry by entry) and raises
+    :class:`StaleCheckpointError` if they differ beyond round-off (rows of other code
+    for the same problem).  The returned tensor then shares memory with the file.
     """
     n = op.shape[0]
     chunk = _resolve_chunk(op, chunk_size)
@@ -143,31 +143,52 @@ def dense_matrix(
 def _check_resumed_rows(
     op: LinearOperator, H: torch.Tensor, rows_done: int, chunk: int, folder: Any
 ) -> None:
-    """Recompute the last committed block of rows and compare it with the checkpoint's.
+    """Recompute part of a checkpoint's finished rows and compare them with the stored.
 
     The fingerprint names the problem (operator, weights, data, dtype), not the code that
     computed the rows; a resumed build must not splice rows of two different functions
-    (a fixed bug, another library version).  The rows' own round-off is the tolerance:
-    :func:`asymmetry_tolerance` bounds the relative Frobenius difference of two
-    computations of the same entries.  ``StaleCheckpointError`` names the folder to
-    delete when they differ.  A finished build (asymmetry recorded, then symmetrised
+    (a fixed bug, another library version).  Two checks, 1 + ``chunk`` products: every
+    finished row against one product, ``H[:rows_done] p`` with ``(A p)[:rows_done]`` for
+    a fixed random ``p`` (a change anywhere in those rows), and the last committed block
+    entry by entry (a change that one product averages away).  The rows' own
+    round-off is the tolerance: :func:`asymmetry_tolerance` bounds the relative
+    Frobenius difference of two computations of the same entries.  A difference below
+    it, or in rows neither check reaches, cannot be seen.  ``StaleCheckpointError``
+    names the folder to delete.  A finished build (asymmetry recorded, then symmetrised
     in place) is not re-checked.
     """
+    n, tolerance = op.shape[0], asymmetry_tolerance(op)
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(n, generator=gen, dtype=torch.float64)
+    product = (op @ probe.to(op.dtype).to(op.device)).to("cpu", torch.float64)[:rows_done]
+    rows = max(1, (64 << 20) // (8 * n))  # read the stored rows 64 MiB at a time
+    stored_product = torch.cat(
+        [
+            H[r : min(r + rows, rows_done)].to(torch.float64) @ probe
+            for r in range(0, rows_done, rows)
+        ]
+    )
     start = max(0, rows_done - chunk)
-    E = torch.zeros((op.shape[0], rows_done - start), dtype=op.dtype, device=op.device)
+    E = torch.zeros((n, rows_done - start), dtype=op.dtype, device=op.device)
     E[torch.arange(start, rows_done), torch.arange(rows_done - start)] = 1
-    fresh = (op @ E).T.to(torch.float64)
-    stored = H[start:rows_done].to(torch.float64)
-    scale = float(torch.linalg.norm(stored))
-    difference = float(torch.linalg.norm(fresh - stored)) / max(scale, torch.finfo(op.dtype).tiny)
-    tolerance = asymmetry_tolerance(op)
-    if not difference <= tolerance:
-        raise StaleCheckpointError(
-            f"the checkpoint in {folder} holds rows {start}..{rows_done - 1} that this code "
-            f"computes differently (relative Frobenius difference {difference:.2e}, "
-            f"tolerance {tolerance:.1e}): it was built by other code for the same problem. "
-            "Delete the folder to rebuild from the start"
-        )
+    fresh = (op @ E).T.to("cpu")
+    del E
+    stored = H[start:rows_done]
+    checks = (
+        (f"rows 0..{rows_done - 1} times a probe vector", product, stored_product),
+        (f"rows {start}..{rows_done - 1}", fresh, stored),
+    )
+    for what, new, old in checks:
+        scale = float(torch.linalg.vector_norm(old, dtype=torch.float64))
+        gap = float(torch.linalg.vector_norm(new - old.to(new.dtype), dtype=torch.float64))
+        difference = gap / max(scale, torch.finfo(op.dtype).tiny)
+        if not difference <= tolerance:
+            raise StaleCheckpointError(
+                f"the checkpoint in {folder} holds rows that this code computes "
+                f"differently ({what}: relative difference {difference:.2e}, tolerance "
+                f"{tolerance:.1e}): it was built by other code for the same problem. "
+                "Delete the folder to rebuild from the start"
+            )
 
 
 def _open_checkpoint(

@@ -213,8 +213,13 @@ def test_resumed_build_rechecks_its_last_block_against_the_current_code(tmp_path
     assert json.loads((ckpt / "state.json").read_text())["rows_done"] == 16
     changed = A.clone()
     changed[10, 12] = changed[12, 10] = A[10, 12] + 1e-4 * float(A.abs().max())  # rows 10, 12
-    with pytest.raises(StaleCheckpointError, match=r"rows 8\.\.15 .*Delete the folder"):
+    with pytest.raises(StaleCheckpointError, match=r"rows 0\.\.15 times.*Delete the folder"):
         dense_matrix(_Dense(changed), chunk_size=8, checkpoint=ckpt)
+    # a change in an earlier block than the last one committed is seen by the probe
+    early = A.clone()
+    early[2, 40] = early[40, 2] = A[2, 40] + 1e-4 * float(A.abs().max())
+    with pytest.raises(StaleCheckpointError, match=r"rows 0\.\.15 times a probe"):
+        dense_matrix(_Dense(early), chunk_size=8, checkpoint=ckpt)
     assert json.loads((ckpt / "state.json").read_text())["rows_done"] == 16  # left alone
     resumed = dense_matrix(_Dense(A), chunk_size=8, checkpoint=ckpt).matrix
     assert torch.equal(resumed, dense_matrix(_Dense(A), chunk_size=8).matrix)
