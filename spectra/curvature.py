@@ -401,7 +401,7 @@ class CurvatureOperator(LinearOperator):
         matrix products), which forward hooks on modules missed (8x low on the unrolled
         char-LSTM).  Against the measured growth of resident memory per column of a
         vectorised block (``python -m benchmarks build``; ``bench_large`` for GPT-2)
-        the estimate is 1.4-1.6x high for small-mnistfc, small-LeNet and the char-LSTM,
+        the estimate is 1.2-1.5x high for small-mnistfc, small-LeNet and the char-LSTM,
         1.25x high for GPT-2 at 10M (0.91 against 0.73 GiB) and 16% low at 124M (5.61
         against 6.7 GiB).
         """
