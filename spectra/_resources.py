@@ -41,11 +41,13 @@ def available_memory_bytes(device: torch.device | str = "cpu") -> int:
     usage (containers), after :func:`release_freed_heap` has handed back to the system
     what this process freed but glibc kept (without it, memory freed by an earlier
     block product reads as taken: at GPT-2-124M size 6 GiB of it made a Lanczos run
-    refuse).  CUDA: ``torch.cuda.mem_get_info``.
+    refuse).  CUDA: ``torch.cuda.mem_get_info`` plus what PyTorch's caching allocator
+    holds unused (reserved minus allocated), which the driver counts as taken.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + cached)
     release_freed_heap()
     candidates = []
     try:

@@ -425,3 +425,14 @@ def test_freed_heap_memory_is_returned_before_free_memory_is_read():
     mib = 1 << 20
     assert r["before"] - r["after_free"] < 64 * mib  # free() alone keeps the pages
     assert r["after_free"] - r["after_trim"] > 192 * mib  # the trim hands them back
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_free_memory_counts_the_allocators_cache():
+    from spectra._resources import available_memory_bytes
+
+    x = torch.empty(64 << 20, device="cuda")  # 256 MiB, then back to the cache
+    del x
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    assert cached >= 256 << 20
+    assert available_memory_bytes("cuda") >= torch.cuda.mem_get_info()[0] + cached - (1 << 20)
