@@ -9,8 +9,9 @@ Fig 3b's char-LSTM through the preset's Hessian forward, the unrolled cell),
 times one full-data gradient and one block product ``H @ V`` of ``k`` columns, the unit the
 exact build repeats n / k times, and prints milliseconds per column and their ratio to the
 gradient, side by side in one process (ratios hold on a loaded machine; absolute times do
-not), and the growth of resident memory per column (the high-water mark reset before the
-block, Linux) beside ``column_workspace_bytes()``, the estimate that sizes blocks.  ``k`` defaults to the operator's own ``block_size()`` and 4x that.
+not), and the growth of resident memory per column during that product (heap trimmed and
+high-water mark reset before it, Linux) beside ``column_workspace_bytes()``, the estimate
+that sizes blocks.  ``k`` defaults to the operator's own ``block_size()`` and 4x that.
 """
 
 from __future__ import annotations
@@ -60,18 +61,17 @@ def _gradient_seconds(model, loss_fn, batches, forward, repeat: int = 3) -> floa
     return best
 
 
-def _resident_peak_growth(fn) -> float | None:
-    """Bytes the resident set's high-water mark grew by while ``fn()`` ran, from a reset
-    mark (Linux ``/proc/self/clear_refs``); None where that is unavailable."""
-    release_freed_heap()  # first: the reset sets the mark to the resident set now
+def _reset_high_water_mark() -> int | None:
+    """Trim the heap, reset the resident set's high-water mark to the resident set now
+    (Linux ``/proc/self/clear_refs``) and return it in bytes; None where unavailable.
+    The trim comes first, since the reset takes the resident set as it is."""
+    release_freed_heap()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
     except OSError:
         return None
-    start = _high_water_mark()
-    fn()
-    return _high_water_mark() - start
+    return _high_water_mark()
 
 
 def _high_water_mark() -> int:
@@ -109,10 +109,11 @@ def main() -> None:
                 V = torch.randn(n, k)
                 op @ V[:, :2]  # first use: path check and warm-up
                 grad = _gradient_seconds(model, loss_fn, batches, forward)
+                start = _reset_high_water_mark()
                 t = time.perf_counter()
                 op @ V
                 col = (time.perf_counter() - t) / k
-                grown = _resident_peak_growth(lambda: op @ V)  # noqa: B023 (called here)
+                grown = None if start is None else _high_water_mark() - start
                 measured = "-" if grown is None else f"{grown / k / 2**20:.1f}"
                 print(
                     f"| {figure} | {n:,} | {samples:,} | {backend} | {k} | {1000 * col:.0f} | "

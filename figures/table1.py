@@ -67,8 +67,8 @@ def configs(
 ) -> list[RunConfig]:
     """The pair of configs for ``experiment`` in ``mode`` "full", "reduced", "quick" or
     "tuned" (the full recipes with the winners of :mod:`figures.search`, read from
-    ``search_runs``, run with ``search_seeds`` at ``search_fraction``), with the local-entropy side under the paper's or the authors'
-    ``conventions``."""
+    ``search_runs``, searched with ``search_seeds`` at ``search_fraction``), with the
+    local-entropy side under the paper's or the authors' ``conventions``."""
     if conventions not in ("paper", "authors"):
         raise ValueError(f"conventions must be 'paper' or 'authors', got {conventions!r}")
     if mode == "tuned" and conventions != "paper":
