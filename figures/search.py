@@ -189,7 +189,7 @@ def search(
             cfg = compress(full, apply(full, settings), fraction)
             digest = cfg.digest()
             if digest in seen:  # the incumbent, already run under an earlier factor
-                candidates.append(seen[digest])
+                candidates.append((value, seen[digest]))
                 continue
             logs = {}
             for seed in seeds:
@@ -201,13 +201,14 @@ def search(
             trial = Trial(f"{factor.where}.{factor.key}", settings, cfg, logs)
             trials.append(trial)
             seen[digest] = trial
-            candidates.append(trial)
+            candidates.append((value, trial))
             if on_trial is not None:
                 on_trial(trials)
-        if any(len(t.logs) < len(seeds) for t in candidates):
+        if any(len(t.logs) < len(seeds) for _, t in candidates):
             break
-        winner = min(candidates, key=lambda t: t.val)
-        best[factor.where, factor.key] = winner.settings[factor.where, factor.key]
+        # The value, not the trial's settings: an incumbent reused from an earlier factor
+        # was run before this factor was set, so its settings do not name it.
+        best[factor.where, factor.key] = min(candidates, key=lambda vt: vt[1].val)[0]
     return trials
 
 

@@ -99,3 +99,21 @@ def test_tuned_config_is_the_full_recipe_with_the_winners_and_refuses_an_unfinis
     assert cfg.epochs * kw["L"] == full.epochs * full.optimizer_kwargs["L"] == 100
     assert cfg.milestones == [m * 4 for m in full.milestones]
     assert kw["scoping_rate"] == full.optimizer_kwargs["scoping_rate"]  # fraction 1
+
+
+def test_an_incumbent_that_wins_a_later_factor_is_kept_and_the_search_moves_on(tmp_path):
+    """The recipe's own gamma reuses the lr winner's runs (whose settings never named
+    gamma); when it beats the other gammas the search must record it, not fail."""
+    lr_best = {("optimizer", "lr"): 2e-2}
+
+    def val(settings):  # lr 2e-2 is best; any gamma but the recipe's is worse
+        worse_gamma = settings.get(("optimizer", "gamma"), 1e-2) != 1e-2
+        return 1.5 - 0.1 * (settings.get(("optimizer", "lr")) == 2e-2) + 0.05 * worse_gamma
+
+    trials = _finish_search(tmp_path, "char-lstm", "entropy-adam", val)
+    gammas = [t.settings.get(("optimizer", "gamma")) for t in trials if t.factor.endswith("gamma")]
+    assert gammas == list(SPACES["char-lstm"]["entropy-adam"][1].values[1:])
+    cfg = tuned_config("char-lstm", "entropy-adam", tmp_path)
+    full = RECIPES["char-lstm"]["entropy-adam"]()
+    assert cfg.optimizer_kwargs["lr"] == lr_best[("optimizer", "lr")]
+    assert cfg.optimizer_kwargs["gamma"] == full.optimizer_kwargs["gamma"] == 1e-2
