@@ -39,8 +39,9 @@ class LapackConvergenceError(RuntimeError):
     """LAPACK returned ``info > 0``: the tridiagonal QL/QR iteration did not converge.
 
     MKL's float32 ``ssyevd`` does this on some Hessians with large clusters of equal
-    (e.g. exactly zero) eigenvalues where reference LAPACK converges; the matrix has
-    been overwritten by then.
+    (e.g. exactly zero) eigenvalues where reference LAPACK converges; on AMD CPUs it
+    can instead report success and return NaN, which counts as the same failure.  The
+    matrix has been overwritten by then.
     """
 
 
@@ -114,6 +115,12 @@ class LapackDriver:
             )
         if info < 0:
             raise RuntimeError(f"{self.name} ?syevd: illegal argument {-info} (info = {info})")
+        if not np.isfinite(w).all():  # MKL on AMD CPUs: a finite matrix, info 0, NaN values
+            raise LapackConvergenceError(
+                f"{self.name} ?syevd returned {int((~np.isfinite(w)).sum())} non-finite "
+                "eigenvalues of a finite matrix (info = 0); the matrix is overwritten: rebuild "
+                "it and choose another backend (e.g. 'openblas-2stage')"
+            )
         return w
 
     @property

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
 __all__ = ["DataSource", "Batch", "batch_size", "move_inputs", "batch_leaves"]
 
@@ -77,18 +78,32 @@ def batch_leaves(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+def _sample_counts(obj: Any, batch_dim: int) -> list[int]:
+    """The size along ``batch_dim`` of every tensor in ``obj`` that has it; a
+    ``PackedSequence`` counts its sequences (its data are flattened over time)."""
+    if isinstance(obj, PackedSequence):
+        return [int(obj.batch_sizes[0])] if obj.batch_sizes.numel() else [0]
+    if isinstance(obj, np.ndarray | torch.Tensor):
+        t = torch.as_tensor(obj)
+        return [int(t.shape[batch_dim])] if t.ndim > batch_dim else []
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, tuple | list):
+        return [c for item in obj for c in _sample_counts(item, batch_dim)]
+    return []
+
+
 def batch_size(inputs: Inputs, targets: Any, batch_dim: int = 0) -> int:
     """Number of samples in a batch: the size of the inputs' dimension ``batch_dim``.
 
     Every input tensor with at least ``batch_dim + 1`` dimensions must have the same
-    size there (size 1 broadcasts); the targets are used only when the inputs hold
+    size there (size 1 broadcasts; a ``PackedSequence`` counts its sequences); the targets are used only when the inputs hold
     no tensors.  Raises ``ValueError`` naming the sizes when they disagree.
     """
     for what, obj in (("inputs", inputs), ("targets", targets)):
-        leaves = batch_leaves(obj)
-        if not leaves:
+        if not batch_leaves(obj):
             continue
-        sizes = {int(t.shape[batch_dim]) for t in leaves if t.ndim > batch_dim}
+        sizes = set(_sample_counts(obj, batch_dim))
         if not sizes:
             raise ValueError(
                 f"no {what} tensor has a dimension {batch_dim} (batch_dim={batch_dim}); "
@@ -123,6 +138,12 @@ def move_inputs(obj: Any, device: torch.device | None, dtype: torch.dtype | None
         return obj.to(device=device)
     if isinstance(obj, Mapping):
         return {k: move_inputs(v, device, dtype) for k, v in obj.items()}
+    if isinstance(obj, PackedSequence):  # its batch_sizes must stay on the CPU
+        moved = obj.to(device=device) if device is not None else obj
+        floating = dtype is not None and moved.data.is_floating_point()
+        return moved.to(dtype=dtype) if floating else moved
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(move_inputs(v, device, dtype) for v in obj))
     if isinstance(obj, tuple | list):
         return type(obj)(move_inputs(v, device, dtype) for v in obj)
     return obj

@@ -24,15 +24,23 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ._checks import all_finite, resolve_dtype
 from .batches import Batch, CountSamples, DataSource, batch_leaves
 from .linear_operator import LinearOperator
 from .parameters import ParameterView, ParamSelector
-from .reduction import LossReduction, LossTerms, detect_kind, resolve_reduction
+from .reduction import (
+    LossReduction,
+    LossTerms,
+    check_plain_mean,
+    detect_kind,
+    per_sample_sizes,
+    resolve_reduction,
+)
 
 __all__ = ["CurvatureOperator", "default_forward"]
 
@@ -48,10 +56,11 @@ TANGENT_COPIES = 6
 
 
 def default_forward(model: nn.Module, inputs: Any) -> Any:
-    """``model(x)`` for a tensor, ``model(*x)`` for a tuple/list, ``model(**x)`` for a mapping."""
+    """``model(x)`` for a tensor (or a ``PackedSequence``), ``model(*x)`` for a tuple/list,
+    ``model(**x)`` for a mapping."""
     if isinstance(inputs, Mapping):
         return model(**inputs)
-    if isinstance(inputs, tuple | list):
+    if isinstance(inputs, tuple | list) and not isinstance(inputs, PackedSequence):
         return model(*inputs)
     return model(inputs)
 
@@ -172,6 +181,10 @@ class _ConstantPaddingRows(TorchFunctionMode):
             rows[pad] = True  # a negative index counts from the end, as in F.embedding
             call["weight"] = torch.where(rows, w.detach(), w)
         return func(**call)
+
+
+def _detached(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 def _has_padding_rows(model: nn.Module) -> bool:
@@ -340,9 +353,22 @@ class CurvatureOperator(LinearOperator):
             data, self.device, dtype, batch_dim=self.batch_dim, count_samples=count_samples
         )
         self.source.count(self._sum_over_ranks_int if self.process_group is not None else None)
+        if self.train_mode and (self.source.num_batches > 1 or self.process_group is not None):
+            batch_norms = [
+                m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            ]
+            if batch_norms:
+                warnings.warn(
+                    f"train_mode=True with {type(batch_norms[0]).__name__}: each batch is "
+                    "normalised by its own statistics, so this is the curvature of the loss "
+                    f"with this batching ({self.source.num_batches} batches here); another split "
+                    "of the same data gives another operator. For the loss of all data at "
+                    "once pass them as one batch; for the model as evaluated use the default "
+                    "train_mode=False",
+                    stacklevel=3,
+                )
         self.theta = self.view.flat_params(dtype)
         self._fixed = {f"model.{k}": v for k, v in self.view.fixed_state(dtype).items()}
-        self._stochastic_checked = not self.train_mode
         self._paths_checked = backend not in ("auto", "func")
         self._precision = torch.finfo(dtype).eps
         #: machine epsilon of the lowest precision the forward pass computes in (float32
@@ -490,21 +516,44 @@ class CurvatureOperator(LinearOperator):
         """One pass at the point: each batch's loss and term count, the weights, the loss."""
         losses, terms = [], []
         rule: LossReduction | None = None
+        sizes: tuple[int, ...] = ()
+        several = self.source.num_batches > 1 or self.process_group is not None
         with torch.no_grad(), self.evaluation_mode():
             for batch in self.source:
                 if rule is None:  # the first batch: which precision does the model run in?
-                    with _LowestPrecision() as lowest:
+                    # with grad on, so that a loss reading the real parameters shows (theta
+                    # and the fixed state do not require grad: no graph is built otherwise)
+                    with torch.enable_grad(), _LowestPrecision() as lowest:
                         out = self.outputs(self.theta, batch.inputs)
                         loss = self.loss_of_outputs(out, batch.targets)
+                    self._check_reads_only_theta(loss)
+                    out, loss = tree_map(_detached, out), loss.detach()
                     self.internal_eps = max(torch.finfo(self.dtype).eps, lowest.eps)
                     self._precision = self.internal_eps
+                    if self.train_mode:
+                        self._check_deterministic(batch, loss)
                     rule = self._first_batch_rule(
                         kind, how, terms_rule, sum_loss, out, batch, loss, terms_given
                     )
+                    plain_mean = rule.kind == "mean" and rule.terms_rule is None
+                    self._check_ignored_labels(rule, batch)
+                    if plain_mean and several:
+                        check_plain_mean(
+                            self.loss_fn,
+                            out,
+                            batch.targets,
+                            loss,
+                            self.batch_dim,
+                            self.internal_eps,
+                            f"batch {batch.index}",
+                        )
+                        sizes = per_sample_sizes((out, batch.targets), self.batch_dim, batch.size)
                 else:
                     out = self.outputs(self.theta, batch.inputs)
                     loss = self.loss_of_outputs(out, batch.targets)
-                self._check_ignored_labels(rule, batch)
+                    self._check_ignored_labels(rule, batch)
+                    if plain_mean and several:
+                        self._check_same_terms_per_sample(sizes, out, batch)
                 count = rule.terms(out, batch.targets, batch.size)
                 if count > 0 and not torch.isfinite(loss):
                     raise ValueError(
@@ -605,6 +654,59 @@ class CurvatureOperator(LinearOperator):
                 "targets: len(targets))"
             )
 
+    def _check_same_terms_per_sample(self, sizes: tuple[int, ...], out: Any, batch: Batch) -> None:
+        """A plain mean weighted by samples needs as many terms per sample in every batch."""
+        now = per_sample_sizes((out, batch.targets), self.batch_dim, batch.size)
+        if now != sizes:
+            raise ValueError(
+                f"loss_fn is a plain function's mean and the batches are weighted by samples, "
+                f"but batch {batch.index} has {list(now)} output/target elements per sample "
+                f"where the first batch has {list(sizes)} (sequences of another length?): if "
+                "the loss averages over elements or tokens, that weighting is wrong. Pass "
+                "loss_terms=lambda outputs, targets: <count> (e.g. targets.numel() for a mean "
+                "over every target, or len(targets) if it really averages over samples)"
+            )
+
+    def _check_reads_only_theta(self, loss: torch.Tensor) -> None:
+        """Refuse a loss that depends on the model's real parameters.
+
+        The operator puts theta into the model through ``functional_call``; a term that
+        reaches the parameters another way (a weight-decay term over
+        ``model.parameters()`` inside ``loss_fn``, a parameter kept in a plain list and
+        used in ``forward``) would be a constant to it and its curvature silently missing.
+        """
+        if not loss.requires_grad:
+            return
+        named = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            return
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        read = [k for (k, _), g in zip(named, grads, strict=True) if g is not None]
+        if read:
+            shown = ", ".join(read[:3]) + (f" and {len(read) - 3} more" if len(read) > 3 else "")
+            raise ValueError(
+                f"the loss depends on the model's parameters other than through its forward "
+                f"pass ({shown}): a term in loss_fn over model.parameters() (weight decay?), "
+                "or a parameter the forward reaches outside its module attributes. The "
+                "operator substitutes the parameters in the forward pass only, so that term's "
+                "curvature would be missing. Leave it out of loss_fn and add its curvature "
+                "yourself (lam * ||theta||^2 adds 2 * lam to every eigenvalue), or compute it "
+                "inside the model's forward from its own attributes"
+            )
+
+    def _check_deterministic(self, batch: Batch, loss: torch.Tensor) -> None:
+        """In train mode, the forward pass must give the same loss twice (dropout does not)."""
+        again = self.loss_of_outputs(self.outputs(self.theta, batch.inputs), batch.targets)
+        tol = 100 * self.internal_eps * max(abs(float(loss)), 1e-30)
+        if not abs(float(again) - float(loss)) <= tol:
+            raise RuntimeError(
+                f"two identical forward passes give different losses in train mode "
+                f"({float(loss):.9g} and {float(again):.9g} on batch {batch.index}): the model "
+                "is stochastic (dropout, random augmentation, ...), so every curvature product, "
+                "gradient and diagonal would be a random draw. Use the default eval mode "
+                "(train_mode=False) or make the forward pass deterministic."
+            )
+
     # --- distributed reduction ----------------------------------------------------
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce (sum) ``t`` in place over the process group; identity without one."""
@@ -677,18 +779,7 @@ class CurvatureOperator(LinearOperator):
         with self.evaluation_mode():
             if not self._paths_checked:
                 self._check_paths()
-            out = self._accumulate(V)
-            if not self._stochastic_checked:
-                again = self._accumulate(V)
-                tol = 100 * torch.finfo(self.dtype).eps * max(float(out.abs().max()), 1e-30)
-                if float((out - again).abs().max()) > tol:
-                    raise RuntimeError(
-                        "two identical curvature products differ in train mode: the model is "
-                        "stochastic (dropout, random augmentation, ...). Use the default eval "
-                        "mode (train_mode=False) or make the forward pass deterministic."
-                    )
-                self._stochastic_checked = True
-        return out
+            return self._accumulate(V)
 
     def _check_paths(self) -> None:
         """Compare the vectorised and the double-backward product on one probe.
@@ -741,7 +832,10 @@ class CurvatureOperator(LinearOperator):
     def _accumulate(self, V: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(V)
         for batch in self.batches():
-            prod = self._batch_product(batch, V)
+            try:
+                prod = self._batch_product(batch, V)
+            except RuntimeError as exc:
+                raise self._no_second_derivative(exc) from exc
             if not all_finite(prod):
                 raise FloatingPointError(
                     f"non-finite curvature product on batch {batch.index}; "
@@ -749,6 +843,24 @@ class CurvatureOperator(LinearOperator):
                 )
             out.add_(prod, alpha=batch.weight)
         return self._sum_over_ranks(out)
+
+    def _no_second_derivative(self, exc: RuntimeError) -> RuntimeError:
+        """PyTorch's error for an operation without a double backward, with what to do."""
+        text = str(exc)
+        if not ("derivative for" in text and "not implemented" in text):
+            return exc
+        fd = type(self)._batch_matmat_finite_difference
+        hint = (
+            "backend='finite_difference' approximates each product by central differences "
+            "of gradients (relative error ~eps^(2/3))"
+            if fd is not CurvatureOperator._batch_matmat_finite_difference
+            else "replace that operation (or the loss) by one PyTorch can differentiate twice"
+        )
+        return RuntimeError(
+            f"PyTorch has no second derivative for an operation of this model or loss "
+            f"({text.splitlines()[0]}), so {type(self).__name__} cannot be computed exactly: "
+            + hint
+        )
 
     def _batch_product(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
         if self.backend == "autograd":

@@ -200,7 +200,8 @@ def eigvalsh_inplace(matrix: torch.Tensor, *, backend: str = "auto") -> np.ndarr
 
 
 #: Backends that have been seen to stop without converging (float32 MKL on Hessians with
-#: large exactly-degenerate clusters: the 647-parameter smoke Hessian of ``fig1``).
+#: large exactly-degenerate clusters: the 647-parameter smoke Hessian of ``fig1``; on an
+#: AMD EPYC, the second run's Hessian of ``fig1_samples 40 --preset smoke`` gave two NaN).
 _MAY_NOT_CONVERGE = frozenset({"mkl", "torch"})
 
 
@@ -221,6 +222,8 @@ def _solve(a: np.ndarray, backend: str) -> np.ndarray:
             w = torch.linalg.eigvalsh(torch.from_numpy(a), UPLO="U").numpy()
         except torch.linalg.LinAlgError as err:
             raise LapackConvergenceError(f"torch.linalg.eigvalsh: {err}") from err
+        if not np.isfinite(w).all():
+            raise LapackConvergenceError("torch.linalg.eigvalsh returned non-finite eigenvalues")
     elif backend == "scipy":
         w = _scipy_eigvalsh(a, threads)
     else:

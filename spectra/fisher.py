@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch.utils._pytree import tree_map
 
 from .batches import Batch
 from .curvature import CurvatureOperator
+from .reduction import LossReduction, LossTerms, per_sample_sizes
 
 __all__ = ["EmpiricalFisherOperator", "empirical_fisher_operator"]
 
@@ -37,6 +39,42 @@ class EmpiricalFisherOperator(CurvatureOperator):
     pass; ``chunk_size`` also bounds how many samples' gradients are held at once
     (default: the whole batch, m x n).  Targets must have the sample dimension.
     """
+
+    def _first_batch_rule(
+        self,
+        kind: str | None,
+        how: str,
+        terms_rule: LossTerms | None,
+        sum_loss: Callable[..., torch.Tensor] | None,
+        out: Any,
+        batch: Batch,
+        loss: torch.Tensor,
+        terms_given: bool,
+    ) -> LossReduction:
+        """The base rule, refused where the Fisher's scale would be a guess.
+
+        A plain function's mean counts one term per sample, so a sample's "summed" loss
+        is its own mean.  If the targets hold several elements per sample (a mean over
+        elements or tokens), the per-sample outer products are off by that count
+        squared against the torch.nn loss's, while the Hessian is not: which one is
+        meant cannot be read off the function.
+        """
+        rule = super()._first_batch_rule(
+            kind, how, terms_rule, sum_loss, out, batch, loss, terms_given
+        )
+        if rule.kind == "mean" and rule.terms_rule is None:
+            per = per_sample_sizes(batch.targets, self.batch_dim, batch.size)
+            if any(k > 1 for k in per):
+                raise ValueError(
+                    f"loss_fn is a plain function's mean and its targets hold {max(per)} "
+                    "elements per sample: the empirical Fisher sums each sample's terms "
+                    "before the outer product, and whether this mean is over samples or over "
+                    "those elements changes it by a factor of "
+                    f"{max(per)}. Pass loss_terms=lambda outputs, targets: targets.numel() "
+                    "(a mean over elements or tokens, as torch.nn's losses count) or "
+                    "len(targets) (a mean over samples), or use the torch.nn loss"
+                )
+        return rule
 
     def per_sample_gradients(self, batch: Batch) -> torch.Tensor:
         """(m, n) gradients of each sample's summed loss at the point."""

@@ -34,10 +34,10 @@ class HessianOperator(CurvatureOperator):
 
     Args:
         cache_graph: keep each batch's gradient graph between single-vector
-            products.  Default: when the data are one batch and the model is in
-            eval mode (the graph holds that batch's activations; with many
-            batches that would hold the whole data set's).  Never in train mode,
-            where every product must be re-evaluated to detect randomness.
+            products.  Default: when the data are one batch (the graph holds that
+            batch's activations; with many batches that would hold the whole data
+            set's).  A stochastic train-mode forward is refused when the operator
+            is built, so a cached graph is never a stale random draw.
         Other arguments: see :class:`CurvatureOperator`.
     """
 
@@ -45,7 +45,7 @@ class HessianOperator(CurvatureOperator):
         super().__init__(*args, **kwargs)
         if cache_graph is None:
             cache_graph = self.source.num_batches == 1
-        self.cache_graph = bool(cache_graph) and not self.train_mode
+        self.cache_graph = bool(cache_graph)
         self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _batch_product(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:

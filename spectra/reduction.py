@@ -31,7 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LossReduction", "resolve_reduction"]
+from .batches import batch_leaves
+
+__all__ = ["LossReduction", "resolve_reduction", "check_plain_mean", "per_sample_sizes"]
 
 LossTerms = Callable[[Any, Any], Any]
 
@@ -204,3 +206,72 @@ def detect_kind(
         f"{twice:.6g} on the batch duplicated); pass reduction='mean' or 'sum' and, for a "
         "mean over anything but samples, loss_terms=lambda outputs, targets: <count>"
     )
+
+
+def per_sample_sizes(obj: Any, batch_dim: int, samples: int) -> tuple[int, ...]:
+    """Elements per sample of every tensor in ``obj`` that has the samples along
+    ``batch_dim`` (others, e.g. an RNN's (layers, B, H) state, are skipped).
+
+    A plain mean weighted by samples is a mean over its terms only if every batch has
+    as many terms per sample; these sizes are how that is checked between batches.
+    """
+    return tuple(
+        t.numel() // samples
+        for t in batch_leaves(obj)
+        if samples > 0 and t.ndim > batch_dim and t.shape[batch_dim] == samples
+    )
+
+
+def check_plain_mean(
+    loss_fn: Callable[..., torch.Tensor],
+    outputs: Any,
+    targets: Any,
+    loss: torch.Tensor,
+    batch_dim: int,
+    eps: float,
+    where: str,
+) -> None:
+    """Refuse a plain function's mean that is not an unweighted mean over samples.
+
+    Batches of a plain function are weighted by their samples, which is right only if
+    the loss of a batch is the sample-weighted average of the losses of its parts.  That
+    is tested on one uneven split of the batch (its first sample, the rest); a mean with
+    class weights, or over a data-dependent count (non-negative padding labels, a mask),
+    fails it.  Skipped where the outputs and targets cannot be split along ``batch_dim``
+    or the loss cannot be evaluated on a part (then the documented rule applies).
+    """
+    if not (isinstance(outputs, torch.Tensor) and outputs.ndim > batch_dim):
+        return
+    m = outputs.shape[batch_dim]
+    if m < 2:
+        return
+    if targets is not None and not (
+        isinstance(targets, torch.Tensor)
+        and targets.ndim > batch_dim
+        and targets.shape[batch_dim] == m
+    ):
+        return
+
+    def part(start: int, length: int) -> float:
+        t = None if targets is None else targets.narrow(batch_dim, start, length)
+        return float(loss_fn(outputs.narrow(batch_dim, start, length), t))
+
+    try:
+        with torch.no_grad():
+            first, rest = part(0, 1), part(1, m - 1)
+    except Exception:  # noqa: BLE001 -- a loss that needs the whole batch cannot be split
+        return
+    whole = float(loss)
+    combined = (first + (m - 1) * rest) / m
+    scale = max(abs(whole), abs(first), abs(rest), 1e-30)
+    if math.isfinite(combined) and abs(whole - combined) > 1e3 * eps * scale:
+        raise ValueError(
+            f"loss_fn is a plain function whose mean is not a mean over samples on {where} "
+            f"(loss {whole:.6g}, but its first sample and the other {m - 1} give "
+            f"{first:.6g} and {rest:.6g}, whose sample-weighted mean is {combined:.6g}): "
+            "it weights its terms (class weights?) or divides by a count that depends on "
+            "the data (padding, a mask), and batches weighted by samples would be wrong. "
+            "Use the torch.nn loss (nn.CrossEntropyLoss(weight=..., ignore_index=...) is "
+            "counted automatically) or pass loss_terms=lambda outputs, targets: <what the "
+            "mean divides by>"
+        )

@@ -409,3 +409,27 @@ def test_paper_pipeline_smoke_figure_on_cuda(tmp_path):
 
     stats = catalog.run("fig1", FigureRequest("smoke", tmp_path, device="cuda", progress=False))
     assert 0.0 <= stats["mean"]["fraction_near_zero"] <= 1.0 and stats["n_params"] > 0
+
+
+def test_nan_from_a_successful_mkl_call_is_a_failure_and_auto_falls_back(monkeypatch):
+    """MKL's float32 ssyevd on an AMD EPYC returned info 0 and two NaN eigenvalues for a
+    finite smoke-preset Fig 1 Hessian: that must raise, and under "auto" the robust
+    backend must give the spectrum."""
+    if _lapack.mkl_driver() is None:
+        pytest.skip("no MKL in this torch")
+    real_call = _lapack.LapackDriver._call
+
+    def nan_from_mkl(self, n, a, w, lwork, work, liwork, iwork):
+        out = real_call(self, n, a, w, lwork, work, liwork, iwork)
+        if self.name == "mkl" and lwork > 0:  # not the workspace query
+            w[:2] = np.nan
+        return out
+
+    monkeypatch.setattr(_lapack.LapackDriver, "_call", nan_from_mkl)
+    d = known_spectrum(300)
+    a = with_spectrum(d)
+    with pytest.raises(_lapack.LapackConvergenceError, match="non-finite"):
+        de.eigvalsh_inplace(torch.tensor(a), backend="mkl")
+    assert de.choose_backend(300, torch.float64) == "mkl"
+    got = de.eigvalsh_inplace(torch.tensor(a))
+    np.testing.assert_allclose(got, d, rtol=0, atol=1e-10 * np.abs(d).max())

@@ -1,0 +1,267 @@
+"""Inputs that used to give a silently wrong operator, each now refused with the option
+to pass, or computed right (an outside probe of the library found them).
+
+References are dense float64 autograd Hessians / per-sample gradients of the loss over
+all the data at once, independent of the library's weighting.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import flat_params, reference_hessian
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import spectra
+
+F64 = torch.float64
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+
+
+def batches(sizes=(5, 3, 2), seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(b, 4, dtype=F64, generator=gen), torch.randint(0, 3, (b,), generator=gen))
+        for b in sizes
+    ]
+
+
+def joined(data):
+    return torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+
+
+def dense(op) -> torch.Tensor:
+    return op @ torch.eye(op.shape[0], dtype=op.dtype)
+
+
+# --- the loss must see theta only through the forward pass ---------------------------
+def test_a_loss_reading_the_model_parameters_is_refused_and_the_stated_fix_is_exact():
+    model, data = mlp(), batches()
+    lam = 1e-2
+
+    def with_decay(out, t):
+        return F.cross_entropy(out, t) + lam * sum(p.pow(2).sum() for p in model.parameters())
+
+    with pytest.raises(ValueError, match="other than through its forward pass.*2 \\* lam"):
+        spectra.hessian_operator(model, with_decay, data)
+    # the message's fix: the curvature without the term, plus 2 lam I, is the whole loss's
+    X, y = joined(data)
+    names, shapes, theta = flat_params(model)
+
+    def total(t: torch.Tensor) -> torch.Tensor:
+        sizes = [s.numel() for s in shapes]
+        params = {n: p.view(s) for n, p, s in zip(names, t.split(sizes), shapes, strict=True)}
+        return F.cross_entropy(torch.func.functional_call(model, params, (X,)), y) + lam * (
+            t.pow(2).sum()
+        )
+
+    ref = torch.autograd.functional.hessian(total, theta)
+    H = dense(spectra.hessian_operator(model, nn.CrossEntropyLoss(), data))
+    torch.testing.assert_close(
+        H + 2 * lam * torch.eye(len(theta), dtype=F64), ref, rtol=1e-10, atol=1e-12
+    )
+
+
+def test_a_parameter_used_outside_the_module_attributes_is_refused():
+    class Sneaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.scale = nn.Parameter(torch.ones(3))
+            self.kept = [self.scale]  # functional_call cannot swap what a list holds
+
+        def forward(self, x):
+            return self.lin(x) * self.kept[0]
+
+    model = Sneaky().double()
+    with pytest.raises(ValueError, match=r"\(scale\)"):
+        spectra.hessian_operator(model, nn.CrossEntropyLoss(), batches())
+    # the same network holding the parameter as an attribute is fine
+    model.kept = None
+    model.forward = lambda x: model.lin(x) * model.scale
+    H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), batches())
+    X, y = joined(batches())
+    torch.testing.assert_close(
+        dense(H), reference_hessian(model, nn.CrossEntropyLoss(), X, y), rtol=1e-10, atol=1e-12
+    )
+
+
+# --- a plain function's mean is weighted by samples only where that is right -----------
+def test_a_class_weighted_plain_mean_over_several_batches_is_refused():
+    model, data = mlp(), batches()
+    w = torch.tensor([0.2, 3.0, 1.0], dtype=F64)
+    with pytest.raises(ValueError, match="not a mean over samples.*loss_terms="):
+        spectra.hessian_operator(model, lambda o, t: F.cross_entropy(o, t, weight=w), data)
+    X, y = joined(data)
+    ref = reference_hessian(model, nn.CrossEntropyLoss(weight=w), X, y)
+    H = spectra.hessian_operator(
+        model,
+        lambda o, t: F.cross_entropy(o, t, weight=w),
+        data,
+        loss_terms=lambda o, t: w[t].sum(),
+    )
+    torch.testing.assert_close(dense(H), ref, rtol=1e-10, atol=1e-12)
+    # one batch: its weight is 1 whatever the mean divides by
+    one = spectra.hessian_operator(model, lambda o, t: F.cross_entropy(o, t, weight=w), (X, y))
+    torch.testing.assert_close(dense(one), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_plain_mean_over_padding_with_a_non_negative_pad_label_is_refused():
+    model, data = mlp(), batches()
+
+    def skip_class0(o, t):  # class 0 is "padding": a mean over the other positions
+        return F.cross_entropy(o, t, ignore_index=0)
+
+    with pytest.raises(ValueError, match="not a mean over samples"):
+        spectra.hessian_operator(model, skip_class0, data)
+
+
+def test_an_unweighted_plain_mean_over_uneven_batches_is_accepted_and_exact():
+    model, data = mlp(), batches((5, 3, 2))
+    X, y = joined(data)
+    H = spectra.hessian_operator(model, F.cross_entropy, data)
+    ref = reference_hessian(model, nn.CrossEntropyLoss(), X, y)
+    torch.testing.assert_close(dense(H), ref, rtol=1e-10, atol=1e-12)
+
+
+def sequences(lengths=(6, 2)):
+    gen = torch.Generator().manual_seed(3)
+    return [
+        (
+            torch.randn(3, T, 4, dtype=F64, generator=gen),
+            torch.randn(3, T, 2, dtype=F64, generator=gen),
+        )
+        for T in lengths
+    ]
+
+
+def test_a_plain_element_mean_over_sequences_of_other_lengths_needs_loss_terms():
+    model = nn.Linear(4, 2).double()
+    data = sequences()
+    with pytest.raises(ValueError, match="elements per sample.*loss_terms="):
+        spectra.hessian_operator(model, F.mse_loss, data)
+    with pytest.raises(ValueError, match="elements per sample"):  # reduction= alone is not enough
+        spectra.hessian_operator(model, F.mse_loss, data, reduction="mean")
+    H = spectra.hessian_operator(model, F.mse_loss, data, loss_terms=lambda o, t: t.numel())
+    # reference: the mean of the squared errors over every element of both batches
+    names, shapes, theta = flat_params(model)
+
+    def total(t: torch.Tensor) -> torch.Tensor:
+        sizes = [s.numel() for s in shapes]
+        params = {n: p.view(s) for n, p, s in zip(names, t.split(sizes), shapes, strict=True)}
+        sq = [(torch.func.functional_call(model, params, (x,)) - y).pow(2).sum() for x, y in data]
+        return sum(sq) / sum(y.numel() for _, y in data)
+
+    ref = torch.autograd.functional.hessian(total, theta)
+    torch.testing.assert_close(dense(H), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dense(spectra.hessian_operator(model, nn.MSELoss(), data)), ref)
+
+
+def test_the_empirical_fisher_of_a_plain_element_mean_needs_loss_terms():
+    model = mlp()
+    gen = torch.Generator().manual_seed(4)
+    X, Y = (
+        torch.randn(10, 4, dtype=F64, generator=gen),
+        torch.randn(10, 3, dtype=F64, generator=gen),
+    )
+    with pytest.raises(ValueError, match="3 elements per sample.*loss_terms="):
+        spectra.empirical_fisher_operator(model, lambda o, t: ((o - t) ** 2).mean(), (X, Y))
+    F_ = dense(
+        spectra.empirical_fisher_operator(
+            model, lambda o, t: ((o - t) ** 2).mean(), (X, Y), loss_terms=lambda o, t: t.numel()
+        )
+    )
+    # reference: c sum_i g_i g_i^T with g_i the gradient of sample i's summed squared error
+    # and c = 1 / (number of elements), torch.nn's MSELoss convention
+    grads = []
+    for x, y in zip(X, Y, strict=True):
+        model.zero_grad()
+        (model(x[None]) - y[None]).pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    G = torch.stack(grads)
+    torch.testing.assert_close(F_, G.T @ G / Y.numel(), rtol=1e-10, atol=1e-12)
+    # a plain per-sample mean (one target per sample) stays unambiguous
+    y = torch.randint(0, 3, (10,), generator=gen)
+    spectra.empirical_fisher_operator(model, F.cross_entropy, (X, y))
+
+
+# --- train mode ---------------------------------------------------------------------
+def dropout_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda m, d: spectra.hessian_operator(m, nn.CrossEntropyLoss(), d, train_mode=True),
+        lambda m, d: spectra.empirical_fisher_operator(
+            m, nn.CrossEntropyLoss(), d, train_mode=True
+        ),
+        lambda m, d: spectra.empirical_fisher_diagonal(
+            m, nn.CrossEntropyLoss(), d, train_mode=True
+        ),
+    ],
+    ids=["hessian", "fisher", "fisher-diagonal"],
+)
+def test_a_stochastic_train_mode_forward_is_refused_before_any_product(build):
+    with pytest.raises(RuntimeError, match="stochastic"):
+        build(dropout_net(), batches())
+
+
+def test_train_mode_batch_norm_over_several_batches_warns_and_one_batch_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    data = batches((6, 5))
+    with pytest.warns(UserWarning, match="another split"):
+        spectra.hessian_operator(model, nn.CrossEntropyLoss(), data, train_mode=True)
+    X, y = joined(data)
+    running = model[1].running_mean.clone()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*another split.*")
+        H = dense(
+            spectra.hessian_operator(
+                model, nn.CrossEntropyLoss(), (X, y), train_mode=True, backend="autograd"
+            )
+        )
+    torch.testing.assert_close(model[1].running_mean, running)  # the library left them alone
+    ref = reference_hessian(model.train(), nn.CrossEntropyLoss(), X, y)  # batch statistics
+    torch.testing.assert_close(H, ref, rtol=1e-10, atol=1e-12)
+
+
+# --- inputs and errors --------------------------------------------------------------
+def test_a_packed_sequence_input_counts_its_sequences_and_gives_the_exact_hessian():
+    class PackedGRU(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(3, 4, batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, packed):
+            return self.head(self.rnn(packed)[1][-1])
+
+    torch.manual_seed(0)
+    model = PackedGRU().double().eval()
+    x = torch.randn(3, 5, 3, dtype=F64)
+    lengths = torch.tensor([5, 2, 4])
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    y = torch.randint(0, 3, (3,))
+    H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (packed, y), backend="autograd")
+    assert H.num_samples == 3
+    ref = reference_hessian(model, nn.CrossEntropyLoss(), packed, y)
+    torch.testing.assert_close(dense(H), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_an_operation_without_a_second_derivative_names_the_finite_difference_backend():
+    model, data = nn.Linear(4, 3).double(), batches()
+    H = spectra.hessian_operator(model, nn.MultiMarginLoss(p=2), data)
+    with pytest.raises(RuntimeError, match="backend='finite_difference'"):
+        H @ torch.ones(H.shape[0], dtype=F64)
