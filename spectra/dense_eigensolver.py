@@ -32,6 +32,8 @@ much as ``openblas-2stage`` does.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import scipy.linalg
 import torch
@@ -215,7 +217,61 @@ def _robust_fallback(n: int, dtype: torch.dtype, free: int) -> str:
 
 
 def _solve(a: np.ndarray, backend: str) -> np.ndarray:
-    """Ascending float64 eigenvalues of ``a`` (overwritten) with ``backend``."""
+    """Ascending float64 eigenvalues of ``a`` (overwritten) with ``backend``, checked
+    against the trace and Frobenius norm of ``a`` (see :func:`_check_invariants`)."""
+    invariants = _invariants(a)
+    w = _run(a, backend)
+    _check_invariants(w, invariants, backend, float(np.finfo(a.dtype).eps))
+    return w
+
+
+def _invariants(a: np.ndarray) -> tuple[float, float, float]:
+    """``(trace, ||.||_F^2 of the matrix read from the upper triangle, ... from the
+    lower)``, accumulated in float64 one row at a time (O(n^2), no n^2 temporary): what
+    any eigensolver's eigenvalues must reproduce, whichever triangle it reads."""
+    n = a.shape[0]
+    diag = np.diagonal(a).astype(np.float64)
+    upper = lower = 0.0
+    for i in range(n):
+        row = a[i].astype(np.float64)
+        upper += float(row[i + 1 :] @ row[i + 1 :])
+        lower += float(row[:i] @ row[:i])
+    d2 = float(diag @ diag)
+    return float(diag.sum()), d2 + 2 * upper, d2 + 2 * lower
+
+
+def _check_invariants(
+    w: np.ndarray, invariants: tuple[float, float, float], backend: str, eps: float
+) -> None:
+    """Raise :class:`LapackConvergenceError` unless sum(w) is the trace and sum(w^2) the
+    squared Frobenius norm to within a backward error E of ``100 sqrt(n) eps ||A||_F``
+    (Hoffman-Wielandt: ||w - exact||_2 <= ||E||_F; typical Householder backward errors
+    are far below this bound, which is there to catch gross errors, not to certify digits).
+
+    A cheap guard against a solver that reports success with wrong values (MKL's float32
+    ``ssyevd`` on an AMD EPYC returned NaN with ``info = 0``).  Under ``backend="auto"``
+    a failure falls back like a convergence failure."""
+    trace, frob_upper, frob_lower = invariants
+    if not np.isfinite(w).all():
+        raise LapackConvergenceError(f"{backend}: non-finite eigenvalues of a finite matrix")
+    n = w.size
+    frob2 = min(frob_upper, frob_lower)
+    error = 100 * math.sqrt(n) * eps * math.sqrt(max(frob_upper, frob_lower))  # ||E||_F
+    sq = float(w @ w)
+    tr_bad = abs(float(w.sum()) - trace) > math.sqrt(n) * error
+    frob_bad = min(abs(sq - frob_upper), abs(sq - frob_lower)) > error * (
+        2 * math.sqrt(frob2) + error
+    )
+    if tr_bad or frob_bad:
+        raise LapackConvergenceError(
+            f"{backend}: the eigenvalues fail the invariants of the matrix (sum {w.sum():.9g} "
+            f"against the trace {trace:.9g}; sum of squares {sq:.9g} against the squared "
+            f"Frobenius norm {frob2:.9g}): the solver returned wrong values; choose another "
+            "backend"
+        )
+
+
+def _run(a: np.ndarray, backend: str) -> np.ndarray:
     threads = torch.get_num_threads()
     if backend == "torch":
         try:

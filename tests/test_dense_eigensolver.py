@@ -433,3 +433,25 @@ def test_nan_from_a_successful_mkl_call_is_a_failure_and_auto_falls_back(monkeyp
     assert de.choose_backend(300, torch.float64) == "mkl"
     got = de.eigvalsh_inplace(torch.tensor(a))
     np.testing.assert_allclose(got, d, rtol=0, atol=1e-10 * np.abs(d).max())
+
+
+def test_wrong_finite_eigenvalues_fail_the_trace_and_frobenius_check(monkeypatch):
+    """A solver that reports success with wrong values is caught by the invariants every
+    spectrum must reproduce (trace, Frobenius norm), before anyone sees the numbers."""
+    d = known_spectrum(300)
+    a = with_spectrum(d)
+    real_run = de._run
+
+    def one_value_off(arr, backend):  # finite, plausible, wrong by 1% of the top
+        w = real_run(arr, backend).copy()
+        w[len(w) // 2] += 0.01 * np.abs(w).max()
+        return w
+
+    monkeypatch.setattr(de, "_run", one_value_off)
+    with pytest.raises(_lapack.LapackConvergenceError, match="invariants"):
+        de.eigvalsh_inplace(torch.tensor(a), backend="scipy")
+    monkeypatch.setattr(de, "_run", real_run)
+    for dtype in (torch.float32, torch.float64):  # the exact answers pass, also at float32
+        for backend in de.available_backends(dtype):
+            got = de.eigvalsh_inplace(torch.tensor(a, dtype=dtype), backend=backend)
+            assert np.abs(got - d).max() < 1e-4 * np.abs(d).max()
