@@ -9,7 +9,7 @@ import pytest
 
 from figures.harness import run_dir
 from figures.recipes import RECIPES
-from figures.search import SPACES, apply, compress, search, tuned_config
+from figures.search import SPACES, apply, compress, grid_edges, search, tuned_config
 
 
 def test_compress_keeps_the_effective_budget_and_the_final_gamma():
@@ -117,3 +117,17 @@ def test_an_incumbent_that_wins_a_later_factor_is_kept_and_the_search_moves_on(t
     full = RECIPES["char-lstm"]["entropy-adam"]()
     assert cfg.optimizer_kwargs["lr"] == lr_best[("optimizer", "lr")]
     assert cfg.optimizer_kwargs["gamma"] == full.optimizer_kwargs["gamma"] == 1e-2
+
+
+def test_a_winner_at_the_edge_of_its_grid_is_flagged():
+    lr, dropout = ("optimizer", "lr"), ("model", "dropout")
+    assert grid_edges("mnistfc", "adam", {dropout: 0.3, lr: 1e-3}) == []  # both interior
+    edges = grid_edges("mnistfc", "adam", {dropout: 0.15, lr: 2e-3})
+    assert edges == [
+        "dropout = 0.15 is the smallest of [0.15, 0.3, 0.5]",
+        "lr = 0.002 is the largest of [0.0005, 0.001, 0.002]",
+    ]
+    # a factor the settings leave out is at the recipe's value (its first)
+    assert grid_edges("mnistfc", "adam", {lr: 1e-3}) == [
+        "dropout = 0.5 is the largest of [0.15, 0.3, 0.5]"
+    ]
