@@ -83,6 +83,38 @@ AUTHORS_CODE: dict[str, Any] = {
 }
 
 
+def inner_stability_limit(momentum: float, nesterov: bool) -> float:
+    """The largest ``sgld_lr x curvature`` the inner loop's update is stable for on a
+    quadratic: 2 plain, 2 (1 + m) heavy ball, (2 + 2m) / (1 + 2m) Nesterov (torch's
+    momentum form, no dampening).  The coupling ``gamma (x - x')`` adds gamma to every
+    curvature of f, so ``sgld_lr x gamma`` at or above it diverges whatever f is."""
+    if not momentum:
+        return 2.0
+    return (2 + 2 * momentum) / (1 + 2 * momentum) if nesterov else 2 * (1 + momentum)
+
+
+def check_inner_stability(group: dict[str, Any], gamma: float, step: int, name: str) -> None:
+    """Raise before the step when the scoped ``gamma`` makes the inner SGLD loop diverge
+    (x' - x grows by |1 - sgld_lr gamma| or more per inner iteration), naming the schedule."""
+    limit = inner_stability_limit(group["sgld_momentum"], group["sgld_nesterov"])
+    product = group["sgld_lr"] * gamma
+    if product >= limit:
+        raise ValueError(
+            f"{name}: the inner SGLD loop diverges at outer step {step}: sgld_lr x gamma = "
+            f"{group['sgld_lr']:g} x {gamma:.4g} = {product:.4g} >= {limit:.4g}, its stability "
+            f"limit (sgld_momentum {group['sgld_momentum']:g}"
+            f"{', nesterov' if group['sgld_nesterov'] else ''}); the coupling alone makes "
+            "x' - x grow. "
+            + (
+                f"Scoping {group['scoping']!r} at rate {group['scoping_rate']:g} has raised "
+                f"gamma from {group['gamma']:g}: lower scoping_rate, gamma or sgld_lr, or stop "
+                "the run before this step"
+                if gamma != group["gamma"]
+                else "Lower gamma or sgld_lr"
+            )
+        )
+
+
 def check_local_entropy_group(group: dict[str, Any]) -> None:
     """Raise ``ValueError`` with a remedy for any invalid common hyper-parameter."""
     check_nonneg("lr", group["lr"], "the learning rate is a step size")
@@ -95,6 +127,7 @@ def check_local_entropy_group(group: dict[str, Any]) -> None:
     check_nonneg("scoping_rate", group["scoping_rate"])
     check_fraction("alpha", group["alpha"], "the paper uses 0.75")
     check_momentum(group["sgld_momentum"], group["sgld_nesterov"], prefix="sgld_")
+    check_inner_stability(group, group["gamma"], 0, "local-entropy optimizer")
     if group["noise_convention"] not in NOISE_CONVENTIONS:
         raise ValueError(
             f"noise_convention must be one of {NOISE_CONVENTIONS}, "
@@ -367,9 +400,13 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
         self.diagnostics = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its hyper-parameters are validated now (and again at every step)."""
+        """Add a group; its hyper-parameters are validated now (and again at every step).
+
+        A refused group is not kept: the check runs on what the group would be before
+        torch's ``add_param_group`` appends it."""
+        candidate = {**self.defaults, **param_group}
+        self._check_group(candidate)
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_local_entropy_group(group)
@@ -524,6 +561,7 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
             group["scoping_rate"],
             t if group["advance_scoping"] else 0,
         )
+        check_inner_stability(group, gamma, t, name)
         factor = 2.0 if group["noise_convention"] == "authors" else 1.0
         sigma = group["noise"] * math.sqrt(factor * group["sgld_lr"])
         foreach = resolve_foreach(group["foreach"], params)

@@ -74,7 +74,9 @@ class SAM(Optimizer):
         gnorm = torch.linalg.vector_norm(torch.stack(norms))
         perturbations = []
         for group, params in zip(self.param_groups, active, strict=True):
-            e = torch._foreach_mul([p.grad for p in params], group["rho"] / (gnorm + 1e-12))
+            # the worst point in the ball: uphill for a loss, downhill when maximising
+            sign = -1.0 if group.get("maximize", False) else 1.0
+            e = torch._foreach_mul([p.grad for p in params], sign * group["rho"] / (gnorm + 1e-12))
             torch._foreach_add_(params, e)
             perturbations.append(e)
         closure()

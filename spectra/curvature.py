@@ -353,20 +353,8 @@ class CurvatureOperator(LinearOperator):
             data, self.device, dtype, batch_dim=self.batch_dim, count_samples=count_samples
         )
         self.source.count(self._sum_over_ranks_int if self.process_group is not None else None)
-        if self.train_mode and (self.source.num_batches > 1 or self.process_group is not None):
-            batch_norms = [
-                m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            ]
-            if batch_norms:
-                warnings.warn(
-                    f"train_mode=True with {type(batch_norms[0]).__name__}: each batch is "
-                    "normalised by its own statistics, so this is the curvature of the loss "
-                    f"with this batching ({self.source.num_batches} batches here); another split "
-                    "of the same data gives another operator. For the loss of all data at "
-                    "once pass them as one batch; for the model as evaluated use the default "
-                    "train_mode=False",
-                    stacklevel=3,
-                )
+        if self.source.num_batches > 1 or self.process_group is not None:
+            self._warn_batch_statistics(model)
         self.theta = self.view.flat_params(dtype)
         self._fixed = {f"model.{k}": v for k, v in self.view.fixed_state(dtype).items()}
         self._paths_checked = backend not in ("auto", "func")
@@ -378,6 +366,27 @@ class CurvatureOperator(LinearOperator):
         #: (1.0 for a sum); loss: the loss over all data at the point
         self.reduction, self.num_terms, self.loss = self._scan(
             kind, terms_rule, sum_loss, how, loss_terms is not None
+        )
+
+    def _warn_batch_statistics(self, model: nn.Module) -> None:
+        """BatchNorm normalises by the batch in train mode, and always without running
+        statistics: then the operator depends on how the data are split, and says so."""
+        batch_norms = [
+            m
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and (self.train_mode or m.running_mean is None)
+        ]
+        if not batch_norms:
+            return
+        why = "train_mode=True" if self.train_mode else "track_running_stats=False"
+        eval_hint = "; for the model as evaluated use train_mode=False" if self.train_mode else ""
+        warnings.warn(
+            f"{type(batch_norms[0]).__name__} with {why}: each batch is normalised by its own "
+            "statistics, so this is the curvature of the loss with this batching "
+            f"({self.source.num_batches} batches here); another split of the same data gives "
+            f"another operator. For the loss of all data at once pass them as one batch{eval_hint}",
+            stacklevel=4,
         )
 
     # --- what the algorithms may ask ----------------------------------------------
@@ -745,7 +754,12 @@ class CurvatureOperator(LinearOperator):
         value = torch.zeros((), dtype=torch.float64, device=self.device)
         with self.evaluation_mode():
             for batch in self.batches():
-                g, loss = torch.func.grad_and_value(self.batch_loss)(theta, batch)
+                # plain autograd, not torch.func: BatchNorm in train mode updates its
+                # (copied) buffers in place, which torch.func refuses
+                leaf = theta.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    loss = self.batch_loss(leaf, batch)
+                    (g,) = torch.autograd.grad(loss, leaf)
                 grad.add_(g, alpha=batch.weight)
                 value += batch.weight * loss.detach().double()
         self._sum_over_ranks(grad)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -304,10 +305,13 @@ def flatness(
 
 
 def _check_positive_floats(label: str, values: Sequence[float], allow_zero: bool = False) -> None:
+    if isinstance(values, np.ndarray):
+        values = values.reshape(-1).tolist()
     if isinstance(values, str | bytes) or not isinstance(values, Sequence):
         raise TypeError(f"{label} must be a sequence of numbers, got {values!r}")
     for v in values:
-        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        real = isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)
+        ok = real and math.isfinite(v)
         if not ok or v < 0 or (v == 0 and not allow_zero):
             raise ValueError(f"{label} must hold positive finite numbers, got {v!r}")
 
@@ -323,8 +327,10 @@ def _exact_measures(
 
     spectrum = spectrum_of(op, name=name, progress=progress)
     ev = spectrum.eigenvalues
-    # Weyl: each computed eigenvalue is within ~ n eps ||H|| of the exact one
-    bound = float(ev.size * np.finfo(np.float64).eps * max(abs(ev[0]), abs(ev[-1])))
+    # Weyl: each computed eigenvalue is within ~ n eps ||H|| of the exact one, eps of the
+    # precision the matrix is solved in (the operator's: float32 stays float32)
+    eps = float(torch.finfo(op.dtype).eps)
+    bound = float(ev.size * eps * max(abs(ev[0]), abs(ev[-1])))
     bound = max(bound, float(op.precision) * max(abs(ev[0]), abs(ev[-1])))
     top = ev[::-1][:top_k]
     measures["top_eigenvalue"] = Measure(

@@ -25,6 +25,7 @@ undefined; they are excluded from the sum and counted in ``excluded``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -79,7 +80,8 @@ def laplace_local_entropy(
         loss: f(x*) (default: the spectrum's ``loss``; 0 if it has none).
         n_params: n for plain eigenvalues (default: their count).
     """
-    if not (isinstance(gamma, int | float) and math.isfinite(gamma) and gamma > 0):
+    real = isinstance(gamma, numbers.Real) and not isinstance(gamma, bool)
+    if not (real and math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
     if isinstance(spectrum, Spectrum):
         ev, w, n = spectrum.eigenvalues, spectrum.weights * spectrum.n_params, spectrum.n_params

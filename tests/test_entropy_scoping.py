@@ -66,3 +66,47 @@ def test_editing_the_group_drives_gamma():
     opt.param_groups[0]["scoping"] = "nope"
     with pytest.raises(ValueError, match="unknown scoping schedule"):
         run_gammas(opt, x, 1)
+
+
+def test_a_scope_that_makes_the_inner_loop_diverge_is_refused_with_the_schedule():
+    """sgld_lr x gamma at or above the update's stability limit makes x' - x grow on every
+    inner step whatever f is; the scoped gamma reaches it silently unless checked."""
+    from entropy_opt.base import inner_stability_limit
+
+    assert inner_stability_limit(0.0, False) == 2.0
+    assert inner_stability_limit(0.9, False) == pytest.approx(3.8)
+    assert inner_stability_limit(0.9, True) == pytest.approx(3.8 / 2.8)
+    # the limits are those of the scalar recursion (torch's momentum form)
+    for m, nest in ((0.0, False), (0.5, False), (0.5, True), (0.9, True)):
+        limit = inner_stability_limit(m, nest)
+        for c, grows in ((0.98 * limit, False), (1.02 * limit, True)):
+            x, buf = 1.0, 0.0
+            for _ in range(3000):
+                buf = m * buf + c * x
+                x -= c * x + m * buf if nest else buf
+            assert (abs(x) > 1.0) == grows, (m, nest, c)
+    p = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="diverges at outer step 0.*Lower gamma or sgld_lr"):
+        EntropySGD([p], gamma=21.0, sgld_lr=0.1, sgld_momentum=0.0, scoping="constant")
+    opt = EntropySGD(
+        [p],
+        gamma=0.03,
+        sgld_lr=0.1,
+        sgld_momentum=0.0,
+        scoping="exponential",
+        scoping_rate=1.0,
+        L=2,
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    before = None
+    with pytest.raises(ValueError, match="Scoping 'exponential' at rate 1 has raised gamma"):
+        for _ in range(20):
+            before = p.detach().clone()
+            opt.step(closure)
+    torch.testing.assert_close(p.detach(), before)  # the refused step changed nothing

@@ -91,3 +91,27 @@ def test_sam_needs_closure():
     opt = SAM([torch.nn.Parameter(torch.ones(1))], torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="needs a closure"):
         opt.step()
+
+
+def test_sam_with_maximize_perturbs_downhill():
+    """Maximising f, the worst point of the ball is x - rho g / ||g|| (found by an outside
+    probe: SAM perturbed uphill whatever the base optimizer's maximize= said)."""
+
+    def f(x):
+        return x[0] ** 3 / 3 + x[1]
+
+    x = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    opt = SAM([x], torch.optim.SGD, rho=0.5, lr=0.1, maximize=True)
+
+    def closure():
+        opt.zero_grad()
+        loss = f(x)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    x0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    g0 = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    worst = x0 - 0.5 * g0 / g0.norm()  # the maximiser's adversary lowers f
+    g_worst = torch.stack([worst[0] ** 2, torch.ones((), dtype=torch.float64)])
+    torch.testing.assert_close(x.detach(), x0 + 0.1 * g_worst, rtol=1e-12, atol=1e-12)

@@ -156,3 +156,14 @@ def test_state_dict_with_the_old_diagnostics_entry_loads_and_resumes_bit_identic
     for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert opt.state["global"]["step"] == 6
+
+
+def test_a_refused_param_group_is_not_kept():
+    a = torch.nn.Parameter(torch.ones(2))
+    b = torch.nn.Parameter(torch.ones(3))
+    opt = EntropySGD([a])
+    with pytest.raises(ValueError, match="lr must be"):
+        opt.add_param_group({"params": [b], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [b], "lr": 0.5})  # the retry is not a duplicate
+    assert [g["lr"] for g in opt.param_groups] == [opt.defaults["lr"], 0.5]
