@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from conftest import reference_hessian, relu_mlp, rescaled_twin
 from torch import nn
@@ -69,6 +70,13 @@ def test_matrix_free_agrees_with_exact_within_its_error_bars():
         m = free.measure(key)
         assert m.method == "slq" and m.stderr is not None and m.details["probes"] == 8
         assert abs(m.value - exact[key]) <= 4 * m.stderr + 1e-3 * abs(exact[key]), key
+        lo, hi = m.interval(0.997)  # Student's t, 7 degrees of freedom: 4.53 stderr
+        assert hi - lo == pytest.approx(2 * scipy.stats.t.ppf(0.9985, 7) * m.stderr)
+        assert lo - 1e-3 * abs(exact[key]) <= exact[key] <= hi + 1e-3 * abs(exact[key]), key
+    lo, hi = tr.interval(0.997)  # Hutch++'s residual probes
+    assert tr.details["samples"] == 99 - 2 * 33 and lo <= exact["trace"] <= hi
+    m = free.measure("top_eigenvalue")
+    assert m.interval() == (m.value - m.error_bound, m.value + m.error_bound)
 
 
 def test_report_is_a_mapping_saves_atomically_and_loads(tmp_path):
