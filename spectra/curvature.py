@@ -623,7 +623,11 @@ class CurvatureOperator(LinearOperator):
         rule = LossReduction(kind, how, terms_rule, sum_loss)
         if not terms_given:
             self._check_terms(rule, out, batch, loss)
+        self._check_rule(rule, batch)
         return rule
+
+    def _check_rule(self, rule: LossReduction, batch: Batch) -> None:
+        """A subclass's refusal of a reduction it cannot use (the first batch at hand)."""
 
     def _check_terms(self, rule: LossReduction, out: Any, batch: Batch, loss: torch.Tensor) -> None:
         """Refuse term counts that cannot be right; cheap, on the first batch only."""

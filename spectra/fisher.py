@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,7 +10,7 @@ from torch.utils._pytree import tree_map
 
 from .batches import Batch
 from .curvature import CurvatureOperator
-from .reduction import LossReduction, LossTerms, per_sample_sizes
+from .reduction import LossReduction, per_sample_sizes
 
 __all__ = ["EmpiricalFisherOperator", "empirical_fisher_operator"]
 
@@ -40,28 +39,15 @@ class EmpiricalFisherOperator(CurvatureOperator):
     (default: the whole batch, m x n).  Targets must have the sample dimension.
     """
 
-    def _first_batch_rule(
-        self,
-        kind: str | None,
-        how: str,
-        terms_rule: LossTerms | None,
-        sum_loss: Callable[..., torch.Tensor] | None,
-        out: Any,
-        batch: Batch,
-        loss: torch.Tensor,
-        terms_given: bool,
-    ) -> LossReduction:
-        """The base rule, refused where the Fisher's scale would be a guess.
+    def _check_rule(self, rule: LossReduction, batch: Batch) -> None:
+        """Refuse the rule where the Fisher's scale would be a guess.
 
         A plain function's mean counts one term per sample, so a sample's "summed" loss
         is its own mean.  If the targets hold several elements per sample (a mean over
-        elements or tokens), the per-sample outer products are off by that count
-        squared against the torch.nn loss's, while the Hessian is not: which one is
-        meant cannot be read off the function.
+        elements or tokens), the Fisher is off by that count against the torch.nn
+        loss's (each gradient 1/D of the summed one, and c = 1/N rather than 1/(N D)),
+        while the Hessian is not: which one is meant cannot be read off the function.
         """
-        rule = super()._first_batch_rule(
-            kind, how, terms_rule, sum_loss, out, batch, loss, terms_given
-        )
         if rule.kind == "mean" and rule.terms_rule is None:
             per = per_sample_sizes(batch.targets, self.batch_dim, batch.size)
             if any(k > 1 for k in per):
@@ -74,7 +60,6 @@ class EmpiricalFisherOperator(CurvatureOperator):
                     "(a mean over elements or tokens, as torch.nn's losses count) or "
                     "len(targets) (a mean over samples), or use the torch.nn loss"
                 )
-        return rule
 
     def per_sample_gradients(self, batch: Batch) -> torch.Tensor:
         """(m, n) gradients of each sample's summed loss at the point."""
