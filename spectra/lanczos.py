@@ -186,7 +186,8 @@ def lanczos(
             unconverged.  A tol below ``2 floor``
             cannot be reached and raises ``ValueError``.
         max_matvecs: budget of operator applications, all included (default
-            ``max(100 k, 1000)``).  When it runs out the result is returned with
+            ``max(100 k, 1000)``; the last k measure the returned pairs' residuals,
+            ``||A y - theta y||``, so it must be at least 2 k + 3).  When it runs out the result is returned with
             ``converged`` False for the unfinished pairs and a
             :class:`ConvergenceWarning`.
         seed: seeds the start vector, the symmetry probe and any restart vector
@@ -274,8 +275,11 @@ def lanczos(
     if max_matvecs is None:
         max_matvecs = max(100 * k, 1000)
     max_matvecs = check_int("max_matvecs", max_matvecs)
-    if max_matvecs < k + 3:
-        raise ValueError(f"max_matvecs={max_matvecs} is too small for k={k}; need >= k + 3")
+    if max_matvecs < 2 * k + 3:
+        raise ValueError(
+            f"max_matvecs={max_matvecs} is too small for k={k}; need >= 2 k + 3 = {2 * k + 3} "
+            "(the last k measure the residuals)"
+        )
     if v0 is not None:
         v0 = _check_v0(v0, op)
     budget = check_budget(memory_budget)
@@ -284,6 +288,11 @@ def lanczos(
 
     if dense is None:
         dense = size <= max(DENSE_THRESHOLD, 2 * m) or k >= size
+    if not dense and m <= k:
+        raise ValueError(
+            f"the Krylov path needs a basis larger than k={k} but n={size} allows ncv={m}; "
+            "use dense=True (the default at this size): the dense solve is exact"
+        )
     if not dense:
         previous = None
         if checkpoint is not None and ncv is None:
@@ -419,8 +428,8 @@ class _Accuracy:
 def _accuracy(op: LinearOperator, tol: float | None, m: int, dense: bool) -> _Accuracy:
     """Resolve ``tol`` against the rounding floor of the path taken (see :func:`lanczos`).
 
-    Krylov path: one product is accurate to the declared ``precision`` (else to
-    ``sqrt(n) eps``, the rounding of an n-term sum) relative to ||A||, and the basis
+    Krylov path: one product is accurate to the declared ``precision``, and never
+    better than ``sqrt(n) eps`` (the rounding of an n-term sum), relative to ||A||, and the basis
     is orthonormal to ``sqrt(ncv) eps``.  Dense path: ``eigh`` in float64 is backward
     stable to ``n eps64``, and the assembled matrix carries the products' error,
     except for a stored matrix, whose identity-column products are exact.
@@ -428,7 +437,9 @@ def _accuracy(op: LinearOperator, tol: float | None, m: int, dense: bool) -> _Ac
     size = op.shape[0]
     eps = torch.finfo(op.dtype).eps
     declared = operator_precision(op)
-    product = math.sqrt(size) * eps if declared is None else declared
+    # a declared precision compares two product paths; neither is below the rounding of
+    # an n-term sum, which the measured residuals ||A y - theta y|| also carry
+    product = math.sqrt(size) * eps if declared is None else max(declared, math.sqrt(size) * eps)
     if dense:
         exact = isinstance(op, DenseOperator) or declared is None
         floor = size * torch.finfo(torch.float64).eps + (0.0 if exact else product)
@@ -529,7 +540,9 @@ class _State:
 
     Checkpoint layout (format 1): ``Q`` (j + 1, n), ``H``, ``anorm``, ``rng`` (the
     generator's state), ``scalars`` = [j, restarts, fresh, matvecs, exhausted,
-    finished] and the totals' ``seconds`` and ``peak_memory_bytes``.
+    finished, idle, verified, since_check], ``dropped`` and the totals' ``seconds`` and
+    ``peak_memory_bytes`` (a checkpoint without the last three resumes with 0).
+    ``dropped`` is the (m + 1, m + 1) Gram matrix of :attr:`dropped`, ``events`` its count.
     """
 
     Q: torch.Tensor  # (m + 1, n) basis rows
@@ -542,6 +555,48 @@ class _State:
     exhausted: bool = False  # the basis spans the whole space
     fresh: int = 0  # steps since the last breakdown (restart: the kept vectors)
     finished: bool = False  # the run ended (converged or out of budget)
+    idle: int = 0  # consecutive steps that broke down at once (a null space: A q ~ 0)
+    #: the converged values at the last verification restart (None before one): the
+    #: set is accepted when a run from a fresh random vector converges to it again
+    checked: np.ndarray | None = None
+    since_check: int = 0  # steps since the last verification restart, breakdowns included
+    #: the couplings dropped from H (breakdowns above the rounding floor, the
+    #: verification restart): A Q = Q H + beta q e^T + sum_e r_e c_e^T with unit r_e;
+    #: kept as G = sum_e c_e c_e^T in basis coordinates and the event count, so pair
+    #: s's residual carries ||sum_e r_e (c_e . s)|| <= sqrt(events s^T G s)
+    dropped: np.ndarray | None = None
+    events: int = 0
+
+    def dropped_gram(self) -> np.ndarray:
+        """G of the dropped couplings, (m + 1, m + 1), allocated on first use."""
+        if self.dropped is None:
+            self.dropped = np.zeros_like(self.H)
+        return self.dropped
+
+    def drop(self, coupling: np.ndarray, at: int | slice) -> None:
+        """Count one dropped coupling vector ``coupling`` on basis coordinates ``at``."""
+        G = self.dropped_gram()
+        c = np.zeros(G.shape[0])
+        c[at] = coupling
+        G += np.outer(c, c)
+        self.events += 1
+
+    def dropped_residuals(self, S: np.ndarray) -> np.ndarray:
+        """Each Ritz pair's bound from the dropped couplings (S: coordinates, (j, p))."""
+        if self.dropped is None or not self.events:
+            return np.zeros(S.shape[1])
+        G = self.dropped[: S.shape[0], : S.shape[0]]
+        quad = np.einsum("ip,ij,jp->p", S, G, S)
+        return np.sqrt(self.events * np.maximum(quad, 0.0))
+
+    def rotate_dropped(self, Sk: np.ndarray) -> None:
+        """The basis became ``Q[:p] <- Sk^T Q[:m]``: G follows (zero past p)."""
+        if self.dropped is None or not self.events:
+            return
+        m, p = Sk.shape
+        rotated = Sk.T @ self.dropped[:m, :m] @ Sk
+        self.dropped[:] = 0.0
+        self.dropped[:p, :p] = rotated
 
     def to_arrays(self) -> dict[str, Any]:
         """The state at a step or restart boundary; rows past ``j`` of Q are never read
@@ -553,6 +608,9 @@ class _State:
             self.totals.matvecs,
             int(self.exhausted),
             int(self.finished),
+            self.idle,
+            int(self.checked is not None),
+            self.since_check,
         ]
         return {
             **self.totals.to_arrays(),
@@ -560,12 +618,16 @@ class _State:
             "H": self.H,
             "scalars": np.array(scalars, dtype=np.int64),
             "anorm": np.float64(self.anorm),
+            "dropped": self.dropped_gram(),
+            "events": np.int64(self.events),
+            **({} if self.checked is None else {"checked": self.checked}),
             "rng": self.gen.get_state().numpy(),
         }
 
     def from_arrays(self, arrays: StoredArrays) -> None:
         """Restore in place (the basis is streamed into ``Q``)."""
-        j, restarts, fresh, used, exhausted, finished = (int(x) for x in arrays["scalars"])
+        scalars = [int(x) for x in arrays["scalars"]] + [0, 0, 0]
+        j, restarts, fresh, used, exhausted, finished, idle, verified, since = scalars[:9]
         H = np.array(arrays["H"], dtype=np.float64)
         rows = self.Q.shape[0]
         if not 0 <= j < rows or H.shape != (rows, rows):
@@ -577,6 +639,11 @@ class _State:
         self.totals.resume_matvecs(used)  # matvecs count as in the uninterrupted run
         self.H, self.j, self.restarts, self.fresh = H, j, restarts, fresh
         self.exhausted, self.finished = bool(exhausted), bool(finished)
+        self.idle, self.since_check = idle, since
+        self.checked = np.array(arrays["checked"]) if verified and "checked" in arrays else None
+        if "dropped" in arrays:
+            self.dropped = np.array(arrays["dropped"], dtype=np.float64)
+            self.events = int(arrays["events"])
 
 
 def _thick_restart(
@@ -609,43 +676,77 @@ def _thick_restart(
         if ckpt is not None:
             ckpt.save_state(st, final)
 
-    with progress_bar(max_matvecs, f"lanczos(k={k}, {which})", progress) as bar:
+    final = max_matvecs
+    max_matvecs -= k  # kept for measuring the returned pairs' residuals
+    calibration = 1.0  # measured / estimated residual, once a measurement disagreed
+    with progress_bar(final, f"lanczos(k={k}, {which})", progress) as bar:
         bar.update(totals.matvecs)
-        while not st.finished:
-            done = False
-            while st.j < m and not st.exhausted:
-                if totals.matvecs >= max_matvecs:
-                    done = True
-                    break
-                _expand(op, st, totals.matvecs)
-                bar.update(1)
-                if st.j >= k and st.fresh >= k:
-                    _, _, _, conv, idx = _ritz(st, k, which, acc)
-                    nconv = int(conv[idx].sum())
-                    bar.set_postfix(converged=f"{nconv}/{k}")
-                    if nconv == k:
+        while True:
+            while not st.finished:
+                done = False
+                while st.j < m and not st.exhausted:
+                    if totals.matvecs >= max_matvecs:
                         done = True
                         break
-                save()  # resume point: the top of this loop
-            if done or st.exhausted or totals.matvecs >= max_matvecs:
-                break  # (never restart without budget for a step after it)
-            _restart(st, nkeep, which)
-            save()
-        if not st.finished:
-            st.finished = True
-            save(final=True)
-    theta, S, res, conv, idx = _ritz(st, k, which, acc)
+                    _expand(op, st, totals.matvecs, acc.floor)
+                    bar.update(1)
+                    # after a verification restart the random vector gets a whole basis
+                    # cycle (m - k steps) to grow towards a missed copy before a check
+                    if st.checked is None:
+                        ready = st.fresh >= k or st.idle >= k
+                    else:
+                        ready = st.since_check >= max(k, m - k)
+                    if st.j >= k and ready:
+                        theta, _, res, conv, idx = _ritz(st, k, which, acc, calibration)
+                        nconv = int(conv[idx].sum())
+                        bar.set_postfix(converged=f"{nconv}/{k}")
+                        same = st.checked is not None and bool(
+                            np.all(np.abs(np.sort(theta[idx]) - st.checked) <= np.sort(res[idx]))
+                        )
+                        if nconv == k and same:
+                            done = True
+                            break
+                        if nconv == k and not st.exhausted and totals.matvecs + k < max_matvecs:
+                            st.checked = np.sort(theta[idx])
+                            _verification_restart(st, k, which)
+                        elif nconv == k:
+                            done = True  # no budget (or no space) left to look further
+                            break
+                    save()  # resume point: the top of this loop
+                if done or st.exhausted or totals.matvecs >= max_matvecs:
+                    break  # (never restart without budget for a step after it)
+                _restart(st, nkeep, which)
+                save()
+            if not st.finished:
+                st.finished = True
+                save(final=True)
+            theta, S, res, conv, idx = _ritz(st, k, which, acc, calibration)
+            estimated = res[idx].copy()
+            Y = st.Q[: st.j].T @ torch.as_tensor(S[:, idx], dtype=op.dtype, device=op.device)
+            res[idx] = _measured_residuals(op, Y, theta[idx], acc.floor * st.anorm)
+            bar.update(k)
+            conv = acc.converged(theta, res, st.anorm)
+            if conv[idx].all() or st.exhausted or totals.matvecs + k + 1 >= final:
+                break
+            # the estimates were optimistic (float32: lost orthogonality, product error):
+            # scale them by what the measurement showed and iterate on
+            ratio = float(np.max(res[idx] / np.maximum(estimated, 1e-300)))
+            if calibration > 1.0 and ratio < 2.0:
+                break  # recalibrated once and the measurement did not improve: a floor
+            calibration = max(calibration, ratio)
+            max_matvecs = final - k
+            st.finished = False
+            if st.j >= m:
+                _restart(st, nkeep, which)
     if not conv[idx].all():
         warnings.warn(
             f"lanczos: {int(conv[idx].sum())}/{k} eigenpairs converged to tol={acc.tol:.1e} "
-            f"within max_matvecs={max_matvecs} (ncv={m}); {acc.advice(op.dtype)}",
+            f"within max_matvecs={final} (ncv={m}); {acc.advice(op.dtype)}",
             ConvergenceWarning,
             stacklevel=3,
         )
-    Y = None
-    if vectors:
-        Sw = torch.as_tensor(S[:, idx], dtype=op.dtype, device=op.device)
-        Y = st.Q[: st.j].T @ Sw
+    if not vectors:
+        Y = None
     return LanczosResult(
         eigenvalues=torch.as_tensor(theta[idx].copy()),
         eigenvectors=Y,
@@ -661,14 +762,30 @@ def _thick_restart(
     )
 
 
+def _measured_residuals(
+    op: LinearOperator, Y: torch.Tensor, theta: np.ndarray, floor: float
+) -> np.ndarray:
+    """``||A y - theta y||`` of the returned Ritz pairs (k products, one block), plus the
+    rounding floor of a product: the residuals a user is given are measured, so a
+    dropped coupling, a lost orthogonality or a missed copy cannot make one look
+    smaller than it is."""
+    AY = op @ Y
+    R = AY - Y * torch.as_tensor(theta, dtype=Y.dtype, device=Y.device)
+    return torch.linalg.vector_norm(R, dim=0).double().cpu().numpy() + floor
+
+
 def _sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(
         t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
     ).hexdigest()
 
 
-def _expand(op: LinearOperator, st: _State, iteration: int) -> None:
-    """One Lanczos step on basis vector ``st.j``; handles breakdown."""
+def _expand(op: LinearOperator, st: _State, iteration: int, floor: float) -> None:
+    """One Lanczos step on basis vector ``st.j``; handles breakdown.
+
+    A coupling dropped at a breakdown is counted in :attr:`_State.dropped` where it
+    exceeds the rounding floor (``floor x ||A||``, which every residual carries
+    already): in float32 the tolerance can drop couplings several times the floor."""
     j = st.j
     Q3 = st.Q.unsqueeze(0)
     h, beta = lanczos_step(op, Q3, j, [0], iteration)
@@ -677,6 +794,9 @@ def _expand(op: LinearOperator, st: _State, iteration: int) -> None:
     st.H[j, : j + 1] = h
     st.anorm = max(st.anorm, math.sqrt(float(h @ h) + b * b))
     if b <= breakdown_tolerance(st.anorm, op.shape[0], op.dtype):
+        if b > floor * st.anorm:  # below the tolerance, yet above rounding
+            st.drop(np.array([b]), slice(j, j + 1))
+        st.idle = st.idle + 1 if st.fresh == 0 else 1
         b = 0.0
         fresh = random_orthogonal(st.Q[: j + 1], st.gen)
         if fresh is None:
@@ -684,18 +804,23 @@ def _expand(op: LinearOperator, st: _State, iteration: int) -> None:
         else:
             st.Q[j + 1] = fresh
         st.fresh = -1
+    else:
+        st.idle = 0
     st.H[j + 1, j] = st.H[j, j + 1] = b
     st.j = j + 1
     st.fresh += 1
+    st.since_check += 1
 
 
 def _ritz(
-    st: _State, k: int, which: str, acc: _Accuracy
+    st: _State, k: int, which: str, acc: _Accuracy, calibration: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Ritz values, vectors (in basis coordinates), residuals, converged, wanted idx.
 
     Residual of Ritz pair i: ``|beta_j s_{j,i}|`` from the Lanczos relation
-    ``A Q_j = Q_j H_j + beta_j q_{j+1} e_j^T``, plus the rounding floor
+    ``A Q_j = Q_j H_j + beta_j q_{j+1} e_j^T``, plus the couplings dropped from H
+    (:attr:`_State.dropped`, per pair: breakdowns below the tolerance, the
+    verification restart), plus the rounding floor
     ``acc.floor ||A||`` for the error in that relation: a product is exact only to
     ~precision ||A|| (``sqrt(n) eps ||A||`` undeclared) and the basis is orthonormal
     only to ~sqrt(ncv) eps.
@@ -703,10 +828,45 @@ def _ritz(
     j = st.j
     theta, S = scipy.linalg.eigh(st.H[:j, :j])
     beta = 0.0 if st.exhausted else st.H[j, j - 1]
-    res = np.abs(beta * S[j - 1, :]) + acc.floor * st.anorm
+    res = np.abs(beta * S[j - 1, :]) + acc.floor * st.anorm + st.dropped_residuals(S)
+    res = res * calibration  # >= 1 once a measured residual exceeded its estimate
     conv = acc.converged(theta, res, st.anorm)
     idx = _select(theta, k, which)
     return theta, S, res, conv, idx
+
+
+def _verification_restart(st: _State, k: int, which: str) -> None:
+    """Keep the k converged Ritz vectors and go on from a random vector orthogonal to them.
+
+    A single Krylov space holds one direction of each eigenspace, so copies of a
+    repeated eigenvalue (or a tight cluster) are invisible to it; the random vector
+    has a component along every missing copy, and the run must converge again, a
+    basis cycle (ncv - k steps) later, to the same values before the set is accepted
+    (each new copy found means another verification).  The converged vectors' couplings
+    (each below its residual) are dropped: the returned residuals are measured
+    (:func:`_measured_residuals`), not estimated, so nothing rests on them.
+    """
+    m = st.j
+    theta, S = scipy.linalg.eigh(st.H[:m, :m])
+    keep = np.sort(_select(theta, k, which))
+    beta = st.H[m, m - 1]
+    Sk = torch.as_tensor(S[:, keep], dtype=st.Q.dtype, device=st.Q.device)
+    _rotate_rows(st.Q, Sk, m)
+    st.rotate_dropped(S[:, keep])
+    del beta  # the kept pairs' couplings (each below its residual) are dropped here; the
+    # final residuals are measured, A y - theta y, so no estimate has to carry them
+    fresh = random_orthogonal(st.Q[:k], st.gen)
+    st.H[:] = 0.0
+    st.H[np.arange(k), np.arange(k)] = theta[keep]
+    st.j = k
+    if fresh is None:
+        st.exhausted = True
+    else:
+        st.Q[k] = fresh
+    st.fresh = 0
+    st.idle = 0
+    st.since_check = 0
+    st.restarts += 1
 
 
 def _restart(st: _State, nkeep: int, which: str) -> None:
@@ -717,6 +877,7 @@ def _restart(st: _State, nkeep: int, which: str) -> None:
     beta = st.H[m, m - 1]
     Sk = torch.as_tensor(S[:, keep], dtype=st.Q.dtype, device=st.Q.device)
     _rotate_rows(st.Q, Sk, m)
+    st.rotate_dropped(S[:, keep])
     st.Q[nkeep] = st.Q[m]
     coupling = beta * S[m - 1, keep]
     st.H[:] = 0.0
