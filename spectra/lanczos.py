@@ -846,18 +846,10 @@ def _verification_restart(st: _State, k: int, which: str) -> None:
     (each below its residual) are dropped: the returned residuals are measured
     (:func:`_measured_residuals`), not estimated, so nothing rests on them.
     """
-    m = st.j
-    theta, S = scipy.linalg.eigh(st.H[:m, :m])
-    keep = np.sort(_select(theta, k, which))
-    beta = st.H[m, m - 1]
-    Sk = torch.as_tensor(S[:, keep], dtype=st.Q.dtype, device=st.Q.device)
-    _rotate_rows(st.Q, Sk, m)
-    st.rotate_dropped(S[:, keep])
-    del beta  # the kept pairs' couplings (each below its residual) are dropped here; the
-    # final residuals are measured, A y - theta y, so no estimate has to carry them
+    theta, _ = _keep_ritz_vectors(st, k, which)  # their couplings are not kept
     fresh = random_orthogonal(st.Q[:k], st.gen)
     st.H[:] = 0.0
-    st.H[np.arange(k), np.arange(k)] = theta[keep]
+    st.H[np.arange(k), np.arange(k)] = theta
     st.j = k
     if fresh is None:
         st.exhausted = True
@@ -869,19 +861,25 @@ def _verification_restart(st: _State, k: int, which: str) -> None:
     st.restarts += 1
 
 
-def _restart(st: _State, nkeep: int, which: str) -> None:
-    """Thick restart: keep ``nkeep`` Ritz vectors and the residual direction."""
+def _keep_ritz_vectors(st: _State, count: int, which: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate the basis so its first ``count`` rows are the wanted Ritz vectors; returns
+    their values and their couplings to the residual direction ``Q[j]``."""
     m = st.j
     theta, S = scipy.linalg.eigh(st.H[:m, :m])
-    keep = np.sort(_select(theta, nkeep, which))
-    beta = st.H[m, m - 1]
+    keep = np.sort(_select(theta, count, which))
     Sk = torch.as_tensor(S[:, keep], dtype=st.Q.dtype, device=st.Q.device)
     _rotate_rows(st.Q, Sk, m)
     st.rotate_dropped(S[:, keep])
+    return theta[keep], st.H[m, m - 1] * S[m - 1, keep]
+
+
+def _restart(st: _State, nkeep: int, which: str) -> None:
+    """Thick restart: keep ``nkeep`` Ritz vectors and the residual direction."""
+    m = st.j
+    theta, coupling = _keep_ritz_vectors(st, nkeep, which)
     st.Q[nkeep] = st.Q[m]
-    coupling = beta * S[m - 1, keep]
     st.H[:] = 0.0
-    st.H[np.arange(nkeep), np.arange(nkeep)] = theta[keep]
+    st.H[np.arange(nkeep), np.arange(nkeep)] = theta
     st.H[:nkeep, nkeep] = coupling
     st.H[nkeep, :nkeep] = coupling
     st.j = nkeep
