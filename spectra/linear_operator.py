@@ -241,15 +241,30 @@ class CallableOperator(LinearOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         if self._block:
-            W = self._fn(V)
+            W = self._output(self._fn(V))
         else:
-            W = torch.stack([self._fn(V[:, j]) for j in range(V.shape[1])], dim=1)
+            W = torch.stack([self._output(self._fn(V[:, j])) for j in range(V.shape[1])], dim=1)
         if W.shape != V.shape:
             raise ValueError(
                 f"the wrapped callable returned shape {tuple(W.shape)} for input "
                 f"{tuple(V.shape)}; it must map (n, k) to (n, k)"
             )
         return W
+
+    def _output(self, W: Any) -> torch.Tensor:
+        """The callable's result as a tensor of the operator's dtype and device: NumPy
+        arrays are taken, another float dtype is cast (its precision is the callable's)."""
+        if not isinstance(W, torch.Tensor):
+            try:
+                W = torch.as_tensor(W)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise TypeError(
+                    f"the wrapped callable returned {type(W).__name__}; it must return a "
+                    "tensor or array of the input's shape"
+                ) from exc
+        if not W.is_floating_point():
+            raise TypeError(f"the wrapped callable returned {W.dtype} values; they must be floats")
+        return W.to(dtype=self.dtype, device=self.device)
 
 
 class _ScipyOperator(LinearOperator):

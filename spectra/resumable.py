@@ -457,8 +457,8 @@ class _ClosingZip(zipfile.ZipFile):
     """A ZipFile that also closes the file object it was opened on."""
 
     def __init__(self, fh: Any) -> None:
+        self._owned = fh  # first: ZipFile.__del__ closes, even when __init__ raised
         super().__init__(fh)
-        self._owned = fh
 
     def close(self) -> None:
         """Close the archive and the file under it."""

@@ -316,3 +316,11 @@ def test_the_krylov_path_refuses_a_basis_no_larger_than_k():
     with pytest.raises(ValueError, match="dense=True"):
         lanczos(A, 1, dense=False)
     assert float(lanczos(A, 1).eigenvalues[0]) == pytest.approx(3.0)
+
+
+def test_a_callable_returning_numpy_or_float32_is_taken_and_cast():
+    A = torch.diag(torch.arange(1.0, 301.0, dtype=torch.float64))
+    r = lanczos(lambda v: (A @ v).numpy(), 2, n=300, dense=False)
+    np.testing.assert_allclose(r.eigenvalues.numpy(), [300, 299], rtol=1e-10)
+    with pytest.raises(TypeError, match="must be floats"):
+        lanczos(lambda v: torch.ones_like(v, dtype=torch.int64), 2, n=300, dense=False)
