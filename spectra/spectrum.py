@@ -16,6 +16,7 @@ import datetime as _dt
 import io
 import json
 import math
+import numbers
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -120,7 +121,18 @@ class Spectrum:
         w.setflags(write=False)
         object.__setattr__(self, "eigenvalues", ev)
         object.__setattr__(self, "weights", w)
-        object.__setattr__(self, "n_params", int(self.n_params))
+        n = self.n_params
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            if not (isinstance(n, float) and n.is_integer() and n >= 1):
+                raise ValueError(f"n_params must be a positive integer, got {n!r}")
+        n = int(n)
+        if self.kind in ("exact", "diagonal") and n != ev.size:
+            raise ValueError(
+                f"an {self.kind} spectrum has one value per parameter: {ev.size} values but "
+                f"n_params={n} (statistics would disagree: trace sums the values, histograms "
+                "scale weights by n_params); use Spectrum.from_quadrature for a measure"
+            )
+        object.__setattr__(self, "n_params", n)
         if not self.created:
             now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             object.__setattr__(self, "created", now)
@@ -161,7 +173,7 @@ class Spectrum:
         """Fraction (weighted) of eigenvalues with |lambda| <= tol."""
         if not tol >= 0:
             raise ValueError(f"tol must be >= 0, got {tol}")
-        return float(self.weights[np.abs(self.eigenvalues) <= tol].sum())
+        return min(1.0, float(self.weights[np.abs(self.eigenvalues) <= tol].sum()))
 
     def fraction_negative(self) -> float:
         """Fraction (weighted) of eigenvalues < 0."""

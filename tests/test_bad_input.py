@@ -98,3 +98,17 @@ def test_mixed_devices_refused():
         spectra.hessian_operator(
             m, nn.CrossEntropyLoss(), (torch.randn(4, 3), torch.randint(0, 2, (4,)))
         )
+
+
+def test_a_spectrum_refuses_an_n_params_its_statistics_would_disagree_with():
+    from spectra import Spectrum
+
+    for bad in (-5, 0, 2.7, True):
+        with pytest.raises(ValueError, match="n_params must be a positive integer"):
+            Spectrum([1.0, 2.0], [0.5, 0.5], n_params=bad, kind="quadrature")
+    with pytest.raises(ValueError, match="one value per parameter"):
+        Spectrum.from_eigenvalues([-1.0, 2.0, 3.0], n_params=10)
+    s = Spectrum.from_eigenvalues([-1.0, 2.0, 3.0])
+    assert s.negative_mass() == pytest.approx(1.0) and s.trace() == pytest.approx(4.0)
+    assert s.fraction_near_zero(float("inf")) == 1.0
+    assert Spectrum([1.0], [1.0], n_params=4.0, kind="quadrature").n_params == 4
