@@ -544,9 +544,9 @@ class CurvatureOperator(LinearOperator):
                     rule = self._first_batch_rule(
                         kind, how, terms_rule, sum_loss, out, batch, loss, terms_given
                     )
-                    plain_mean = rule.kind == "mean" and rule.terms_rule is None
+                    plain_mean = several and rule.kind == "mean" and rule.terms_rule is None
                     self._check_ignored_labels(rule, batch)
-                    if plain_mean and several:
+                    if plain_mean:
                         check_plain_mean(
                             self.loss_fn,
                             out,
@@ -561,7 +561,7 @@ class CurvatureOperator(LinearOperator):
                     out = self.outputs(self.theta, batch.inputs)
                     loss = self.loss_of_outputs(out, batch.targets)
                     self._check_ignored_labels(rule, batch)
-                    if plain_mean and several:
+                    if plain_mean:
                         self._check_same_terms_per_sample(sizes, out, batch)
                 count = rule.terms(out, batch.targets, batch.size)
                 if count > 0 and not torch.isfinite(loss):

@@ -253,7 +253,11 @@ def _check_invariants(
     a failure falls back like a convergence failure."""
     trace, frob_upper, frob_lower = invariants
     if not np.isfinite(w).all():
-        raise LapackConvergenceError(f"{backend}: non-finite eigenvalues of a finite matrix")
+        raise LapackConvergenceError(
+            f"{backend}: {int((~np.isfinite(w)).sum())} non-finite eigenvalues of a finite "
+            "matrix (with LAPACK's success code); the matrix is overwritten: rebuild it and "
+            "choose another backend (e.g. 'openblas-2stage')"
+        )
     n = w.size
     frob2 = min(frob_upper, frob_lower)
     error = 100 * math.sqrt(n) * eps * math.sqrt(max(frob_upper, frob_lower))  # ||E||_F
@@ -278,8 +282,6 @@ def _run(a: np.ndarray, backend: str) -> np.ndarray:
             w = torch.linalg.eigvalsh(torch.from_numpy(a), UPLO="U").numpy()
         except torch.linalg.LinAlgError as err:
             raise LapackConvergenceError(f"torch.linalg.eigvalsh: {err}") from err
-        if not np.isfinite(w).all():
-            raise LapackConvergenceError("torch.linalg.eigvalsh returned non-finite eigenvalues")
     elif backend == "scipy":
         w = _scipy_eigvalsh(a, threads)
     else:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,11 +37,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._checks import check_real
 from .checkpoint import atomic_write_json
 from .curvature import CurvatureOperator
 from .hessian import hessian_operator
 from .laplace import laplace_table
 from .spectrum import Spectrum
+from .trace import confidence_interval
 
 __all__ = ["EXACT_THRESHOLD", "FlatnessReport", "Measure", "flatness", "FlatnessFileError"]
 
@@ -94,15 +95,11 @@ class Measure:
         too narrow (a probe saw errors up to 4 of them), t's 99.7% is 4.1.  A
         deterministic bound: ``value +- error_bound`` whatever ``confidence``.
         """
+        if self.stderr is not None:
+            draws = self.details.get("probes", self.details.get("samples"))
+            return confidence_interval(self.value, self.stderr, draws, confidence)
         if not 0 < confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-        if self.stderr is not None:
-            from scipy.stats import norm, t
-
-            draws = self.details.get("probes", self.details.get("samples"))
-            q = 0.5 + confidence / 2
-            factor = float(t.ppf(q, draws - 1) if draws and draws > 1 else norm.ppf(q))
-            return self.value - factor * self.stderr, self.value + factor * self.stderr
         if self.error_bound is not None:
             return self.value - self.error_bound, self.value + self.error_bound
         raise ValueError(f"{self.method or 'this'} measure carries no uncertainty")
@@ -333,9 +330,11 @@ def _check_positive_floats(label: str, values: Sequence[float], allow_zero: bool
     if isinstance(values, str | bytes) or not isinstance(values, Sequence):
         raise TypeError(f"{label} must be a sequence of numbers, got {values!r}")
     for v in values:
-        real = isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)
-        ok = real and math.isfinite(v)
-        if not ok or v < 0 or (v == 0 and not allow_zero):
+        try:
+            x = check_real(label, v)
+        except ValueError:
+            x = math.nan
+        if not (x > 0 or (allow_zero and x == 0)):
             raise ValueError(f"{label} must hold positive finite numbers, got {v!r}")
 
 

@@ -542,7 +542,8 @@ class _State:
     generator's state), ``scalars`` = [j, restarts, fresh, matvecs, exhausted,
     finished, idle, verified, since_check], ``dropped`` and the totals' ``seconds`` and
     ``peak_memory_bytes`` (a checkpoint without the last three resumes with 0).
-    ``dropped`` is the (m + 1, m + 1) Gram matrix of :attr:`dropped`, ``events`` its count.
+    ``dropped`` is the (m + 1, m + 1) Gram matrix G of the dropped couplings, ``events``
+    their count.
     """
 
     Q: torch.Tensor  # (m + 1, n) basis rows
@@ -560,8 +561,8 @@ class _State:
     #: set is accepted when a run from a fresh random vector converges to it again
     checked: np.ndarray | None = None
     since_check: int = 0  # steps since the last verification restart, breakdowns included
-    #: the couplings dropped from H (breakdowns above the rounding floor, the
-    #: verification restart): A Q = Q H + beta q e^T + sum_e r_e c_e^T with unit r_e;
+    #: the couplings dropped from H at breakdowns above the rounding floor:
+    #: A Q = Q H + beta q e^T + sum_e r_e c_e^T with unit r_e;
     #: kept as G = sum_e c_e c_e^T in basis coordinates and the event count, so pair
     #: s's residual carries ||sum_e r_e (c_e . s)|| <= sqrt(events s^T G s)
     dropped: np.ndarray | None = None
@@ -573,12 +574,9 @@ class _State:
             self.dropped = np.zeros_like(self.H)
         return self.dropped
 
-    def drop(self, coupling: np.ndarray, at: int | slice) -> None:
-        """Count one dropped coupling vector ``coupling`` on basis coordinates ``at``."""
-        G = self.dropped_gram()
-        c = np.zeros(G.shape[0])
-        c[at] = coupling
-        G += np.outer(c, c)
+    def drop(self, coupling: float, at: int) -> None:
+        """Count one coupling ``coupling`` dropped from basis coordinate ``at``."""
+        self.dropped_gram()[at, at] += coupling * coupling
         self.events += 1
 
     def dropped_residuals(self, S: np.ndarray) -> np.ndarray:
@@ -700,8 +698,9 @@ def _thick_restart(
                         theta, _, res, conv, idx = _ritz(st, k, which, acc, calibration)
                         nconv = int(conv[idx].sum())
                         bar.set_postfix(converged=f"{nconv}/{k}")
+                        order = np.argsort(theta[idx])  # checked is sorted: pair values and res
                         same = st.checked is not None and bool(
-                            np.all(np.abs(np.sort(theta[idx]) - st.checked) <= np.sort(res[idx]))
+                            np.all(np.abs(theta[idx][order] - st.checked) <= res[idx][order])
                         )
                         if nconv == k and same:
                             done = True
@@ -734,7 +733,6 @@ def _thick_restart(
             if calibration > 1.0 and ratio < 2.0:
                 break  # recalibrated once and the measurement did not improve: a floor
             calibration = max(calibration, ratio)
-            max_matvecs = final - k
             st.finished = False
             if st.j >= m:
                 _restart(st, nkeep, which)
@@ -795,7 +793,7 @@ def _expand(op: LinearOperator, st: _State, iteration: int, floor: float) -> Non
     st.anorm = max(st.anorm, math.sqrt(float(h @ h) + b * b))
     if b <= breakdown_tolerance(st.anorm, op.shape[0], op.dtype):
         if b > floor * st.anorm:  # below the tolerance, yet above rounding
-            st.drop(np.array([b]), slice(j, j + 1))
+            st.drop(b, j)
         st.idle = st.idle + 1 if st.fresh == 0 else 1
         b = 0.0
         fresh = random_orthogonal(st.Q[: j + 1], st.gen)
@@ -818,12 +816,11 @@ def _ritz(
     """Ritz values, vectors (in basis coordinates), residuals, converged, wanted idx.
 
     Residual of Ritz pair i: ``|beta_j s_{j,i}|`` from the Lanczos relation
-    ``A Q_j = Q_j H_j + beta_j q_{j+1} e_j^T``, plus the couplings dropped from H
-    (:attr:`_State.dropped`, per pair: breakdowns below the tolerance, the
-    verification restart), plus the rounding floor
+    ``A Q_j = Q_j H_j + beta_j q_{j+1} e_j^T``, plus the couplings dropped from H at
+    breakdowns (:attr:`_State.dropped`, per pair), plus the rounding floor
     ``acc.floor ||A||`` for the error in that relation: a product is exact only to
-    ~precision ||A|| (``sqrt(n) eps ||A||`` undeclared) and the basis is orthonormal
-    only to ~sqrt(ncv) eps.
+    ~precision ||A|| (never below ``sqrt(n) eps ||A||``) and the basis is orthonormal
+    only to ~sqrt(ncv) eps.  These are estimates: the returned residuals are measured.
     """
     j = st.j
     theta, S = scipy.linalg.eigh(st.H[:j, :j])

@@ -25,12 +25,12 @@ undefined; they are excluded from the sum and counted in ``excluded``.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
+from ._checks import check_real
 from .spectrum import Spectrum
 
 __all__ = ["LaplaceLocalEntropy", "laplace_local_entropy", "laplace_table"]
@@ -80,8 +80,11 @@ def laplace_local_entropy(
         loss: f(x*) (default: the spectrum's ``loss``; 0 if it has none).
         n_params: n for plain eigenvalues (default: their count).
     """
-    real = isinstance(gamma, numbers.Real) and not isinstance(gamma, bool)
-    if not (real and math.isfinite(gamma) and gamma > 0):
+    try:
+        valid = check_real("gamma", gamma) > 0
+    except ValueError:
+        valid = False
+    if not valid:
         raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
     if isinstance(spectrum, Spectrum):
         ev, w, n = spectrum.eigenvalues, spectrum.weights * spectrum.n_params, spectrum.n_params

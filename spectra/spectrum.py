@@ -16,7 +16,6 @@ import datetime as _dt
 import io
 import json
 import math
-import numbers
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -121,11 +120,7 @@ class Spectrum:
         w.setflags(write=False)
         object.__setattr__(self, "eigenvalues", ev)
         object.__setattr__(self, "weights", w)
-        n = self.n_params
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            if not (isinstance(n, float) and n.is_integer() and n >= 1):
-                raise ValueError(f"n_params must be a positive integer, got {n!r}")
-        n = int(n)
+        n = check_int("n_params", self.n_params)
         if self.kind in ("exact", "diagonal") and n != ev.size:
             raise ValueError(
                 f"an {self.kind} spectrum has one value per parameter: {ev.size} values but "

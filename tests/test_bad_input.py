@@ -104,7 +104,7 @@ def test_a_spectrum_refuses_an_n_params_its_statistics_would_disagree_with():
     from spectra import Spectrum
 
     for bad in (-5, 0, 2.7, True):
-        with pytest.raises(ValueError, match="n_params must be a positive integer"):
+        with pytest.raises(ValueError, match="n_params must be an integer >= 1"):
             Spectrum([1.0, 2.0], [0.5, 0.5], n_params=bad, kind="quadrature")
     with pytest.raises(ValueError, match="one value per parameter"):
         Spectrum.from_eigenvalues([-1.0, 2.0, 3.0], n_params=10)
