@@ -84,8 +84,8 @@ SPACES: dict[str, dict[str, tuple[Factor, ...]]] = {
             Factor("optimizer", "gamma", (1e-2, 3e-3, 3e-2)),  # stated: 0.01
         ),
         "adam": (
-            # stated: 2e-3; 8e-3 and 1.6e-2 added while the winner sat at the edge
-            Factor("optimizer", "lr", (2e-3, 1e-3, 4e-3, 8e-3, 1.6e-2)),
+            # stated: 2e-3; 8e-3, 1.6e-2 and 3.2e-2 added while the winner sat at the edge
+            Factor("optimizer", "lr", (2e-3, 1e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)),
         ),
     },
 }

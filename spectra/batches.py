@@ -55,11 +55,16 @@ class Batch:
 
 
 def _is_pair(data: Any) -> bool:
-    return (
-        isinstance(data, tuple | list)
-        and len(data) == 2
-        and (data[1] is None or isinstance(data[1], _LEAF))
-        and isinstance(data[0], _LEAF + (tuple, list, Mapping))
+    """One (inputs, targets) batch rather than a sequence of two batches.
+
+    Targets that are a tensor or None make it one batch; so do tensor inputs, whatever
+    the targets (a mapping of targets, say), since a batch cannot be a bare tensor."""
+    if not (isinstance(data, tuple | list) and len(data) == 2):
+        return False
+    if isinstance(data[0], _LEAF):
+        return True
+    return (data[1] is None or isinstance(data[1], _LEAF)) and isinstance(
+        data[0], tuple | list | Mapping
     )
 
 

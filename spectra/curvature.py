@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from ._checks import all_finite, resolve_dtype
 from .batches import Batch, CountSamples, DataSource, batch_leaves
@@ -42,7 +42,7 @@ from .reduction import (
     resolve_reduction,
 )
 
-__all__ = ["CurvatureOperator", "default_forward"]
+__all__ = ["CurvatureOperator", "default_forward", "jvp_with_targets"]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
@@ -202,6 +202,37 @@ def _no_attention_fastpath() -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def jvp_with_targets(
+    fn: Callable[[torch.Tensor, Any], torch.Tensor], x: torch.Tensor, v: torch.Tensor, targets: Any
+) -> torch.Tensor:
+    """The directional derivative of ``fn(x, targets)`` in ``x`` along ``v``, targets fixed.
+
+    ``x`` and ``v``: tensors of one shape; returns the tangent of ``fn``'s output.  The
+    floating-point tensors among ``targets`` (any pytree; labels and None pass as they
+    are) enter as primals with materialised zero tangents.  Why: a tensor without a tangent
+    gets an immutable ZeroTensor as its tangent inside forward-mode AD, and some losses'
+    forward-mode formulas write into it in place (``F.mse_loss``'s backward in torch 2.13:
+    "ZeroTensors are immutable"), which would send every MSE model to the slower
+    double-backward path.  A real zero tangent gives the same derivative.
+    """
+    leaves, spec = tree_flatten(targets)
+    where = [
+        i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ]
+    if not where:
+        return torch.func.jvp(lambda y: fn(y, targets), (x,), (v,))[1]
+
+    def of_floats(y: torch.Tensor, *floats: torch.Tensor) -> torch.Tensor:
+        rebuilt = list(leaves)
+        for i, t in zip(where, floats, strict=True):
+            rebuilt[i] = t
+        return fn(y, tree_unflatten(rebuilt, spec))
+
+    primals = tuple(leaves[i] for i in where)
+    zeros = tuple(torch.zeros_like(t) for t in primals)
+    return torch.func.jvp(of_floats, (x, *primals), (v, *zeros))[1]
 
 
 def require_curvature_operator(op: Any, who: str) -> None:

@@ -44,7 +44,10 @@ from .spectrum import Spectrum, default_sigma
 
 __all__ = ["spectral_density", "REORTHOGONALIZATION"]
 
-SIGMA_RULE = "default_sigma: (lambda_max - lambda_min) / 200 of the quadrature nodes (1e-3 if 0)"
+SIGMA_RULE = (
+    "default_sigma: (lambda_max - lambda_min) / 200 of the quadrature nodes "
+    "(1e-3 if that is 0 or below float64's smallest normal)"
+)
 
 #: Accepted ``reorthogonalization`` values.  "full": against the probe's whole basis in
 #: the operator's dtype; "float32" / "float16" / "bfloat16": against a copy of the basis

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .batches import Batch
-from .curvature import CurvatureOperator
+from .curvature import CurvatureOperator, jvp_with_targets
 
 __all__ = ["GGNOperator", "ggn_operator"]
 
@@ -27,17 +27,14 @@ class GGNOperator(CurvatureOperator):
         def out_fn(t: torch.Tensor) -> torch.Tensor:
             return self.outputs(t, batch.inputs)
 
-        def loss_of_outputs(z: torch.Tensor) -> torch.Tensor:
-            return self.loss_of_outputs(z, batch.targets)
-
         z, vjp_fn = torch.func.vjp(out_fn, theta)
         _check_outputs(z)
         z = z.detach()
-        grad_z = torch.func.grad(loss_of_outputs)
+        grad_z = torch.func.grad(self.loss_of_outputs)
 
         def ggn_v(v: torch.Tensor) -> torch.Tensor:
             jv = torch.func.jvp(out_fn, (theta,), (v,))[1]
-            hjv = torch.func.jvp(grad_z, (z,), (jv,))[1]
+            hjv = jvp_with_targets(grad_z, z, jv, batch.targets)
             return vjp_fn(hjv)[0]
 
         return self._vmap(ggn_v, V)
@@ -55,7 +52,10 @@ class GGNOperator(CurvatureOperator):
             cols = []
             for j in range(V.shape[1]):
                 (jv,) = torch.autograd.grad(jt_u, u, V[:, j], retain_graph=True)
-                (hjv,) = torch.autograd.grad(gz, zd, jv, retain_graph=True)
+                if gz.requires_grad:
+                    (hjv,) = torch.autograd.grad(gz, zd, jv, retain_graph=True)
+                else:  # a loss linear in the outputs (KL divergence of log-probabilities)
+                    hjv = torch.zeros_like(zd)
                 (col,) = torch.autograd.grad(z, theta, hjv, retain_graph=True)
                 cols.append(col)
         return torch.stack(cols, dim=1).detach()

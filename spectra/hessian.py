@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .batches import Batch
-from .curvature import CurvatureOperator
+from .curvature import CurvatureOperator, jvp_with_targets
 
 __all__ = ["HessianOperator", "hessian_operator"]
 
@@ -65,17 +65,21 @@ class HessianOperator(CurvatureOperator):
         return theta, g
 
     def _batch_matmat(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
-        theta = self.theta
-        grad_fn = torch.func.grad(lambda t: self.batch_loss(t, batch))
+        theta, inputs = self.theta, batch.inputs
+        grad_fn = torch.func.grad(
+            lambda t, targets: self.loss_of_outputs(self.outputs(t, inputs), targets)
+        )
 
         def hvp(v: torch.Tensor) -> torch.Tensor:
-            return torch.func.jvp(grad_fn, (theta,), (v,))[1]
+            return jvp_with_targets(grad_fn, theta, v, batch.targets)
 
         return self._vmap(hvp, V)
 
     def _batch_matmat_autograd(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
         theta, g = self._gradient_graph(batch)
         k = V.shape[1]
+        if not g.requires_grad:  # the gradient does not depend on theta: a loss linear in it
+            return torch.zeros_like(V)
         with torch.enable_grad():
             cols = [
                 torch.autograd.grad(g, theta, V[:, j], retain_graph=self.cache_graph or j + 1 < k)[

@@ -60,10 +60,12 @@ def default_sigma(eigenvalues: np.ndarray) -> float:
     absolute width is wrong for some network.  A width tied to the range resolves
     the bulk-vs-outlier structure on a linear axis at any scale; near-zero
     structure is what the log-scale histogram is for.  A zero range (e.g. the zero
-    matrix) falls back to 1e-3 so the density stays defined.
+    matrix), or one so small (below ~4e-306) that the density's peak 1/(sigma sqrt(2 pi))
+    would overflow float64, falls back to 1e-3 so the density stays defined and finite.
     """
     span = float(np.max(eigenvalues) - np.min(eigenvalues)) if eigenvalues.size else 0.0
-    return span / 200.0 if span > 0 else 1e-3
+    sigma = span / 200.0
+    return sigma if sigma >= np.finfo(np.float64).tiny else 1e-3
 
 
 @dataclass(frozen=True, eq=False)

@@ -153,3 +153,17 @@ def test_nan_names_iteration(nn_like):
 def test_bad_counts(nn_like, kw):
     with pytest.raises(ValueError):
         spectral_density(nn_like[0], **kw)
+
+
+@pytest.mark.parametrize(
+    "values, sigma",
+    [([0.0, 0.0, 1e-310], 1e-3), ([1e-300, 3e-300, 5e-300], 2e-302), ([0.0, 0.0], 1e-3)],
+)
+def test_density_of_a_vanishing_range_is_finite_and_normalised(values, sigma):
+    """A range whose 1/200 is subnormal would make the density's peak overflow to inf."""
+    s = Spectrum.from_eigenvalues(np.array(values))
+    assert s.density_sigma() == pytest.approx(sigma, rel=1e-12)
+    grid = np.linspace(-8 * sigma, 8 * sigma + max(values), 4001)
+    rho = s.density(grid)
+    assert np.isfinite(rho).all()
+    assert np.trapezoid(rho, grid) == pytest.approx(1.0, abs=1e-6)

@@ -1,0 +1,123 @@
+"""Regression losses and losses linear in the outputs: the vectorised (torch.func) path
+computes them, agrees with double backward, and both equal dense float64 references.
+
+Before, ``nn.MSELoss`` failed inside forward-mode AD ("ZeroTensors are immutable": its
+backward's forward-mode formula writes into the tangent PyTorch gives a target without one),
+so every MSE model fell back, with a warning, to the slower double-backward path; a loss
+whose gradient does not depend on the parameters crashed the double-backward path.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import flat_params, reference_hessian
+from torch import nn
+
+import spectra
+
+F64 = torch.float64
+
+
+def model_and_data(seed: int = 0):
+    """A tanh MLP on 3-D inputs (6 sequences x 5 steps x 8 features), 4 outputs per step."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 4)).double().eval()
+    X = torch.randn(6, 5, 8, dtype=F64)
+    Y = torch.randn(6, 5, 4, dtype=F64)
+    return model, X, Y
+
+
+LOSSES = {
+    "mse": (nn.MSELoss(), lambda y: y),
+    "mse-sum": (nn.MSELoss(reduction="sum"), lambda y: y),
+    "smooth-l1": (nn.SmoothL1Loss(beta=0.5), lambda y: y),
+    "l1": (nn.L1Loss(), lambda y: y),
+    "bce-logits": (nn.BCEWithLogitsLoss(), torch.sigmoid),
+    "kl-div": (nn.KLDivLoss(reduction="batchmean"), lambda y: y.softmax(-1)),
+}
+
+
+def reference_ggn(model: nn.Module, loss_fn, X, Y) -> torch.Tensor:
+    """J^T (d^2 loss / d outputs^2) J over all data, by torch.autograd.functional."""
+    names, shapes, theta = flat_params(model)
+    sizes = [s.numel() for s in shapes]
+
+    def outputs(t: torch.Tensor) -> torch.Tensor:
+        params = {
+            n: p.view(s) for n, p, s in zip(names, torch.split(t, sizes), shapes, strict=True)
+        }
+        return torch.func.functional_call(model, params, (X,))
+
+    z = outputs(theta)
+    J = torch.autograd.functional.jacobian(outputs, theta).reshape(z.numel(), -1)
+    H_out = torch.autograd.functional.hessian(
+        lambda flat: loss_fn(flat.reshape(z.shape), Y), z.detach().reshape(-1)
+    )
+    return J.T @ H_out @ J
+
+
+def dense(op) -> torch.Tensor:
+    return op @ torch.eye(op.shape[0], dtype=op.dtype)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_both_paths_equal_the_dense_references_and_auto_does_not_fall_back(name):
+    loss_fn, make_target = LOSSES[name]
+    model, X, Y = model_and_data()
+    Y = make_target(Y)
+    references = {
+        spectra.hessian_operator: reference_hessian(model, loss_fn, X, Y),
+        spectra.ggn_operator: reference_ggn(model, loss_fn, X, Y),
+    }
+    for build, ref in references.items():
+        scale = max(float(ref.abs().max()), 1.0)
+        for backend in ("func", "autograd"):
+            M = dense(build(model, loss_fn, (X, Y), backend=backend))
+            assert torch.allclose(M, ref, rtol=0, atol=1e-12 * scale), (build, backend)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="torch.func cannot trace")
+            op = build(model, loss_fn, (X, Y))
+            assert torch.allclose(dense(op), ref, rtol=0, atol=1e-12 * scale)
+        assert op.backend == "auto"
+
+
+def test_targets_in_a_mapping_keep_their_labels_and_their_float_parts():
+    model, X, Y = model_and_data(1)
+    mask = torch.rand(6, 5) > 0.3
+
+    def masked_mse(out, t):
+        return ((out - t["y"]).pow(2).sum(-1) * t["mask"]).sum() / t["mask"].sum()
+
+    targets = {"y": Y, "mask": mask}
+    ref = reference_hessian(model, masked_mse, X, targets)
+    for backend in ("func", "autograd"):
+        op = spectra.hessian_operator(
+            model, masked_mse, (X, targets), backend=backend, loss_terms=lambda o, t: t["mask"]
+        )
+        assert torch.allclose(dense(op), ref, rtol=0, atol=1e-12), backend
+
+
+def test_a_loss_linear_in_the_parameters_has_zero_curvature_on_every_path():
+    torch.manual_seed(2)
+    model = nn.Linear(8, 4).double()
+    X = torch.randn(10, 8, dtype=F64)
+    P = torch.randn(10, 4, dtype=F64).softmax(-1)
+    loss_fn = nn.KLDivLoss(reduction="batchmean")  # linear in its (log-probability) input
+    for build in (spectra.hessian_operator, spectra.ggn_operator):
+        for backend in ("func", "autograd"):
+            M = dense(build(model, loss_fn, (X, P), backend=backend))
+            assert M.shape == (36, 36) and torch.count_nonzero(M) == 0, (build, backend)
+
+
+def test_a_loss_without_forward_mode_falls_back_to_double_backward_and_agrees():
+    """Huber's backward has no forward-mode formula in PyTorch: 'auto' says so and
+    computes the product by double backward."""
+    model, X, Y = model_and_data(3)
+    loss_fn = nn.HuberLoss(delta=0.5)
+    ref = reference_hessian(model, loss_fn, X, Y)
+    with pytest.warns(UserWarning, match="torch.func cannot trace"):
+        M = dense(spectra.hessian_operator(model, loss_fn, (X, Y)))
+    assert torch.allclose(M, ref, rtol=0, atol=1e-12)
