@@ -54,9 +54,12 @@ from ._common import (
     NoiseBuffers,
     StateDictMixin,
     check_fraction,
+    check_group_keys,
     check_momentum,
     check_nonneg,
+    check_real_params,
     fused_ok,
+    group_params,
     one_device_dtype,
     params_with_grad,
     require_closure,
@@ -404,12 +407,15 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
 
         A refused group is not kept: the check runs on what the group would be before
         torch's ``add_param_group`` appends it."""
+        param_group = group_params(param_group)
+        check_real_params(param_group["params"], type(self).__name__)
         candidate = {**self.defaults, **param_group}
         self._check_group(candidate)
         super().add_param_group(param_group)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_local_entropy_group(group)
+        check_group_keys(group, getattr(self, "defaults", group), type(self).__name__)
         self._check_outer(group)
 
     # -- hooks for subclasses -------------------------------------------------------------

@@ -72,16 +72,21 @@ class SAM(Optimizer):
             return loss
         norms = torch._foreach_norm([p.grad for p in flat])
         gnorm = torch.linalg.vector_norm(torch.stack(norms))
-        perturbations = []
+        # x is kept, not recomputed as (x + e) - e, which rounds: the base step starts
+        # from exactly the weights the first gradient was taken at
+        originals = [torch._foreach_mul(params, 1.0) if params else [] for params in active]
+        scale = 1.0 / (float(gnorm) + 1e-12)
         for group, params in zip(self.param_groups, active, strict=True):
             # the worst point in the ball: uphill for a loss, downhill when maximising
             sign = -1.0 if group.get("maximize", False) else 1.0
-            e = torch._foreach_mul([p.grad for p in params], sign * group["rho"] / (gnorm + 1e-12))
-            torch._foreach_add_(params, e)
-            perturbations.append(e)
+            if params:
+                torch._foreach_add_(
+                    params, [p.grad for p in params], alpha=sign * group["rho"] * scale
+                )
         closure()
-        for params, e in zip(active, perturbations, strict=True):
-            torch._foreach_sub_(params, e)
+        for params, x in zip(active, originals, strict=True):
+            if params:
+                torch._foreach_copy_(params, x)
         self.base_optimizer.step()
         return loss
 

@@ -13,7 +13,10 @@ from ._common import (
     Closure,
     NoiseBuffers,
     StateDictMixin,
+    check_group_keys,
     check_nonneg,
+    check_real_params,
+    group_params,
     params_with_grad,
     resolve_foreach,
 )
@@ -62,6 +65,15 @@ class SGLD(StateDictMixin, Optimizer):
         super().__init__(params, defaults)
         self.generator = generator
         self._noise = NoiseBuffers()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, refusing complex parameters and torch options SGLD does not have."""
+        param_group = group_params(param_group)
+        check_real_params(param_group["params"], "SGLD")
+        check_group_keys(param_group, getattr(self, "defaults", param_group), "SGLD")
+        if hasattr(self, "defaults"):
+            _check({**self.defaults, **param_group})
+        super().add_param_group(param_group)
 
     #: Closure calls one :meth:`step` makes when given a closure: one (an effective epoch
     #: is a data pass), as for ``torch.optim.SGD``.

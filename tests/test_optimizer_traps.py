@@ -1,0 +1,132 @@
+"""Inputs on which the optimizers used to go silently wrong (an outside probe found them),
+each now computed right or refused with what to do.
+
+References: torch.optim.SGD's default (foreach) path, and the update in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entropy_opt import SAM, SGLD, EntropyAdam, EntropySGD
+from entropy_opt._common import FUSED_CHECK_LENGTHS, fused_ok
+
+#: Entropy-SGD reduced to its outer rule (Algorithm 1 with L = 1, alpha = 1, gamma = 0, no
+#: noise and an SGLD step of 1 is plain SGD).
+REDUCTION = dict(L=1, alpha=1.0, gamma=0.0, noise=0.0, sgld_lr=1.0, scoping="constant")
+
+
+def _three_steps(make, dtype: torch.dtype, n: int = 64) -> torch.Tensor:
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(n).to(dtype))
+    target = torch.randn(n)
+    opt = make([p])
+
+    def closure():
+        opt.zero_grad()
+        loss = ((p.float() - target) ** 2).sum() / 2
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    return p.detach().float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_momentum_in_reduced_precision_matches_torch_sgd(dtype):
+    """torch 2.13's CPU _fused_sgd_ is wrong for bfloat16/float16 from ~16 elements on;
+    the fused-kernel check (3 elements only) used to let it through: off by ~2 here."""
+    ref = _three_steps(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True), dtype)
+    got = _three_steps(lambda ps: EntropySGD(ps, lr=0.1, momentum=0.9, **REDUCTION), dtype)
+    assert (got - ref).abs().max() <= 4 * torch.finfo(dtype).eps * ref.abs().max()
+
+
+def _kernel_right_at(n: int, dtype: torch.dtype) -> bool:
+    """torch._fused_sgd_'s momentum buffer 0.9 b + g on n numbers, against float64."""
+    P, G, B = (torch.rand(n, dtype=torch.float64).add(0.5).to(dtype) for _ in range(3))
+    want = 0.9 * B.double() + G.double()
+    torch._fused_sgd_(
+        [P],
+        [G],
+        [B],
+        weight_decay=0.0,
+        momentum=0.9,
+        lr=0.1,
+        dampening=0.0,
+        nesterov=False,
+        maximize=False,
+        is_first_step=False,
+    )
+    return bool(torch.allclose(B.double(), want, rtol=8 * torch.finfo(dtype).eps, atol=0))
+
+
+@pytest.mark.skipif(not hasattr(torch, "_fused_sgd_"), reason="no torch._fused_sgd_")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_fused_check_agrees_with_the_kernel_at_every_length(dtype):
+    torch.manual_seed(1)
+    try:
+        right = all(_kernel_right_at(n, dtype) for n in (*FUSED_CHECK_LENGTHS, 64, 4099))
+    except (RuntimeError, NotImplementedError):
+        right = False
+    if fused_ok("sgd", torch.device("cpu"), dtype):
+        assert right
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: EntropySGD(ps, lr=0.1),
+        lambda ps: EntropyAdam(ps, lr=0.1),
+        lambda ps: SGLD(ps, lr=0.1),
+    ],
+    ids=["entropy-sgd", "entropy-adam", "sgld"],
+)
+def test_complex_parameters_are_refused_at_construction_and_in_added_groups(make):
+    """Their noise had half the variance per real part, Entropy-Adam's moment g^2, not |g|^2."""
+    z = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="complex parameters.*view_as_complex"):
+        make([z])
+    opt = make([torch.nn.Parameter(torch.randn(4))])
+    with pytest.raises(ValueError, match="complex parameters"):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize(
+    "make, key, value",
+    [
+        (lambda g: EntropySGD(g, lr=0.1), "maximize", True),
+        (lambda g: EntropySGD(g, lr=0.1, momentum=0.9), "dampening", 0.1),
+        (lambda g: EntropyAdam(g, lr=0.1), "amsgrad", True),
+        (lambda g: SGLD(g, lr=0.1), "momentum", 0.9),
+    ],
+)
+def test_torch_options_these_optimizers_lack_are_refused_in_a_group(make, key, value):
+    """torch ignores unknown group entries: a group copied from a torch config with
+    maximize=True would quietly minimise."""
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=f"does not implement {key}="):
+        make([{"params": [p], key: value}])
+    neutral = {"maximize": False, "dampening": 0.0, "amsgrad": False, "momentum": 0.0}[key]
+    make([{"params": [p], key: neutral}])  # the neutral value means what it says
+
+
+def test_sam_returns_to_exactly_the_weights_it_left():
+    """x was restored as (x + e) - e, which rounds: with lr = 0 weights drifted by ulps."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1000))
+    x0 = p.detach().clone()
+    target = torch.randn(1000)
+    opt = SAM([p], torch.optim.SGD, rho=0.05, lr=0.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((p - target) ** 2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(100):
+        opt.step(closure)
+    assert torch.equal(p.detach(), x0)
