@@ -54,7 +54,7 @@ class Batch:
     terms: float
 
 
-def _is_pair(data: Any) -> bool:
+def is_pair(data: Any) -> bool:
     """One (inputs, targets) batch rather than a sequence of two batches.
 
     Targets that are a tensor or None make it one batch; so do tensor inputs, whatever
@@ -207,7 +207,7 @@ class DataSource:
         batch_dim: int = 0,
         count_samples: CountSamples | None = None,
     ) -> None:
-        if _is_pair(data):
+        if is_pair(data):
             self._data: Iterable[Any] = [tuple(data)]
         elif isinstance(data, Iterable) and not isinstance(data, _LEAF + (str, Mapping)):
             self._data = list(data) if iter(data) is data else data

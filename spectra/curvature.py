@@ -384,8 +384,7 @@ class CurvatureOperator(LinearOperator):
             data, self.device, dtype, batch_dim=self.batch_dim, count_samples=count_samples
         )
         self.source.count(self._sum_over_ranks_int if self.process_group is not None else None)
-        if self.source.num_batches > 1 or self.process_group is not None:
-            self._warn_batch_statistics(model)
+        self._check_batch_statistics(model)
         self.theta = self.view.flat_params(dtype)
         self._fixed = {f"model.{k}": v for k, v in self.view.fixed_state(dtype).items()}
         self._paths_checked = backend not in ("auto", "func")
@@ -399,16 +398,21 @@ class CurvatureOperator(LinearOperator):
             kind, terms_rule, sum_loss, how, loss_terms is not None
         )
 
-    def _warn_batch_statistics(self, model: nn.Module) -> None:
-        """BatchNorm normalises by the batch in train mode, and always without running
-        statistics: then the operator depends on how the data are split, and says so."""
-        batch_norms = [
+    def batch_statistics_norms(self) -> list[nn.Module]:
+        """The BatchNorm layers that normalise by the batch's own statistics here: all of
+        them in train mode, and those without running statistics in eval mode too."""
+        return [
             m
-            for m in model.modules()
+            for m in self.model.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and (self.train_mode or m.running_mean is None)
         ]
-        if not batch_norms:
+
+    def _check_batch_statistics(self, model: nn.Module) -> None:
+        """Over several batches (or ranks) such layers make the operator depend on how the
+        data are split: a warning says so."""
+        batch_norms = self.batch_statistics_norms()
+        if not batch_norms or (self.source.num_batches == 1 and self.process_group is None):
             return
         why = "train_mode=True" if self.train_mode else "track_running_stats=False"
         eval_hint = "; for the model as evaluated use train_mode=False" if self.train_mode else ""
@@ -499,6 +503,27 @@ class CurvatureOperator(LinearOperator):
             itemsize = torch.empty((), dtype=self.dtype).element_size()
             self._column_bytes = TANGENT_COPIES * sum(saved.values()) + 4 * itemsize * self.shape[0]
         return self._column_bytes
+
+    def weight_layout(self, name: str) -> str | None:
+        """How the module holding the 2-D parameter ``name`` applies it to features.
+
+        ``"out_in"``: ``y = x W^T``, W of shape (d_out, d_in) (``nn.Linear``, the input
+        projections of ``nn.MultiheadAttention``); ``"in_out"``: ``y = x W``, W of shape
+        (d_in, d_out) (Hugging Face's ``Conv1D`` in GPT-2 and its kin).  None when the
+        module is neither, so the layout cannot be told from the model.
+        """
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = self.model.get_submodule(module_name)
+        except AttributeError:
+            return None
+        if isinstance(module, nn.Linear) and attr == "weight":
+            return "out_in"
+        if isinstance(module, nn.MultiheadAttention) and attr.endswith("proj_weight"):
+            return "out_in"
+        if type(module).__name__ == "Conv1D" and attr == "weight" and hasattr(module, "nf"):
+            return "in_out"
+        return None
 
     # --- the model as a pure function of theta ---------------------------------
     @property

@@ -6,7 +6,8 @@ import warnings
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.nn.utils.rnn import PackedSequence, pack_sequence, pad_packed_sequence
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .batches import Batch
 from .curvature import CurvatureOperator
@@ -39,6 +40,21 @@ class EmpiricalFisherOperator(CurvatureOperator):
     (default: the whole batch, m x n).  Targets must have the sample dimension.
     """
 
+    def _check_batch_statistics(self, model: torch.nn.Module) -> None:
+        """Refuse BatchNorm on batch statistics: each sample runs as a batch of one, so it
+        would be normalised by its own statistics (not the batch's, as in the loss and in
+        the Hessian and GGN of the same model and mode): another function's gradients."""
+        batch_norms = self.batch_statistics_norms()
+        if batch_norms:
+            why = "train_mode=True" if self.train_mode else "track_running_stats=False"
+            raise ValueError(
+                f"the empirical Fisher runs each sample as a batch of one, and "
+                f"{type(batch_norms[0]).__name__} with {why} would normalise it by its own "
+                "statistics: the per-sample gradients would be those of another function "
+                "than the loss. Use eval mode with running statistics (train_mode=False, "
+                "the default), or the Hessian or GGN operator"
+            )
+
     def _check_rule(self, rule: LossReduction, batch: Batch) -> None:
         """Refuse the rule where the Fisher's scale would be a guess.
 
@@ -63,7 +79,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     def per_sample_gradients(self, batch: Batch) -> torch.Tensor:
         """(m, n) gradients of each sample's summed loss at the point."""
-        if self.backend != "autograd":
+        if self.backend != "autograd" and not _has_packed(batch.inputs):
             try:
                 return self._per_sample_vmap(batch)
             except (RuntimeError, NotImplementedError) as exc:
@@ -82,10 +98,12 @@ class EmpiricalFisherOperator(CurvatureOperator):
         d, m = self.batch_dim, batch.size
 
         def dim(t: Any) -> int | None:
+            if isinstance(t, PackedSequence):  # its sequences are the samples
+                return d
             ok = isinstance(t, torch.Tensor) and t.ndim > d and t.shape[d] == m
             return d if ok else None
 
-        target_dims = tree_map(dim, batch.targets)
+        target_dims = tree_map(dim, batch.targets, is_leaf=_is_packed)
         if batch.targets is not None and all(
             x is None for x in torch.utils._pytree.tree_leaves(target_dims)
         ):
@@ -96,7 +114,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
                 "give the targets the inputs' sample dimension (e.g. (batch, time) labels "
                 "rather than flattened ones)"
             )
-        return tree_map(dim, batch.inputs), target_dims
+        return tree_map(dim, batch.inputs, is_leaf=_is_packed), target_dims
 
     def _sample_loss(self, theta: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
         return self.reduction.summed(self.loss_fn, self.outputs(theta, x), y)
@@ -138,10 +156,10 @@ class EmpiricalFisherOperator(CurvatureOperator):
         def head(obj: Any, dims: Any) -> Any:
             return (
                 tree_map(
-                    lambda t, k: t.narrow(d, 0, m) if k is not None else t,
+                    lambda t, k: _take(t, d, range(m)) if k is not None else t,
                     obj,
                     dims,
-                    is_leaf=lambda t: t is None,
+                    is_leaf=_none_or_packed,
                 )
                 if obj is not None
                 else None
@@ -157,7 +175,10 @@ class EmpiricalFisherOperator(CurvatureOperator):
         )
 
     def _batch_matmat(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
-        G = self._per_sample_vmap(batch)
+        if _has_packed(batch.inputs):  # vmap cannot split one; the loop can
+            G = self._per_sample_loop(batch)
+        else:
+            G = self._per_sample_vmap(batch)
         return G.T @ (G @ V) / batch.terms
 
     def _batch_matmat_autograd(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
@@ -186,11 +207,32 @@ def _select_where(obj: Any, dims: Any, d: int, i: int) -> Any:
     if obj is None:
         return None
     return tree_map(
-        lambda t, k: t.narrow(d, i, 1) if k is not None else t,
+        lambda t, k: _take(t, d, range(i, i + 1)) if k is not None else t,
         obj,
         dims,
-        is_leaf=lambda t: t is None,
+        is_leaf=_none_or_packed,
     )
+
+
+def _is_packed(t: Any) -> bool:
+    return isinstance(t, PackedSequence)
+
+
+def _none_or_packed(t: Any) -> bool:
+    return t is None or isinstance(t, PackedSequence)
+
+
+def _has_packed(obj: Any) -> bool:
+    return any(_is_packed(t) for t in tree_leaves(obj, is_leaf=_is_packed))
+
+
+def _take(t: Any, d: int, rows: range) -> Any:
+    """Samples ``rows`` of a tensor (along ``d``) or of a PackedSequence (its sequences,
+    in the order the batch gives them, which is how the targets are ordered)."""
+    if not isinstance(t, PackedSequence):
+        return t.narrow(d, rows.start, len(rows))
+    padded, lengths = pad_packed_sequence(t, batch_first=True)
+    return pack_sequence([padded[j, : lengths[j]] for j in rows], enforce_sorted=False)
 
 
 #: The function-style name of :class:`EmpiricalFisherOperator` (arguments as for

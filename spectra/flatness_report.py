@@ -230,6 +230,7 @@ def flatness(
     rhos: Sequence[float] = (0.01, 0.05, 0.1),
     sharpness: Sequence[str] = ("worst", "average"),
     feature_layer: str | None = None,
+    feature_layout: str = "auto",
     slq_probes: int = 10,
     slq_steps: int = 80,
     trace_matvecs: int = 99,
@@ -260,6 +261,9 @@ def flatness(
             (Monte Carlo, ``average_sharpness@rho``).
         feature_layer: a 2-D weight's parameter name (e.g. ``"fc2.weight"``) for
             ``relative_flatness``; None skips it.
+        feature_layout: how that weight multiplies the features, ``"auto"`` (read from
+            its module), ``"out_in"`` (``nn.Linear``) or ``"in_out"`` (Hugging Face
+            ``Conv1D``); see :func:`spectra.relative_flatness.relative_flatness`.
         slq_probes, slq_steps, trace_matvecs: matrix-free settings.
         seed: seeds every stochastic estimate (recorded).
         name: a label for tables and plots.
@@ -286,6 +290,10 @@ def flatness(
             f"feature_layer={feature_layer!r} is not among the operator's parameters: "
             f"{', '.join(op.view.names)}"
         )
+    if feature_layer is not None:
+        from .relative_flatness import resolve_layout
+
+        feature_layout = resolve_layout(op, feature_layer, feature_layout)
     exact = op.shape[0] <= exact_threshold if method == "auto" else method == "exact"
     seconds: dict[str, float] = {}
     measures: dict[str, Measure] = {"loss": Measure(op.loss, method="exact")}
@@ -304,7 +312,7 @@ def flatness(
         seconds["sharpness"] = time.perf_counter() - t0
     if feature_layer is not None:
         t0 = time.perf_counter()
-        _relative_flatness_measure(op, measures, feature_layer, seed)
+        _relative_flatness_measure(op, measures, feature_layer, feature_layout, seed)
         seconds["relative_flatness"] = time.perf_counter() - t0
     info = {
         "method": "exact" if exact else "matrix-free",
@@ -500,11 +508,13 @@ def _sharpness_measures(
 
 
 def _relative_flatness_measure(
-    op: CurvatureOperator, measures: dict[str, Measure], layer: str, seed: int
+    op: CurvatureOperator, measures: dict[str, Measure], layer: str, layout: str, seed: int
 ) -> None:
     from .relative_flatness import relative_flatness
 
-    measures["relative_flatness"] = _measure_from(relative_flatness(op, layer, seed=seed))
+    measures["relative_flatness"] = _measure_from(
+        relative_flatness(op, layer, seed=seed, layout=layout)
+    )
 
 
 def _measure_from(estimate: Any) -> Measure:

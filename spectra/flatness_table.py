@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
-from .batches import batch_size
+from .batches import batch_size, is_pair
 from .flatness_report import FlatnessReport, flatness
 
 __all__ = ["FlatnessTable", "compare_minima", "split_data"]
@@ -184,7 +185,7 @@ def split_data(data: Any, k: int, batch_dim: int = 0) -> list[Any]:
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise ValueError(f"subsets must be an int >= 2, got {k!r}")
-    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[1], tuple | list):
+    if is_pair(data):  # one batch, by the operators' rule
         inputs, targets = data
         m = batch_size(inputs, targets, batch_dim)
         if m < k:
@@ -204,8 +205,16 @@ def split_data(data: Any, k: int, batch_dim: int = 0) -> list[Any]:
 
 
 def _narrow(obj: Any, dim: int, m: int, a: int, b: int) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.narrow(dim, a, b - a) if obj.ndim > dim and obj.shape[dim] == m else obj
+    """Samples a:b of every tensor or array in ``obj`` with m along ``dim``."""
+    if isinstance(obj, PackedSequence):
+        raise ValueError(
+            "cannot cut a PackedSequence into subsets by samples; pass a list of at least "
+            "`subsets` (inputs, targets) batches instead, which are dealt out whole"
+        )
+    if isinstance(obj, torch.Tensor | np.ndarray):
+        if obj.ndim > dim and obj.shape[dim] == m:
+            return obj[(slice(None),) * dim + (slice(a, b),)]
+        return obj
     if isinstance(obj, Mapping):
         return {key: _narrow(v, dim, m, a, b) for key, v in obj.items()}
     if isinstance(obj, tuple | list):

@@ -157,6 +157,28 @@ def test_split_data_is_disjoint_and_complete():
         split_data((X, y), 1)
 
 
+def test_split_data_cuts_numpy_and_list_pairs_by_samples_and_refuses_packed_sequences():
+    """A NumPy pair was not cut (every "subset" was all the data: a spread of 0), a list
+    pair was dealt out as two batches, a PackedSequence crashed inside namedtuple."""
+    X, y = dataset(40)
+    tensors = [(len(a), len(b)) for a, b in split_data((X, y), 4)]
+    assert tensors == [(10, 10)] * 4
+    for data in ((X.numpy(), y.numpy()), [X, y], [X.numpy(), y]):
+        parts = split_data(data, 4)
+        assert [(len(a), len(b)) for a, b in parts] == tensors
+        np.testing.assert_array_equal(np.concatenate([np.asarray(a) for a, _ in parts]), X)
+    spreads = [
+        spectra.compare_minima({"a": mlp(0)}, nn.CrossEntropyLoss(), d, subsets=4, rhos=()).spread(
+            "a", "trace"
+        )
+        for d in ((X, y), (X.numpy(), y.numpy()))
+    ]
+    assert spreads[0] > 0 and spreads[1] == pytest.approx(spreads[0], rel=1e-12)
+    packed = torch.nn.utils.rnn.pack_sequence([torch.randn(3, 2), torch.randn(2, 2)])
+    with pytest.raises(ValueError, match="PackedSequence.*list of at least"):
+        split_data((packed, torch.tensor([0, 1])), 2)
+
+
 def test_invariant_measures_survive_rescaling_while_the_spectrum_moves():
     model, (X, y) = mlp(), dataset()
     twin = rescaled_twin(model, 10.0)

@@ -75,3 +75,57 @@ def test_per_layer_operator_is_principal_block(factory):
     full = factory(model, loss, (X, y)).to_dense()
     last = factory(model, loss, (X, y), params=["2.*"]).to_dense()
     torch.testing.assert_close(last, full[30:, 30:], rtol=1e-12, atol=1e-14)
+
+
+# --- per-sample inputs the empirical Fisher used to mishandle ---------------------------------
+
+
+def test_empirical_fisher_of_packed_sequences_is_the_sum_over_each_sequence_alone():
+    """Its sequences are the samples (tree_map used to rebuild the PackedSequence from ints)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
+
+    torch.manual_seed(0)
+
+    class Last(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, packed):
+            _, (h, _) = self.rnn(packed)
+            return self.fc(h[-1])
+
+    model = Last().double()
+    x = torch.randn(5, 6, 3, dtype=F64)
+    lengths = torch.tensor([4, 6, 2, 5, 3])  # unsorted: the targets follow this order
+    y = torch.randint(0, 2, (5,))
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    params = [p for p in model.parameters()]
+    grads = []
+    for i in range(5):
+        loss = nn.functional.cross_entropy(model(pack_sequence([x[i, : lengths[i]]])), y[i : i + 1])
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    G = torch.stack(grads)
+    want = G.T @ G / 5
+    op = spectra.empirical_fisher_operator(model, nn.CrossEntropyLoss(), (packed, y))
+    torch.testing.assert_close(op @ torch.eye(op.shape[0], dtype=F64), want, rtol=0, atol=1e-13)
+    diag = spectra.empirical_fisher_diagonal(model, nn.CrossEntropyLoss(), (packed, y))
+    torch.testing.assert_close(
+        torch.as_tensor(diag.values), torch.diagonal(want), rtol=0, atol=1e-13
+    )
+
+
+@pytest.mark.parametrize("how", ["train_mode", "no_running_stats"])
+def test_empirical_fisher_refuses_batchnorm_on_batch_statistics(how):
+    """Each sample would be normalised by its own statistics: another function's gradients
+    (23% off the per-sample gradients under the batch's statistics on a conv net)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4, track_running_stats=how != "no_running_stats")
+    model = nn.Sequential(nn.Linear(3, 4), bn, nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(8, 3, dtype=F64), torch.randint(0, 2, (8,))
+    with pytest.raises(ValueError, match="batch of one.*train_mode=False"):
+        spectra.empirical_fisher_operator(
+            model, nn.CrossEntropyLoss(), (X, y), train_mode=how == "train_mode"
+        )
+    if how == "train_mode":  # eval mode with running statistics is per-sample and accepted
+        spectra.empirical_fisher_operator(model, nn.CrossEntropyLoss(), (X, y))

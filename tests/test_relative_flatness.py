@@ -170,3 +170,74 @@ def test_not_an_operator_is_refused_and_the_result_is_frozen(data):
     assert "4.weight 3x16" in repr(r)
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.value = 0.0
+
+
+# --- the layout of the stored weight --------------------------------------------------------
+
+
+def test_gpt2_conv1d_weight_is_read_as_x_at_w_and_equals_the_same_layer_as_linear():
+    """Hugging Face's Conv1D stores W as (d_in, d_out) and computes x @ W: the measure must
+    pair the weights into each output unit, the columns (it read rows: 2.6x off)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=8)
+    model = GPT2LMHeadModel(config).double().eval()
+    ids = torch.randint(0, 11, (4, 5))
+    name = "transformer.h.0.mlp.c_fc.weight"
+
+    def forward(m, batch):
+        return m(**batch).logits.transpose(1, 2)
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    W = params[name]  # (d_in, d_out) = (8, 32)
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        logits = torch.func.functional_call(model, {**params, name: w}, (), {"input_ids": ids})
+        return nn.functional.cross_entropy(logits.logits.transpose(1, 2), ids)
+
+    H = torch.autograd.functional.hessian(loss, W)  # (t, s, t', s'): input t -> unit s
+    m_in, d = W.shape
+    want = 0.0
+    for s in range(d):
+        for s2 in range(d):
+            want += float(W[:, s] @ W[:, s2]) * sum(float(H[t, s, t, s2]) for t in range(m_in))
+    op = spectra.hessian_operator(
+        model, nn.CrossEntropyLoss(), ({"input_ids": ids}, ids), forward=forward, params=[name]
+    )
+    assert op.weight_layout(name) == "in_out"
+    got = relative_flatness(op, name, method="exact")
+    assert got.value == pytest.approx(want, rel=1e-10)
+    assert got.shape == (32, 8)
+    # the explicit layout gives the same; the other layout is a different number
+    assert relative_flatness(op, name, method="exact", layout="in_out").value == got.value
+    wrong = relative_flatness(op, name, method="exact", layout="out_in").value
+    assert abs(wrong - want) > 0.1 * abs(want)
+
+
+def test_a_weight_of_an_unknown_module_needs_its_layout_named(data):
+    class Scaled(nn.Module):  # y = x @ W: nothing in the model says so
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(5, 3, dtype=F64))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    X, y = data
+    torch.manual_seed(3)
+    model = nn.Sequential(Scaled())
+    op = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y))
+    with pytest.raises(ValueError, match="layout='in_out' if it computes x @ W"):
+        relative_flatness(op, "0.weight")
+    with pytest.raises(ValueError, match="layout="):
+        spectra.flatness(model, nn.CrossEntropyLoss(), (X, y), feature_layer="0.weight")
+    linear = nn.Linear(5, 3, bias=False).double()
+    linear.weight.data.copy_(model[0].weight.data.T)
+    twin = spectra.hessian_operator(linear, nn.CrossEntropyLoss(), (X, y))
+    want = reference_kappa(linear, "weight", X, y)
+    assert relative_flatness(twin, "weight", method="exact").value == pytest.approx(want, rel=1e-10)
+    got = relative_flatness(op, "0.weight", method="exact", layout="in_out")
+    assert got.value == pytest.approx(want, rel=1e-10)
