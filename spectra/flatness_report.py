@@ -19,7 +19,8 @@ Exact or matrix-free is chosen by size: n <= :data:`EXACT_THRESHOLD` builds
 and diagonalises the Hessian (every spectrum measure exact); above it the
 Hessian is never built (Lanczos for the extremes, Hutch++ for the trace, SLQ
 for the near-zero fraction and the local entropy, which are then coarse at
-SLQ's resolution).  The report says which.
+SLQ's resolution; a near-zero fraction's interval comes from each probe's
+Chebyshev-Markov-Stieltjes bounds, so it says how coarse).  The report says which.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torch import nn
 from ._checks import check_real
 from .checkpoint import atomic_write_json
 from .curvature import CurvatureOperator
+from .density import gauss_mass_bounds
 from .hessian import hessian_operator
 from .laplace import laplace_table
 from .spectrum import Spectrum
@@ -72,6 +74,11 @@ class Measure:
         method: "exact", "lanczos", "hutch++", "slq", "ascent", "monte-carlo", ...
         details: matvecs or gradient evaluations, samples, seeds, converged flags,
             seconds, and measure-specific extras (JSON-ready).
+        bracket: [lower, upper], the probes' mean of per-probe bounds that hold for each
+            probe's exact value (SLQ's near-zero fractions: the Gauss rule's
+            Chebyshev-Markov-Stieltjes bounds, :func:`spectra.density.gauss_mass_bounds`),
+            or None.  ``value`` is the rule's own estimate, inside the bracket.
+        bracket_stderr: [se of lower, se of upper] over the probes, or None.
     """
 
     value: float
@@ -79,10 +86,17 @@ class Measure:
     error_bound: float | None = None
     method: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    bracket: list[float] | None = None
+    bracket_stderr: list[float] | None = None
 
     @property
     def uncertainty(self) -> float | None:
-        """The error bar to print: the standard error, else the deterministic bound."""
+        """The error bar to print: for a bracketed measure the larger distance from
+        ``value`` to an end of its 95% :meth:`interval`; else the standard error, else
+        the deterministic bound."""
+        if self.bracket is not None:
+            lo, hi = self.interval(0.95)
+            return max(self.value - lo, hi - self.value)
         return self.stderr if self.stderr is not None else self.error_bound
 
     def interval(self, confidence: float = 0.95) -> tuple[float, float]:
@@ -93,8 +107,17 @@ class Measure:
         ``details["samples"]`` for Hutch++'s residual probes; a normal quantile where
         neither is recorded).  With SLQ's default 10 probes, 3 standard errors are
         too narrow (a probe saw errors up to 4 of them), t's 99.7% is 4.1.  A
-        deterministic bound: ``value +- error_bound`` whatever ``confidence``.
+        deterministic bound: ``value +- error_bound`` whatever ``confidence``.  A
+        bracketed measure: the lower end of the bracket less t standard errors of it,
+        to the upper end plus t of its own (each probe's exact value lies in its
+        bracket, so this covers the exact value with at least ``confidence``).
         """
+        if self.bracket is not None:
+            draws = self.details.get("probes")
+            se = self.bracket_stderr or [0.0, 0.0]
+            lo = confidence_interval(self.bracket[0], se[0], draws, confidence)[0]
+            hi = confidence_interval(self.bracket[1], se[1], draws, confidence)[1]
+            return max(lo, 0.0), min(hi, 1.0)  # brackets are of fractions of the spectrum
         if self.stderr is not None:
             draws = self.details.get("probes", self.details.get("samples"))
             return confidence_interval(self.value, self.stderr, draws, confidence)
@@ -154,7 +177,11 @@ class FlatnessReport(Mapping[str, float]):
             f"{self.info.get('method')}, {self.info.get('dtype')}"
         ]
         for key, m in self._measures.items():
-            err = "" if m.uncertainty is None else f" +/- {m.uncertainty:.2g}"
+            if m.bracket is not None:
+                lo, hi = m.interval(0.95)
+                err = f" in [{lo:.2g}, {hi:.2g}]"
+            else:
+                err = "" if m.uncertainty is None else f" +/- {m.uncertainty:.2g}"
             lines.append(f"  {key:<{width}}  {m.value:>12.6g}{err:<12}  {m.method}")
         return "\n".join(lines)
 
@@ -467,17 +494,35 @@ def _spectrum_measures(
             "note": "quadrature-node weights: coarse at SLQ's resolution",
         }
 
+    def probe_stderr(values: list[float]) -> float | None:
+        if len(values) < 2:
+            return None
+        return float(np.std(values, ddof=1) / math.sqrt(len(values)))
+
     def add(key: str, read: Callable[[Spectrum], float], **extra: Any) -> None:
-        stderr = None
-        if per_probe is not None and len(per_probe) > 1:
-            stderr = float(np.std([read(s) for s in per_probe], ddof=1) / math.sqrt(len(per_probe)))
+        stderr = None if per_probe is None else probe_stderr([read(s) for s in per_probe])
         measures[key] = Measure(
             read(spectrum), stderr=stderr, method=how, details={**details, **extra}
         )
 
     add("negative_mass", Spectrum.negative_mass)
     for tol in tols:
-        add(f"near_zero_fraction@{tol:g}", lambda s, tol=tol: s.fraction_near_zero(tol))
+        key = f"near_zero_fraction@{tol:g}"
+        add(key, lambda s, tol=tol: s.fraction_near_zero(tol))
+        if per_probe is not None:  # the rule's value can be far off below its resolution
+            bounds = np.array(
+                [gauss_mass_bounds(s.eigenvalues, s.weights, -tol, tol) for s in per_probe]
+            )
+            se = [probe_stderr(list(bounds[:, j])) or 0.0 for j in (0, 1)]
+            m = measures[key]
+            measures[key] = Measure(
+                m.value,
+                stderr=m.stderr,
+                method=m.method,
+                details={**m.details, "bracket": "Chebyshev-Markov-Stieltjes, per probe"},
+                bracket=[float(bounds[:, 0].mean()), float(bounds[:, 1].mean())],
+                bracket_stderr=se,
+            )
     for gamma, le in laplace_table(spectrum, gammas, loss).items():
         add(
             f"local_entropy@{gamma:g}",

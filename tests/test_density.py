@@ -167,3 +167,53 @@ def test_density_of_a_vanishing_range_is_finite_and_normalised(values, sigma):
     rho = s.density(grid)
     assert np.isfinite(rho).all()
     assert np.trapezoid(rho, grid) == pytest.approx(1.0, abs=1e-6)
+
+
+def _lanczos_rule(A: np.ndarray, v: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """m steps of Lanczos with full reorthogonalisation (twice): Ritz values, weights."""
+    Q = np.zeros((len(v), m))
+    alpha, beta = np.zeros(m), np.zeros(m)
+    q = v / np.linalg.norm(v)
+    for j in range(m):
+        Q[:, j] = q
+        w = A @ q
+        alpha[j] = q @ w
+        for _ in range(2):
+            w -= Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+        beta[j] = np.linalg.norm(w)
+        q = w / beta[j]
+    T = np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1)
+    theta, U = np.linalg.eigh(T)
+    return theta, U[0] ** 2
+
+
+def test_gauss_mass_bounds_hold_for_every_interval_and_probe():
+    """Chebyshev-Markov-Stieltjes: each probe's exact spectral mass in [lo, hi] lies within
+    the bounds read off its m-point rule (nodes inside, +- the neighbours / outermost)."""
+    from spectra.density import gauss_mass_bounds
+
+    rng = np.random.default_rng(0)
+    n, widths = 200, []
+    for _ in range(40):
+        lam = np.concatenate(
+            [rng.normal(0, 1e-3, 100), rng.exponential(1, 90), -rng.exponential(0.1, 10)]
+        )
+        Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+        v = rng.choice([-1.0, 1.0], n)
+        mass = (Q.T @ v) ** 2 / n  # the probe's weight on each eigenvalue
+        theta, w = _lanczos_rule((Q * lam) @ Q.T, v, int(rng.integers(4, 50)))
+        intervals = [tuple(sorted(rng.uniform(-0.5, 2, 2))) for _ in range(10)]
+        intervals += [(-t, t) for t in (1e-4, 1e-3, 1e-2, 1e-1)]
+        for lo, hi in intervals:
+            truth = mass[(lam >= lo) & (lam <= hi)].sum()
+            lower, upper = gauss_mass_bounds(theta, w, lo, hi)
+            assert lower - 1e-12 <= truth <= upper + 1e-12
+            assert lower <= w[(theta >= lo) & (theta <= hi)].sum() <= upper
+            widths.append(upper - lower)
+    assert 0 < np.mean(widths) < 0.5  # informative, not the trivial [0, 1]
+    # no node inside: at most the two neighbours' weight; three inside: the middle one's
+    theta = np.array([-1.0, 0.0, 2.0])
+    assert gauss_mass_bounds(theta, np.full(3, 1 / 3), 0.5, 1.5) == (0.0, pytest.approx(2 / 3))
+    assert gauss_mass_bounds(theta, np.full(3, 1 / 3), -1, 2) == (pytest.approx(1 / 3), 1.0)
+    with pytest.raises(ValueError, match="lo <= hi"):
+        gauss_mass_bounds(theta, np.full(3, 1 / 3), 1.0, 0.0)

@@ -71,12 +71,38 @@ def test_matrix_free_agrees_with_exact_within_its_error_bars():
         assert m.method == "slq" and m.stderr is not None and m.details["probes"] == 8
         assert abs(m.value - exact[key]) <= 4 * m.stderr + 1e-3 * abs(exact[key]), key
         lo, hi = m.interval(0.997)  # Student's t, 7 degrees of freedom: 4.53 stderr
-        assert hi - lo == pytest.approx(2 * scipy.stats.t.ppf(0.9985, 7) * m.stderr)
+        if m.bracket is None:
+            assert hi - lo == pytest.approx(2 * scipy.stats.t.ppf(0.9985, 7) * m.stderr)
+        else:  # the per-probe Gauss-rule bounds, widened by their own errors
+            assert lo <= m.bracket[0] <= m.value <= m.bracket[1] <= hi
         assert lo - 1e-3 * abs(exact[key]) <= exact[key] <= hi + 1e-3 * abs(exact[key]), key
     lo, hi = tr.interval(0.997)  # Hutch++'s residual probes
     assert tr.details["samples"] == 99 - 2 * 33 and lo <= exact["trace"] <= hi
     m = free.measure("top_eigenvalue")
     assert m.interval() == (m.value - m.error_bound, m.value + m.error_bound)
+
+
+def test_a_near_zero_fraction_below_slq_resolution_gets_an_interval_that_holds_the_truth(
+    tmp_path,
+):
+    """Probe-to-probe errors alone said 0 +- 0 at tol 1e-4 (truth 0.076) and 0.186 +- 0.0045
+    at 1e-3 (truth 0.103, 18 errors away): every probe's rule puts no node that close."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 40), nn.Tanh(), nn.Linear(40, 5)).double()
+    X, y = torch.randn(60, 8, dtype=torch.float64), torch.randint(0, 5, (60,))
+    loss = nn.CrossEntropyLoss()
+    lam = spectra.exact_spectrum(model, loss, (X, y), dtype=torch.float64).eigenvalues
+    free = spectra.flatness(model, loss, (X, y), method="matrix-free", rhos=(), progress=False)
+    for tol in (1e-4, 1e-3, 1e-2):
+        truth = float((np.abs(lam) <= tol).mean())
+        m = free.measure(f"near_zero_fraction@{tol:g}")
+        lo, hi = m.interval(0.95)
+        assert 0.0 <= lo <= truth <= hi <= 1.0, (tol, lo, truth, hi)
+        assert f"in [{lo:.2g}, {hi:.2g}]" in free.summary()
+    m = free.measure("near_zero_fraction@0.001")
+    assert abs(m.value - 0.103) > 4 * m.stderr  # why the bracket is needed
+    back = FlatnessReport.load(free.save(tmp_path / "r")).measure("near_zero_fraction@0.001")
+    assert back.bracket == m.bracket and back.interval() == m.interval()
 
 
 def test_report_is_a_mapping_saves_atomically_and_loads(tmp_path):
