@@ -235,6 +235,21 @@ def jvp_with_targets(
     return torch.func.jvp(of_floats, (x, *primals), (v, *zeros))[1]
 
 
+def _refuse_renormalising_embeddings(model: nn.Module) -> None:
+    """``nn.Embedding(max_norm=...)`` rescales rows of its weight in place inside the
+    forward pass: the loss is then no function of the weights that can be differentiated
+    (the operator's own copy of them moved, and every product failed on a view error)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.max_norm is not None:
+            raise ValueError(
+                f"{name or 'the model'} is an {type(m).__name__} with max_norm={m.max_norm}: it "
+                "renormalises its weight in place during the forward pass, so the loss is not "
+                "a differentiable function of the weights. For the curvature at the current "
+                f"weights set {name or 'it'}.max_norm = None (the rows a forward has renormed "
+                "stay renormed), or renormalise in the forward without in-place writes"
+            )
+
+
 def require_curvature_operator(op: Any, who: str) -> None:
     """Refuse anything but a :class:`CurvatureOperator` for algorithms that move the
     weights (they need the loss away from the point, not only products)."""
@@ -366,6 +381,7 @@ class CurvatureOperator(LinearOperator):
                 f"loss_fn must be callable (outputs, targets) -> scalar, got {loss_fn!r}"
             )
         model = unwrap_compiled(model)
+        _refuse_renormalising_embeddings(model)
         self.view = ParameterView(model, params)
         dtype = computation_dtype(dtype, self.view.dtype)
         super().__init__(self.view.n, dtype, self.view.device)
@@ -386,8 +402,9 @@ class CurvatureOperator(LinearOperator):
         self.source.count(self._sum_over_ranks_int if self.process_group is not None else None)
         self._check_batch_statistics(model)
         self.theta = self.view.flat_params(dtype)
-        self._fixed = {f"model.{k}": v for k, v in self.view.fixed_state(dtype).items()}
-        self._paths_checked = backend not in ("auto", "func")
+        fixed = self.view.with_aliases(self.view.fixed_state(dtype))
+        self._fixed = {f"model.{k}": v for k, v in fixed.items()}
+        self._paths_checked = backend == "finite_difference"
         self._precision = torch.finfo(dtype).eps
         #: machine epsilon of the lowest precision the forward pass computes in (float32
         #: internals of a float64 model, e.g. Hugging Face's RMSNorm, show here)
@@ -533,8 +550,12 @@ class CurvatureOperator(LinearOperator):
 
     def outputs(self, theta: torch.Tensor, inputs: Any) -> Any:
         """Model outputs with the selected parameters set to ``theta`` (shape (n,))."""
-        named = {f"model.{k}": v for k, v in self.view.unflatten(theta).items()}
-        return torch.func.functional_call(self._module, (named, self._fixed), (inputs,))
+        named = {
+            f"model.{k}": v for k, v in self.view.with_aliases(self.view.unflatten(theta)).items()
+        }
+        return torch.func.functional_call(
+            self._module, (named, self._fixed), (inputs,), tie_weights=False
+        )
 
     def batch_loss(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The loss of ``batch`` at ``theta``, reduced as ``loss_fn`` reduces it."""
@@ -771,8 +792,9 @@ class CurvatureOperator(LinearOperator):
             raise RuntimeError(
                 f"two identical forward passes give different losses in train mode "
                 f"({float(loss):.9g} and {float(again):.9g} on batch {batch.index}): the model "
-                "is stochastic (dropout, random augmentation, ...), so every curvature product, "
-                "gradient and diagonal would be a random draw. Use the default eval mode "
+                "is stochastic or keeps state across calls (dropout, random augmentation, "
+                "spectral_norm's power iteration, ...), so every curvature product, gradient "
+                "and diagonal would be a different function's. Use the default eval mode "
                 "(train_mode=False) or make the forward pass deterministic."
             )
 
@@ -856,19 +878,37 @@ class CurvatureOperator(LinearOperator):
             return self._accumulate(V)
 
     def _check_paths(self) -> None:
-        """Compare the vectorised and the double-backward product on one probe.
+        """Compare the vectorised and the double-backward product on one probe; where
+        only one of them runs (or ``backend="autograd"``), check that one is symmetric.
 
         With a process group every rank measures on its own first batch and the
         largest disagreement decides for all, so ranks keep one backend and one
         precision (Lanczos tolerances depend on it)."""
         self._paths_checked = True
-        diff, where = self._path_difference()
+        diff, where, kind = self._path_difference()
         if self.process_group is not None:
             diff = float(self._max_over_ranks(torch.tensor([diff], dtype=torch.float64))[0])
         self._precision = max(self._precision, diff)
         tol = path_tolerance(self.internal_eps)
         if diff <= tol:
             return
+        if kind == "asymmetry":
+            fd = (
+                type(self)._batch_matmat_finite_difference
+                is not CurvatureOperator._batch_matmat_finite_difference
+            )
+            hint = (
+                "; backend='finite_difference' needs first derivatives only"
+                if fd
+                else "; replace that operation (or write it out in plain tensor operations)"
+            )
+            raise RuntimeError(
+                f"{type(self).__name__}: the only product PyTorch computes for this model is "
+                f"not symmetric: u^T A v and v^T A u differ by {diff:.2e} relative (tolerance "
+                f"{tol:.1e}){where}, so it is no curvature matrix. Some operation's double "
+                "backward is wrong (torch.nn.utils.parametrizations.weight_norm's fused "
+                "kernel is one: weight_norm(module, ...) can be written as g * v / v.norm())" + hint
+            )
         message = (
             f"{type(self).__name__}: the vectorised (torch.func) and the double-backward "
             f"products of one probe differ by {diff:.2e} relative (tolerance {tol:.1e}){where}: "
@@ -881,23 +921,43 @@ class CurvatureOperator(LinearOperator):
         warnings.warn(message + "; using double backward for every product", stacklevel=5)
         self.backend = "autograd"
 
-    def _path_difference(self) -> tuple[float, str]:
-        """Relative difference of the two paths on this rank's first batch (0 if only one
-        path exists or there is no batch), and where it was measured."""
+    def _path_difference(self) -> tuple[float, str, str]:
+        """On this rank's first batch: the relative difference of the two paths
+        (``"paths"``), or, where only one runs, that one's asymmetry |u^T A v - v^T A u|
+        / ((|u| |A v| + |v| |A u|) / sqrt(n)) (``"asymmetry"``); 0 where none runs or there
+        is no batch.  Also where it was measured."""
         first = next(self.batches(), None)
         if first is None:
-            return 0.0, ""  # an empty shard of distributed data
+            return 0.0, "", "none"  # an empty shard of distributed data
         batch = self._probe_batch(first)
         gen = torch.Generator(device="cpu").manual_seed(1234)
-        probe = torch.randn((self.shape[0], 1), generator=gen, dtype=torch.float64)
+        probe = torch.randn((self.shape[0], 2), generator=gen, dtype=torch.float64)
         probe = probe.to(dtype=self.dtype, device=self.device)
-        try:
-            block = self._batch_matmat(batch, probe)
-            single = self._batch_matmat_autograd(batch, probe)
-        except (RuntimeError, NotImplementedError):
-            return 0.0, ""  # one path only; _batch_product falls back as documented
-        scale = max(float(single.norm()), float(block.norm()), 1e-300)
-        return float((block - single).norm()) / scale, f" on batch {batch.index}"
+        products = []
+        paths = (
+            (self._batch_matmat_autograd,)
+            if self.backend == "autograd"
+            else (self._batch_matmat, self._batch_matmat_autograd)
+        )
+        for path in paths:
+            try:
+                products.append(path(batch, probe))
+            except (RuntimeError, NotImplementedError):
+                pass  # _batch_product falls back (or raises) as documented
+        where = f" on batch {batch.index}"
+        if len(products) == 2:
+            block, single = products
+            scale = max(float(single.norm()), float(block.norm()), 1e-300)
+            return float((block - single).norm()) / scale, where, "paths"
+        if not products:
+            return 0.0, "", "none"
+        (AV,) = products
+        u, v = probe[:, 0].double(), probe[:, 1].double()
+        Au, Av = AV[:, 0].double(), AV[:, 1].double()
+        # the typical size of a bilinear form of random vectors, so that round-off reads
+        # as ~eps here, as in the comparison of two paths
+        typical = float(u.norm() * Av.norm() + v.norm() * Au.norm()) / math.sqrt(len(u))
+        return abs(float(u @ Av - v @ Au)) / max(typical, 1e-300), where, "asymmetry"
 
     def _probe_batch(self, batch: Batch) -> Batch:
         """The batch the path check runs on (subclasses may take a part of it)."""

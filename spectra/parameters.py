@@ -73,6 +73,7 @@ class ParameterView:
         self.dtype: torch.dtype = max(dtypes, key=lambda d: torch.finfo(d).bits)
         selected = set(self.names)
         self.fixed_names: tuple[str, ...] = tuple(n for n, _ in named if n not in selected)
+        self.aliases: dict[str, tuple[str, ...]] = _slot_aliases(model)
 
     def flat_params(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A detached copy of the selected parameters as one (n,) vector."""
@@ -120,8 +121,48 @@ class ParameterView:
             state[name] = _cast(buf, dtype)
         return state
 
+    def with_aliases(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` with the same tensor also under each other slot that holds it.
+
+        For ``functional_call(..., tie_weights=False)``: every (module, attribute) slot of
+        a tied tensor is named once, so each is swapped once and restored.  Why not
+        ``tie_weights=True``: it names every alias path, and a module reachable under
+        two names (``self.head2 = self.head``) is then swapped twice and restored
+        wrongly, leaving the operator's tensors in the user's model.
+        """
+        out = dict(state)
+        for name, value in state.items():
+            for alias in self.aliases.get(name, ()):
+                out[alias] = value
+        return out
+
     def __repr__(self) -> str:
         return f"ParameterView(n={self.n}, tensors={len(self.names)}, device={self.device})"
+
+
+def _slot_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """For each parameter or buffer name (the first one PyTorch lists), the other names
+    under which the same tensor sits in a *different* (module, attribute) slot."""
+    first: dict[int, str] = {}
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        first.setdefault(id(t), name)
+    slots: dict[str, set[tuple[int, str]]] = {}
+    aliases: dict[str, list[str]] = {}
+    every = (
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    )
+    for name, t in every:
+        head = first[id(t)]
+        owner, _, attr = name.rpartition(".")
+        slot = (id(model.get_submodule(owner)), attr)
+        seen = slots.setdefault(head, set())
+        if slot in seen:  # the same module reached under another path
+            continue
+        seen.add(slot)
+        if name != head:
+            aliases.setdefault(head, []).append(name)
+    return {k: tuple(v) for k, v in aliases.items()}
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
