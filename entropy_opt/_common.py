@@ -77,9 +77,10 @@ def require_closure(closure: Closure | None, who: str) -> Closure:
     return torch.enable_grad()(closure)
 
 
-#: torch.optim hyper-parameters with their neutral values.  In a param group of an
-#: optimizer here that does not implement one (a group copied from a torch config, say),
-#: torch would ignore it silently, so a non-neutral value is refused.
+#: torch.optim hyper-parameters with the values that mean "off" (empty: every value means
+#: something).  In a param group of an optimizer here that does not implement one (a group
+#: copied from a torch config, say), torch would ignore it silently, so any other value
+#: is refused.  Other keys (a scheduler's ``initial_lr``, a user's own) pass as in torch.
 TORCH_OPTIONS_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "maximize": (False,),
     "amsgrad": (False,),
@@ -89,6 +90,13 @@ TORCH_OPTIONS_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "capturable": (False,),
     "differentiable": (False,),
     "fused": (None, False),
+    "decoupled_weight_decay": (False,),
+    "centered": (False,),
+    "lr_decay": (0, 0.0),
+    "initial_accumulator_value": (0, 0.0),
+    "betas": (),
+    "eps": (),
+    "momentum_decay": (),
 }
 
 
@@ -109,14 +117,27 @@ def check_group_keys(group: dict[str, Any], supported: Any, who: str) -> None:
 
 def check_real_params(params: Any, who: str) -> None:
     """Refuse complex parameters: the noise and Adam's second moment here treat a tensor's
-    elements as real numbers (a complex normal draw has half the variance per real part)."""
+    elements as real numbers (a complex normal draw has half the variance per real part).
+    ``params`` may hold tensors or ``(name, tensor)`` pairs (``named_parameters()``)."""
     for p in params:
+        if isinstance(p, tuple) and len(p) == 2:
+            p = p[1]
         if isinstance(p, Tensor) and p.is_complex():
             raise ValueError(
                 f"{who} does not support complex parameters (one of shape {tuple(p.shape)}, "
                 f"{p.dtype}); optimise the real pairs instead, e.g. a real nn.Parameter r "
                 "with torch.view_as_complex(r) in the forward"
             )
+
+
+def checked_group(param_group: dict[str, Any], defaults: Any, who: str) -> dict[str, Any]:
+    """``param_group`` with its ``params`` read once into a list (they may be a
+    generator), after the checks every optimizer here makes on a new group: no complex
+    parameters, no torch option the optimizer lacks."""
+    param_group = group_params(param_group)
+    check_real_params(param_group["params"], who)
+    check_group_keys(param_group, defaults if defaults is not None else param_group, who)
+    return param_group
 
 
 def group_params(param_group: dict[str, Any]) -> dict[str, Any]:
@@ -410,4 +431,3 @@ def fused_ok(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return False
     return True
-    return False

@@ -57,9 +57,8 @@ from ._common import (
     check_group_keys,
     check_momentum,
     check_nonneg,
-    check_real_params,
+    checked_group,
     fused_ok,
-    group_params,
     one_device_dtype,
     params_with_grad,
     require_closure,
@@ -407,8 +406,7 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
 
         A refused group is not kept: the check runs on what the group would be before
         torch's ``add_param_group`` appends it."""
-        param_group = group_params(param_group)
-        check_real_params(param_group["params"], type(self).__name__)
+        param_group = checked_group(param_group, self.defaults, type(self).__name__)
         candidate = {**self.defaults, **param_group}
         self._check_group(candidate)
         super().add_param_group(param_group)

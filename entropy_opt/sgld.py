@@ -13,10 +13,8 @@ from ._common import (
     Closure,
     NoiseBuffers,
     StateDictMixin,
-    check_group_keys,
     check_nonneg,
-    check_real_params,
-    group_params,
+    checked_group,
     params_with_grad,
     resolve_foreach,
 )
@@ -68,11 +66,8 @@ class SGLD(StateDictMixin, Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, refusing complex parameters and torch options SGLD does not have."""
-        param_group = group_params(param_group)
-        check_real_params(param_group["params"], "SGLD")
-        check_group_keys(param_group, getattr(self, "defaults", param_group), "SGLD")
-        if hasattr(self, "defaults"):
-            _check({**self.defaults, **param_group})
+        param_group = checked_group(param_group, self.defaults, "SGLD")
+        _check({**self.defaults, **param_group})
         super().add_param_group(param_group)
 
     #: Closure calls one :meth:`step` makes when given a closure: one (an effective epoch

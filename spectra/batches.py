@@ -57,11 +57,12 @@ class Batch:
 def is_pair(data: Any) -> bool:
     """One (inputs, targets) batch rather than a sequence of two batches.
 
-    Targets that are a tensor or None make it one batch; so do tensor inputs, whatever
-    the targets (a mapping of targets, say), since a batch cannot be a bare tensor."""
+    Targets that are a tensor, None or a mapping make it one batch, and so do tensor
+    inputs whatever the targets: a batch is an (inputs, targets) pair, never a bare
+    tensor or a mapping.  ``((a, b), (c, d))`` is two batches."""
     if not (isinstance(data, tuple | list) and len(data) == 2):
         return False
-    if isinstance(data[0], _LEAF):
+    if isinstance(data[0], _LEAF) or isinstance(data[1], Mapping):
         return True
     return (data[1] is None or isinstance(data[1], _LEAF)) and isinstance(
         data[0], tuple | list | Mapping
@@ -130,7 +131,7 @@ def batch_size(inputs: Inputs, targets: Any, batch_dim: int = 0) -> int:
 def move_inputs(obj: Any, device: torch.device | None, dtype: torch.dtype | None) -> Any:
     """Move tensors (recursively in tuples/lists/mappings) to ``device``; cast floats to ``dtype``.
 
-    ``device=None`` leaves tensors where they are.
+    ``device=None`` leaves tensors where they are.  Tensors come out detached.
 
     NumPy arrays become tensors; a mapping that is not a dict (a Hugging Face
     ``BatchEncoding``, a ``UserDict``) becomes a dict with the same keys.
@@ -138,6 +139,7 @@ def move_inputs(obj: Any, device: torch.device | None, dtype: torch.dtype | None
     if isinstance(obj, np.ndarray):
         obj = torch.as_tensor(obj)
     if isinstance(obj, torch.Tensor):
+        obj = obj.detach()  # data are constants: a graph behind them must not leak in
         if dtype is not None and obj.is_floating_point():
             return obj.to(device=device, dtype=dtype)
         return obj.to(device=device)

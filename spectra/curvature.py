@@ -17,7 +17,7 @@ import copy
 import hashlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -235,12 +235,18 @@ def jvp_with_targets(
     return torch.func.jvp(of_floats, (x, *primals), (v, *zeros))[1]
 
 
-def _refuse_renormalising_embeddings(model: nn.Module) -> None:
+def _refuse_renormalising_embeddings(model: nn.Module, selected: Sequence[str]) -> None:
     """``nn.Embedding(max_norm=...)`` rescales rows of its weight in place inside the
     forward pass: the loss is then no function of the weights that can be differentiated
-    (the operator's own copy of them moved, and every product failed on a view error)."""
+    (the operator's own copy of them moved, and every product failed on a view error).
+    A frozen or unselected embedding is left alone: its copy is a constant."""
     for name, m in model.named_modules():
-        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.max_norm is not None:
+        weight = f"{name}.weight" if name else "weight"
+        if (
+            isinstance(m, nn.Embedding | nn.EmbeddingBag)
+            and m.max_norm is not None
+            and weight in selected
+        ):
             raise ValueError(
                 f"{name or 'the model'} is an {type(m).__name__} with max_norm={m.max_norm}: it "
                 "renormalises its weight in place during the forward pass, so the loss is not "
@@ -248,6 +254,60 @@ def _refuse_renormalising_embeddings(model: nn.Module) -> None:
                 f"weights set {name or 'it'}.max_norm = None (the rows a forward has renormed "
                 "stay renormed), or renormalise in the forward without in-place writes"
             )
+
+
+def gradient_with_graph(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d loss / d x with its graph, for double backward.
+
+    The backward is seeded with a 1 that requires grad.  Why: a backward marked
+    ``@once_differentiable`` (custom Functions, fused losses) refuses to be
+    differentiated only when its incoming gradient requires grad; with a plain seed it
+    would pass as a constant and its curvature would silently drop out.
+    """
+    seed = torch.ones_like(loss).requires_grad_(True)
+    (g,) = torch.autograd.grad(loss, x, seed, create_graph=True)
+    return g
+
+
+def autograd_gradient(
+    f: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> d f / d x by plain autograd (torch.func refuses old-style autograd.Functions)."""
+
+    def gradient_at(x: torch.Tensor) -> torch.Tensor:
+        leaf = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(f(leaf), leaf, allow_unused=True, materialize_grads=True)
+        return g
+
+    return gradient_at
+
+
+def zero_if_constant(
+    gradient_at: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torch.Tensor, what: str
+) -> torch.Tensor:
+    """Zeros like ``x``, after checking that a gradient with no graph in ``x`` is constant.
+
+    ``gradient_at`` maps a point to the gradient there (by plain autograd, so that custom
+    autograd.Functions work); ``g`` is the gradient at ``x``.  A gradient whose graph does not reach ``x`` means either a function linear
+    in ``x`` (zero curvature) or a backward that is not differentiable (a fused kernel
+    computed outside autograd): the gradient at a random nearby point tells which.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(4321)
+    r = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x)
+    eps = torch.finfo(x.dtype).eps
+    step = math.sqrt(eps) * (1.0 + float(x.norm())) / max(float(r.norm()), 1e-300)
+    moved = gradient_at(x.detach() + step * r).detach()
+    scale = max(float(g.norm()), float(moved.norm()), 1e-300)
+    if float((moved - g.detach()).norm()) <= 100 * eps * scale:
+        return torch.zeros_like(x)
+    raise RuntimeError(
+        f"the gradient of this loss changes with {what}, but PyTorch's backward of it is "
+        "not differentiable (a custom autograd.Function or a fused kernel computed outside "
+        "autograd), so double backward would drop its curvature. For the Hessian, "
+        "backend='finite_difference' needs first derivatives only; or write the loss in "
+        "differentiable tensor operations"
+    )
 
 
 def require_curvature_operator(op: Any, who: str) -> None:
@@ -269,6 +329,12 @@ def path_tolerance(eps: float) -> float:
     O(1e-2..1).
     """
     return max(1e-6, 1e4 * eps)
+
+
+#: Asymmetry ||A - A^T||_F / ||A||_F (estimated on four probes) of the one product that
+#: runs, above which it is refused rather than taken as round-off: float32 products near
+#: an interpolating minimum measured up to ~2e-2, torch's wrong weight_norm kernel ~0.4.
+ASYMMETRY_REFUSED = 0.1
 
 
 class _LowestPrecision(TorchDispatchMode):
@@ -356,6 +422,10 @@ class CurvatureOperator(LinearOperator):
     ``"func"`` it raises.  The measured difference is :attr:`precision`.
     """
 
+    #: Whether the operator differentiates the loss twice in the model's outputs (the
+    #: Hessian and the GGN do; the empirical Fisher needs first derivatives only).
+    uses_loss_curvature = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -381,8 +451,8 @@ class CurvatureOperator(LinearOperator):
                 f"loss_fn must be callable (outputs, targets) -> scalar, got {loss_fn!r}"
             )
         model = unwrap_compiled(model)
-        _refuse_renormalising_embeddings(model)
         self.view = ParameterView(model, params)
+        _refuse_renormalising_embeddings(model, self.view.names)
         dtype = computation_dtype(dtype, self.view.dtype)
         super().__init__(self.view.n, dtype, self.view.device)
         self.model = model
@@ -415,23 +485,24 @@ class CurvatureOperator(LinearOperator):
             kind, terms_rule, sum_loss, how, loss_terms is not None
         )
 
-    def batch_statistics_norms(self) -> list[nn.Module]:
-        """The BatchNorm layers that normalise by the batch's own statistics here: all of
-        them in train mode, and those without running statistics in eval mode too."""
-        return [
+    def batch_statistics_norms(self) -> tuple[list[nn.Module], str]:
+        """The BatchNorm layers that normalise by the batch's own statistics here (all of
+        them in train mode, those without running statistics in eval mode too), and the
+        setting that makes them do so."""
+        norms = [
             m
             for m in self.model.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and (self.train_mode or m.running_mean is None)
         ]
+        return norms, "train_mode=True" if self.train_mode else "track_running_stats=False"
 
     def _check_batch_statistics(self, model: nn.Module) -> None:
         """Over several batches (or ranks) such layers make the operator depend on how the
         data are split: a warning says so."""
-        batch_norms = self.batch_statistics_norms()
+        batch_norms, why = self.batch_statistics_norms()
         if not batch_norms or (self.source.num_batches == 1 and self.process_group is None):
             return
-        why = "train_mode=True" if self.train_mode else "track_running_stats=False"
         eval_hint = "; for the model as evaluated use train_mode=False" if self.train_mode else ""
         warnings.warn(
             f"{type(batch_norms[0]).__name__} with {why}: each batch is normalised by its own "
@@ -879,20 +950,20 @@ class CurvatureOperator(LinearOperator):
 
     def _check_paths(self) -> None:
         """Compare the vectorised and the double-backward product on one probe; where
-        only one of them runs (or ``backend="autograd"``), check that one is symmetric.
+        only one of them runs (or ``backend="autograd"``), check that one for symmetry.
 
         With a process group every rank measures on its own first batch and the
         largest disagreement decides for all, so ranks keep one backend and one
-        precision (Lanczos tolerances depend on it)."""
+        precision (Lanczos tolerances depend on it) and all refuse together."""
         self._paths_checked = True
-        diff, where, kind = self._path_difference()
+        self._check_loss_differentiable()
+        paths, asymmetry, where = self._path_difference()
         if self.process_group is not None:
-            diff = float(self._max_over_ranks(torch.tensor([diff], dtype=torch.float64))[0])
-        self._precision = max(self._precision, diff)
+            both = torch.tensor([paths, asymmetry], dtype=torch.float64)
+            paths, asymmetry = (float(x) for x in self._max_over_ranks(both))
+        self._precision = max(self._precision, paths, asymmetry)
         tol = path_tolerance(self.internal_eps)
-        if diff <= tol:
-            return
-        if kind == "asymmetry":
+        if asymmetry > ASYMMETRY_REFUSED:
             fd = (
                 type(self)._batch_matmat_finite_difference
                 is not CurvatureOperator._batch_matmat_finite_difference
@@ -904,14 +975,24 @@ class CurvatureOperator(LinearOperator):
             )
             raise RuntimeError(
                 f"{type(self).__name__}: the only product PyTorch computes for this model is "
-                f"not symmetric: u^T A v and v^T A u differ by {diff:.2e} relative (tolerance "
-                f"{tol:.1e}){where}, so it is no curvature matrix. Some operation's double "
-                "backward is wrong (torch.nn.utils.parametrizations.weight_norm's fused "
-                "kernel is one: weight_norm(module, ...) can be written as g * v / v.norm())" + hint
+                f"not symmetric: u_i^T A u_j and u_j^T A u_i differ by {asymmetry:.2e} of their "
+                f"size{where}, so it is no curvature matrix. Some operation's double backward "
+                "is wrong (torch.nn.utils.parametrizations.weight_norm's fused kernel is one: "
+                "weight_norm(module, ...) can be written as g * v / v.norm())" + hint
             )
+        if asymmetry > tol:
+            warnings.warn(
+                f"{type(self).__name__}: the product is asymmetric by {asymmetry:.2e} of its "
+                f"size{where} (round-off at this dtype would be below {tol:.1e}): its precision "
+                "is taken as that, and algorithms' tolerances follow; dtype=torch.float64 "
+                "computes it more exactly",
+                stacklevel=5,
+            )
+        if paths <= tol:
+            return
         message = (
             f"{type(self).__name__}: the vectorised (torch.func) and the double-backward "
-            f"products of one probe differ by {diff:.2e} relative (tolerance {tol:.1e}){where}: "
+            f"products of one probe differ by {paths:.2e} relative (tolerance {tol:.1e}){where}: "
             "some operation of the model has a backward that is not the derivative of its "
             "forward (a custom autograd.Function, scale_grad_by_freq, a straight-through "
             "estimator, ...)"
@@ -921,43 +1002,71 @@ class CurvatureOperator(LinearOperator):
         warnings.warn(message + "; using double backward for every product", stacklevel=5)
         self.backend = "autograd"
 
-    def _path_difference(self) -> tuple[float, str, str]:
-        """On this rank's first batch: the relative difference of the two paths
-        (``"paths"``), or, where only one runs, that one's asymmetry |u^T A v - v^T A u|
-        / ((|u| |A v| + |v| |A u|) / sqrt(n)) (``"asymmetry"``); 0 where none runs or there
-        is no batch.  Also where it was measured."""
+    def _check_loss_differentiable(self) -> None:
+        """Refuse a loss whose gradient in the model's outputs varies but has no graph (a
+        custom autograd.Function or a fused kernel with a hand-written backward): double
+        backward would drop its curvature, J^T H_z J, without an error.  Checked on the
+        first batch, where the forward returns one tensor."""
+        first = next(self.batches(), None) if self.uses_loss_curvature else None
+        if first is None:
+            return
+        with torch.no_grad():
+            z = self.outputs(self.theta, first.inputs)
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.ndim == 0:
+            return
+        zd = z.detach().requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                gz = gradient_with_graph(self.loss_of_outputs(zd, first.targets), zd)
+                (hz,) = torch.autograd.grad(gz, zd, torch.ones_like(gz), allow_unused=True)
+        except RuntimeError as exc:
+            raise self._no_second_derivative(exc) from exc
+        if hz is None:  # linear in the outputs (zeros), or a backward without a graph
+            zero_if_constant(
+                autograd_gradient(lambda o: self.loss_of_outputs(o, first.targets)),
+                zd,
+                gz,
+                "the model's outputs",
+            )
+
+    def _path_difference(self) -> tuple[float, float, str]:
+        """On this rank's first batch: the relative difference of the two paths on one
+        probe, or, where only one runs, that one's asymmetry on four (the RMS of
+        u_i^T A u_j - u_j^T A u_i over the pairs relative to the RMS of the forms, which
+        estimates ||A - A^T||_F / ||A||_F); 0 for what was not measured.  Also where.
+        Products are taken one column at a time, as the largest models need."""
         first = next(self.batches(), None)
         if first is None:
-            return 0.0, "", "none"  # an empty shard of distributed data
+            return 0.0, 0.0, ""  # an empty shard of distributed data
         batch = self._probe_batch(first)
         gen = torch.Generator(device="cpu").manual_seed(1234)
-        probe = torch.randn((self.shape[0], 2), generator=gen, dtype=torch.float64)
+        probe = torch.randn((self.shape[0], 4), generator=gen, dtype=torch.float64)
         probe = probe.to(dtype=self.dtype, device=self.device)
-        products = []
         paths = (
             (self._batch_matmat_autograd,)
             if self.backend == "autograd"
             else (self._batch_matmat, self._batch_matmat_autograd)
         )
+        ran = []
         for path in paths:
             try:
-                products.append(path(batch, probe))
+                ran.append((path, path(batch, probe[:, :1])))
             except (RuntimeError, NotImplementedError):
                 pass  # _batch_product falls back (or raises) as documented
         where = f" on batch {batch.index}"
-        if len(products) == 2:
-            block, single = products
+        if len(ran) == 2:
+            (_, block), (_, single) = ran
             scale = max(float(single.norm()), float(block.norm()), 1e-300)
-            return float((block - single).norm()) / scale, where, "paths"
-        if not products:
-            return 0.0, "", "none"
-        (AV,) = products
-        u, v = probe[:, 0].double(), probe[:, 1].double()
-        Au, Av = AV[:, 0].double(), AV[:, 1].double()
-        # the typical size of a bilinear form of random vectors, so that round-off reads
-        # as ~eps here, as in the comparison of two paths
-        typical = float(u.norm() * Av.norm() + v.norm() * Au.norm()) / math.sqrt(len(u))
-        return abs(float(u @ Av - v @ Au)) / max(typical, 1e-300), where, "asymmetry"
+            return float((block - single).norm()) / scale, 0.0, where
+        if not ran:
+            return 0.0, 0.0, ""
+        path, column = ran[0]
+        columns = [column] + [path(batch, probe[:, j : j + 1]) for j in range(1, 4)]
+        forms = probe.double().T @ torch.cat(columns, dim=1).double()  # u_i^T A u_j
+        upper = torch.triu_indices(4, 4, offset=1)
+        a, b = forms[upper[0], upper[1]], forms[upper[1], upper[0]]
+        size = float(((a * a + b * b) / 2).mean().sqrt())
+        return 0.0, float((a - b).pow(2).mean().sqrt()) / max(size, 1e-300), where
 
     def _probe_batch(self, batch: Batch) -> Batch:
         """The batch the path check runs on (subclasses may take a part of it)."""
@@ -981,7 +1090,8 @@ class CurvatureOperator(LinearOperator):
     def _no_second_derivative(self, exc: RuntimeError) -> RuntimeError:
         """PyTorch's error for an operation without a double backward, with what to do."""
         text = str(exc)
-        if not ("derivative for" in text and "not implemented" in text):
+        twice = "once_differentiable" in text
+        if not (("derivative for" in text and "not implemented" in text) or twice):
             return exc
         fd = type(self)._batch_matmat_finite_difference
         hint = (

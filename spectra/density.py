@@ -289,7 +289,9 @@ def gauss_mass_bounds(nodes: Any, weights: Any, lo: float, hi: float) -> tuple[f
     far off for an interval narrower than the node spacing (a near-zero fraction at a
     tolerance below SLQ's resolution reads 0 with a tiny probe-to-probe error), and
     these bounds say how far.  Exact in exact arithmetic; with an orthogonal basis
-    (full reorthogonalisation) they hold to rounding.
+    (full reorthogonalisation, or a basis stored in a narrower dtype) they hold to about
+    its rounding; with "local" reorthogonalisation ghost copies of converged nodes void
+    the Gauss rule, and :func:`spectra.flatness` reports no bracket.
 
     Returns:
         (lower, upper) in [0, 1].

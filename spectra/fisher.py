@@ -40,13 +40,14 @@ class EmpiricalFisherOperator(CurvatureOperator):
     (default: the whole batch, m x n).  Targets must have the sample dimension.
     """
 
+    uses_loss_curvature = False
+
     def _check_batch_statistics(self, model: torch.nn.Module) -> None:
         """Refuse BatchNorm on batch statistics: each sample runs as a batch of one, so it
         would be normalised by its own statistics (not the batch's, as in the loss and in
         the Hessian and GGN of the same model and mode): another function's gradients."""
-        batch_norms = self.batch_statistics_norms()
+        batch_norms, why = self.batch_statistics_norms()
         if batch_norms:
-            why = "train_mode=True" if self.train_mode else "track_running_stats=False"
             raise ValueError(
                 f"the empirical Fisher runs each sample as a batch of one, and "
                 f"{type(batch_norms[0]).__name__} with {why} would normalise it by its own "

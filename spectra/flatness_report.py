@@ -95,6 +95,8 @@ class Measure:
         ``value`` to an end of its 95% :meth:`interval`; else the standard error, else
         the deterministic bound."""
         if self.bracket is not None:
+            if self.bracket_stderr is None:  # one probe: no error for the exact value
+                return None
             lo, hi = self.interval(0.95)
             return max(self.value - lo, hi - self.value)
         return self.stderr if self.stderr is not None else self.error_bound
@@ -114,7 +116,12 @@ class Measure:
         """
         if self.bracket is not None:
             draws = self.details.get("probes")
-            se = self.bracket_stderr or [0.0, 0.0]
+            se = self.bracket_stderr
+            if se is None:
+                raise ValueError(
+                    "one probe's bracket holds that probe's value, not the exact one: "
+                    "an interval needs slq_probes >= 2"
+                )
             lo = confidence_interval(self.bracket[0], se[0], draws, confidence)[0]
             hi = confidence_interval(self.bracket[1], se[1], draws, confidence)[1]
             return max(lo, 0.0), min(hi, 1.0)  # brackets are of fractions of the spectrum
@@ -177,7 +184,7 @@ class FlatnessReport(Mapping[str, float]):
             f"{self.info.get('method')}, {self.info.get('dtype')}"
         ]
         for key, m in self._measures.items():
-            if m.bracket is not None:
+            if m.bracket is not None and m.bracket_stderr is not None:
                 lo, hi = m.interval(0.95)
                 err = f" in [{lo:.2g}, {hi:.2g}]"
             else:
@@ -484,14 +491,18 @@ def _spectrum_measures(
 ) -> None:
     """Measures read off the spectrum; for SLQ, each with its probe-to-probe standard
     error (they are linear in the quadrature weights, so the value is the probes' mean)."""
+    scheme = None
     if per_probe is None:
         how, details = "exact", {}
     else:
         how = "slq"
+        scheme = per_probe[0].info.get("reorthogonalization")
         details = {
             "probes": len(per_probe),
             "steps": spectrum.info.get("num_steps"),
-            "note": "quadrature-node weights: coarse at SLQ's resolution",
+            "reorthogonalization": scheme,
+            "note": "quadrature-node weights: coarse at SLQ's resolution"
+            + ("; no bracket: local reorthogonalisation" if scheme == "local" else ""),
         }
 
     def probe_stderr(values: list[float]) -> float | None:
@@ -509,11 +520,13 @@ def _spectrum_measures(
     for tol in tols:
         key = f"near_zero_fraction@{tol:g}"
         add(key, lambda s, tol=tol: s.fraction_near_zero(tol))
-        if per_probe is not None:  # the rule's value can be far off below its resolution
+        if per_probe is not None and scheme != "local":
+            # the rule's value can be far off below its resolution; its bounds need a
+            # Gauss rule, which "local" reorthogonalisation (ghost nodes) does not give
             bounds = np.array(
                 [gauss_mass_bounds(s.eigenvalues, s.weights, -tol, tol) for s in per_probe]
             )
-            se = [probe_stderr(list(bounds[:, j])) or 0.0 for j in (0, 1)]
+            errors = [probe_stderr(list(bounds[:, j])) for j in (0, 1)]
             m = measures[key]
             measures[key] = Measure(
                 m.value,
@@ -521,7 +534,7 @@ def _spectrum_measures(
                 method=m.method,
                 details={**m.details, "bracket": "Chebyshev-Markov-Stieltjes, per probe"},
                 bracket=[float(bounds[:, 0].mean()), float(bounds[:, 1].mean())],
-                bracket_stderr=se,
+                bracket_stderr=None if None in errors else errors,
             )
     for gamma, le in laplace_table(spectrum, gammas, loss).items():
         add(

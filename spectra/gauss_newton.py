@@ -7,7 +7,13 @@ from typing import Any
 import torch
 
 from .batches import Batch
-from .curvature import CurvatureOperator, jvp_with_targets
+from .curvature import (
+    CurvatureOperator,
+    autograd_gradient,
+    gradient_with_graph,
+    jvp_with_targets,
+    zero_if_constant,
+)
 
 __all__ = ["GGNOperator", "ggn_operator"]
 
@@ -48,14 +54,18 @@ class GGNOperator(CurvatureOperator):
             (jt_u,) = torch.autograd.grad(z, theta, u, create_graph=True)  # J^T u, linear in u
             zd = z.detach().requires_grad_(True)
             loss = self.loss_of_outputs(zd, batch.targets)
-            (gz,) = torch.autograd.grad(loss, zd, create_graph=True)
+            gz = gradient_with_graph(loss, zd)
             cols = []
             for j in range(V.shape[1]):
                 (jv,) = torch.autograd.grad(jt_u, u, V[:, j], retain_graph=True)
-                if gz.requires_grad:
-                    (hjv,) = torch.autograd.grad(gz, zd, jv, retain_graph=True)
-                else:  # a loss linear in the outputs (KL divergence of log-probabilities)
-                    hjv = torch.zeros_like(zd)
+                (hjv,) = torch.autograd.grad(gz, zd, jv, retain_graph=True, allow_unused=True)
+                if hjv is None:  # linear in the outputs (KL of log-probabilities), or fused
+                    hjv = zero_if_constant(
+                        autograd_gradient(lambda o: self.loss_of_outputs(o, batch.targets)),
+                        zd,
+                        gz,
+                        "the outputs",
+                    )
                 (col,) = torch.autograd.grad(z, theta, hjv, retain_graph=True)
                 cols.append(col)
         return torch.stack(cols, dim=1).detach()

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
 from .batches import Batch
-from .curvature import CurvatureOperator, jvp_with_targets
+from .curvature import (
+    CurvatureOperator,
+    autograd_gradient,
+    gradient_with_graph,
+    jvp_with_targets,
+    zero_if_constant,
+)
 
 __all__ = ["HessianOperator", "hessian_operator"]
 
@@ -59,15 +66,15 @@ class HessianOperator(CurvatureOperator):
             return self._graphs[batch.index]
         theta = self.theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(self.batch_loss(theta, batch), theta, create_graph=True)
+            g = gradient_with_graph(self.batch_loss(theta, batch), theta)
         if self.cache_graph:
             self._graphs[batch.index] = (theta, g)
         return theta, g
 
     def _batch_matmat(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
-        theta, inputs = self.theta, batch.inputs
+        theta = self.theta
         grad_fn = torch.func.grad(
-            lambda t, targets: self.loss_of_outputs(self.outputs(t, inputs), targets)
+            lambda t, targets: self.batch_loss(t, dataclasses.replace(batch, targets=targets))
         )
 
         def hvp(v: torch.Tensor) -> torch.Tensor:
@@ -78,15 +85,20 @@ class HessianOperator(CurvatureOperator):
     def _batch_matmat_autograd(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
         theta, g = self._gradient_graph(batch)
         k = V.shape[1]
-        if not g.requires_grad:  # the gradient does not depend on theta: a loss linear in it
-            return torch.zeros_like(V)
+        cols = []
         with torch.enable_grad():
-            cols = [
-                torch.autograd.grad(g, theta, V[:, j], retain_graph=self.cache_graph or j + 1 < k)[
-                    0
-                ]
-                for j in range(k)
-            ]
+            for j in range(k):
+                (col,) = torch.autograd.grad(
+                    g, theta, V[:, j], retain_graph=self.cache_graph or j + 1 < k, allow_unused=True
+                )
+                if col is None:  # g has no graph in theta: linear, or a fused backward
+                    col = zero_if_constant(
+                        autograd_gradient(lambda t: self.batch_loss(t, batch)),
+                        theta,
+                        g,
+                        "the parameters",
+                    )
+                cols.append(col)
         return torch.stack(cols, dim=1).detach()
 
     def _batch_matmat_finite_difference(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:

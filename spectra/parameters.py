@@ -32,7 +32,7 @@ class ParameterView:
         model: any ``nn.Module``.
         params: a :data:`ParamSelector`; default all parameters with
             ``requires_grad``.  Tied parameters appear once (``named_parameters``
-            de-duplicates them and ``functional_call`` re-ties them).
+            de-duplicates them; :meth:`with_aliases` puts theta's tensor into every slot).
 
     Attributes:
         names: selected parameter names, in ``model.named_parameters()`` order.

@@ -103,6 +103,15 @@ def test_a_near_zero_fraction_below_slq_resolution_gets_an_interval_that_holds_t
     assert abs(m.value - 0.103) > 4 * m.stderr  # why the bracket is needed
     back = FlatnessReport.load(free.save(tmp_path / "r")).measure("near_zero_fraction@0.001")
     assert back.bracket == m.bracket and back.interval() == m.interval()
+    assert m.details["reorthogonalization"] == "full"
+    single = spectra.flatness(
+        model, loss, (X, y), method="matrix-free", rhos=(), slq_probes=1, progress=False
+    )
+    assert "near_zero_fraction@0.001" in single.summary()
+    one = single.measure("near_zero_fraction@0.001")
+    with pytest.raises(ValueError, match="slq_probes >= 2"):  # one probe's bracket is its own
+        one.interval()
+    assert one.uncertainty is None
 
 
 def test_report_is_a_mapping_saves_atomically_and_loads(tmp_path):

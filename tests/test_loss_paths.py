@@ -121,3 +121,50 @@ def test_a_loss_without_forward_mode_falls_back_to_double_backward_and_agrees():
     with pytest.warns(UserWarning, match="torch.func cannot trace"):
         M = dense(spectra.hessian_operator(model, loss_fn, (X, Y)))
     assert torch.allclose(M, ref, rtol=0, atol=1e-12)
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """A loss with a hand-written backward, as fused kernels are written."""
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        ctx.save_for_backward(logits, labels)
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        logits, labels = ctx.saved_tensors
+        p = logits.softmax(-1)
+        p[torch.arange(len(labels)), labels] -= 1
+        return grad * p / len(labels), None
+
+
+class _DetachedCrossEntropy(torch.autograd.Function):
+    """The same backward computed outside autograd, without the once_differentiable mark."""
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        ctx.save_for_backward(logits, labels)
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels = ctx.saved_tensors
+        p = logits.detach().softmax(-1)
+        p[torch.arange(len(labels)), labels] -= 1
+        return grad * p / len(labels), None
+
+
+@pytest.mark.parametrize("fn", [_FusedCrossEntropy, _DetachedCrossEntropy])
+@pytest.mark.parametrize("build", [spectra.hessian_operator, spectra.ggn_operator])
+def test_a_loss_whose_backward_cannot_be_differentiated_is_refused_not_zeroed(fn, build):
+    """Its gradient has no graph in the outputs, as a linear loss's has not: the GGN came
+    back all zeros (true max entry 0.25), the Hessian without its J^T H_z J term."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, y = torch.randn(8, 4, dtype=F64), torch.randint(0, 3, (8,))
+    for backend in ("auto", "autograd"):
+        op = build(model, fn.apply, (X, y), backend=backend)
+        with pytest.raises(RuntimeError, match="finite_difference"):
+            op @ torch.randn(op.shape[0], dtype=F64)

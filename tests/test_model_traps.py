@@ -139,3 +139,60 @@ def test_weight_norm_by_finite_differences_equals_the_written_out_hessian():
     want = torch.autograd.functional.hessian(loss, theta)
     op = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y), backend="finite_difference")
     torch.testing.assert_close(dense(op), want, rtol=0, atol=1e-7 * float(want.abs().max()))
+
+
+def test_float32_round_off_near_an_interpolating_minimum_warns_and_sets_the_precision():
+    """The symmetry check must not refuse a correct float32 model whose products are
+    merely inexact (7e-3 asymmetric near a 1e-6 loss; 4e-11 in float64)."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    X, y = torch.randn(128, 32), torch.randint(0, 10, (128,))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(X), y)
+        loss.backward()
+        opt.step()
+    assert float(loss) < 1e-4
+    op = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (X, y), backend="autograd")
+    with pytest.warns(UserWarning, match="asymmetric by .* precision is taken as that"):
+        top = spectra.lanczos(op, 1, seed=0)
+    assert 1e-3 < op.precision < 0.1 and top.eigenvalues.shape == (1,)
+    twin = spectra.hessian_operator(
+        model, nn.CrossEntropyLoss(), (X, y), backend="autograd", dtype=F64
+    )
+    assert twin.precision < 1e-9  # the same model in float64: symmetric to round-off
+
+
+def test_a_frozen_or_unselected_renormalising_embedding_is_accepted():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Flatten(), nn.Linear(12, 2))
+    model = model.double()
+    ids, y = torch.randint(0, 10, (6, 3)), torch.randint(0, 2, (6,))
+    op = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (ids, y), params=["2.weight"])
+    assert op.shape == (24, 24) and torch.isfinite(dense(op)).all()
+
+
+def test_mapping_inputs_and_targets_are_one_batch_and_a_graph_behind_the_data_stays_out():
+    torch.manual_seed(6)
+    model = nn.Linear(4, 2).double()
+    X = torch.randn(5, 4, dtype=F64)
+    Y = torch.randn(5, 2, dtype=F64, requires_grad=True)  # e.g. a teacher's output
+
+    class Keyed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner(x)
+
+    def loss(out, t):
+        return F.mse_loss(out, t["y"])
+
+    op = spectra.hessian_operator(Keyed(), loss, ({"x": X}, {"y": Y}))
+    M = dense(op)
+    assert not M.requires_grad
+    want = reference_hessian(model, nn.MSELoss(), X, Y.detach())
+    torch.testing.assert_close(M, want, rtol=0, atol=1e-13)

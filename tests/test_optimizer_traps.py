@@ -59,7 +59,8 @@ def _kernel_right_at(n: int, dtype: torch.dtype) -> bool:
         maximize=False,
         is_first_step=False,
     )
-    return bool(torch.allclose(B.double(), want, rtol=8 * torch.finfo(dtype).eps, atol=0))
+    tol = 16 * torch.finfo(dtype).eps  # fused_ok's
+    return bool(torch.allclose(B.double(), want, rtol=tol, atol=tol))
 
 
 @pytest.mark.skipif(not hasattr(torch, "_fused_sgd_"), reason="no torch._fused_sgd_")
@@ -70,8 +71,8 @@ def test_the_fused_check_agrees_with_the_kernel_at_every_length(dtype):
         right = all(_kernel_right_at(n, dtype) for n in (*FUSED_CHECK_LENGTHS, 64, 4099))
     except (RuntimeError, NotImplementedError):
         right = False
-    if fused_ok("sgd", torch.device("cpu"), dtype):
-        assert right
+    # used exactly where it is right (torch 2.13's CPU kernel: float32 yes, bf16/fp16 no)
+    assert fused_ok("sgd", torch.device("cpu"), dtype) == right
 
 
 @pytest.mark.parametrize(
@@ -92,6 +93,8 @@ def test_complex_parameters_are_refused_at_construction_and_in_added_groups(make
     with pytest.raises(ValueError, match="complex parameters"):
         opt.add_param_group({"params": [z]})
     assert len(opt.param_groups) == 1
+    with pytest.raises(ValueError, match="complex parameters"):  # named_parameters() pairs
+        make([("w", torch.nn.Parameter(torch.randn(3))), ("z", z)])
 
 
 @pytest.mark.parametrize(
@@ -101,6 +104,8 @@ def test_complex_parameters_are_refused_at_construction_and_in_added_groups(make
         (lambda g: EntropySGD(g, lr=0.1, momentum=0.9), "dampening", 0.1),
         (lambda g: EntropyAdam(g, lr=0.1), "amsgrad", True),
         (lambda g: SGLD(g, lr=0.1), "momentum", 0.9),
+        (lambda g: EntropyAdam(g, lr=0.1), "decoupled_weight_decay", True),
+        (lambda g: EntropySGD(g, lr=0.1), "betas", (0.5, 0.5)),
     ],
 )
 def test_torch_options_these_optimizers_lack_are_refused_in_a_group(make, key, value):
@@ -109,8 +114,10 @@ def test_torch_options_these_optimizers_lack_are_refused_in_a_group(make, key, v
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match=f"does not implement {key}="):
         make([{"params": [p], key: value}])
-    neutral = {"maximize": False, "dampening": 0.0, "amsgrad": False, "momentum": 0.0}[key]
-    make([{"params": [p], key: neutral}])  # the neutral value means what it says
+    neutral = {"maximize": False, "dampening": 0.0, "amsgrad": False, "momentum": 0.0}
+    if key in neutral:  # the neutral value means what it says
+        make([{"params": [p], key: neutral[key]}])
+    make([{"params": [p], "initial_lr": 0.1, "name": "encoder"}])  # others pass, as in torch
 
 
 def test_sam_returns_to_exactly_the_weights_it_left():
