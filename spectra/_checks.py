@@ -96,3 +96,16 @@ def all_finite(x: torch.Tensor) -> bool:
     if bool(torch.isfinite(x.sum())):
         return True
     return bool(torch.isfinite(x).all())
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called here that names the first frame
+    outside this package (the user's call), whatever the depth of the library's path."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

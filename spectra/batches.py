@@ -148,7 +148,10 @@ def move_inputs(obj: Any, device: torch.device | None, dtype: torch.dtype | None
     if isinstance(obj, PackedSequence):  # its batch_sizes must stay on the CPU
         moved = obj.to(device=device) if device is not None else obj
         floating = dtype is not None and moved.data.is_floating_point()
-        return moved.to(dtype=dtype) if floating else moved
+        moved = moved.to(dtype=dtype) if floating else moved
+        return PackedSequence(
+            moved.data.detach(), moved.batch_sizes, moved.sorted_indices, moved.unsorted_indices
+        )
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
         return type(obj)(*(move_inputs(v, device, dtype) for v in obj))
     if isinstance(obj, tuple | list):
@@ -320,8 +323,8 @@ class DataSource:
             return self._moved[index]
         moved = move_inputs((inputs, targets), self.device, self.dtype)
         if self._keep_moved:
-            raw = {id(t) for t in batch_leaves((inputs, targets))}
-            copies = [t for t in batch_leaves(moved) if id(t) not in raw]
+            raw = {t.data_ptr() for t in batch_leaves((inputs, targets))}  # views are free
+            copies = [t for t in batch_leaves(moved) if t.data_ptr() not in raw]
             size = sum(t.numel() * t.element_size() for t in copies)
             if copies and self._moved_bytes + size <= MOVED_CACHE_BYTES:
                 self._moved[index] = moved

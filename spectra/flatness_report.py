@@ -496,7 +496,8 @@ def _spectrum_measures(
         how, details = "exact", {}
     else:
         how = "slq"
-        scheme = per_probe[0].info.get("reorthogonalization")
+        schemes = {s.info.get("reorthogonalization") for s in per_probe}
+        scheme = "local" if "local" in schemes else per_probe[0].info.get("reorthogonalization")
         details = {
             "probes": len(per_probe),
             "steps": spectrum.info.get("num_steps"),

@@ -8,11 +8,12 @@ import torch
 
 from .batches import Batch
 from .curvature import (
+    GRAPHLESS_GRADIENT,
     CurvatureOperator,
     autograd_gradient,
     gradient_with_graph,
+    graphless_gradient_is_smooth,
     jvp_with_targets,
-    zero_if_constant,
 )
 
 __all__ = ["GGNOperator", "ggn_operator"]
@@ -55,17 +56,19 @@ class GGNOperator(CurvatureOperator):
             zd = z.detach().requires_grad_(True)
             loss = self.loss_of_outputs(zd, batch.targets)
             gz = gradient_with_graph(loss, zd)
-            cols = []
+            cols, smooth = [], None
             for j in range(V.shape[1]):
                 (jv,) = torch.autograd.grad(jt_u, u, V[:, j], retain_graph=True)
                 (hjv,) = torch.autograd.grad(gz, zd, jv, retain_graph=True, allow_unused=True)
-                if hjv is None:  # linear in the outputs (KL of log-probabilities), or fused
-                    hjv = zero_if_constant(
-                        autograd_gradient(lambda o: self.loss_of_outputs(o, batch.targets)),
-                        zd,
-                        gz,
-                        "the outputs",
-                    )
+                if hjv is None:  # linear (KL of log-probabilities), piecewise, or fused
+                    if smooth is None:
+                        gradient = autograd_gradient(
+                            lambda o: self.loss_of_outputs(o, batch.targets)
+                        )
+                        smooth = graphless_gradient_is_smooth(gradient, zd, gz)
+                    if smooth:
+                        raise RuntimeError(GRAPHLESS_GRADIENT.format(what="the outputs"))
+                    hjv = torch.zeros_like(zd)
                 (col,) = torch.autograd.grad(z, theta, hjv, retain_graph=True)
                 cols.append(col)
         return torch.stack(cols, dim=1).detach()

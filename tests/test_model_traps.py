@@ -196,3 +196,70 @@ def test_mapping_inputs_and_targets_are_one_batch_and_a_graph_behind_the_data_st
     assert not M.requires_grad
     want = reference_hessian(model, nn.MSELoss(), X, Y.detach())
     torch.testing.assert_close(M, want, rtol=0, atol=1e-13)
+
+
+class _ScaledProduct(torch.autograd.Function):
+    """a * b with the derivative in a off by a factor (1 + delta): a wrong double backward."""
+
+    delta = 0.5
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return g * b * (1 + _ScaledProduct.delta), g * a
+
+
+class _Bilinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return _ScaledProduct.apply(self.l1(x), self.l2(x)).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("delta", [0.01, 0.5])
+def test_asymmetry_is_refused_beyond_round_off_in_float64_and_beyond_0_03_in_float32(delta):
+    """In float64 anything beyond round-off is a wrong derivative; in float32 products can
+    be inexact to ~1e-2 near a minimum, so a small asymmetry warns (at the caller's line)
+    and becomes the precision, a large one is refused."""
+    torch.manual_seed(0)
+    model, data = _Bilinear(), (torch.randn(32, 4), torch.randn(32, 1))
+    _ScaledProduct.delta = delta
+    op64 = spectra.hessian_operator(model, nn.MSELoss(), data, backend="autograd", dtype=F64)
+    with pytest.raises(RuntimeError, match="not symmetric"):
+        op64 @ torch.ones(op64.shape[0], dtype=F64)
+    op32 = spectra.hessian_operator(model, nn.MSELoss(), data, backend="autograd")
+    if delta > 0.1:
+        with pytest.raises(RuntimeError, match="not symmetric"):
+            _ = op32.precision
+    else:
+        with pytest.warns(UserWarning, match="asymmetric by") as caught:
+            assert 1e-3 < op32.precision < 0.03
+        assert caught[0].filename == __file__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_hinge_loss_at_its_kinks_has_zero_curvature_and_is_not_refused(dtype):
+    """clamp's gradient has no graph and jumps where a support vector crosses the margin:
+    piecewise linear, not a fused kernel (a nearby gradient differs, but not smoothly)."""
+    torch.manual_seed(0)
+    X, w = torch.randn(2000, 10), torch.randn(10)
+    y = torch.sign(X @ w)
+    margins = y * (X @ w)
+    X[:20] = X[:20] / margins[:20, None] * (1 + 1e-5 * torch.randn(20, 1))  # on the margin
+    model = nn.Linear(10, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w)
+
+    def hinge(z, t):
+        return torch.clamp(1 - t * z.squeeze(-1), min=0).mean()
+
+    for build in (spectra.hessian_operator, spectra.ggn_operator):
+        op = build(model, hinge, (X, y), dtype=dtype)
+        assert torch.count_nonzero(dense(op)) == 0
