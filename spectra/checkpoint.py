@@ -79,8 +79,17 @@ def check_writable(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+
+    Missing folders are created; a file where a folder of the path should be is refused
+    with ``NotADirectoryError`` naming it, before anything is written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path.parent, *path.parent.parents) if p.is_file()), None)
+        raise NotADirectoryError(
+            f"cannot write {path}: {blocker or path.parent} is a file, not a folder"
+        ) from None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp makes the file private (0600); give it the mode open() would
@@ -138,10 +147,21 @@ class MatrixCheckpoint:
         self.matrix_path = self.folder / "matrix.bin"
         self.state_path = self.folder / "state.json"
         self.state: dict[str, Any] = {"fingerprint": fingerprint, "rows_done": 0}
+        if self.folder.exists() and not self.folder.is_dir():
+            raise CheckpointError(
+                f"checkpoint={self.folder} is a file; the checkpoint is a folder: pass a new "
+                "folder's path (or that of an earlier run's checkpoint folder)"
+            )
         if self.state_path.exists():
             self._load_existing()
         else:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"cannot create the checkpoint folder {self.folder}: "
+                    f"{exc.strerror or exc} (is a part of the path a file?)"
+                ) from None
             size = n * n * self.np_dtype.itemsize
             with open(self.matrix_path, "wb") as fh:
                 fh.truncate(size)

@@ -11,6 +11,7 @@ quadratures and diagonals plot alike.  Every function returns a matplotlib
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -153,8 +154,16 @@ def signed_panels(
 
     Two panels with log-spaced bins of |lambda| (so values spanning many decades
     are all visible), log-scale counts, runs overlaid; the near-zero fraction
-    (default tol 1e-5, the paper's) is written on each panel.
+    (default tol 1e-5, the paper's) is written on each panel.  ``near_zero_tol`` must be
+    > 0: it is the first edge of the log-spaced bins.
     """
+    if not (isinstance(near_zero_tol, int | float) and math.isfinite(near_zero_tol)) or not (
+        near_zero_tol > 0
+    ):
+        raise ValueError(
+            f"near_zero_tol must be a finite number > 0 (the first edge of the log-spaced "
+            f"bins), got {near_zero_tol!r}"
+        )
     items = _as_list(spectra)
     names = _labels(items, labels)
     fig = Figure(figsize=figsize)
@@ -212,14 +221,16 @@ def density(
     x = grid if grid is not None else np.linspace(lo - pad, hi + pad, 2000)
     fig = Figure(figsize=figsize)
     ax = fig.subplots()
+    peak = 0.0
     for s, name in zip(items, names, strict=True):
-        ax.plot(
-            x,
-            np.maximum(s.density(x, sigma), 1e-300),
-            label=f"{name} (σ={s.density_sigma(sigma):.2g})",
-        )
+        rho = s.density(x, sigma)
+        peak = max(peak, float(rho.max()))
+        ax.plot(x, np.maximum(rho, 1e-300), label=f"{name} (σ={s.density_sigma(sigma):.2g})")
     ax.set_yscale("log")
-    ax.set_ylim(bottom=1e-8)
+    # explicit limits: autoscaling would reach down to the 1e-300 floor of empty gaps
+    # and up to ~1e15 with it; eight decades below the peak show the tails
+    peak = peak if np.isfinite(peak) and peak > 0 else 1.0
+    ax.set_ylim(bottom=peak * 1e-8, top=peak * 2)
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)

@@ -111,8 +111,17 @@ class Spectrum:
             raise ValueError("a spectrum needs at least one eigenvalue")
         if not np.all(np.isfinite(ev)):
             raise ValueError("eigenvalues contain NaN or Inf")
-        if np.any(w < 0) or not math.isclose(float(w.sum()), 1.0, rel_tol=0, abs_tol=1e-9):
-            raise ValueError(f"weights must be >= 0 and sum to 1 (sum = {w.sum()!r})")
+        if np.any(w < 0) or not math.isclose(float(w.sum()), 1.0, rel_tol=0, abs_tol=1e-6):
+            raise ValueError(
+                f"weights must be >= 0 and sum to 1 within 1e-6 (sum = {w.sum()!r}); divide "
+                "them by their sum"
+            )
+        if abs(float(w.sum()) - 1.0) > 1e-12:  # float32-normalised weights: off by ~1e-8
+            w = w / w.sum()
+        if not isinstance(self.info, dict):
+            raise TypeError(f"info must be a dict, got {type(self.info).__name__}")
+        if self.loss is not None and not isinstance(self.loss, int | float | np.floating):
+            raise TypeError(f"loss must be a number or None, got {type(self.loss).__name__}")
         if self.kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {self.kind!r}")
         order = np.argsort(ev, kind="stable")

@@ -223,3 +223,17 @@ def test_resumed_build_rechecks_its_last_block_against_the_current_code(tmp_path
     assert json.loads((ckpt / "state.json").read_text())["rows_done"] == 16  # left alone
     resumed = dense_matrix(_Dense(A), chunk_size=8, checkpoint=ckpt).matrix
     assert torch.equal(resumed, dense_matrix(_Dense(A), chunk_size=8).matrix)
+
+
+def test_a_file_where_a_folder_belongs_is_refused_with_its_name(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    s = spectra.Spectrum.from_eigenvalues([1.0, 2.0])
+    with pytest.raises(NotADirectoryError, match="afile is a file, not a folder"):
+        s.save(blocker / "spectrum.npz")
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    data = (torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))
+    for where in (blocker, blocker / "sub"):
+        with pytest.raises(CheckpointError, match="afile"):
+            spectra.exact_spectrum(model, nn.CrossEntropyLoss(), data, checkpoint=where)

@@ -217,3 +217,16 @@ def test_gauss_mass_bounds_hold_for_every_interval_and_probe():
     assert gauss_mass_bounds(theta, np.full(3, 1 / 3), -1, 2) == (pytest.approx(1 / 3), 1.0)
     with pytest.raises(ValueError, match="lo <= hi"):
         gauss_mass_bounds(theta, np.full(3, 1 / 3), 1.0, 0.0)
+
+
+def test_float32_normalised_weights_are_accepted_and_made_exact_and_bad_metadata_refused():
+    w = np.random.default_rng(0).random(1000).astype(np.float32)
+    w = w / w.sum()  # normalised in float32: the float64 sum is 1 +- ~1e-8
+    s = Spectrum.from_quadrature(np.arange(1000.0), w, n_params=5000)
+    assert abs(s.weights.sum() - 1.0) < 1e-12
+    with pytest.raises(ValueError, match="within 1e-6.*divide them by their sum"):
+        Spectrum.from_quadrature(np.arange(3.0), np.array([0.5, 0.5, 0.1]), n_params=3)
+    with pytest.raises(TypeError, match="info must be a dict"):
+        Spectrum.from_eigenvalues(np.arange(3.0), info=[1])
+    with pytest.raises(TypeError, match="loss must be a number"):
+        Spectrum.from_eigenvalues(np.arange(3.0), loss="abc")

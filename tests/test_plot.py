@@ -51,3 +51,15 @@ def test_plot_rejects_bad_input():
         spectra.plot.spectrum([])
     with pytest.raises(ValueError, match="labels"):
         spectra.plot.spectrum([fake(1)], labels=["a", "b"])
+
+
+def test_density_axis_follows_the_density_not_its_floor_and_bad_tolerances_are_refused():
+    """Gaps in the density (floored at 1e-300 for the log axis) made autoscaling run the
+    y axis up to ~1e15 with a peak of 0.32."""
+    s = spectra.Spectrum.from_eigenvalues(np.array([0.0, 1.0, 100.0]))
+    lo, hi = spectra.plot.density(s).axes[0].get_ylim()
+    peak = s.density(np.linspace(-5.0, 105.0, 2000)).max()
+    assert peak <= hi <= 2.5 * peak and 1e-9 * peak <= lo <= 1e-6 * peak
+    for tol in (0.0, -1e-4, float("nan")):
+        with pytest.raises(ValueError, match="near_zero_tol must be a finite number > 0"):
+            spectra.plot.signed_panels(s, near_zero_tol=tol)
