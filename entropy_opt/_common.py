@@ -136,7 +136,7 @@ def checked_group(param_group: dict[str, Any], defaults: Any, who: str) -> dict[
     parameters, no torch option the optimizer lacks."""
     param_group = group_params(param_group)
     check_real_params(param_group["params"], who)
-    check_group_keys(param_group, defaults if defaults is not None else param_group, who)
+    check_group_keys(param_group, defaults, who)
     return param_group
 
 

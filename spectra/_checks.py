@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 from typing import Any
 
 import torch
@@ -101,9 +103,6 @@ def all_finite(x: torch.Tensor) -> bool:
 def user_stacklevel() -> int:
     """The ``stacklevel`` for ``warnings.warn`` called here that names the first frame
     outside this package (the user's call), whatever the depth of the library's path."""
-    import os
-    import sys
-
     package = os.path.dirname(os.path.abspath(__file__))
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):

@@ -259,10 +259,11 @@ def _refuse_renormalising_embeddings(model: nn.Module, selected: Sequence[str]) 
 def gradient_with_graph(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """d loss / d x with its graph, for double backward.
 
-    The backward is seeded with a 1 that requires grad.  Why: a backward marked
-    ``@once_differentiable`` (custom Functions, fused losses) refuses to be
-    differentiated only when its incoming gradient requires grad; with a plain seed it
-    would pass as a constant and its curvature would silently drop out.
+    The backward is seeded with a 1 that requires grad, so the gradient always carries a
+    graph (through the seed) even where it has none in ``x`` (a loss linear in ``x``, a
+    hand-written backward): differentiating it with ``allow_unused=True`` then returns
+    None there, for :func:`graphless_gradient_is_smooth` to judge, instead of failing
+    with "element 0 of tensors does not require grad".
     """
     seed = torch.ones_like(loss).requires_grad_(True)
     (g,) = torch.autograd.grad(loss, x, seed, create_graph=True)
@@ -492,6 +493,8 @@ class CurvatureOperator(LinearOperator):
         fixed = self.view.with_aliases(self.view.fixed_state(dtype))
         self._fixed = {f"model.{k}": v for k, v in fixed.items()}
         self._paths_checked = backend == "finite_difference"
+        #: batches whose gradient has no graph and was judged not smooth (zero curvature)
+        self._graphless_batches: set[int] = set()
         self._precision = torch.finfo(dtype).eps
         #: machine epsilon of the lowest precision the forward pass computes in (float32
         #: internals of a float64 model, e.g. Hugging Face's RMSNorm, show here)
@@ -990,13 +993,9 @@ class CurvatureOperator(LinearOperator):
         # in float64 anything beyond round-off is a wrong derivative
         refused_above = ASYMMETRY_REFUSED if self.internal_eps >= 1e-7 else tol
         if asymmetry > refused_above:
-            fd = (
-                type(self)._batch_matmat_finite_difference
-                is not CurvatureOperator._batch_matmat_finite_difference
-            )
             hint = (
                 "; backend='finite_difference' needs first derivatives only"
-                if fd
+                if self._has_finite_differences()
                 else "; replace that operation (or write it out in plain tensor operations)"
             )
             raise RuntimeError(
@@ -1119,17 +1118,40 @@ class CurvatureOperator(LinearOperator):
             out.add_(prod, alpha=batch.weight)
         return self._sum_over_ranks(out)
 
+    def _zero_curvature_if_graphless(
+        self,
+        batch: Batch,
+        f: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        g: torch.Tensor,
+        what: str,
+    ) -> torch.Tensor:
+        """Zeros like ``x``: the curvature of ``f`` on ``batch`` where its gradient ``g``
+        has no graph in ``x`` and does not vary smoothly (linear or piecewise linear);
+        raises where it does (a hand-written backward, whose curvature double backward
+        cannot see).  Judged once per batch: later products reuse the verdict."""
+        if batch.index not in self._graphless_batches:
+            if graphless_gradient_is_smooth(autograd_gradient(f), x, g):
+                raise RuntimeError(GRAPHLESS_GRADIENT.format(what=what))
+            self._graphless_batches.add(batch.index)
+        return torch.zeros_like(x)
+
+    def _has_finite_differences(self) -> bool:
+        """Whether this operator has a first-derivative-only path to point users to."""
+        return (
+            type(self)._batch_matmat_finite_difference
+            is not CurvatureOperator._batch_matmat_finite_difference
+        )
+
     def _no_second_derivative(self, exc: RuntimeError) -> RuntimeError:
         """PyTorch's error for an operation without a double backward, with what to do."""
         text = str(exc)
-        twice = "once_differentiable" in text
-        if not (("derivative for" in text and "not implemented" in text) or twice):
+        if not ("derivative for" in text and "not implemented" in text):
             return exc
-        fd = type(self)._batch_matmat_finite_difference
         hint = (
             "backend='finite_difference' approximates each product by central differences "
             "of gradients (relative error ~eps^(2/3))"
-            if fd is not CurvatureOperator._batch_matmat_finite_difference
+            if self._has_finite_differences()
             else "replace that operation (or the loss) by one PyTorch can differentiate twice"
         )
         return RuntimeError(

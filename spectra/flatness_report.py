@@ -30,7 +30,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -528,12 +528,12 @@ def _spectrum_measures(
                 [gauss_mass_bounds(s.eigenvalues, s.weights, -tol, tol) for s in per_probe]
             )
             errors = [probe_stderr(list(bounds[:, j])) for j in (0, 1)]
-            m = measures[key]
-            measures[key] = Measure(
-                m.value,
-                stderr=m.stderr,
-                method=m.method,
-                details={**m.details, "bracket": "Chebyshev-Markov-Stieltjes, per probe"},
+            measures[key] = replace(
+                measures[key],
+                details={
+                    **measures[key].details,
+                    "bracket": "Chebyshev-Markov-Stieltjes, per probe",
+                },
                 bracket=[float(bounds[:, 0].mean()), float(bounds[:, 1].mean())],
                 bracket_stderr=None if None in errors else errors,
             )

@@ -8,11 +8,8 @@ import torch
 
 from .batches import Batch
 from .curvature import (
-    GRAPHLESS_GRADIENT,
     CurvatureOperator,
-    autograd_gradient,
     gradient_with_graph,
-    graphless_gradient_is_smooth,
     jvp_with_targets,
 )
 
@@ -56,19 +53,18 @@ class GGNOperator(CurvatureOperator):
             zd = z.detach().requires_grad_(True)
             loss = self.loss_of_outputs(zd, batch.targets)
             gz = gradient_with_graph(loss, zd)
-            cols, smooth = [], None
+            cols = []
             for j in range(V.shape[1]):
                 (jv,) = torch.autograd.grad(jt_u, u, V[:, j], retain_graph=True)
                 (hjv,) = torch.autograd.grad(gz, zd, jv, retain_graph=True, allow_unused=True)
                 if hjv is None:  # linear (KL of log-probabilities), piecewise, or fused
-                    if smooth is None:
-                        gradient = autograd_gradient(
-                            lambda o: self.loss_of_outputs(o, batch.targets)
-                        )
-                        smooth = graphless_gradient_is_smooth(gradient, zd, gz)
-                    if smooth:
-                        raise RuntimeError(GRAPHLESS_GRADIENT.format(what="the outputs"))
-                    hjv = torch.zeros_like(zd)
+                    hjv = self._zero_curvature_if_graphless(
+                        batch,
+                        lambda o: self.loss_of_outputs(o, batch.targets),
+                        zd,
+                        gz,
+                        "the outputs",
+                    )
                 (col,) = torch.autograd.grad(z, theta, hjv, retain_graph=True)
                 cols.append(col)
         return torch.stack(cols, dim=1).detach()

@@ -9,11 +9,8 @@ import torch
 
 from .batches import Batch
 from .curvature import (
-    GRAPHLESS_GRADIENT,
     CurvatureOperator,
-    autograd_gradient,
     gradient_with_graph,
-    graphless_gradient_is_smooth,
     jvp_with_targets,
 )
 
@@ -86,19 +83,16 @@ class HessianOperator(CurvatureOperator):
     def _batch_matmat_autograd(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
         theta, g = self._gradient_graph(batch)
         k = V.shape[1]
-        cols, smooth = [], None
+        cols = []
         with torch.enable_grad():
             for j in range(k):
                 (col,) = torch.autograd.grad(
                     g, theta, V[:, j], retain_graph=self.cache_graph or j + 1 < k, allow_unused=True
                 )
                 if col is None:  # g has no graph in theta: linear, piecewise linear, or fused
-                    if smooth is None:
-                        gradient = autograd_gradient(lambda t: self.batch_loss(t, batch))
-                        smooth = graphless_gradient_is_smooth(gradient, theta, g)
-                    if smooth:
-                        raise RuntimeError(GRAPHLESS_GRADIENT.format(what="the parameters"))
-                    col = torch.zeros_like(theta)
+                    col = self._zero_curvature_if_graphless(
+                        batch, lambda t: self.batch_loss(t, batch), theta, g, "the parameters"
+                    )
                 cols.append(col)
         return torch.stack(cols, dim=1).detach()
 

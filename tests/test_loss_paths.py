@@ -168,3 +168,21 @@ def test_a_loss_whose_backward_cannot_be_differentiated_is_refused_not_zeroed(fn
         op = build(model, fn.apply, (X, y), backend=backend)
         with pytest.raises(RuntimeError, match="finite_difference"):
             op @ torch.randn(op.shape[0], dtype=F64)
+
+
+def test_a_transformer_regressor_with_mse_agrees_on_both_paths_without_falling_back():
+    """The zero-tangent targets on a model the change was not written for: an
+    nn.TransformerEncoderLayer with a linear head, MSE on per-token targets."""
+    torch.manual_seed(7)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer, nn.Linear(8, 2)).double().eval()
+    X, Y = torch.randn(4, 5, 8, dtype=F64), torch.randn(4, 5, 2, dtype=F64)
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=F64)
+    for build in (spectra.hessian_operator, spectra.ggn_operator):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="torch.func cannot trace")
+            fast = build(model, nn.MSELoss(), (X, Y))
+            out = fast @ V
+        slow = build(model, nn.MSELoss(), (X, Y), backend="autograd") @ V
+        assert fast.backend == "auto"
+        torch.testing.assert_close(out, slow, rtol=1e-10, atol=1e-12)
