@@ -979,8 +979,11 @@ class CurvatureOperator(LinearOperator):
         graphless = self._graphless_loss_curvature()
         paths, asymmetry, where = self._path_difference()
         if self.process_group is not None:  # every rank decides on the same numbers
+            local = (paths, asymmetry)
             verdicts = torch.tensor([paths, asymmetry, graphless is not None], dtype=torch.float64)
             paths, asymmetry, refused = (float(x) for x in self._max_over_ranks(verdicts))
+            if (paths, asymmetry) != local:  # the deciding number is another rank's
+                where = " on another rank's first batch"
             if refused and graphless is None:
                 graphless = "another rank's data: " + GRAPHLESS_GRADIENT.format(
                     what="the model's outputs"

@@ -1,7 +1,10 @@
-"""Data sharded over 2 gloo ranks gives the same operator as 1 process."""
+"""Data sharded over 2 gloo ranks gives the same operator as 1 process, and a refusal
+that one rank's data triggers is raised on every rank (none is left waiting in a
+collective the other has abandoned)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 
@@ -81,3 +84,116 @@ def test_process_group_without_init_is_a_clear_error():
         assert "init_process_group" in str(exc)
     else:
         raise AssertionError("expected a RuntimeError")
+
+
+SMALL = 5  # rank 1's batches (3 and 4 samples) are below it, rank 0's (13) is not
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy with a hand-written backward, as fused kernels are written."""
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        ctx.save_for_backward(logits, labels)
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        logits, labels = ctx.saved_tensors
+        p = logits.softmax(-1)
+        p[torch.arange(len(labels)), labels] -= 1
+        return grad * p / len(labels), None
+
+
+def _fused_on_small_batches(logits, labels):
+    """Plain cross-entropy on rank 0's batch, the fused one on rank 1's."""
+    if len(labels) < SMALL:
+        return _FusedCrossEntropy.apply(logits, labels)
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+class _ScaledProduct(torch.autograd.Function):
+    """a * b whose derivative in a is 1.5x too large: a wrong double backward."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return 1.5 * g * b, g * a
+
+
+class _WrongOnSmallBatches(nn.Module):
+    """A bilinear regressor whose backward is wrong only on rank 1's batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        a, b = self.l1(x), self.l2(x)
+        product = _ScaledProduct.apply(a, b) if len(x) < SMALL else a * b
+        return product.sum(-1, keepdim=True)
+
+
+def _refusing_worker(rank: int, store: str, out: str) -> None:
+    # a rank left in a collective alone fails after 60 s instead of hanging the test
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    finished = False
+    try:
+        model, _, X, y = problem()
+        torch.manual_seed(0)
+        bilinear = _WrongOnSmallBatches().double()
+        Y = torch.randn(20, 1, dtype=F64)
+        cases = {
+            "graphless loss": (model, _fused_on_small_batches, (X, y)),
+            "asymmetric product": (bilinear, nn.MSELoss(), (X, Y)),
+        }
+        result = {}
+        for name, (net, loss, (inputs, targets)) in cases.items():
+            shard = (
+                (inputs[:SPLIT], targets[:SPLIT])
+                if rank == 0
+                else [(inputs[SPLIT:16], targets[SPLIT:16]), (inputs[16:], targets[16:])]
+            )
+            H = spectra.hessian_operator(
+                net, loss, shard, process_group=True, backend="autograd", reduction="mean"
+            )
+            try:
+                H @ torch.ones(H.shape[0], dtype=F64)
+                result[name] = None
+            except RuntimeError as exc:
+                result[name] = str(exc)
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+            json.dump(result, fh)
+        finished = True
+    finally:
+        dist.barrier()
+        if finished:
+            os._exit(0)
+        dist.destroy_process_group()
+
+
+def test_a_refusal_one_rank_triggers_is_raised_on_every_rank(tmp_path):
+    """Rank 1's batches go through a fused loss / a wrong backward, rank 0's do not: the
+    verdicts are reduced over ranks, so both refuse (and neither waits for the other)."""
+    mp.spawn(_refusing_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    for got in ranks:
+        assert got["graphless loss"] is not None and "finite_difference" in got["graphless loss"]
+        assert got["asymmetric product"] is not None
+        assert "not symmetric" in got["asymmetric product"]
+    assert "another rank's data" in ranks[0]["graphless loss"]
+    assert "another rank's data" not in ranks[1]["graphless loss"]
+    assert "on another rank's first batch" in ranks[0]["asymmetric product"]
+    assert "on batch 0" in ranks[1]["asymmetric product"]
