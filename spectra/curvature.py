@@ -370,6 +370,63 @@ class _LowestPrecision(TorchDispatchMode):
         return out
 
 
+ACTIVATION_CHECKPOINTING = (
+    "the model uses activation checkpointing (torch.utils.checkpoint, or a Hugging Face "
+    "model with gradient checkpointing enabled, in train mode), which recomputes the "
+    "forward pass during backward outside the operator's parameter substitution: with "
+    "use_reentrant=True the parameters inside a segment get no gradient (their curvature "
+    "reads as zero), with use_reentrant=False gradients away from the current weights are "
+    "those of the current weights. It saves only memory; turn it off for the analysis "
+    "(Hugging Face: model.gradient_checkpointing_disable(), activation_checkpointing_"
+    "disable() in transformers 5; otherwise call the function "
+    "directly instead of through checkpoint)"
+)
+# what torch.utils.checkpoint(use_reentrant=True) warns when no input of a segment
+# requires grad, and the autograd node it leaves where one does
+_REENTRANT_WARNING = "None of the inputs have requires_grad=True"
+_REENTRANT_NODE = "CheckpointFunctionBackward"
+
+
+class _RefuseActivationCheckpointing:
+    """Around a forward pass: refuses non-reentrant checkpointing as it starts (it needs
+    saved-tensor hooks), and records whether a reentrant segment ran where no input
+    required grad (``seen``); every other warning is passed on unchanged."""
+
+    def __enter__(self) -> _RefuseActivationCheckpointing:
+        self._catcher = warnings.catch_warnings(record=True)
+        self._caught = self._catcher.__enter__()
+        warnings.simplefilter("always")
+        self._hooks = torch.autograd.graph.disable_saved_tensors_hooks(ACTIVATION_CHECKPOINTING)
+        self._hooks.__enter__()
+        self.seen = False
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: object) -> None:
+        self._hooks.__exit__(kind, error, tb)
+        self._catcher.__exit__(kind, error, tb)
+        for w in self._caught:
+            if str(w.message).startswith(_REENTRANT_WARNING):
+                self.seen = True
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        if isinstance(error, RuntimeError) and str(error) == ACTIVATION_CHECKPOINTING:
+            raise ValueError(ACTIVATION_CHECKPOINTING) from None  # bad input, as reentrant's
+
+
+def _graph_has_reentrant_checkpoint(t: torch.Tensor) -> bool:
+    """Whether the autograd graph of ``t`` holds a reentrant checkpoint segment."""
+    stack, seen = [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == _REENTRANT_NODE:
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
 class CurvatureOperator(LinearOperator):
     """Curvature of the loss ``loss_fn`` gives over all of ``data``, at the model's current weights.
 
@@ -701,8 +758,11 @@ class CurvatureOperator(LinearOperator):
                     # with grad on, so that a loss reading the real parameters shows (theta
                     # and the fixed state do not require grad: no graph is built otherwise)
                     with torch.enable_grad(), _LowestPrecision() as lowest:
-                        out = self.outputs(self.theta, batch.inputs)
+                        with _RefuseActivationCheckpointing() as reentrant:
+                            out = self.outputs(self.theta, batch.inputs)
                         loss = self.loss_of_outputs(out, batch.targets)
+                    if reentrant.seen or _graph_has_reentrant_checkpoint(loss):
+                        raise ValueError(ACTIVATION_CHECKPOINTING)
                     self._check_reads_only_theta(loss)
                     out, loss = tree_map(_detached, out), loss.detach()
                     self.internal_eps = max(torch.finfo(self.dtype).eps, lowest.eps)

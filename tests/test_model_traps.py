@@ -6,6 +6,8 @@ References: dense float64 Hessians of the loss written out in plain tensor opera
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -263,3 +265,97 @@ def test_a_hinge_loss_at_its_kinks_has_zero_curvature_and_is_not_refused(dtype):
     for build in (spectra.hessian_operator, spectra.ggn_operator):
         op = build(model, hinge, (X, y), dtype=dtype)
         assert torch.count_nonzero(dense(op)) == 0
+
+
+class _Checkpointed(nn.Module):
+    """A tanh layer run through torch.utils.checkpoint, on the raw inputs or after a
+    first layer (so that, with its parameters selected, a segment input requires grad)."""
+
+    def __init__(self, reentrant: bool, after_layer: bool) -> None:
+        super().__init__()
+        self.first, self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 6), nn.Linear(6, 3)
+        self.reentrant, self.after_layer = reentrant, after_layer
+
+    def forward(self, x):
+        x = self.first(x) if self.after_layer else x
+        h = torch.utils.checkpoint.checkpoint(
+            lambda t: torch.tanh(self.inner(t)), x, use_reentrant=self.reentrant
+        )
+        return self.head(h)
+
+
+@pytest.mark.parametrize("after_layer", [False, True])
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("backend", ["auto", "autograd"])
+def test_activation_checkpointing_is_refused_before_any_product(reentrant, after_layer, backend):
+    """Reentrant: the segment's parameters got no gradient when no input required grad
+    (product 100% off, no error); non-reentrant: gradients away from the point were those
+    of the point (34% off at a perturbed theta). Refused when the operator is built."""
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant, after_layer).double()
+    data = (torch.randn(10, 4, dtype=F64), torch.randint(0, 3, (10,)))
+    for build in (
+        spectra.hessian_operator,
+        spectra.ggn_operator,
+        spectra.empirical_fisher_operator,
+    ):
+        with pytest.raises(ValueError, match="activation checkpointing"):
+            build(model, nn.CrossEntropyLoss(), data, backend=backend)
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    no_dropout = dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), 0.0)
+    cfg = GPT2Config(
+        vocab_size=20, n_positions=8, n_embd=8, n_layer=2, n_head=2,
+        bos_token_id=0, eos_token_id=0, **no_dropout,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    return GPT2LMHeadModel(cfg).double()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_hugging_face_gradient_checkpointing_is_refused_in_train_mode_only(reentrant):
+    """Hugging Face checkpoints its layers only in training: with the last block and the
+    final norm selected, train mode gave a product 100% off and a gradient 99.6% off
+    (reentrant, its default), or a metadata error (non-reentrant). Eval mode is unaffected
+    and equals the model without checkpointing."""
+    model = _tiny_gpt2()
+    ids = torch.randint(0, 20, (3, 6), generator=torch.Generator().manual_seed(0))
+
+    def forward(m, x):
+        return m(input_ids=x).logits.transpose(1, 2)
+
+    params = [k for k, _ in model.named_parameters() if k.startswith(("transformer.h.1.mlp",
+                                                                       "transformer.ln_f"))]  # fmt: skip
+    options = dict(params=params, forward=forward)
+    plain = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (ids, ids), **options)
+    v = torch.randn(plain.shape[0], dtype=F64, generator=torch.Generator().manual_seed(1))
+    want = plain @ v
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    with pytest.raises(ValueError, match="checkpointing_disable"):
+        spectra.hessian_operator(
+            model, nn.CrossEntropyLoss(), (ids, ids), train_mode=True, **options
+        )
+    evaluated = spectra.hessian_operator(model, nn.CrossEntropyLoss(), (ids, ids), **options)
+    torch.testing.assert_close(evaluated @ v, want, rtol=1e-12, atol=1e-14)
+
+
+def test_warnings_of_the_first_forward_still_reach_the_user():
+    """The checkpointing check records warnings during the first forward pass; the
+    model's own are passed on."""
+
+    class Chatty(nn.Linear):
+        def forward(self, x):
+            warnings.warn("a model's own warning", UserWarning, stacklevel=1)
+            return super().forward(x)
+
+    model = Chatty(4, 3).double()
+    data = (torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,)))
+    with pytest.warns(UserWarning, match="a model's own warning"):
+        spectra.hessian_operator(model, nn.CrossEntropyLoss(), data)
