@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 
 from ._checks import all_finite, resolve_dtype, user_stacklevel
 from .batches import Batch, CountSamples, DataSource, batch_leaves
+from .gradient_check import directional_check
 from .linear_operator import LinearOperator
 from .parameters import ParameterView, ParamSelector
 from .reduction import (
@@ -1036,6 +1037,7 @@ class CurvatureOperator(LinearOperator):
         largest disagreement decides for all, so ranks keep one backend and one
         precision (Lanczos tolerances depend on it) and all refuse together."""
         self._paths_checked = True
+        self._check_gradient_is_the_derivative()
         graphless = self._graphless_loss_curvature()
         paths, asymmetry, where = self._path_difference()
         if self.process_group is not None:  # every rank decides on the same numbers
@@ -1119,6 +1121,52 @@ class CurvatureOperator(LinearOperator):
         if graphless_gradient_is_smooth(gradient, zd, gz):
             return GRAPHLESS_GRADIENT.format(what="the model's outputs")
         return None
+
+    def _check_gradient_is_the_derivative(self) -> None:
+        """Warn where autograd's gradient on the first batch is not the loss's derivative
+        along a random direction (:mod:`spectra.gradient_check`): every product
+        differentiates that gradient, so they would be the curvature of something else.
+        Four forward passes and one gradient."""
+        first = next(self.batches(), None)
+        if first is None:
+            return
+        gen = torch.Generator(device="cpu").manual_seed(4321)
+        u = torch.randn(self.shape[0], generator=gen, dtype=torch.float64)
+        u = self._off_padding_rows(u.to(dtype=self.dtype, device=self.device))
+        leaf = self.theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.batch_loss(leaf, first), leaf)
+        with torch.no_grad():
+            check = directional_check(
+                lambda t: float(self.batch_loss(t, first)), self.theta, g, u, self.internal_eps
+            )
+        if check.disagrees:
+            warnings.warn(
+                f"{type(self).__name__}: autograd's gradient is not the loss's derivative on "
+                f"batch {first.index}: along a random direction it gives "
+                f"{check.autograd:.6g}, the loss changes at {check.finite_difference:.6g} "
+                f"(finite differences, +- {check.error:.1e}). Some operation's backward is not "
+                "the derivative of its forward (a parameter read through .data or .detach() "
+                "in forward, a straight-through estimator, a custom autograd.Function), and "
+                "the curvature computed is that of autograd's gradient, not of the loss",
+                stacklevel=user_stacklevel(),
+            )
+
+    def _off_padding_rows(self, u: torch.Tensor) -> torch.Tensor:
+        """A copy of ``u`` (n,) with the embeddings' padding rows, which every path holds
+        constant, set to zero."""
+        u = u.clone()
+        if not self._padding_rows:
+            return u
+        modules = dict(self.model.named_modules())
+        for name, part in self.view.unflatten(u).items():  # views into u
+            for slot in (name, *self.view.aliases.get(name, ())):
+                owner, _, attr = slot.rpartition(".")
+                module = modules.get(owner)
+                if isinstance(module, nn.Embedding) and attr == "weight":
+                    if module.padding_idx is not None:
+                        part[module.padding_idx] = 0
+        return u
 
     def _path_difference(self) -> tuple[float, float, str]:
         """On this rank's first batch: the relative difference of the two paths on one

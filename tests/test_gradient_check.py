@@ -1,0 +1,104 @@
+"""autograd's gradient against the loss's finite differences (spectra.gradient_check):
+closed forms, kinks and rounding that must not count, and the operators' use of it."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import spectra
+from spectra.gradient_check import directional_check
+
+F64 = torch.float64
+
+
+def _sines(theta: torch.Tensor) -> float:
+    return float(torch.sin(theta).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_the_true_gradient_agrees_and_a_wrong_one_does_not(dtype):
+    """d/dt sum sin(theta) = cos(theta): agrees to the difference's error; 1.05x off in
+    float64, 1.5x in float32 (whose floor is 10%: rounding alone), or one block of the
+    gradient zeroed, is a mismatch."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(500, generator=g, dtype=F64).to(dtype)
+    u = torch.randn(500, generator=g, dtype=F64).to(dtype)
+    eps = torch.finfo(dtype).eps
+    right = directional_check(_sines, theta, torch.cos(theta), u, eps)
+    assert not right.disagrees
+    assert right.mismatch < (1e-9 if dtype == F64 else 1e-3)
+    assert abs(right.autograd - right.finite_difference) <= 10 * right.error + 1e-12
+    factor = 1.05 if dtype == F64 else 1.5
+    scaled = directional_check(_sines, theta, factor * torch.cos(theta), u, eps)
+    assert scaled.disagrees
+    assert abs(scaled.mismatch - (1 - 1 / factor)) < 1e-3  # |f g - g| / |f g|
+    blocked = torch.cos(theta).clone()
+    blocked[:100] = 0  # a segment's parameters without gradient
+    assert directional_check(_sines, theta, blocked, u, eps).disagrees
+
+
+def test_a_kink_inside_the_step_is_not_a_mismatch():
+    """sum |theta| with one entry half a step from its kink: the differences at h and 2h
+    both straddle it and are off (Richardson by 0.42 u_0 against autograd's u_0), and
+    their disagreement (0.25 u_0) bounds that within the safety factor."""
+    eps = torch.finfo(F64).eps
+    theta = torch.tensor([0.0, 1.0, -2.0, 0.5], dtype=F64)
+    u = torch.tensor([1.0, 0.3, -0.2, 0.1], dtype=F64)
+    h = eps ** (1 / 3) * max(float(theta.norm()), 1.0)
+    theta[0] = 0.5 * h * float(u[0] / u.norm())  # theta - h u crosses the kink
+    check = directional_check(lambda t: float(t.abs().sum()), theta, torch.sign(theta), u, eps)
+    gap = abs(check.autograd - check.finite_difference)
+    assert gap > 0.3 * float(u[0] / u.norm())  # the difference really is off
+    assert gap > check.error  # by more than one error bar...
+    assert not check.disagrees  # ...but within the safety factor
+
+
+class _ReadsData(nn.Module):
+    """A forward that reads one weight through .data: its gradient misses that use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(nn.functional.linear(x, self.a.weight.data, self.a.bias)))
+
+
+def test_a_parameter_read_through_data_is_reported_on_the_double_backward_path():
+    """backend='autograd' has no second path to disagree with and the product stays
+    symmetric: before this check nothing was said."""
+    torch.manual_seed(0)
+    model = _ReadsData().double()
+    data = (torch.randn(20, 4, dtype=F64), torch.randint(0, 3, (20,)))
+    H = spectra.hessian_operator(model, nn.CrossEntropyLoss(), data, backend="autograd")
+    with pytest.warns(UserWarning, match="not the loss's derivative") as caught:
+        H @ torch.ones(H.shape[0], dtype=F64)
+    assert caught[0].filename == __file__
+
+
+def _trained_relu_net() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    X, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    net = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(1500):  # to a loss ~1e-5: tiny gradients, float32 rounding dominant
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(X), y).backward()
+        opt.step()
+    return net, (X, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_no_false_alarm_on_a_relu_net_at_an_interpolating_minimum(dtype):
+    net, (X, y) = _trained_relu_net()
+    net = net.to(dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not the loss's derivative")
+        warnings.filterwarnings("ignore", message=".*differ by")  # float32 paths, legitimately
+        for build in (spectra.hessian_operator, spectra.ggn_operator):
+            op = build(net, nn.CrossEntropyLoss(), (X.to(dtype), y))
+            op @ torch.ones(op.shape[0], dtype=dtype)
