@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from wrong_backwards import FusedCrossEntropy, ScaledProduct
 
 import spectra
 
@@ -31,22 +32,19 @@ def problem():
     return model, nn.CrossEntropyLoss(), X, y
 
 
-def _worker(rank: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+def _as_rank(rank: int, store: str, out: str, compute) -> None:
+    """Join the 2-rank gloo group, write ``compute()``'s dict to ``out/rank<rank>.json``."""
+    # a rank left in a collective alone fails after 60 s instead of hanging the test
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
     finished = False
     try:
-        model, loss, X, y = problem()
-        shard = (
-            (X[:SPLIT], y[:SPLIT]) if rank == 0 else [(X[SPLIT:16], y[SPLIT:16]), (X[16:], y[16:])]
-        )
-        H = spectra.hessian_operator(model, loss, shard, process_group=True)
-        dense = H.to_dense()
-        result = {
-            "eigenvalues": torch.linalg.eigvalsh(dense).tolist(),
-            "loss": H.loss,
-            "num_samples": H.num_samples,
-            "grad": H.gradient().tolist(),
-        }
+        result = compute()
         with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
             json.dump(result, fh)
         finished = True
@@ -59,6 +57,27 @@ def _worker(rank: int, store: str, out: str) -> None:
         if finished:
             os._exit(0)
         dist.destroy_process_group()
+
+
+def _shard(rank: int, inputs: torch.Tensor, targets: torch.Tensor):
+    """Rank 0: one batch of 13 samples; rank 1: batches of 3 and 4."""
+    if rank == 0:
+        return inputs[:SPLIT], targets[:SPLIT]
+    return [(inputs[SPLIT:16], targets[SPLIT:16]), (inputs[16:], targets[16:])]
+
+
+def _worker(rank: int, store: str, out: str) -> None:
+    def compute():
+        model, loss, X, y = problem()
+        H = spectra.hessian_operator(model, loss, _shard(rank, X, y), process_group=True)
+        return {
+            "eigenvalues": torch.linalg.eigvalsh(H.to_dense()).tolist(),
+            "loss": H.loss,
+            "num_samples": H.num_samples,
+            "grad": H.gradient().tolist(),
+        }
+
+    _as_rank(rank, store, out, compute)
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
@@ -89,42 +108,11 @@ def test_process_group_without_init_is_a_clear_error():
 SMALL = 5  # rank 1's batches (3 and 4 samples) are below it, rank 0's (13) is not
 
 
-class _FusedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy with a hand-written backward, as fused kernels are written."""
-
-    @staticmethod
-    def forward(ctx, logits, labels):
-        ctx.save_for_backward(logits, labels)
-        return torch.nn.functional.cross_entropy(logits, labels)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        logits, labels = ctx.saved_tensors
-        p = logits.softmax(-1)
-        p[torch.arange(len(labels)), labels] -= 1
-        return grad * p / len(labels), None
-
-
 def _fused_on_small_batches(logits, labels):
     """Plain cross-entropy on rank 0's batch, the fused one on rank 1's."""
     if len(labels) < SMALL:
-        return _FusedCrossEntropy.apply(logits, labels)
+        return FusedCrossEntropy.apply(logits, labels)
     return torch.nn.functional.cross_entropy(logits, labels)
-
-
-class _ScaledProduct(torch.autograd.Function):
-    """a * b whose derivative in a is 1.5x too large: a wrong double backward."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return a * b
-
-    @staticmethod
-    def backward(ctx, g):
-        a, b = ctx.saved_tensors
-        return 1.5 * g * b, g * a
 
 
 class _WrongOnSmallBatches(nn.Module):
@@ -136,52 +124,38 @@ class _WrongOnSmallBatches(nn.Module):
 
     def forward(self, x):
         a, b = self.l1(x), self.l2(x)
-        product = _ScaledProduct.apply(a, b) if len(x) < SMALL else a * b
+        product = ScaledProduct.apply(a, b) if len(x) < SMALL else a * b
         return product.sum(-1, keepdim=True)
 
 
 def _refusing_worker(rank: int, store: str, out: str) -> None:
-    # a rank left in a collective alone fails after 60 s instead of hanging the test
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    finished = False
-    try:
+    def compute():
         model, _, X, y = problem()
         torch.manual_seed(0)
         bilinear = _WrongOnSmallBatches().double()
         Y = torch.randn(20, 1, dtype=F64)
         cases = {
-            "graphless loss": (model, _fused_on_small_batches, (X, y)),
-            "asymmetric product": (bilinear, nn.MSELoss(), (X, Y)),
+            "graphless loss": (model, _fused_on_small_batches, y),
+            "asymmetric product": (bilinear, nn.MSELoss(), Y),
         }
         result = {}
-        for name, (net, loss, (inputs, targets)) in cases.items():
-            shard = (
-                (inputs[:SPLIT], targets[:SPLIT])
-                if rank == 0
-                else [(inputs[SPLIT:16], targets[SPLIT:16]), (inputs[16:], targets[16:])]
-            )
+        for name, (net, loss, targets) in cases.items():
             H = spectra.hessian_operator(
-                net, loss, shard, process_group=True, backend="autograd", reduction="mean"
+                net,
+                loss,
+                _shard(rank, X, targets),
+                process_group=True,
+                backend="autograd",
+                reduction="mean",
             )
             try:
                 H @ torch.ones(H.shape[0], dtype=F64)
                 result[name] = None
             except RuntimeError as exc:
                 result[name] = str(exc)
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
-            json.dump(result, fh)
-        finished = True
-    finally:
-        dist.barrier()
-        if finished:
-            os._exit(0)
-        dist.destroy_process_group()
+        return result
+
+    _as_rank(rank, store, out, compute)
 
 
 def test_a_refusal_one_rank_triggers_is_raised_on_every_rank(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import flat_params, reference_hessian
 from torch import nn
+from wrong_backwards import FusedCrossEntropy
 
 import spectra
 
@@ -123,23 +124,6 @@ def test_a_loss_without_forward_mode_falls_back_to_double_backward_and_agrees():
     assert torch.allclose(M, ref, rtol=0, atol=1e-12)
 
 
-class _FusedCrossEntropy(torch.autograd.Function):
-    """A loss with a hand-written backward, as fused kernels are written."""
-
-    @staticmethod
-    def forward(ctx, logits, labels):
-        ctx.save_for_backward(logits, labels)
-        return torch.nn.functional.cross_entropy(logits, labels)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        logits, labels = ctx.saved_tensors
-        p = logits.softmax(-1)
-        p[torch.arange(len(labels)), labels] -= 1
-        return grad * p / len(labels), None
-
-
 class _DetachedCrossEntropy(torch.autograd.Function):
     """The same backward computed outside autograd, without the once_differentiable mark."""
 
@@ -156,7 +140,7 @@ class _DetachedCrossEntropy(torch.autograd.Function):
         return grad * p / len(labels), None
 
 
-@pytest.mark.parametrize("fn", [_FusedCrossEntropy, _DetachedCrossEntropy])
+@pytest.mark.parametrize("fn", [FusedCrossEntropy, _DetachedCrossEntropy])
 @pytest.mark.parametrize("build", [spectra.hessian_operator, spectra.ggn_operator])
 def test_a_loss_whose_backward_cannot_be_differentiated_is_refused_not_zeroed(fn, build):
     """Its gradient has no graph in the outputs, as a linear loss's has not: the GGN came

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import reference_hessian
 from torch import nn
+from wrong_backwards import ScaledProduct
 
 import spectra
 
@@ -200,29 +201,13 @@ def test_mapping_inputs_and_targets_are_one_batch_and_a_graph_behind_the_data_st
     torch.testing.assert_close(M, want, rtol=0, atol=1e-13)
 
 
-class _ScaledProduct(torch.autograd.Function):
-    """a * b with the derivative in a off by a factor (1 + delta): a wrong double backward."""
-
-    delta = 0.5
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return a * b
-
-    @staticmethod
-    def backward(ctx, g):
-        a, b = ctx.saved_tensors
-        return g * b * (1 + _ScaledProduct.delta), g * a
-
-
 class _Bilinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.l1, self.l2 = nn.Linear(4, 3), nn.Linear(4, 3)
 
     def forward(self, x):
-        return _ScaledProduct.apply(self.l1(x), self.l2(x)).sum(-1, keepdim=True)
+        return ScaledProduct.apply(self.l1(x), self.l2(x)).sum(-1, keepdim=True)
 
 
 @pytest.mark.parametrize("delta", [0.01, 0.5])
@@ -232,7 +217,7 @@ def test_asymmetry_is_refused_beyond_round_off_in_float64_and_beyond_0_03_in_flo
     and becomes the precision, a large one is refused."""
     torch.manual_seed(0)
     model, data = _Bilinear(), (torch.randn(32, 4), torch.randn(32, 1))
-    _ScaledProduct.delta = delta
+    ScaledProduct.delta = delta
     op64 = spectra.hessian_operator(model, nn.MSELoss(), data, backend="autograd", dtype=F64)
     with pytest.raises(RuntimeError, match="not symmetric"):
         op64 @ torch.ones(op64.shape[0], dtype=F64)
