@@ -1126,7 +1126,7 @@ class CurvatureOperator(LinearOperator):
         """Warn where autograd's gradient on the first batch is not the loss's derivative
         along a random direction (:mod:`spectra.gradient_check`): every product
         differentiates that gradient, so they would be the curvature of something else.
-        Four forward passes and one gradient."""
+        Five forward passes and one gradient."""
         first = next(self.batches(), None)
         if first is None:
             return
@@ -1135,7 +1135,16 @@ class CurvatureOperator(LinearOperator):
         u = self._off_padding_rows(u.to(dtype=self.dtype, device=self.device))
         leaf = self.theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(self.batch_loss(leaf, first), leaf)
+            loss = self.batch_loss(leaf, first)
+            if not loss.requires_grad:
+                raise ValueError(
+                    f"the loss on batch {first.index} does not depend on any selected "
+                    f"parameter ({', '.join(self.view.names[:3])}"
+                    f"{', ...' if len(self.view.names) > 3 else ''}): the forward pass never "
+                    "uses them, so there is no curvature to compute; select parameters it "
+                    "uses (params=)"
+                )
+            (g,) = torch.autograd.grad(loss, leaf, allow_unused=True, materialize_grads=True)
         with torch.no_grad():
             check = directional_check(
                 lambda t: float(self.batch_loss(t, first)), self.theta, g, u, self.internal_eps

@@ -102,3 +102,32 @@ def test_no_false_alarm_on_a_relu_net_at_an_interpolating_minimum(dtype):
         for build in (spectra.hessian_operator, spectra.ggn_operator):
             op = build(net, nn.CrossEntropyLoss(), (X.to(dtype), y))
             op @ torch.ones(op.shape[0], dtype=dtype)
+
+
+class _WithUnusedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.unused = nn.Linear(3, 2), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_parameters_the_loss_never_reaches_are_refused_alone_and_zero_beside_others():
+    """Selecting only an unused layer failed deep in autograd ("element 0 of tensors does
+    not require grad"); beside used ones its rows and columns are exactly zero."""
+    torch.manual_seed(0)
+    model = _WithUnusedLayer().double()
+    data = (torch.randn(5, 3, dtype=F64), torch.randint(0, 2, (5,)))
+    alone = spectra.hessian_operator(model, nn.CrossEntropyLoss(), data, params=["unused.weight"])
+    with pytest.raises(ValueError, match="does not depend on any selected parameter"):
+        alone @ torch.ones(alone.shape[0], dtype=F64)
+    both = spectra.hessian_operator(
+        model, nn.CrossEntropyLoss(), data, params=["used.weight", "unused.weight"]
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not the loss's derivative")
+        M = both @ torch.eye(both.shape[0], dtype=F64)
+    assert torch.all(M[6:] == 0) and torch.all(M[:, 6:] == 0)
+    used = spectra.hessian_operator(model, nn.CrossEntropyLoss(), data, params=["used.weight"])
+    torch.testing.assert_close(M[:6, :6], used @ torch.eye(6, dtype=F64), rtol=1e-13, atol=1e-15)
