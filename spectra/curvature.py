@@ -1037,9 +1037,11 @@ class CurvatureOperator(LinearOperator):
         largest disagreement decides for all, so ranks keep one backend and one
         precision (Lanczos tolerances depend on it) and all refuse together."""
         self._paths_checked = True
-        self._check_gradient_is_the_derivative()
-        graphless = self._graphless_loss_curvature()
-        paths, asymmetry, where = self._path_difference()
+        first = next(self.batches(), None)  # None: an empty shard of distributed data
+        if first is not None:
+            self._check_gradient_is_the_derivative(first)
+        graphless = self._graphless_loss_curvature(first)
+        paths, asymmetry, where = self._path_difference(first)
         if self.process_group is not None:  # every rank decides on the same numbers
             local = (paths, asymmetry)
             verdicts = torch.tensor([paths, asymmetry, graphless is not None], dtype=torch.float64)
@@ -1094,14 +1096,13 @@ class CurvatureOperator(LinearOperator):
         )
         self.backend = "autograd"
 
-    def _graphless_loss_curvature(self) -> str | None:
+    def _graphless_loss_curvature(self, first: Batch | None) -> str | None:
         """Why the loss cannot be differentiated twice, or None: a loss whose gradient in
         the model's outputs varies smoothly but has no graph (a custom autograd.Function
         or a fused kernel with a hand-written backward) would lose its curvature, J^T H_z
         J, without an error.  Checked on the first batch, where the forward returns one
         tensor."""
-        first = next(self.batches(), None) if self.uses_loss_curvature else None
-        if first is None:
+        if first is None or not self.uses_loss_curvature:
             return None
         with torch.no_grad():
             z = self.outputs(self.theta, first.inputs)
@@ -1122,14 +1123,11 @@ class CurvatureOperator(LinearOperator):
             return GRAPHLESS_GRADIENT.format(what="the model's outputs")
         return None
 
-    def _check_gradient_is_the_derivative(self) -> None:
+    def _check_gradient_is_the_derivative(self, first: Batch) -> None:
         """Warn where autograd's gradient on the first batch is not the loss's derivative
         along a random direction (:mod:`spectra.gradient_check`): every product
         differentiates that gradient, so they would be the curvature of something else.
         Five forward passes and one gradient."""
-        first = next(self.batches(), None)
-        if first is None:
-            return
         gen = torch.Generator(device="cpu").manual_seed(4321)
         u = torch.randn(self.shape[0], generator=gen, dtype=torch.float64)
         u = self._off_padding_rows(u.to(dtype=self.dtype, device=self.device))
@@ -1177,13 +1175,12 @@ class CurvatureOperator(LinearOperator):
                         part[module.padding_idx] = 0
         return u
 
-    def _path_difference(self) -> tuple[float, float, str]:
+    def _path_difference(self, first: Batch | None) -> tuple[float, float, str]:
         """On this rank's first batch: the relative difference of the two paths on one
         probe, or, where only one runs, that one's asymmetry on four (the RMS of
         u_i^T A u_j - u_j^T A u_i over the pairs relative to the RMS of the forms, which
         estimates ||A - A^T||_F / ||A||_F); 0 for what was not measured.  Also where.
         Products are taken one column at a time, as the largest models need."""
-        first = next(self.batches(), None)
         if first is None:
             return 0.0, 0.0, ""  # an empty shard of distributed data
         batch = self._probe_batch(first)
