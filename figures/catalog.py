@@ -39,7 +39,14 @@ FIGURES: dict[str, Figure] = {
 
 
 def run(name: str, request: FigureRequest = FigureRequest()) -> dict[str, Any]:
-    """Make figure ``name`` as ``request`` says; returns its statistics."""
+    """Make figure ``name`` as ``request`` says; returns its statistics.  Raises
+    ``ValueError`` for ``request.only_runs`` on a figure that is not a spectrum figure
+    (those have no runs to share out)."""
+    if request.only_runs and name not in spectrum_figure.TITLES:
+        raise ValueError(
+            f"--only-runs applies to the spectrum figures ({', '.join(spectrum_figure.TITLES)}), "
+            f"not to {name}"
+        )
     return FIGURES[name].make(request)
 
 

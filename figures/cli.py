@@ -1,7 +1,7 @@
 """The one command line: ``python -m figures <command> [options]``.
 
 Figures: ``python -m figures <name>|all|list [--preset P] [--device D] [--out DIR]
-[--no-cache] [--dry-run] [--threads N]``.  ``all`` makes every figure in order (fig1,
+[--no-cache] [--dry-run] [--threads N] [--only-runs K ...]``.  ``all`` makes every figure in order (fig1,
 fig2, fig3a, fig3b, fig3c, fisher-compare) and prints a summary table and the total wall
 time; ``list`` names the figures, experiments and presets; ``--dry-run`` prints each
 figure's plan (parameters, runs, samples, memory against what is free) without training.
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import catalog, compare, curves, presets, search, table1
+from . import catalog, compare, curves, presets, search, spectrum_figure, table1
 from .datasets import MissingDataError
 from .report import summary_table
 from .request import FigureRequest
@@ -55,6 +55,16 @@ def _figure_options() -> argparse.ArgumentParser:
     p.add_argument("--out", default="figures/out", help="output folder (cache in <out>/cache)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--dry-run", action="store_true", help="print the plan, compute nothing")
+    p.add_argument(
+        "--only-runs",
+        type=int,
+        nargs="+",
+        default=(),
+        metavar="K",
+        help="spectrum figures: compute only runs K... (numbered from 1) into the cache and "
+        "write no figure, so that several processes can share a figure's runs; a later call "
+        "without it writes the figure from the cache",
+    )
     _device_options(
         p,
         "(default: 1 for the small presets, where per-op threading only adds overhead; "
@@ -112,6 +122,12 @@ def _figures(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
+    only_runs = tuple(args.only_runs)
+    if only_runs:
+        problem = _only_runs_problem(args.command, args.preset, only_runs, not args.no_cache)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     threads = args.threads or (torch.get_num_threads() if args.preset == "paper" else 1)
     torch.set_num_threads(threads)
     if args.dry_run:
@@ -123,12 +139,22 @@ def _figures(args: argparse.Namespace) -> int:
     for name in names:
         print(f"== {name} (preset {args.preset}) ==", flush=True)
         try:
-            results[name] = catalog.run(
-                name, FigureRequest(args.preset, args.out, args.device, not args.no_cache)
+            request = FigureRequest(
+                args.preset, args.out, args.device, not args.no_cache, only_runs=only_runs
             )
+            results[name] = catalog.run(name, request)
         except MissingDataError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        if results[name].get("partial"):
+            done = ", ".join(str(k) for k in only_runs)
+            print(
+                f"   runs {done} of {results[name]['runs_total']} are in {args.out}/cache "
+                f"({results[name]['seconds']:.1f} s); the figure is written by a call "
+                "without --only-runs once every run is there",
+                flush=True,
+            )
+            return 0
         print(
             f"   wrote {args.out}/{name}.png/.pdf/.json in {results[name]['seconds']:.1f} s",
             flush=True,
@@ -140,6 +166,22 @@ def _figures(args: argparse.Namespace) -> int:
         f"{threads} torch thread{'s' if threads > 1 else ''})"
     )
     return 0
+
+
+def _only_runs_problem(
+    command: str, preset: str, only_runs: tuple[int, ...], use_cache: bool
+) -> str | None:
+    """What is wrong with ``--only-runs`` here (None: nothing), checked before any work."""
+    if command not in spectrum_figure.TITLES:
+        return (
+            f"--only-runs applies to one spectrum figure ({', '.join(spectrum_figure.TITLES)}), "
+            f"not to {command!r}"
+        )
+    try:
+        spectrum_figure.selected_runs(only_runs, presets.get(preset, command).runs, use_cache)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,12 @@ class FigureRequest:
         device: ``"cpu"`` or ``"cuda"``.
         use_cache: read and write the cache (``--no-cache`` turns it off).
         progress: progress bars.
+        only_runs: compute only these runs (numbered from 1, as the progress bars and
+            the JSON's ``runs`` list them) into the cache and write no figure; empty (the
+            default): every run, then the figure.  For the spectrum figures, whose runs
+            cost an hour each at the paper's size: several processes (or machines sharing
+            the output folder) can take different runs, and a last plain call finds every
+            run in the cache and writes the figure.
     """
 
     preset: str = "default"
@@ -27,7 +32,8 @@ class FigureRequest:
     device: str = "cpu"
     use_cache: bool = True
     progress: bool = True
+    only_runs: tuple[int, ...] = ()
 
     def astuple(self) -> tuple[str, str | Path, str, bool, bool]:
         """``(preset, out_dir, device, use_cache, progress)``."""
-        return dataclasses.astuple(self)
+        return self.preset, self.out_dir, self.device, self.use_cache, self.progress

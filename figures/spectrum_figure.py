@@ -44,7 +44,15 @@ from .loop import cross_entropy
 from .request import FigureRequest
 from .stats import MEAN_KEYS, sample_rank_bound, spectrum_stats
 
-__all__ = ["TITLES", "run", "plan", "spectrum_or_load", "default_caption", "loss_for"]
+__all__ = [
+    "TITLES",
+    "run",
+    "plan",
+    "spectrum_or_load",
+    "default_caption",
+    "loss_for",
+    "selected_runs",
+]
 
 #: The spectrum figures and their plot titles.
 TITLES = {
@@ -149,11 +157,12 @@ def run(figure: str, request: FigureRequest = FigureRequest()) -> dict[str, Any]
     """
     preset, out_dir, device, use_cache, progress = request.astuple()
     t0 = time.perf_counter()
+    selected = selected_runs(request.only_runs, presets.get(preset, figure).runs, use_cache)
     cfg, cache, task = figure_setup(figure, preset, out_dir, use_cache)
     batches = hessian_batches(task, cfg.data.n_hessian, cfg.data.hessian_batch)
     loss_fn = loss_for(cfg)
     runs, spectra_list = [], []
-    for i in range(cfg.runs):
+    for i in selected:
         seed = cfg.seed + i
         trained: FigureRun = trained_run(
             figure, preset, run_config(figure, cfg, seed), task, device, cache, progress=progress
@@ -172,6 +181,15 @@ def run(figure: str, request: FigureRequest = FigureRequest()) -> dict[str, Any]
                 **spectrum_stats(s, cfg.near_zero_tol),
             }
         )
+    if len(selected) < cfg.runs:  # a share of the runs: they are in the cache, no figure
+        return {
+            "figure": figure,
+            "preset": preset,
+            "partial": True,
+            "runs_total": cfg.runs,
+            "runs": runs,
+            "seconds": time.perf_counter() - t0,
+        }
     mean_keys = MEAN_KEYS
     stats: dict[str, Any] = {
         **stats_head(figure, preset, task, cfg),
@@ -195,6 +213,27 @@ def run(figure: str, request: FigureRequest = FigureRequest()) -> dict[str, Any]
     if central.get_legend() is not None:  # keep it clear of the "peak clipped" note at the top
         central.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.0, 0.88))
     return report.publish(out_dir, figure, fig, stats, TITLES[figure], t0)
+
+
+def selected_runs(only_runs: tuple[int, ...], n_runs: int, use_cache: bool) -> list[int]:
+    """The 0-based indices of the runs to compute: ``only_runs`` (numbered from 1, see
+    :class:`figures.request.FigureRequest`) checked against the ``n_runs`` the preset has,
+    or every run when it is empty.  Raises ``ValueError`` before any work for a number
+    outside 1..n_runs, a repeated one, or a share of the runs without the cache (where
+    they would be computed and then lost)."""
+    if not only_runs:
+        return list(range(n_runs))
+    bad = [r for r in only_runs if not 1 <= r <= n_runs]
+    if bad:
+        raise ValueError(f"--only-runs {' '.join(map(str, bad))}: this preset has runs 1..{n_runs}")
+    if len(set(only_runs)) != len(only_runs):
+        raise ValueError(f"--only-runs {' '.join(map(str, only_runs))} names a run twice")
+    if not use_cache:
+        raise ValueError(
+            "--only-runs keeps its runs in the cache for a later call to make the figure "
+            "from; drop --no-cache"
+        )
+    return [r - 1 for r in only_runs]
 
 
 def _terms_and_classes(model: nn.Module, cfg: Any, batches: list) -> tuple[int, int]:

@@ -305,6 +305,63 @@ def test_rerun_reads_weights_and_spectra_from_cache(smoke_out: tuple[Path, dict]
     assert again["mean"] == results["fig3a"]["mean"]
 
 
+def test_runs_shared_out_by_only_runs_make_the_same_figure(
+    smoke_out: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """Two calls that each take a share of the runs, then a plain call, give the figure a
+    single call gives; the shares write no figure and the plain call recomputes nothing."""
+    _, results = smoke_out
+    n_runs = presets.get("smoke", "fig3a").runs
+    assert n_runs >= 2
+    shares = [(n_runs,), tuple(range(1, n_runs))]
+    for share in shares:
+        part = catalog.run(
+            "fig3a", FigureRequest("smoke", tmp_path, progress=False, only_runs=share)
+        )
+        assert part["partial"] and part["runs_total"] == n_runs
+        assert [r["seed"] for r in part["runs"]] == [
+            presets.get("smoke", "fig3a").seed + k - 1 for k in share
+        ]
+        assert not (tmp_path / "fig3a.json").exists()
+    whole = catalog.run("fig3a", FigureRequest("smoke", tmp_path, progress=False))
+    assert all(r["weights_cached"] and r["spectrum_cached"] for r in whole["runs"])
+    for key in ("fraction_near_zero", "top", "bottom", "test_error"):
+        assert whole["mean"][key] == pytest.approx(
+            results["fig3a"]["mean"][key], rel=1e-6, abs=1e-9
+        )
+    assert (tmp_path / "fig3a.json").exists()
+
+
+def test_only_runs_refuses_bad_shares_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    n_runs = presets.get("smoke", "fig3a").runs
+    base = ["--preset", "smoke", "--out", str(tmp_path)]
+    for argv, message in (
+        (["fig3a", *base, "--only-runs", str(n_runs + 1)], f"runs 1..{n_runs}"),
+        (["fig3a", *base, "--only-runs", "0"], f"runs 1..{n_runs}"),
+        (["fig3a", *base, "--only-runs", "1", "1"], "names a run twice"),
+        (["fig3a", *base, "--only-runs", "1", "--no-cache"], "drop --no-cache"),
+        (["fig2", *base, "--only-runs", "1"], "not to 'fig2'"),
+        (["all", *base, "--only-runs", "1"], "not to 'all'"),
+    ):
+        assert cli.main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing trained, cached or written
+    with pytest.raises(ValueError, match="spectrum figures"):
+        catalog.run("fig3c", FigureRequest("smoke", tmp_path, only_runs=(1,)))
+
+
+def test_cli_only_runs_says_where_the_share_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["fig3a", "--preset", "smoke", "--out", str(tmp_path), "--only-runs", "1"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "runs 1 of" in out and "without --only-runs" in out
+    assert not (tmp_path / "fig3a.json").exists()
+
+
 # --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
