@@ -4,9 +4,9 @@ Holds everything the Hessian, GGN and empirical Fisher share: the parameter
 layout, the data source and the loss's reduction rule (which together weight
 the batches), a pure function theta -> loss built on
 ``torch.func.functional_call`` (the model is never mutated), the context every
-product runs in (eval/train mode, the attention kernel, constant padding rows),
-dtype resolution, the non-finite checks and the check that the vectorised and
-the single-vector paths agree.  Subclasses implement
+product runs in (eval/train mode, the attention kernel, constant padding rows,
+dense embedding gradients), dtype resolution, the non-finite checks and the check
+that the vectorised and the single-vector paths agree.  Subclasses implement
 :meth:`CurvatureOperator._batch_matmat` (vectorised) and
 :meth:`CurvatureOperator._batch_matmat_autograd` (double backward).
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -148,36 +149,36 @@ def resolve_batch_dim(
     return 0
 
 
-_EMBEDDING_ARGS = (
-    "input",
-    "weight",
-    "padding_idx",
-    "max_norm",
-    "norm_type",
-    "scale_grad_by_freq",
-    "sparse",
-)
+_EMBEDDING_CALLS = {
+    f: inspect.signature(f)
+    for f in (torch.nn.functional.embedding, torch.nn.functional.embedding_bag)
+}
 
 
-class _ConstantPaddingRows(TorchFunctionMode):
-    """Every ``F.embedding`` call with a ``padding_idx`` reads the padding row as a constant.
+class _DenseConstantPaddingEmbeddings(TorchFunctionMode):
+    """Every ``F.embedding``/``F.embedding_bag`` call made dense, and ``F.embedding``'s
+    padding row read as a constant.
 
-    PyTorch never sends gradient into the padding row (its backward drops the
-    positions that read it), but forward-mode AD does carry a tangent through
+    ``sparse=True`` only changes how the weight's gradient is stored, but a sparse
+    gradient cannot be reshaped, flattened or differentiated again (every product
+    failed: "reshape is not implemented for sparse tensors"); the dense gradient is the
+    same numbers.  PyTorch never sends gradient into the padding row (its backward
+    drops the positions that read it), but forward-mode AD does carry a tangent through
     it, so ``jvp``-of-``grad`` and double backward would disagree (a wrong,
-    non-symmetric block product).  Making the row a constant makes every path
-    compute the same thing: the curvature with that row held fixed.  A mode at
-    the ``F.embedding`` level covers ``nn.Embedding`` and subclasses with their own
+    non-symmetric block product).  Making the row a constant makes every path compute
+    the same thing: the curvature with that row held fixed.  A mode at the functional
+    level covers ``nn.Embedding``, ``nn.EmbeddingBag`` and subclasses with their own
     forward (scaled embeddings) alike.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = dict(kwargs or {})
-        if func is not torch.nn.functional.embedding:
-            return func(*args, **kwargs)
-        call = {**dict(zip(_EMBEDDING_ARGS, args, strict=False)), **kwargs}
+        signature = _EMBEDDING_CALLS.get(func)
+        if signature is None:
+            return func(*args, **(kwargs or {}))
+        call = signature.bind(*args, **(kwargs or {})).arguments
+        call["sparse"] = False
         pad, w = call.get("padding_idx"), call["weight"]
-        if pad is not None:
+        if func is torch.nn.functional.embedding and pad is not None:
             rows = torch.zeros(w.shape[0], 1, dtype=torch.bool, device=w.device)
             rows[pad] = True  # a negative index counts from the end, as in F.embedding
             call["weight"] = torch.where(rows, w.detach(), w)
@@ -190,6 +191,14 @@ def _detached(x: Any) -> Any:
 
 def _has_padding_rows(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Embedding) and m.padding_idx is not None for m in model.modules())
+
+
+def _needs_embedding_rewrite(model: nn.Module) -> bool:
+    """Padding rows or sparse gradients: a Python mode on every op costs time, so only then."""
+    sparse = any(
+        isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse for m in model.modules()
+    )
+    return sparse or _has_padding_rows(model)
 
 
 @contextmanager
@@ -540,6 +549,7 @@ class CurvatureOperator(LinearOperator):
         self.batch_dim = resolve_batch_dim(model, batch_dim, count_samples)
         self._module = _Forward(model, forward or default_forward)
         self._padding_rows = _has_padding_rows(model)
+        self._embedding_rewrite = _needs_embedding_rewrite(model)
         self._column_bytes: int | None = None
         self.process_group = _resolve_group(process_group)
         self.source = DataSource(
@@ -726,15 +736,15 @@ class CurvatureOperator(LinearOperator):
     def evaluation_mode(self) -> Iterator[None]:
         """The context of every evaluation: the model in eval (or, if asked, train)
         mode with every module's flag restored after, the math attention kernel,
-        and constant padding rows of embeddings."""
+        and embeddings with constant padding rows and dense gradients."""
         flags = [(m, m.training) for m in self.model.modules()]
         self.model.train(self.train_mode)
         try:
             with ExitStack() as stack:
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
                 stack.enter_context(_no_attention_fastpath())
-                if self._padding_rows:
-                    stack.enter_context(_ConstantPaddingRows())
+                if self._embedding_rewrite:
+                    stack.enter_context(_DenseConstantPaddingEmbeddings())
                 yield
         finally:
             for m, flag in flags:

@@ -344,3 +344,54 @@ def test_warnings_of_the_first_forward_still_reach_the_user():
     data = (torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,)))
     with pytest.warns(UserWarning, match="a model's own warning"):
         spectra.hessian_operator(model, nn.CrossEntropyLoss(), data)
+
+
+def _embedding_classifier(sparse: bool, padding_idx: int | None, seed: int = 4) -> nn.Module:
+    torch.manual_seed(seed)
+    emb = nn.Embedding(10, 3, padding_idx=padding_idx, sparse=sparse)
+    return nn.Sequential(emb, nn.Flatten(), nn.Linear(12, 2)).double()
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+@pytest.mark.parametrize("backend", ["auto", "autograd"])
+def test_sparse_embeddings_have_the_curvature_of_their_dense_twin(padding_idx, backend):
+    """nn.Embedding(sparse=True) only stores its gradient sparsely, and every product failed
+    ('reshape is not implemented for sparse tensors'): now the same numbers as dense."""
+    ids = torch.randint(0, 10, (6, 4))
+    ids[0, 0] = 0  # the padding row is read
+    y = torch.randint(0, 2, (6,))
+    data = [(ids[:3], y[:3]), (ids[3:], y[3:])]
+    sparse, twin = (
+        _embedding_classifier(True, padding_idx),
+        _embedding_classifier(False, padding_idx),
+    )
+    H = dense(spectra.hessian_operator(sparse, nn.CrossEntropyLoss(), data, backend=backend))
+    reference = reference_hessian(twin, nn.CrossEntropyLoss(), ids, y)
+    assert reference.abs().max() > 0.05
+    assert torch.allclose(H, reference, rtol=0, atol=1e-13)
+    G = dense(spectra.ggn_operator(sparse, nn.CrossEntropyLoss(), data, backend=backend))
+    G_twin = dense(spectra.ggn_operator(twin, nn.CrossEntropyLoss(), data, backend=backend))
+    assert torch.allclose(G, G_twin, rtol=0, atol=1e-13)
+    if padding_idx is not None:  # the padding row stays a constant: its rows are zero
+        assert H[:3].abs().max() == 0 and G[:3].abs().max() == 0
+    assert sparse[0].sparse  # the user's model is left as it was
+
+
+def test_a_sparse_embedding_bag_by_finite_differences_equals_its_dense_twin():
+    """PyTorch has no second derivative of embedding_bag; finite differences of gradients
+    are the offered route, and a sparse bag must give the dense bag's numbers there too."""
+    ops = []
+    for sparse in (True, False):
+        torch.manual_seed(5)
+        model = nn.Sequential(nn.EmbeddingBag(10, 3, mode="mean", sparse=sparse), nn.Linear(3, 2))
+        model = model.double()
+        torch.manual_seed(6)
+        data = (torch.randint(0, 10, (6, 4)), torch.randint(0, 2, (6,)))
+        with pytest.raises(RuntimeError, match="no second derivative.*finite_difference"):
+            dense(spectra.hessian_operator(model, nn.CrossEntropyLoss(), data))
+        op = spectra.hessian_operator(
+            model, nn.CrossEntropyLoss(), data, backend="finite_difference"
+        )
+        ops.append(dense(op))
+    assert ops[0].abs().max() > 0.05
+    assert torch.equal(ops[0], ops[1])
