@@ -193,6 +193,25 @@ def _has_padding_rows(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Embedding) and m.padding_idx is not None for m in model.modules())
 
 
+_COUNT_THE_LABELS = (
+    "Yield (batch, batch['labels']) pairs instead, with loss_fn=lambda loss, labels: loss, "
+    "reduction='mean' and loss_terms=lambda loss, labels: (labels[:, 1:] != -100).sum() for a causal LM (shifted "
+    "labels; (labels != -100).sum() for a masked LM or token classifier), or return the "
+    "logits and use nn.CrossEntropyLoss(ignore_index=-100), which is counted automatically"
+)
+
+
+def _counted_labels(batch: Batch) -> tuple[Any, str]:
+    """What a plain mean can be checked against, and its name for messages: the targets,
+    or, where they are None, the ``labels`` of mapping inputs (Hugging Face's
+    ``forward=lambda m, b: m(**b).loss`` idiom, where the model counts them itself)."""
+    if batch.targets is not None:
+        return batch.targets, "targets"
+    if isinstance(batch.inputs, Mapping) and "labels" in batch.inputs:
+        return batch.inputs["labels"], 'inputs["labels"]'
+    return None, "targets"
+
+
 def _needs_embedding_rewrite(model: nn.Module) -> bool:
     """Padding rows or sparse gradients: a Python mode on every op costs time, so only then."""
     sparse = any(
@@ -795,7 +814,8 @@ class CurvatureOperator(LinearOperator):
                             self.internal_eps,
                             f"batch {batch.index}",
                         )
-                        sizes = per_sample_sizes((out, batch.targets), self.batch_dim, batch.size)
+                        labels = _counted_labels(batch)[0]
+                        sizes = per_sample_sizes((out, labels), self.batch_dim, batch.size)
                 else:
                     out = self.outputs(self.theta, batch.inputs)
                     loss = self.loss_of_outputs(out, batch.targets)
@@ -890,11 +910,20 @@ class CurvatureOperator(LinearOperator):
             return
         if self.source.num_batches == 1 and self.process_group is None:
             return  # one batch: its weight is 1 whatever the loss averages over
+        labels, where = _counted_labels(batch)
         negative = [
             t
-            for t in batch_leaves(batch.targets)
+            for t in batch_leaves(labels)
             if not t.is_floating_point() and t.numel() and int(t.min()) < 0
         ]
+        if negative and where != "targets":
+            raise ValueError(
+                f"{where} of batch {batch.index} hold negative labels "
+                f"({int(negative[0].min())}: ignored positions) and "
+                "the model returns its own loss, a mean over the labels it counts; with the "
+                "targets None nothing counts them, so the batches would be weighted by "
+                f"samples: wrong. {_COUNT_THE_LABELS}"
+            )
         if negative:
             raise ValueError(
                 f"the targets of batch {batch.index} hold negative labels "
@@ -908,7 +937,16 @@ class CurvatureOperator(LinearOperator):
 
     def _check_same_terms_per_sample(self, sizes: tuple[int, ...], out: Any, batch: Batch) -> None:
         """A plain mean weighted by samples needs as many terms per sample in every batch."""
-        now = per_sample_sizes((out, batch.targets), self.batch_dim, batch.size)
+        labels, where = _counted_labels(batch)
+        now = per_sample_sizes((out, labels), self.batch_dim, batch.size)
+        if now != sizes and where != "targets":
+            raise ValueError(
+                f"the model returns its own loss, a mean over its labels' elements or tokens, "
+                f"and {where} of batch {batch.index} has {list(now)} elements per sample where "
+                f"the first batch has {list(sizes)} (sequences of another length): with the "
+                "targets None nothing counts them, so the batches would be weighted by "
+                f"samples: wrong. {_COUNT_THE_LABELS}"
+            )
         if now != sizes:
             raise ValueError(
                 f"loss_fn is a plain function's mean and the batches are weighted by samples, "

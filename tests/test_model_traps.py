@@ -395,3 +395,71 @@ def test_a_sparse_embedding_bag_by_finite_differences_equals_its_dense_twin():
         ops.append(dense(op))
     assert ops[0].abs().max() > 0.05
     assert torch.equal(ops[0], ops[1])
+
+
+def _lm_batches(shapes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    """Hugging Face style batches of 3 sequences: (length, trailing -100 labels of rows 1-2)."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for length, ignored in shapes:
+        ids = torch.randint(1, 20, (3, length), generator=g)
+        labels = ids.clone()
+        if ignored:
+            labels[1:, -ignored:] = -100
+        batches.append({"input_ids": ids, "labels": labels})
+    return batches
+
+
+def _causal_lm_reference(model, params: list[str], batches) -> torch.Tensor:
+    """The float64 Hessian of sum CE over every batch's shifted, non-ignored labels / their
+    count: the one loss the batches make, written out without the model's own loss."""
+    named = dict(model.named_parameters())
+    theta0 = torch.cat([named[k].detach().reshape(-1) for k in params])
+
+    def total(theta):
+        chunks = theta.split([named[k].numel() for k in params])
+        values = {k: c.view(named[k].shape) for k, c in zip(params, chunks, strict=True)}
+        summed, count = 0.0, 0
+        for b in batches:
+            logits = torch.func.functional_call(model, values, (), {"input_ids": b["input_ids"]})
+            labels = b["labels"][:, 1:]
+            summed = summed + F.cross_entropy(
+                logits.logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum"
+            )  # ignore_index=-100 is the default
+            count += int((labels != -100).sum())
+        return summed / count
+
+    model.eval()
+    return torch.autograd.functional.hessian(total, theta0)
+
+
+@pytest.mark.parametrize(
+    "shapes, refusal",
+    [([(6, 0), (6, 4)], r'inputs\["labels"\] of batch 1 hold negative labels'),
+     ([(6, 0), (3, 0)], r'inputs\["labels"\] of batch 1 has \[3\] elements per sample')],
+)  # fmt: skip
+def test_a_model_returning_its_own_mean_loss_is_refused_until_its_labels_are_counted(
+    shapes, refusal
+):
+    """forward=lambda m, b: m(**b).loss with (batch, None) pairs: the batches were weighted
+    by samples, 27% off (ignored labels in one batch) and 31% off (another length); the
+    refusal's own fix is exact (to the float32 rounding of the model's own loss)."""
+    model = _tiny_gpt2()
+    params = [k for k, _ in model.named_parameters()
+              if k.startswith(("transformer.ln_f", "transformer.h.1.ln_2"))]  # fmt: skip
+    batches = _lm_batches(shapes)
+    options = dict(params=params, forward=lambda m, b: m(**b).loss, reduction="mean")
+    with pytest.raises(ValueError, match=refusal + r".*loss_terms=lambda loss, labels"):
+        spectra.hessian_operator(
+            model, lambda loss, _: loss, [(b, None) for b in batches], **options
+        )
+    H = spectra.hessian_operator(
+        model,
+        lambda loss, labels: loss,
+        [(b, b["labels"]) for b in batches],
+        loss_terms=lambda loss, labels: (labels[:, 1:] != -100).sum(),
+        **options,
+    )
+    reference = _causal_lm_reference(model, params, batches)
+    assert reference.norm() > 1e-3
+    assert torch.linalg.norm(dense(H) - reference) < 1e-6 * reference.norm()
