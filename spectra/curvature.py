@@ -38,6 +38,7 @@ from .parameters import ParameterView, ParamSelector
 from .reduction import (
     LossReduction,
     LossTerms,
+    PlainMeanAnchor,
     check_plain_mean,
     detect_kind,
     per_sample_sizes,
@@ -781,6 +782,7 @@ class CurvatureOperator(LinearOperator):
         losses, terms = [], []
         rule: LossReduction | None = None
         sizes: tuple[int, ...] = ()
+        anchor: PlainMeanAnchor | None = None
         several = self.source.num_batches > 1 or self.process_group is not None
         with torch.no_grad(), self.evaluation_mode():
             for batch in self.source:
@@ -805,15 +807,7 @@ class CurvatureOperator(LinearOperator):
                     plain_mean = several and rule.kind == "mean" and rule.terms_rule is None
                     self._check_ignored_labels(rule, batch)
                     if plain_mean:
-                        check_plain_mean(
-                            self.loss_fn,
-                            out,
-                            batch.targets,
-                            loss,
-                            self.batch_dim,
-                            self.internal_eps,
-                            f"batch {batch.index}",
-                        )
+                        anchor = self._check_plain_mean(out, batch, loss, None)
                         labels = _counted_labels(batch)[0]
                         sizes = per_sample_sizes((out, labels), self.batch_dim, batch.size)
                 else:
@@ -822,6 +816,7 @@ class CurvatureOperator(LinearOperator):
                     self._check_ignored_labels(rule, batch)
                     if plain_mean:
                         self._check_same_terms_per_sample(sizes, out, batch)
+                        self._check_plain_mean(out, batch, loss, anchor)
                 count = rule.terms(out, batch.targets, batch.size)
                 if count > 0 and not torch.isfinite(loss):
                     raise ValueError(
@@ -903,6 +898,22 @@ class CurvatureOperator(LinearOperator):
                         f"terms on batch {batch.index} (mean {float(loss):.6g}, sum "
                         f"{total:.6g}); pass loss_terms=lambda outputs, targets: <count>"
                     )
+
+    def _check_plain_mean(
+        self, out: Any, batch: Batch, loss: torch.Tensor, anchor: PlainMeanAnchor | None
+    ) -> PlainMeanAnchor | None:
+        """A plain mean weighted by samples: refused on any batch (or pair of batches)
+        where it is not a mean over samples; the first batch's anchor for the others."""
+        return check_plain_mean(
+            self.loss_fn,
+            out,
+            batch.targets,
+            loss,
+            self.batch_dim,
+            self.internal_eps,
+            f"batch {batch.index}",
+            anchor,
+        )
 
     def _check_ignored_labels(self, rule: LossReduction, batch: Batch) -> None:
         """A plain mean weighted by samples is wrong if it skips labels: refuse to guess."""

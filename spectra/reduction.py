@@ -33,7 +33,13 @@ from torch import nn
 
 from .batches import batch_leaves
 
-__all__ = ["LossReduction", "resolve_reduction", "check_plain_mean", "per_sample_sizes"]
+__all__ = [
+    "LossReduction",
+    "PlainMeanAnchor",
+    "resolve_reduction",
+    "check_plain_mean",
+    "per_sample_sizes",
+]
 
 LossTerms = Callable[[Any, Any], Any]
 
@@ -222,6 +228,18 @@ def per_sample_sizes(obj: Any, batch_dim: int, samples: int) -> tuple[int, ...]:
     )
 
 
+PlainMeanAnchor = tuple[torch.Tensor, Any, float]
+"""The first batch's first sample (outputs, targets) and its loss, kept to test later
+batches against (:func:`check_plain_mean`)."""
+
+_NOT_A_MEAN_OVER_SAMPLES = (
+    "it weights its terms (class weights?) or divides by a count that depends on the data "
+    "(padding, a mask), and batches weighted by samples would be wrong. Use the torch.nn "
+    "loss (nn.CrossEntropyLoss(weight=..., ignore_index=...) is counted automatically) or "
+    "pass loss_terms=lambda outputs, targets: <what the mean divides by>"
+)
+
+
 def check_plain_mean(
     loss_fn: Callable[..., torch.Tensor],
     outputs: Any,
@@ -230,48 +248,85 @@ def check_plain_mean(
     batch_dim: int,
     eps: float,
     where: str,
-) -> None:
+    anchor: PlainMeanAnchor | None = None,
+) -> PlainMeanAnchor | None:
     """Refuse a plain function's mean that is not an unweighted mean over samples.
 
     Batches of a plain function are weighted by their samples, which is right only if
     the loss of a batch is the sample-weighted average of the losses of its parts.  That
-    is tested on one uneven split of the batch (its first sample, the rest); a mean with
-    class weights, or over a data-dependent count (non-negative padding labels, a mask),
-    fails it.  Skipped where the outputs and targets cannot be split along ``batch_dim``
-    or the loss cannot be evaluated on a part (then the documented rule applies).
+    is tested on one uneven split of the batch (its first sample, the rest) and, given
+    ``anchor`` (the first batch's first sample), on that sample joined to this batch's
+    first: a mean with class weights, or over a data-dependent count (non-negative
+    padding labels, a mask), fails one of them, also where every batch holds one class.
+    Skipped where the outputs and targets cannot be split along ``batch_dim`` or the
+    loss cannot be evaluated on a part (then the documented rule applies).
+
+    Returns this batch's first sample and its loss (the anchor for later batches), or
+    None where it cannot be split.
     """
     if not (isinstance(outputs, torch.Tensor) and outputs.ndim > batch_dim):
-        return
+        return None
     m = outputs.shape[batch_dim]
-    if m < 2:
-        return
-    if targets is not None and not (
-        isinstance(targets, torch.Tensor)
-        and targets.ndim > batch_dim
-        and targets.shape[batch_dim] == m
-    ):
-        return
-
-    def part(start: int, length: int) -> float:
-        t = None if targets is None else targets.narrow(batch_dim, start, length)
-        return float(loss_fn(outputs.narrow(batch_dim, start, length), t))
-
-    try:
-        with torch.no_grad():
-            first, rest = part(0, 1), part(1, m - 1)
-    except Exception:  # noqa: BLE001 -- a loss that needs the whole batch cannot be split
-        return
-    whole = float(loss)
-    combined = (first + (m - 1) * rest) / m
-    scale = max(abs(whole), abs(first), abs(rest), 1e-30)
-    if math.isfinite(combined) and abs(whole - combined) > 1e3 * eps * scale:
-        raise ValueError(
-            f"loss_fn is a plain function whose mean is not a mean over samples on {where} "
-            f"(loss {whole:.6g}, but its first sample and the other {m - 1} give "
-            f"{first:.6g} and {rest:.6g}, whose sample-weighted mean is {combined:.6g}): "
-            "it weights its terms (class weights?) or divides by a count that depends on "
-            "the data (padding, a mask), and batches weighted by samples would be wrong. "
-            "Use the torch.nn loss (nn.CrossEntropyLoss(weight=..., ignore_index=...) is "
-            "counted automatically) or pass loss_terms=lambda outputs, targets: <what the "
-            "mean divides by>"
+    if m < 1 or (
+        targets is not None
+        and not (
+            isinstance(targets, torch.Tensor)
+            and targets.ndim > batch_dim
+            and targets.shape[batch_dim] == m
         )
+    ):
+        return None
+
+    def part(start: int, length: int) -> tuple[torch.Tensor, Any]:
+        t = None if targets is None else targets.narrow(batch_dim, start, length)
+        return outputs.narrow(batch_dim, start, length), t
+
+    def value(o: torch.Tensor, t: Any) -> float | None:
+        try:
+            with torch.no_grad():
+                return float(loss_fn(o, t))
+        except Exception:  # noqa: BLE001 -- a loss that needs the whole batch cannot be split
+            return None
+
+    def refuse_if_apart(joint: float, combined: float, parts: tuple[float, ...], said: str):
+        scale = max(abs(joint), *(abs(p) for p in parts), 1e-30)
+        if math.isfinite(combined) and abs(joint - combined) > 1e3 * eps * scale:
+            raise ValueError(
+                f"loss_fn is a plain function whose mean is not a mean over samples {said}, "
+                f"whose sample-weighted mean is {combined:.6g}): {_NOT_A_MEAN_OVER_SAMPLES}"
+            )
+
+    first = part(0, 1)
+    first_loss = value(*first)
+    if first_loss is None:
+        return None
+    if m > 1:
+        rest = value(*part(1, m - 1))
+        if rest is not None:
+            whole = float(loss)
+            refuse_if_apart(
+                whole,
+                (first_loss + (m - 1) * rest) / m,
+                (first_loss, rest),
+                f"on {where} (loss {whole:.6g}, but its first sample and the other {m - 1} "
+                f"give {first_loss:.6g} and {rest:.6g}",
+            )
+    if anchor is not None:
+        a_out, a_targets, a_loss = anchor
+        try:
+            joined = (
+                torch.cat([a_out, first[0]], batch_dim),
+                None if targets is None else torch.cat([a_targets, first[1]], batch_dim),
+            )
+        except (RuntimeError, TypeError):  # another shape: nothing to join
+            joined = None
+        joint = None if joined is None else value(*joined)
+        if joint is not None:
+            refuse_if_apart(
+                joint,
+                (a_loss + first_loss) / 2,
+                (a_loss, first_loss),
+                f"across batches (the first batch's first sample and the first of {where} "
+                f"give {a_loss:.6g} and {first_loss:.6g} apart but {joint:.6g} together",
+            )
+    return first[0], first[1], first_loss

@@ -132,6 +132,42 @@ def test_an_unweighted_plain_mean_over_uneven_batches_is_accepted_and_exact():
     torch.testing.assert_close(dense(H), ref, rtol=1e-10, atol=1e-12)
 
 
+def _class_sorted(batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """21 samples of 3 classes, sorted by class, in batches of ``batch``: every batch of 7
+    or 1 holds one class, so no split inside a batch shows a class weighting."""
+    X = torch.randn(21, 4, dtype=F64, generator=torch.Generator().manual_seed(4))
+    y = torch.arange(3).repeat_interleave(7)
+    return [(X[i : i + batch], y[i : i + batch]) for i in range(0, 21, batch)]
+
+
+@pytest.mark.parametrize("batch", [7, 1])
+def test_a_class_weighted_plain_mean_over_class_sorted_batches_is_refused(batch):
+    """Only the first batch was checked, and inside a one-class batch class weights weight
+    nothing: the Hessian was 59% off, silently. Now every batch's first sample is also
+    joined to the first batch's."""
+    model, data = mlp(), _class_sorted(batch)
+    w = torch.tensor([1.0, 2.0, 5.0], dtype=F64)
+    first_of_class_1 = 7 // batch
+    refusal = rf"not a mean over samples across batches.*first of batch {first_of_class_1} "
+    with pytest.raises(ValueError, match=refusal):
+        spectra.hessian_operator(model, lambda o, t: F.cross_entropy(o, t, weight=w), data)
+    X, y = joined(data)
+    H = spectra.hessian_operator(model, F.cross_entropy, data)  # unweighted: right as it was
+    ref = reference_hessian(model, nn.CrossEntropyLoss(), X, y)
+    torch.testing.assert_close(dense(H), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_plain_mean_skipping_labels_of_a_later_batch_only_is_refused_on_that_batch():
+    """The split inside a batch runs on every batch, not only the first: here only the
+    third batch holds the class the loss skips."""
+    model, data = mlp(), batches((5, 3, 4))
+    for _, y in data[:2]:
+        y.clamp_(max=1)
+    data[2][1][:] = torch.tensor([0, 2, 1, 1])
+    with pytest.raises(ValueError, match=r"not a mean over samples on batch 2"):
+        spectra.hessian_operator(model, lambda o, t: F.cross_entropy(o, t, ignore_index=2), data)
+
+
 def sequences(lengths=(6, 2)):
     gen = torch.Generator().manual_seed(3)
     return [
