@@ -814,6 +814,8 @@ class CurvatureOperator(LinearOperator):
                     out = self.outputs(self.theta, batch.inputs)
                     loss = self.loss_of_outputs(out, batch.targets)
                     self._check_ignored_labels(rule, batch)
+                    if not terms_given:
+                        self._check_terms(rule, out, batch, loss)
                     if plain_mean:
                         self._check_same_terms_per_sample(sizes, out, batch)
                         self._check_plain_mean(out, batch, loss, anchor)
@@ -884,7 +886,9 @@ class CurvatureOperator(LinearOperator):
         """A subclass's refusal of a reduction it cannot use (the first batch at hand)."""
 
     def _check_terms(self, rule: LossReduction, out: Any, batch: Batch, loss: torch.Tensor) -> None:
-        """Refuse term counts that cannot be right; cheap, on the first batch only."""
+        """Refuse term counts that cannot be right: a module loss whose mean is not its sum
+        over the counted terms (a subclass averaging over a mask).  One more loss evaluation
+        per batch, on every batch: a mask may appear in a later batch only."""
         if rule.kind != "mean":
             return
         if rule.sum_loss is not None:

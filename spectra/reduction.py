@@ -175,7 +175,17 @@ def _measured_terms(loss_fn: nn.Module, summed: nn.Module, outputs: Any, targets
             f"cannot tell how many terms {type(loss_fn).__name__} averages over (its mean is "
             f"{mean} on this batch); pass loss_terms=lambda outputs, targets: <count>"
         )
-    return total / mean
+    ratio = total / mean
+    if abs(ratio - round(ratio)) > max(1e-3, 1e-5 * abs(ratio)):
+        # a mean of per-sample means (nn.CTCLoss divides each by its target length): the
+        # ratio depends on the loss values and weighting batches by it would be wrong
+        raise ValueError(
+            f"{type(loss_fn).__name__}'s mean is not its sum over a whole number of terms "
+            f"(sum / mean = {ratio:.6g} on this batch: a mean of per-sample means, as "
+            "nn.CTCLoss's?); pass loss_terms=lambda outputs, targets: <what the mean divides "
+            "by> (the number of samples for a mean of per-sample means)"
+        )
+    return ratio
 
 
 def detect_kind(
@@ -254,7 +264,8 @@ def check_plain_mean(
 
     Batches of a plain function are weighted by their samples, which is right only if
     the loss of a batch is the sample-weighted average of the losses of its parts.  That
-    is tested on one uneven split of the batch (its first sample, the rest) and, given
+    is tested on one uneven split of the batch (up to its first sample with a defined
+    loss, the rest) and, given
     ``anchor`` (the first batch's first sample), on that sample joined to this batch's
     first: a mean with class weights, or over a data-dependent count (non-negative
     padding labels, a mask), fails one of them, also where every batch holds one class.
@@ -296,20 +307,26 @@ def check_plain_mean(
                 f"whose sample-weighted mean is {combined:.6g}): {_NOT_A_MEAN_OVER_SAMPLES}"
             )
 
-    first = part(0, 1)
-    first_loss = value(*first)
-    if first_loss is None:
+    # the first of the leading rows whose loss is defined: a row whose every target is
+    # ignored (left padding) has a NaN mean and would hide the split
+    for row in range(min(m, 8)):
+        first = part(row, 1)
+        first_loss = value(*first)
+        if first_loss is not None and math.isfinite(first_loss):
+            break
+    else:
         return None
-    if m > 1:
-        rest = value(*part(1, m - 1))
-        if rest is not None:
+    k = row + 1  # rows 0..row: the undefined rows add nothing to a mean over counted terms
+    if k < m:
+        head, rest = value(*part(0, k)), value(*part(k, m - k))
+        if head is not None and rest is not None:
             whole = float(loss)
             refuse_if_apart(
                 whole,
-                (first_loss + (m - 1) * rest) / m,
-                (first_loss, rest),
-                f"on {where} (loss {whole:.6g}, but its first sample and the other {m - 1} "
-                f"give {first_loss:.6g} and {rest:.6g}",
+                (k * head + (m - k) * rest) / m,
+                (head, rest),
+                f"on {where} (loss {whole:.6g}, but its first {k} and the other {m - k} "
+                f"samples give {head:.6g} and {rest:.6g}",
             )
     if anchor is not None:
         a_out, a_targets, a_loss = anchor
