@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from .batches import batch_leaves
 
@@ -238,7 +239,7 @@ def per_sample_sizes(obj: Any, batch_dim: int, samples: int) -> tuple[int, ...]:
     )
 
 
-PlainMeanAnchor = tuple[torch.Tensor, Any, float]
+PlainMeanAnchor = tuple[Any, Any, float]
 """The first batch's first sample (outputs, targets) and its loss, kept to test later
 batches against (:func:`check_plain_mean`)."""
 
@@ -275,24 +276,31 @@ def check_plain_mean(
     Returns this batch's first sample and its loss (the anchor for later batches), or
     None where it cannot be split.
     """
-    if not (isinstance(outputs, torch.Tensor) and outputs.ndim > batch_dim):
+    out_leaves = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+    if not (out_leaves and out_leaves[0].ndim > batch_dim):
         return None
-    m = outputs.shape[batch_dim]
-    if m < 1 or (
-        targets is not None
-        and not (
-            isinstance(targets, torch.Tensor)
-            and targets.ndim > batch_dim
-            and targets.shape[batch_dim] == m
-        )
-    ):
+    m = out_leaves[0].shape[batch_dim]
+
+    def per_sample(t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.ndim > batch_dim and t.shape[batch_dim] == m
+
+    if m < 1:
         return None
+    if isinstance(targets, torch.Tensor) and not per_sample(targets):
+        return None
+    if targets is not None and not any(per_sample(t) for t in tree_leaves(targets)):
+        return None  # no per-sample target to split with the outputs
+    leaves, spec = tree_flatten((outputs, targets))
+    split = [per_sample(t) for t in leaves]
 
-    def part(start: int, length: int) -> tuple[torch.Tensor, Any]:
-        t = None if targets is None else targets.narrow(batch_dim, start, length)
-        return outputs.narrow(batch_dim, start, length), t
+    def part(start: int, length: int) -> tuple[Any, Any]:
+        cut = [
+            t.narrow(batch_dim, start, length) if s else t
+            for t, s in zip(leaves, split, strict=True)
+        ]
+        return tree_unflatten(cut, spec)
 
-    def value(o: torch.Tensor, t: Any) -> float | None:
+    def value(o: Any, t: Any) -> float | None:
         try:
             with torch.no_grad():
                 return float(loss_fn(o, t))
@@ -330,13 +338,18 @@ def check_plain_mean(
             )
     if anchor is not None:
         a_out, a_targets, a_loss = anchor
-        try:
-            joined = (
-                torch.cat([a_out, first[0]], batch_dim),
-                None if targets is None else torch.cat([a_targets, first[1]], batch_dim),
-            )
-        except (RuntimeError, TypeError):  # another shape: nothing to join
-            joined = None
+        a_leaves, a_spec = tree_flatten((a_out, a_targets))
+        f_leaves = tree_flatten(first)[0]
+        joined = None
+        if a_spec == spec:
+            try:
+                cat = [
+                    torch.cat([x, y], batch_dim) if s else y
+                    for x, y, s in zip(a_leaves, f_leaves, split, strict=True)
+                ]
+                joined = tree_unflatten(cat, spec)
+            except (RuntimeError, TypeError):  # another shape: nothing to join
+                joined = None
         joint = None if joined is None else value(*joined)
         if joint is not None:
             refuse_if_apart(

@@ -475,3 +475,32 @@ def test_a_mean_of_per_sample_means_is_refused_and_its_count_of_samples_is_exact
         F.ctc_loss(model(x).transpose(0, 1), *t, reduction="none") / t[2] for x, t in data
     ]
     assert op.loss == pytest.approx(float(torch.cat(per_sample).mean()), rel=1e-12)
+
+
+def test_a_plain_masked_mean_with_tuple_targets_is_split_too():
+    """Targets (values, mask) were not split, so reduction="mean" weighted the batches by
+    samples: 44% off, silently. Every per-sample leaf is split now."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+
+    def batch(lengths, T=5):
+        mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).double()
+        return torch.randn(len(lengths), T, 3, dtype=F64), (
+            torch.randn(len(lengths), T, 2, dtype=F64),
+            mask,
+        )
+
+    def masked_mse(outputs, targets):
+        values, mask = targets
+        return (((outputs - values) ** 2).sum(-1) * mask).sum() / mask.sum()
+
+    data = [batch([5, 5, 4]), batch([1, 2, 1])]
+    with pytest.raises(ValueError, match="not a mean over samples"):
+        spectra.hessian_operator(model, masked_mse, data, reduction="mean")
+    X = torch.cat([x for x, _ in data])
+    values, mask = (torch.cat([t[i] for _, t in data]) for i in range(2))
+    ref = reference_hessian(model, masked_mse, X, (values, mask))
+    H = spectra.hessian_operator(
+        model, masked_mse, data, reduction="mean", loss_terms=lambda o, t: t[1].sum()
+    )
+    torch.testing.assert_close(dense(H), ref, rtol=1e-10, atol=1e-12)
