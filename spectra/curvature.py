@@ -196,9 +196,10 @@ def _has_padding_rows(model: nn.Module) -> bool:
 
 _COUNT_THE_LABELS = (
     "Yield (batch, batch['labels']) pairs instead, with loss_fn=lambda loss, labels: loss, "
-    "reduction='mean' and loss_terms=lambda loss, labels: (labels[:, 1:] != -100).sum() for a causal LM (shifted "
-    "labels; (labels != -100).sum() for a masked LM or token classifier), or return the "
-    "logits and use nn.CrossEntropyLoss(ignore_index=-100), which is counted automatically"
+    "reduction='mean' and loss_terms=lambda loss, labels: (labels[:, 1:] != -100).sum() "
+    "for a causal LM (shifted labels; (labels != -100).sum() for a masked LM or token "
+    "classifier), or return the logits and use nn.CrossEntropyLoss(ignore_index=-100), "
+    "which is counted automatically"
 )
 
 

@@ -266,7 +266,7 @@ def check_plain_mean(
     Batches of a plain function are weighted by their samples, which is right only if
     the loss of a batch is the sample-weighted average of the losses of its parts.  That
     is tested on one uneven split of the batch (up to its first sample with a defined
-    loss, the rest) and, given
+    loss, the rest; tuple or dict outputs and targets are split leaf by leaf) and, given
     ``anchor`` (the first batch's first sample), on that sample joined to this batch's
     first: a mean with class weights, or over a data-dependent count (non-negative
     padding labels, a mask), fails one of them, also where every batch holds one class.
@@ -280,12 +280,12 @@ def check_plain_mean(
     if not (out_leaves and out_leaves[0].ndim > batch_dim):
         return None
     m = out_leaves[0].shape[batch_dim]
+    if m < 1:
+        return None
 
     def per_sample(t: Any) -> bool:
         return isinstance(t, torch.Tensor) and t.ndim > batch_dim and t.shape[batch_dim] == m
 
-    if m < 1:
-        return None
     if isinstance(targets, torch.Tensor) and not per_sample(targets):
         return None
     if targets is not None and not any(per_sample(t) for t in tree_leaves(targets)):
