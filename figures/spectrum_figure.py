@@ -121,7 +121,11 @@ def spectrum_or_load(
 
     checkpoint = None
     if cache.enabled and cfg.checkpoint:
-        checkpoint = cache.root / "checkpoints" / config_key(config)
+        # Keyed by the problem, not the code: a build that outlives a session must
+        # survive edits to spectra/, and the library itself re-checks a checkpoint's rows
+        # (or a finished one's matrix) against the current code before using them.
+        problem = {key: value for key, value in config.items() if key != "code"}
+        checkpoint = cache.root / "checkpoints" / config_key(problem)
 
     def compute() -> spectra.Spectrum:
         return spectra.exact_spectrum(

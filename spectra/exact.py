@@ -108,8 +108,8 @@ def dense_matrix(
         mapped = store.open("r+")
         H = torch.from_numpy(mapped)
         first = store.rows_done
-        if first and "asymmetry" not in store.state:
-            _check_resumed_rows(op, H, first, chunk, store.folder)
+        if first:
+            _check_resumed_rows(op, H, first, chunk, store.folder, store.state.get("asymmetry"))
     else:
         mapped = None
         H = torch.empty((n, n), dtype=op.dtype, device=op.device)
@@ -141,53 +141,68 @@ def dense_matrix(
 
 
 def _check_resumed_rows(
-    op: LinearOperator, H: torch.Tensor, rows_done: int, chunk: int, folder: Any
+    op: LinearOperator,
+    H: torch.Tensor,
+    rows_done: int,
+    chunk: int,
+    folder: Any,
+    asymmetry: float | None = None,
 ) -> None:
     """Recompute part of a checkpoint's finished rows and compare them with the stored.
 
     The fingerprint names the problem (operator, weights, data, dtype), not the code that
-    computed the rows; a resumed build must not splice rows of two different functions
-    (a fixed bug, another library version).  Two checks, 1 + ``chunk`` products: every
-    finished row against one product, ``H[:rows_done] p`` with ``(A p)[:rows_done]`` for
-    a fixed random ``p`` (a change anywhere in those rows), and the last committed block
-    entry by entry (a change that one product averages away).  The rows' own
-    round-off is the tolerance: :func:`asymmetry_tolerance` bounds the relative
-    Frobenius difference of two computations of the same entries.  A difference below
-    it, or in rows neither check reaches, cannot be seen.  ``StaleCheckpointError``
-    names the folder to delete.  A finished build (asymmetry recorded, then symmetrised
-    in place) is not re-checked.
+    computed the rows; a resumed build, or a finished one whose eigenvalues are reused,
+    must not splice rows (or return eigenvalues) of another function: a fixed bug,
+    another library version.  Two checks, 1 + ``chunk`` products: every finished row
+    against one product, ``H[:rows_done] p`` with ``(A p)[:rows_done]`` for a fixed
+    random ``p`` (a change anywhere in those rows), and the last committed block entry
+    by entry (a change that one product averages away).  The rows' own round-off is the
+    tolerance: :func:`asymmetry_tolerance` bounds the relative Frobenius difference of
+    two computations of the same entries.  A matrix already (or partly) symmetrised,
+    ``asymmetry`` given, differs from freshly computed rows by up to half its recorded
+    asymmetry as well, so ``asymmetry x ||H||_F`` (times ``||p||`` for the probe) is
+    added to the allowed gap.  A difference below it, or in rows neither check
+    reaches, cannot be seen.  ``StaleCheckpointError`` names the folder to delete.
     """
     n, tolerance = op.shape[0], asymmetry_tolerance(op)
     gen = torch.Generator().manual_seed(0)
     probe = torch.randn(n, generator=gen, dtype=torch.float64)
     product = (op @ probe.to(op.dtype).to(op.device)).to("cpu", torch.float64)[:rows_done]
     rows = max(1, (64 << 20) // (8 * n))  # read the stored rows 64 MiB at a time
-    stored_product = torch.cat(
-        [
-            H[r : min(r + rows, rows_done)].to(torch.float64) @ probe
-            for r in range(0, rows_done, rows)
-        ]
-    )
+    stored_product, squares = [], 0.0
+    for r in range(0, rows_done, rows):
+        block = H[r : min(r + rows, rows_done)].to(torch.float64)
+        stored_product.append(block @ probe)
+        squares += float(block.square().sum())
+    stored_norm = squares**0.5  # ||H[:rows_done]||_F
     start = max(0, rows_done - chunk)
     E = torch.zeros((n, rows_done - start), dtype=op.dtype, device=op.device)
     E[torch.arange(start, rows_done), torch.arange(rows_done - start)] = 1
     fresh = (op @ E).T.to("cpu")
     del E
     stored = H[start:rows_done]
+    symmetrised = float(asymmetry or 0.0) * stored_norm
+    probe_norm = float(torch.linalg.vector_norm(probe))
     checks = (
-        (f"rows 0..{rows_done - 1} times a probe vector", product, stored_product),
-        (f"rows {start}..{rows_done - 1}", fresh, stored),
+        (
+            f"rows 0..{rows_done - 1} times a probe vector",
+            product,
+            torch.cat(stored_product),
+            symmetrised * probe_norm,
+        ),
+        (f"rows {start}..{rows_done - 1}", fresh, stored, symmetrised),
     )
-    for what, new, old in checks:
+    for what, new, old, allowance in checks:
         scale = float(torch.linalg.vector_norm(old, dtype=torch.float64))
         gap = float(torch.linalg.vector_norm(new - old.to(new.dtype), dtype=torch.float64))
-        difference = gap / max(scale, torch.finfo(op.dtype).tiny)
-        if not difference <= tolerance:
+        allowed = tolerance * scale + allowance
+        if not gap <= max(allowed, torch.finfo(op.dtype).tiny):
+            difference = gap / max(scale, torch.finfo(op.dtype).tiny)
             raise StaleCheckpointError(
                 f"the checkpoint in {folder} holds rows that this code computes "
                 f"differently ({what}: relative difference {difference:.2e}, tolerance "
-                f"{tolerance:.1e}): it was built by other code for the same problem. "
-                "Delete the folder to rebuild from the start"
+                f"{allowed / max(scale, torch.finfo(op.dtype).tiny):.1e}): it was built by "
+                "other code for the same problem. Delete the folder to rebuild from the start"
             )
 
 
@@ -391,6 +406,15 @@ def spectrum_of(
             store.save_array("eigenvalues", eigenvalues)
     else:
         asym = float(store.state["asymmetry"])
+        # stored eigenvalues are only as current as the stored matrix: re-check it
+        _check_resumed_rows(
+            op,
+            torch.from_numpy(store.open("c")),  # copy-on-write: read, never written
+            n,
+            _resolve_chunk(op, chunk_size),
+            store.folder,
+            asym,
+        )
         t1 = t0
     t2 = time.perf_counter()
     return Spectrum.from_eigenvalues(

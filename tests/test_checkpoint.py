@@ -237,3 +237,28 @@ def test_a_file_where_a_folder_belongs_is_refused_with_its_name(tmp_path):
     for where in (blocker, blocker / "sub"):
         with pytest.raises(CheckpointError, match="afile"):
             spectra.exact_spectrum(model, nn.CrossEntropyLoss(), data, checkpoint=where)
+
+
+def test_finished_checkpoint_is_rechecked_before_its_eigenvalues_are_reused(tmp_path):
+    """Stored eigenvalues are returned only when the stored matrix still matches the
+    current code: a float32 build (symmetrised, round-off asymmetry) is reused, a stored
+    matrix that differs from what the code computes (a fixed bug) is refused."""
+    model, loss, data = problem()
+    model = model.float()
+    data = (data[0].float(), data[1])
+    ckpt = tmp_path / "ckpt"
+    first = spectra.exact_spectrum(model, loss, data, chunk_size=8, checkpoint=ckpt)
+    assert first.dtype == "float32" and first.info["asymmetry"] > 0  # round-off to allow for
+    again = spectra.exact_spectrum(model, loss, data, chunk_size=8, checkpoint=ckpt)
+    assert again.info["eigenvalues_from_checkpoint"]
+    np.testing.assert_array_equal(again.eigenvalues, first.eigenvalues)
+
+    n = first.n_params
+    stored = np.memmap(ckpt / "matrix.bin", dtype=np.float32, mode="r+", shape=(n, n))
+    bump = 0.1 * float(np.abs(stored).max())  # a wrong row: far above float32 round-off
+    stored[3, :100] += bump  # in early rows only: the probe product sees it
+    stored[:100, 3] += bump
+    stored.flush()
+    del stored
+    with pytest.raises(StaleCheckpointError, match=r"rows 0\.\.1249 times a probe.*Delete"):
+        spectra.exact_spectrum(model, loss, data, chunk_size=8, checkpoint=ckpt)

@@ -501,3 +501,33 @@ def test_sample_count_sweep_reports_the_bound_for_each_count(tmp_path):
     assert len(one.split(" / ")) == 1 and float(one.rstrip("%")) == first[0]
     with pytest.raises(ValueError, match="runs must be in"):
         fig1_samples.sweep([16], "smoke", str(tmp_path), runs=runs + 1)
+
+
+def test_checkpoint_of_a_spectrum_outlives_edits_to_the_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached spectrum is keyed by the library's source, its row checkpoint by the
+    problem alone: after an edit to spectra/ the spectrum is recomputed from the
+    checkpoint (re-checked against the current code), not rebuilt from row 0."""
+    cfg = replace(presets.get("smoke", "fig3a"), checkpoint=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(20, 12, generator=g), torch.randint(0, 3, (20,), generator=g))]
+    cache = Cache(tmp_path)
+    built = []
+    monkeypatch.setattr(spectrum_figure, "code_version", lambda sources: "library v1")
+    first, hit = spectrum_figure.spectrum_or_load(
+        model, cfg, batches, {"w": 1}, cache, "run", progress=False
+    )
+    assert not hit and not first.info["eigenvalues_from_checkpoint"]
+    built.append(sorted(p.name for p in (tmp_path / "checkpoints").iterdir()))
+    monkeypatch.setattr(spectrum_figure, "code_version", lambda sources: "library v2")
+    second, hit = spectrum_figure.spectrum_or_load(
+        model, cfg, batches, {"w": 1}, cache, "run", progress=False
+    )
+    assert not hit  # another library version: the spectrum is not taken from the cache
+    assert second.info["eigenvalues_from_checkpoint"]  # but the checkpoint is reused
+    built.append(sorted(p.name for p in (tmp_path / "checkpoints").iterdir()))
+    assert built[0] == built[1] and len(built[0]) == 1
+    np.testing.assert_array_equal(second.eigenvalues, first.eigenvalues)
