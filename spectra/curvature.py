@@ -14,6 +14,7 @@ that the vectorised and the single-vector paths agree.  Subclasses implement
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import inspect
 import math
@@ -817,6 +818,8 @@ class CurvatureOperator(LinearOperator):
                     self._check_ignored_labels(rule, batch)
                     if not terms_given:
                         self._check_terms(rule, out, batch, loss)
+                    else:
+                        rule = self._sum_copy_if_it_agrees(rule, out, batch, loss)
                     if plain_mean:
                         self._check_same_terms_per_sample(sizes, out, batch)
                         self._check_plain_mean(out, batch, loss, anchor)
@@ -880,6 +883,8 @@ class CurvatureOperator(LinearOperator):
         rule = LossReduction(kind, how, terms_rule, sum_loss)
         if not terms_given:
             self._check_terms(rule, out, batch, loss)
+        else:
+            rule = self._sum_copy_if_it_agrees(rule, out, batch, loss)
         self._check_rule(rule, batch)
         return rule
 
@@ -890,19 +895,43 @@ class CurvatureOperator(LinearOperator):
         """Refuse term counts that cannot be right: a module loss whose mean is not its sum
         over the counted terms (a subclass averaging over a mask).  One more loss evaluation
         per batch, on every batch: a mask may appear in a later batch only."""
-        if rule.kind != "mean":
-            return
-        if rule.sum_loss is not None:
-            total = float(rule.sum_loss(out, batch.targets))
-            count = rule.terms(out, batch.targets, batch.size)
-            if count > 0 and math.isfinite(total):
-                tol = 1e3 * torch.finfo(self.dtype).eps * max(abs(total), 1e-30)
-                if abs(float(loss) * count - total) > tol:
-                    raise ValueError(
-                        f"{type(self.loss_fn).__name__}'s mean is not its sum over {count:g} "
-                        f"terms on batch {batch.index} (mean {float(loss):.6g}, sum "
-                        f"{total:.6g}); pass loss_terms=lambda outputs, targets: <count>"
-                    )
+        disagreement = self._sum_copy_disagreement(rule, out, batch, loss)
+        if disagreement is not None:
+            count, total = disagreement
+            raise ValueError(
+                f"{type(self.loss_fn).__name__}'s mean is not its sum over {count:g} "
+                f"terms on batch {batch.index} (mean {float(loss):.6g}, sum "
+                f"{total:.6g}); pass loss_terms=lambda outputs, targets: <count>"
+            )
+
+    def _sum_copy_if_it_agrees(
+        self, rule: LossReduction, out: Any, batch: Batch, loss: torch.Tensor
+    ) -> LossReduction:
+        """With ``loss_terms`` given, the module's ``reduction="sum"`` copy is this loss's
+        sum over the given terms only where it equals mean x count.  Where it does not (a
+        mean of per-sample means such as nn.CTCLoss's: the copy drops the division by each
+        target's length) a sample's summed loss is its mean times its count instead, else
+        the empirical Fisher's per-sample gradients would be those of another loss.
+        Checked on every batch: one disagreeing batch drops the copy for all."""
+        if self._sum_copy_disagreement(rule, out, batch, loss) is None:
+            return rule
+        return dataclasses.replace(rule, sum_loss=None)
+
+    def _sum_copy_disagreement(
+        self, rule: LossReduction, out: Any, batch: Batch, loss: torch.Tensor
+    ) -> tuple[float, float] | None:
+        """``(count, sum)`` where a module mean's ``reduction="sum"`` copy is not its mean
+        times its term count on this batch (beyond round-off); None where it is, or where
+        nothing can be compared (a sum, a plain function, no counted term)."""
+        if rule.kind != "mean" or rule.sum_loss is None:
+            return None
+        total = float(rule.sum_loss(out, batch.targets))
+        count = rule.terms(out, batch.targets, batch.size)
+        if count > 0 and math.isfinite(total):
+            tol = 1e3 * torch.finfo(self.dtype).eps * max(abs(total), 1e-30)
+            if abs(float(loss) * count - total) > tol:
+                return count, total
+        return None
 
     def _check_plain_mean(
         self, out: Any, batch: Batch, loss: torch.Tensor, anchor: PlainMeanAnchor | None

@@ -448,9 +448,8 @@ class _BatchFirstCTC(nn.CTCLoss):
         return super().forward(log_probs.transpose(0, 1), *targets)
 
 
-def test_a_mean_of_per_sample_means_is_refused_and_its_count_of_samples_is_exact():
-    """nn.CTCLoss's mean divides each sample's loss by its target length: sum / mean is no
-    count, and weighting the batches by it put the loss 20% and the Hessian 37% off."""
+def _ctc_problem() -> tuple[nn.Module, list]:
+    """A per-frame classifier and two batches of CTC targets of unequal lengths."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.LogSoftmax(-1)).double()
 
@@ -463,7 +462,13 @@ def test_a_mean_of_per_sample_means_is_refused_and_its_count_of_samples_is_exact
             torch.tensor(lengths),
         )
 
-    data = [batch([1, 1, 2]), batch([3, 3])]
+    return model, [batch([1, 1, 2]), batch([3, 3])]
+
+
+def test_a_mean_of_per_sample_means_is_refused_and_its_count_of_samples_is_exact():
+    """nn.CTCLoss's mean divides each sample's loss by its target length: sum / mean is no
+    count, and weighting the batches by it put the loss 20% and the Hessian 37% off."""
+    model, data = _ctc_problem()
     with pytest.raises(ValueError, match="not its sum over a whole number of terms"):
         spectra.hessian_operator(model, _BatchFirstCTC(), data, backend="finite_difference")
     op = spectra.hessian_operator(
@@ -474,6 +479,29 @@ def test_a_mean_of_per_sample_means_is_refused_and_its_count_of_samples_is_exact
         F.ctc_loss(model(x).transpose(0, 1), *t, reduction="none") / t[2] for x, t in data
     ]
     assert op.loss == pytest.approx(float(torch.cat(per_sample).mean()), rel=1e-12)
+
+
+def test_the_empirical_fisher_of_a_mean_of_per_sample_means_uses_each_samples_mean():
+    """With loss_terms counting samples, nn.CTCLoss's reduction="sum" copy is not its sum
+    over those terms (it drops the division by each target's length), and the per-sample
+    gradients came from it: the Fisher was that of another loss, silently.  Reference:
+    (1/N) sum_i g_i g_i^T with g_i the gradient of ctc_i / target_length_i."""
+    model, data = _ctc_problem()
+    fisher = spectra.empirical_fisher_operator(
+        model, _BatchFirstCTC(), data, backend="autograd",
+        loss_terms=lambda outputs, targets: len(targets[2]),
+    )  # fmt: skip
+    params = [p for p in model.parameters()]
+    grads = []
+    for x, (targets, frames, lengths) in data:
+        for i in range(len(lengths)):
+            log_probs = model(x[i : i + 1]).transpose(0, 1)
+            sample = F.ctc_loss(log_probs, targets[i : i + 1], frames[i : i + 1], lengths[i : i + 1])
+            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(sample, params)]))
+    G = torch.stack(grads)
+    ref = G.T @ G / len(grads)
+    assert ref.abs().max() > 1e-3
+    torch.testing.assert_close(dense(fisher), ref, rtol=1e-10, atol=1e-13)
 
 
 def test_a_plain_masked_mean_with_tuple_targets_is_split_too():
