@@ -496,7 +496,9 @@ def test_the_empirical_fisher_of_a_mean_of_per_sample_means_uses_each_samples_me
     for x, (targets, frames, lengths) in data:
         for i in range(len(lengths)):
             log_probs = model(x[i : i + 1]).transpose(0, 1)
-            sample = F.ctc_loss(log_probs, targets[i : i + 1], frames[i : i + 1], lengths[i : i + 1])
+            sample = F.ctc_loss(
+                log_probs, targets[i : i + 1], frames[i : i + 1], lengths[i : i + 1]
+            )
             grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(sample, params)]))
     G = torch.stack(grads)
     ref = G.T @ G / len(grads)
