@@ -1133,6 +1133,7 @@ class CurvatureOperator(LinearOperator):
         first = next(self.batches(), None)  # None: an empty shard of distributed data
         if first is not None:
             self._check_gradient_is_the_derivative(first)
+            self._check_samples_alone(first)
         graphless = self._graphless_loss_curvature(first)
         paths, asymmetry, where = self._path_difference(first)
         if self.process_group is not None:  # every rank decides on the same numbers
@@ -1251,6 +1252,9 @@ class CurvatureOperator(LinearOperator):
                 "the curvature computed is that of autograd's gradient, not of the loss",
                 stacklevel=user_stacklevel(),
             )
+
+    def _check_samples_alone(self, first: Batch) -> None:
+        """A subclass's check, on the first batch, that it may take samples one at a time."""
 
     def _off_padding_rows(self, u: torch.Tensor) -> torch.Tensor:
         """A copy of ``u`` (n,) with the embeddings' padding rows, which every path holds

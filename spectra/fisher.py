@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_sequence, pad_packed_sequenc
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .batches import Batch
-from .curvature import CurvatureOperator
+from .curvature import CurvatureOperator, path_tolerance
 from .reduction import LossReduction, per_sample_sizes
 
 __all__ = ["EmpiricalFisherOperator", "empirical_fisher_operator"]
@@ -77,6 +77,64 @@ class EmpiricalFisherOperator(CurvatureOperator):
                     "(a mean over elements or tokens, as torch.nn's losses count) or "
                     "len(targets) (a mean over samples), or use the torch.nn loss"
                 )
+
+    def _check_samples_alone(self, first: Batch) -> None:
+        """Refuse a model whose output for a sample depends on the rest of its batch.
+
+        Each sample's gradient is taken with the sample run alone; that is its share of
+        the loss only if its outputs alone equal its outputs in the batch.  A model that
+        pads to the batch's longest sequence (``pad_packed_sequence`` without
+        ``total_length=``) or mixes samples (attention or an RNN over the wrong axis)
+        would give the per-sample gradients of another function, or a raw shape error in
+        the loss.  Compared on the probe samples (:data:`PROBE_SAMPLES`) of the first
+        batch, output tensor by output tensor: the outputs' own layout is not known (a
+        time-major tagger may return (time, classes, batch)), so the sample dimension is
+        the one dimension in which the batch's m and the sample's 1 differ, and the values
+        there must agree to :func:`~spectra.curvature.path_tolerance`.  Shapes that
+        differ in any other dimension are refused; outputs that cannot be lined up
+        (another rank, flattened samples, an equal shape) are not compared."""
+        batch = self._probe_batch(first)
+        if batch.size < 2:
+            return
+        in_x, _ = self._sample_dims(batch)
+        with torch.no_grad():
+            together = tree_leaves(self.outputs(self.theta, batch.inputs))
+            for i in range(batch.size):
+                x = _select_where(batch.inputs, in_x, self.batch_dim, i)
+                alone = tree_leaves(self.outputs(self.theta, x))
+                for whole, own in zip(together, alone, strict=False):
+                    self._compare_sample_outputs(first, i, batch.size, whole, own)
+
+    def _compare_sample_outputs(self, first: Batch, i: int, m: int, whole: Any, alone: Any) -> None:
+        tensors = isinstance(whole, torch.Tensor) and isinstance(alone, torch.Tensor)
+        if not tensors or whole.ndim != alone.ndim:
+            return
+        differ = [j for j in range(whole.ndim) if whole.shape[j] != alone.shape[j]]
+        if not differ:
+            return
+        if len(differ) == 1:
+            j = differ[0]
+            if whole.shape[j] != m or alone.shape[j] != 1:
+                return  # samples flattened into one dimension: no row to compare with
+            row = whole.narrow(j, i, 1)
+            scale = float(row.abs().max()) if row.numel() else 0.0
+            gap = float((alone - row).abs().max()) if row.numel() else 0.0
+            if not gap > path_tolerance(self.internal_eps) * max(scale, 1e-30):
+                return
+            how = f"outputs {gap / max(scale, 1e-300):.1e} (relative) away from those in the batch"
+        else:
+            how = (
+                f"outputs of shape {tuple(alone.shape)}, against {tuple(whole.shape)} for the batch"
+            )
+        raise ValueError(
+            f"the empirical Fisher takes each sample's gradient with the sample alone, but "
+            f"sample {i} of batch {first.index} alone gives {how}: "
+            "the model's output for a sample depends on the rest of its batch, so those "
+            "gradients would be another function's. pad_packed_sequence pads to the batch's "
+            "longest sequence (pass total_length= to it); attention or an RNN over the wrong "
+            "axis mixes samples (check batch_first and batch_dim=). Fix the model, or use the "
+            "Hessian or GGN operator, which take each batch as a whole"
+        )
 
     def per_sample_gradients(self, batch: Batch) -> torch.Tensor:
         """(m, n) gradients of each sample's summed loss at the point."""

@@ -129,3 +129,74 @@ def test_empirical_fisher_refuses_batchnorm_on_batch_statistics(how):
         )
     if how == "train_mode":  # eval mode with running statistics is per-sample and accepted
         spectra.empirical_fisher_operator(model, nn.CrossEntropyLoss(), (X, y))
+
+
+class _PaddedTagger(nn.Module):
+    """A tagger over packed sequences that pads its outputs back, as taggers do."""
+
+    def __init__(self, total_length: int | None = None) -> None:
+        super().__init__()
+        self.total_length = total_length
+        self.rnn, self.fc = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, packed):
+        from torch.nn.utils.rnn import pad_packed_sequence
+
+        out, _ = pad_packed_sequence(
+            self.rnn(packed)[0], batch_first=True, total_length=self.total_length
+        )
+        return self.fc(out)
+
+
+class _TokenCE(nn.CrossEntropyLoss):
+    def forward(self, outputs, targets):
+        return super().forward(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+
+
+def test_empirical_fisher_refuses_outputs_padded_to_the_batch_and_is_exact_with_total_length():
+    """pad_packed_sequence pads to the longest sequence of the batch, so a sample alone
+    had shorter outputs than its targets: a raw size error in the loss.  Refused naming
+    total_length=, with which the Fisher is (1/T) sum_i g_i g_i^T over T counted tokens."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 3, dtype=F64)
+    lengths = torch.tensor([5, 2, 4])
+    y = torch.randint(0, 3, (3, 5))
+    for i, n in enumerate(lengths):
+        y[i, n:] = -100
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    padded = spectra.empirical_fisher_operator(_PaddedTagger().double(), _TokenCE(), (packed, y))
+    with pytest.raises(
+        ValueError,
+        match=r"sample 1 of batch 0 alone.*\(1, 2, 3\), against \(3, 5, 3\).*total_length",
+    ):
+        padded @ torch.ones(padded.shape[0], dtype=F64)
+    model = _PaddedTagger(total_length=5).double()
+    params = list(model.parameters())
+    grads = []
+    for i in range(3):
+        one = _TokenCE(reduction="sum")(model(pack_sequence([x[i, : lengths[i]]])), y[i : i + 1])
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(one, params)]))
+    G = torch.stack(grads)
+    want = G.T @ G / int(lengths.sum())
+    op = spectra.empirical_fisher_operator(model, _TokenCE(), (packed, y))
+    torch.testing.assert_close(op @ torch.eye(op.shape[0], dtype=F64), want, rtol=0, atol=1e-13)
+
+
+def test_empirical_fisher_refuses_attention_that_mixes_the_samples():
+    """nn.TransformerEncoderLayer without batch_first=True, fed (batch, time, features),
+    attends across the batch: a sample alone is another function, and the Fisher's
+    per-sample split is refused; with batch_first=True it runs."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)  # time-major
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8 * 3, 2)).double()
+    X, y = torch.randn(4, 3, 8, dtype=F64), torch.randint(0, 2, (4,))
+    # batch_dim=0 answers the library's question about batch_first=False, wrongly
+    fisher = spectra.empirical_fisher_operator(model, nn.CrossEntropyLoss(), (X, y), batch_dim=0)
+    with pytest.raises(ValueError, match=r"away from those in the batch.*batch_first"):
+        fisher @ torch.ones(fisher.shape[0], dtype=F64)
+    right = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(right, nn.Flatten(), nn.Linear(8 * 3, 2)).double()
+    fisher = spectra.empirical_fisher_operator(model, nn.CrossEntropyLoss(), (X, y))
+    assert torch.isfinite(fisher @ torch.ones(fisher.shape[0], dtype=F64)).all()
