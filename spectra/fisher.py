@@ -248,7 +248,9 @@ class EmpiricalFisherOperator(CurvatureOperator):
         """diag(F) as an (n,) tensor: c sum_i g_i^2, exact, one data pass."""
         diag = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
         with self.evaluation_mode():
-            for batch in self.batches():
+            for k, batch in enumerate(self.batches()):
+                if k == 0:  # no product runs the first-use checks here
+                    self._check_samples_alone(batch)
                 G = self.per_sample_gradients(batch)
                 diag.add_((G * G).sum(dim=0), alpha=batch.weight / batch.terms)
         return self._sum_over_ranks(diag)

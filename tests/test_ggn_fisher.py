@@ -172,6 +172,8 @@ def test_empirical_fisher_refuses_outputs_padded_to_the_batch_and_is_exact_with_
         match=r"sample 1 of batch 0 alone.*\(1, 2, 3\), against \(3, 5, 3\).*total_length",
     ):
         padded @ torch.ones(padded.shape[0], dtype=F64)
+    with pytest.raises(ValueError, match=r"sample 1 of batch 0 alone.*total_length"):
+        spectra.empirical_fisher_diagonal(_PaddedTagger().double(), _TokenCE(), (packed, y))
     model = _PaddedTagger(total_length=5).double()
     params = list(model.parameters())
     grads = []
@@ -182,6 +184,10 @@ def test_empirical_fisher_refuses_outputs_padded_to_the_batch_and_is_exact_with_
     want = G.T @ G / int(lengths.sum())
     op = spectra.empirical_fisher_operator(model, _TokenCE(), (packed, y))
     torch.testing.assert_close(op @ torch.eye(op.shape[0], dtype=F64), want, rtol=0, atol=1e-13)
+    diag = spectra.empirical_fisher_diagonal(model, _TokenCE(), (packed, y))
+    torch.testing.assert_close(
+        torch.as_tensor(diag.values), torch.diagonal(want), rtol=0, atol=1e-13
+    )
 
 
 def test_empirical_fisher_refuses_attention_that_mixes_the_samples():
