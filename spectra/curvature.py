@@ -992,6 +992,22 @@ class CurvatureOperator(LinearOperator):
                 "targets None nothing counts them, so the batches would be weighted by "
                 f"samples: wrong. {_COUNT_THE_LABELS}"
             )
+        if now != sizes and not (now and sizes):
+            shapes = [tuple(t.shape) for t in batch_leaves((out, labels))]
+            which = (
+                f"batch {batch.index} (shapes {shapes}; {batch.size} samples)"
+                if not now
+                else "the first batch"
+            )
+            raise ValueError(
+                "loss_fn is a plain function's mean and the batches are weighted by samples, "
+                f"but the outputs and targets of {which} do not hold the samples along "
+                f"batch_dim={self.batch_dim}: the samples are counted from the inputs (a "
+                "PackedSequence counts its sequences), and which output or target elements "
+                "belong to a sample cannot be told. Pass the batch_dim= along which the "
+                "outputs and targets hold the samples (batch_dim=0 for (batch, ...) outputs), "
+                "or loss_terms=lambda outputs, targets: <count>"
+            )
         if now != sizes:
             raise ValueError(
                 f"loss_fn is a plain function's mean and the batches are weighted by samples, "

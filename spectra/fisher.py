@@ -171,7 +171,8 @@ class EmpiricalFisherOperator(CurvatureOperator):
                 f"{m} entries along batch_dim={d} (shapes "
                 f"{[tuple(t.shape) for t in torch.utils._pytree.tree_leaves(batch.targets)]}); "
                 "give the targets the inputs' sample dimension (e.g. (batch, time) labels "
-                "rather than flattened ones)"
+                "rather than flattened ones), or pass the batch_dim= along which they hold "
+                "the samples (a PackedSequence input counts its sequences whatever batch_dim)"
             )
         return tree_map(dim, batch.inputs, is_leaf=_is_packed), target_dims
 

@@ -296,6 +296,37 @@ def test_a_packed_sequence_input_counts_its_sequences_and_gives_the_exact_hessia
     torch.testing.assert_close(dense(H), ref, rtol=1e-10, atol=1e-12)
 
 
+def test_packed_inputs_with_a_batch_dim_the_outputs_lack_name_batch_dim():
+    """A PackedSequence counts its sequences whatever batch_dim says; with batch_dim=1 and
+    (batch, classes) outputs a plain mean's per-sample sizes were compared along the classes
+    ("[] elements per sample where the first batch has [3]"). The error now names batch_dim=,
+    and batch_dim=0 gives the exact Hessian."""
+
+    class LastState(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.GRU(3, 4), nn.Linear(4, 3)
+
+        def forward(self, packed):
+            return self.head(self.rnn(packed)[1][-1])
+
+    torch.manual_seed(0)
+    model = LastState().double()
+    data = []
+    for lengths in ([5, 2, 4], [3, 5]):
+        x = torch.randn(5, len(lengths), 3, dtype=F64)
+        packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+        data.append((packed, torch.randint(0, 3, (len(lengths),))))
+    plain = lambda outputs, targets: F.cross_entropy(outputs, targets)  # noqa: E731
+    with pytest.raises(ValueError, match=r"batch 1 \(shapes \[\(2, 3\), \(2,\)\].*batch_dim=0"):
+        spectra.hessian_operator(model, plain, data, batch_dim=1, reduction="mean")
+    H = spectra.hessian_operator(model, plain, data, batch_dim=0, reduction="mean")
+    summed = sum(
+        reference_hessian(model, nn.CrossEntropyLoss(reduction="sum"), p, y) for p, y in data
+    )
+    torch.testing.assert_close(dense(H), summed / 5, rtol=1e-10, atol=1e-12)
+
+
 def test_an_operation_without_a_second_derivative_names_the_finite_difference_backend():
     model, data = nn.Linear(4, 3).double(), batches()
     H = spectra.hessian_operator(model, nn.MultiMarginLoss(p=2), data)
