@@ -104,6 +104,14 @@ def dense_matrix(
     if memory_check:
         _require_memory(n, op.dtype, op.device, 4 * chunk * n * itemsize, "the exact Hessian")
     store = _open_checkpoint(op, checkpoint)
+    started = time.monotonic()
+    spent = float(store.state.get("build_seconds", 0.0)) if store is not None else 0.0
+    if store is not None and store.rows_done and "build_seconds" not in store.state:
+        store.state["build_seconds_untimed_rows"] = store.rows_done  # written by older code
+
+    def elapsed() -> float:  # this build's seconds over all the sessions it spans
+        return spent + time.monotonic() - started
+
     if store is not None:
         mapped = store.open("r+")
         H = torch.from_numpy(mapped)
@@ -123,7 +131,7 @@ def dense_matrix(
         H[start:stop] = (op @ E).T
         bar.update(stop - start)
         if store is not None and (stop == n or time.monotonic() - last_commit >= checkpoint_every):
-            store.commit(mapped, rows_done=stop)
+            store.commit(mapped, rows_done=stop, build_seconds=elapsed())
             last_commit = time.monotonic()
     bar.close()
     block = max(chunk, 256)
@@ -133,10 +141,10 @@ def dense_matrix(
         asym = _asymmetry(H, block)
         _refuse_asymmetry(op, asym)
         if store is not None:
-            store.commit(mapped, asymmetry=asym)
+            store.commit(mapped, asymmetry=asym, build_seconds=elapsed())
     _symmetrize_inplace(H, block)  # idempotent, so safe to redo after a crash
     if store is not None:
-        store.commit(mapped, symmetrized=True)
+        store.commit(mapped, symmetrized=True, build_seconds=elapsed())
     return AssembledMatrix(H, asym)
 
 
@@ -348,7 +356,9 @@ def exact_spectrum(
     n x n matrix plus O(n) workspace on the CPU.  The memory check covers both
     steps and runs before any allocation (``MemoryError``).  Metadata: n
     parameters, n samples, dtype, the loss at the point, the asymmetry, build and
-    solve seconds.
+    solve seconds (with a checkpoint, the build's over all the sessions it spans, and
+    reused eigenvalues report the times they took; ``build_seconds_untimed_rows``
+    counts leading rows an older version built without timing them).
     """
     op, build = _exact_problem(model, loss_fn, data, options)
     return spectrum_of(op, name=name, **build)
@@ -403,6 +413,7 @@ def spectrum_of(
         eigenvalues = eigvalsh_inplace(H)
         del H
         if store is not None:
+            store.state["solve_seconds"] = time.perf_counter() - t1
             store.save_array("eigenvalues", eigenvalues)
     else:
         asym = float(store.state["asymmetry"])
@@ -417,6 +428,11 @@ def spectrum_of(
         )
         t1 = t0
     t2 = time.perf_counter()
+    timing = {"build_seconds": t1 - t0, "solve_seconds": t2 - t1}
+    if store is not None:  # the build's and the solve's own times, over all sessions
+        timing = {key: store.state.get(key, value) for key, value in timing.items()}
+        if "build_seconds_untimed_rows" in store.state:
+            timing["build_seconds_untimed_rows"] = store.state["build_seconds_untimed_rows"]
     return Spectrum.from_eigenvalues(
         eigenvalues,
         n_params=n,
@@ -430,8 +446,7 @@ def spectrum_of(
             "loss_terms": op.num_terms,
             "precision": op.precision,
             "asymmetry": asym,
-            "build_seconds": t1 - t0,
-            "solve_seconds": t2 - t1,
+            **timing,
             "device": str(op.device),
             "eigenvalues_from_checkpoint": from_checkpoint,
         },

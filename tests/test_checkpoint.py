@@ -262,3 +262,36 @@ def test_finished_checkpoint_is_rechecked_before_its_eigenvalues_are_reused(tmp_
     del stored
     with pytest.raises(StaleCheckpointError, match=r"rows 0\.\.1249 times a probe.*Delete"):
         spectra.exact_spectrum(model, loss, data, chunk_size=8, checkpoint=ckpt)
+
+
+def test_build_seconds_add_up_over_the_sessions_a_checkpointed_build_spans(tmp_path, monkeypatch):
+    """A build resumed in a later session reports its time over both sessions (the paper
+    figures' builds span several), and reused eigenvalues report what they took."""
+    from spectra import exact
+
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(60, 60, generator=g, dtype=torch.float64)
+    A = B + B.T
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Interrupted):
+        exact.dense_matrix(
+            _Dense(A, stop_after=2), chunk_size=8, checkpoint=ckpt, checkpoint_every=0
+        )
+    first = json.loads((ckpt / "state.json").read_text())["build_seconds"]
+    assert first > 0
+    monkeypatch.setattr(exact.time, "monotonic", lambda: 1000.0)  # the resumed session: 0 s
+    exact.dense_matrix(_Dense(A), chunk_size=8, checkpoint=ckpt)
+    assert json.loads((ckpt / "state.json").read_text())["build_seconds"] == first
+
+    model, loss, data = problem()
+    ckpt = tmp_path / "spectrum"
+    built = spectra.exact_spectrum(model, loss, data, dtype=torch.float64, checkpoint=ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert built.info["build_seconds"] == state["build_seconds"]
+    assert built.info["solve_seconds"] == state["solve_seconds"] > 0
+    again = spectra.exact_spectrum(model, loss, data, dtype=torch.float64, checkpoint=ckpt)
+    assert again.info["eigenvalues_from_checkpoint"]
+    assert (again.info["build_seconds"], again.info["solve_seconds"]) == (
+        built.info["build_seconds"],
+        built.info["solve_seconds"],
+    )
