@@ -120,7 +120,10 @@ def spectrum_or_load(
         config["backend"] = cfg.hessian_backend
 
     checkpoint = None
-    if cache.enabled and cfg.checkpoint:
+    on_host = next(model.parameters()).device.type == "cpu"
+    # The row checkpoint is a file on the host (CPU builds only); a GPU build takes
+    # minutes, and the spectrum itself is still cached.
+    if cache.enabled and cfg.checkpoint and on_host:
         # Keyed by the problem, not the code: a build that outlives a session must
         # survive edits to spectra/, and the library itself re-checks a checkpoint's rows
         # (or a finished one's matrix) against the current code before using them.

@@ -411,6 +411,58 @@ def test_paper_pipeline_smoke_figure_on_cuda(tmp_path):
     assert 0.0 <= stats["mean"]["fraction_near_zero"] <= 1.0 and stats["n_params"] > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_exact_spectrum_on_cuda_matches_the_cpu_build():
+    """The same conv net, loss and data: the spectrum built and solved on the GPU equals
+    the CPU's to float64 round-off (both build paths, vectorised and double backward)."""
+    import spectra
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 6 * 6, 4),
+    ).double()
+    x, y = torch.randn(12, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (12,))
+    loss = torch.nn.CrossEntropyLoss()
+    cpu = spectra.exact_spectrum(net, loss, [(x, y)], dtype=torch.float64).eigenvalues
+    scale = float(np.abs(cpu).max())
+    for backend in ("func", "autograd"):
+        gpu = spectra.exact_spectrum(
+            net.cuda(), loss, [(x, y)], dtype=torch.float64, backend=backend
+        ).eigenvalues
+        net.cpu()
+        np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-10 * scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_checkpointed_preset_on_cuda_builds_in_memory_and_caches_the_spectrum(
+    tmp_path, monkeypatch
+):
+    """The paper presets ask for the row checkpoint, a host file: on a GPU the build
+    runs in device memory instead, and the cache still keeps weights and spectrum."""
+    from figures import catalog, presets
+    from figures.request import FigureRequest
+
+    real_get = presets.get
+    monkeypatch.setattr(
+        presets,
+        "get",
+        lambda preset, figure: (
+            dataclasses.replace(real_get(preset, figure), checkpoint=True)
+            if figure == "fig1"
+            else real_get(preset, figure)
+        ),
+    )
+    request = FigureRequest("smoke", tmp_path, device="cuda", progress=False)
+    first = catalog.run("fig1", request)
+    second = catalog.run("fig1", request)
+    assert all(r["spectrum_cached"] for r in second["runs"])
+    assert second["mean"]["fraction_near_zero"] == first["mean"]["fraction_near_zero"]
+    assert not list(tmp_path.glob("cache/checkpoints/*"))
+
+
 def test_nan_from_a_successful_mkl_call_is_a_failure_and_auto_falls_back(monkeypatch):
     """MKL's float32 ssyevd on an AMD EPYC returned info 0 and two NaN eigenvalues for a
     finite smoke-preset Fig 1 Hessian: that must raise, and under "auto" the robust
