@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from ._checks import all_finite, resolve_dtype, user_stacklevel
+from ._precision import ieee_float32
 from .batches import Batch, CountSamples, DataSource, batch_leaves
 from .gradient_check import directional_check
 from .linear_operator import LinearOperator
@@ -758,13 +759,15 @@ class CurvatureOperator(LinearOperator):
     def evaluation_mode(self) -> Iterator[None]:
         """The context of every evaluation: the model in eval (or, if asked, train)
         mode with every module's flag restored after, the math attention kernel,
-        and embeddings with constant padding rows and dense gradients."""
+        embeddings with constant padding rows and dense gradients, and IEEE float32
+        (no TF32 convolutions, cuDNN's default on GPUs; see :mod:`spectra._precision`)."""
         flags = [(m, m.training) for m in self.model.modules()]
         self.model.train(self.train_mode)
         try:
             with ExitStack() as stack:
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
                 stack.enter_context(_no_attention_fastpath())
+                stack.enter_context(ieee_float32())
                 if self._embedding_rewrite:
                     stack.enter_context(_DenseConstantPaddingEmbeddings())
                 yield

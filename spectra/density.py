@@ -37,6 +37,7 @@ import torch
 
 from ._checks import check_int, check_seed
 from ._krylov import CompactBases, breakdown_tolerance, lanczos_step, rademacher_columns
+from ._precision import ieee_float32
 from ._resources import check_budget, default_memory_budget, format_bytes, progress_bar
 from .linear_operator import LinearOperator, as_linear_operator, check_symmetric
 from .resumable import KrylovCheckpoint, RunTotals, StoredArrays, load_into, tensor_to_array
@@ -65,6 +66,7 @@ CHECKPOINT_FORMAT = 2
 _TEMPORARIES = 2
 
 
+@ieee_float32()
 def spectral_density(
     op: Any,
     num_probes: int = 10,

@@ -17,6 +17,7 @@ from torch import nn
 
 from ._checks import all_finite
 from ._krylov import random_block
+from ._precision import ieee_float32
 from .diagonal import CurvatureDiagonal
 from .hessian import hessian_operator
 from .linear_operator import LinearOperator, as_linear_operator
@@ -27,6 +28,7 @@ __all__ = ["hessian_diagonal"]
 _METHODS = ("exact", "hutchinson")
 
 
+@ieee_float32()
 def hessian_diagonal(
     model: nn.Module | LinearOperator | torch.Tensor,
     loss_fn: Callable[..., torch.Tensor] | None = None,

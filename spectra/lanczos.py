@@ -30,6 +30,7 @@ import torch
 
 from ._checks import check_int, check_real, check_seed
 from ._krylov import breakdown_tolerance, lanczos_step, random_orthogonal
+from ._precision import ieee_float32
 from ._resources import check_budget, default_memory_budget, format_bytes, progress_bar
 from .linear_operator import (
     DenseOperator,
@@ -139,6 +140,7 @@ class LanczosResult:
         )
 
 
+@ieee_float32()
 def lanczos(
     op: Any,
     k: int,

@@ -36,6 +36,7 @@ import torch
 
 from ._checks import all_finite, check_int, check_seed
 from ._krylov import PackedSigns, breakdown_tolerance
+from ._precision import ieee_float32
 from ._resources import (
     check_budget,
     default_memory_budget,
@@ -117,6 +118,7 @@ class TraceEstimate:
         )
 
 
+@ieee_float32()
 def trace(
     op: Any,
     method: str = "hutch++",
