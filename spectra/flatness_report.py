@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ._checks import check_real
+from ._precision import ieee_float32
 from .checkpoint import atomic_write_json
 from .curvature import CurvatureOperator
 from .density import gauss_mass_bounds
@@ -251,6 +252,7 @@ class FlatnessReport(Mapping[str, float]):
         return f"FlatnessReport({self.name!r}, {head}, ... {len(self)} measures)"
 
 
+@ieee_float32()
 def flatness(
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor],

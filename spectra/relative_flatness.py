@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_int, check_seed
+from ._precision import ieee_float32
 from .curvature import CurvatureOperator, require_curvature_operator
 from .linear_operator import CallableOperator
 from .trace import trace
@@ -80,6 +81,7 @@ class RelativeFlatness:
         )
 
 
+@ieee_float32()
 def relative_flatness(
     op: CurvatureOperator,
     layer: str,
