@@ -65,6 +65,14 @@ def _figure_options() -> argparse.ArgumentParser:
         "write no figure, so that several processes can share a figure's runs; a later call "
         "without it writes the figure from the cache",
     )
+    p.add_argument(
+        "--runs-dir",
+        default=None,
+        metavar="DIR",
+        help="spectrum figures: read finished runs of the same problem from DIR instead of "
+        "computing them, and store each run computed there (<figure>-run<K>.json/.npz), "
+        "to make a figure from runs computed on other machines",
+    )
     _device_options(
         p,
         "(default: 1 for the small presets, where per-op threading only adds overhead; "
@@ -122,9 +130,17 @@ def _figures(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
+    if args.runs_dir is not None and args.command not in spectrum_figure.TITLES:
+        print(
+            f"error: --runs-dir applies to one spectrum figure "
+            f"({', '.join(spectrum_figure.TITLES)}), not to {args.command!r}",
+            file=sys.stderr,
+        )
+        return 2
     only_runs = tuple(args.only_runs)
     if only_runs:
-        problem = _only_runs_problem(args.command, args.preset, only_runs, not args.no_cache)
+        keeps = not args.no_cache or args.runs_dir is not None
+        problem = _only_runs_problem(args.command, args.preset, only_runs, keeps)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
@@ -140,7 +156,12 @@ def _figures(args: argparse.Namespace) -> int:
         print(f"== {name} (preset {args.preset}) ==", flush=True)
         try:
             request = FigureRequest(
-                args.preset, args.out, args.device, not args.no_cache, only_runs=only_runs
+                args.preset,
+                args.out,
+                args.device,
+                not args.no_cache,
+                only_runs=only_runs,
+                runs_dir=args.runs_dir,
             )
             results[name] = catalog.run(name, request)
         except MissingDataError as exc:
@@ -148,8 +169,9 @@ def _figures(args: argparse.Namespace) -> int:
             return 1
         if results[name].get("partial"):
             done = ", ".join(str(k) for k in only_runs)
+            where = args.runs_dir or f"{args.out}/cache"
             print(
-                f"   runs {done} of {results[name]['runs_total']} are in {args.out}/cache "
+                f"   runs {done} of {results[name]['runs_total']} are in {where} "
                 f"({results[name]['seconds']:.1f} s); the figure is written by a call "
                 "without --only-runs once every run is there",
                 flush=True,

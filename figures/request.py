@@ -25,6 +25,11 @@ class FigureRequest:
             cost an hour each at the paper's size: several processes (or machines sharing
             the output folder) can take different runs, and a last plain call finds every
             run in the cache and writes the figure.
+        runs_dir: spectrum figures: a folder of finished runs
+            (:class:`figures.run_store.RunStore`): a run stored there for the same
+            problem is read instead of computed, and each run computed is stored there,
+            so that runs made on other machines (a lent GPU) make the figure here.
+            None (the default): the cache alone.
     """
 
     preset: str = "default"
@@ -33,6 +38,7 @@ class FigureRequest:
     use_cache: bool = True
     progress: bool = True
     only_runs: tuple[int, ...] = ()
+    runs_dir: str | Path | None = None
 
     def astuple(self) -> tuple[str, str | Path, str, bool, bool]:
         """``(preset, out_dir, device, use_cache, progress)``."""

@@ -38,10 +38,12 @@ from .figure_runs import (
     run_config,
     stats_head,
     stats_tail,
+    task_identity,
     trained_run,
 )
 from .loop import cross_entropy
 from .request import FigureRequest
+from .run_store import RunStore
 from .stats import MEAN_KEYS, sample_rank_bound, spectrum_stats
 
 __all__ = [
@@ -164,30 +166,39 @@ def run(figure: str, request: FigureRequest = FigureRequest()) -> dict[str, Any]
     """
     preset, out_dir, device, use_cache, progress = request.astuple()
     t0 = time.perf_counter()
-    selected = selected_runs(request.only_runs, presets.get(preset, figure).runs, use_cache)
+    selected = selected_runs(
+        request.only_runs, presets.get(preset, figure).runs, use_cache or bool(request.runs_dir)
+    )
     cfg, cache, task = figure_setup(figure, preset, out_dir, use_cache)
     batches = hessian_batches(task, cfg.data.n_hessian, cfg.data.hessian_batch)
     loss_fn = loss_for(cfg)
+    store = RunStore(request.runs_dir, figure) if request.runs_dir else None
     runs, spectra_list = [], []
     for i in selected:
         seed = cfg.seed + i
-        trained: FigureRun = trained_run(
-            figure, preset, run_config(figure, cfg, seed), task, device, cache, progress=progress
-        )
-        s, hit = spectrum_or_load(
-            trained.model, cfg, batches, trained.key, cache, f"run {i + 1}", progress
-        )
-        spectra_list.append(s)
-        runs.append(
-            {
+        config = run_config(figure, cfg, seed)
+        problem = run_problem(figure, preset, cfg, config, task)
+        stored = store.read(i + 1, problem) if store else None
+        if stored is not None:
+            record, s = stored
+        else:
+            trained: FigureRun = trained_run(
+                figure, preset, config, task, device, cache, progress=progress
+            )
+            s, hit = spectrum_or_load(
+                trained.model, cfg, batches, trained.key, cache, f"run {i + 1}", progress
+            )
+            record = {
                 "seed": seed,
                 **trained.record,
                 "weights_cached": trained.cached,
                 "spectrum_cached": hit,
                 "grad_norm": grad_norm(trained.model, loss_fn, batches, device),
-                **spectrum_stats(s, cfg.near_zero_tol),
             }
-        )
+            if store:
+                store.write(i + 1, problem, record, s, _provenance(device, trained.key))
+        spectra_list.append(s)
+        runs.append({**record, **spectrum_stats(s, cfg.near_zero_tol)})
     if len(selected) < cfg.runs:  # a share of the runs: they are in the cache, no figure
         return {
             "figure": figure,
@@ -207,7 +218,7 @@ def run(figure: str, request: FigureRequest = FigureRequest()) -> dict[str, Any]
         "dtype": cfg.dtype,
         "near_zero_tol": cfg.near_zero_tol,
         "sample_rank_bound": sample_rank_bound(
-            runs[0]["n_params"], *_terms_and_classes(trained.model, cfg, batches)
+            runs[0]["n_params"], *_terms_and_classes(_architecture(cfg), cfg, batches)
         ),
         "n_runs": cfg.runs,
         "mean": {k: float(np.mean([r[k] for r in runs])) for k in mean_keys},
@@ -220,6 +231,43 @@ def run(figure: str, request: FigureRequest = FigureRequest()) -> dict[str, Any]
     if central.get_legend() is not None:  # keep it clear of the "peak clipped" note at the top
         central.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.0, 0.88))
     return report.publish(out_dir, figure, fig, stats, TITLES[figure], t0)
+
+
+def run_problem(figure: str, preset: str, cfg: Any, config: Any, task: Any) -> dict[str, Any]:
+    """What a run's spectrum is a function of, machine aside: the figure, preset, run
+    configuration, the data's digest and the Hessian's samples, dtype, forward and
+    backend (what :class:`figures.run_store.RunStore` compares before reusing a run)."""
+    return {
+        "figure": figure,
+        "preset": preset,
+        "run": config.to_dict(),
+        "data_identity": task_identity(task),
+        "n_hessian": cfg.data.n_hessian,
+        "hessian_batch": cfg.data.hessian_batch,
+        "dtype": cfg.dtype,
+        "forward": cfg.hessian_forward,
+        "backend": cfg.hessian_backend,
+    }
+
+
+def _provenance(device: str, weights_key: dict[str, Any]) -> dict[str, Any]:
+    """Where a run was computed: device (and GPU name), torch, the training and
+    spectrum code versions."""
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    return {
+        "device": device,
+        "device_name": name,
+        "torch": torch.__version__,
+        "training_code": weights_key.get("code"),
+        "spectrum_code": code_version(
+            [*_SPECTRUM_CODE, models.unrolled_lstm_forward, spectrum_or_load]
+        ),
+    }
+
+
+def _architecture(cfg: Any) -> nn.Module:
+    """An untrained network of ``cfg``'s architecture (for shapes only)."""
+    return models.build(cfg.model, **cfg.model_kwargs)
 
 
 def selected_runs(only_runs: tuple[int, ...], n_runs: int, use_cache: bool) -> list[int]:
@@ -237,8 +285,8 @@ def selected_runs(only_runs: tuple[int, ...], n_runs: int, use_cache: bool) -> l
         raise ValueError(f"--only-runs {' '.join(map(str, only_runs))} names a run twice")
     if not use_cache:
         raise ValueError(
-            "--only-runs keeps its runs in the cache for a later call to make the figure "
-            "from; drop --no-cache"
+            "--only-runs keeps its runs in the cache (or in --runs-dir) for a later call to "
+            "make the figure from; drop --no-cache or pass --runs-dir"
         )
     return [r - 1 for r in only_runs]
 

@@ -362,6 +362,77 @@ def test_cli_only_runs_says_where_the_share_is(
     assert not (tmp_path / "fig3a.json").exists()
 
 
+def test_runs_stored_elsewhere_make_the_figure_without_training(
+    smoke_out: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs computed with --runs-dir and no cache (as on a lent GPU, one call each),
+    then a call in another output folder: the figure equals the one computed in one
+    go, and the last call trains and builds nothing."""
+    _, results = smoke_out
+    runs_dir = tmp_path / "runs"
+    n_runs = presets.get("smoke", "fig3a").runs
+    for k in range(1, n_runs + 1):
+        request = FigureRequest(
+            "smoke",
+            tmp_path / f"machine{k}",
+            use_cache=False,
+            progress=False,
+            only_runs=(k,),
+            runs_dir=runs_dir,
+        )
+        assert catalog.run("fig3a", request)["partial"]
+    assert sorted(p.name for p in runs_dir.iterdir()) == sorted(
+        f"fig3a-run{k}.{ext}" for k in range(1, n_runs + 1) for ext in ("json", "npz")
+    )
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored run was trained again")
+
+    monkeypatch.setattr(spectrum_figure, "trained_run", no_training)
+    whole = catalog.run(
+        "fig3a", FigureRequest("smoke", tmp_path / "here", progress=False, runs_dir=runs_dir)
+    )
+    for key in ("fraction_near_zero", "top", "bottom", "test_error", "grad_norm"):
+        assert whole["mean"].get(key, 0) == pytest.approx(
+            results["fig3a"]["mean"].get(key, 0), rel=1e-6, abs=1e-9
+        )
+    assert all(r["stored_in"] and r["provenance"]["device"] == "cpu" for r in whole["runs"])
+    assert (tmp_path / "here" / "fig3a.json").exists()
+
+
+def test_a_stored_run_of_another_problem_or_with_another_spectrum_is_refused(
+    tmp_path: Path,
+) -> None:
+    runs_dir = tmp_path / "runs"
+    request = FigureRequest(
+        "smoke", tmp_path, use_cache=False, progress=False, only_runs=(1,), runs_dir=runs_dir
+    )
+    catalog.run("fig3a", request)
+    meta_path = runs_dir / "fig3a-run1.json"
+    meta = json.loads(meta_path.read_text())
+    changed = {
+        **meta,
+        "problem": {**meta["problem"], "n_hessian": 1 + meta["problem"]["n_hessian"]},
+    }
+    meta_path.write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="another problem .*n_hessian"):
+        catalog.run("fig3a", request)
+    meta_path.write_text(json.dumps(meta))
+    npz = runs_dir / "fig3a-run1.npz"
+    npz.write_bytes(npz.read_bytes() + b"0")
+    with pytest.raises(ValueError, match="not the spectrum"):
+        catalog.run("fig3a", request)
+
+
+def test_runs_dir_is_refused_for_figures_without_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["fig2", "--preset", "smoke", "--out", str(tmp_path), "--runs-dir", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert "--runs-dir applies to one spectrum figure" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 # --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
