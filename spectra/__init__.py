@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from . import plot
 from .batches import batch_size
-from .checkpoint import CheckpointError, StaleCheckpointError, atomic_write_bytes
+from .checkpoint import CheckpointError, StaleCheckpointError, atomic_write_bytes, atomic_write_json
 from .dense_eigensolver import choose_backend, eigensolver_workspace_bytes, eigvalsh_inplace
 from .density import spectral_density
 from .diagonal import CurvatureDiagonal
@@ -91,6 +91,7 @@ __all__ = [
     "CheckpointError",
     "StaleCheckpointError",
     "atomic_write_bytes",
+    "atomic_write_json",
     "available_memory_bytes",
     "batch_size",
     "eigensolver_workspace_bytes",
