@@ -50,6 +50,7 @@ bring_back() { cp "$runs_dir"/fig1-run*.json "$runs_dir"/fig1-run*.npz "$out/fig
 stamp "CUDA tests"
 if ! timeout 150 "$py" -m pytest -q -x -p no:cacheprovider -W ignore -k cuda \
     tests/test_dense_eigensolver.py tests/test_bounded_memory.py tests/test_ieee_float32.py \
+    tests/test_entropy_fused.py \
     2>&1 | tail -n 15 | tee -a "$log"; then
     stamp "CUDA tests failed: no paper run"
     exit 1

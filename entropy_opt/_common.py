@@ -65,6 +65,19 @@ def check_momentum(momentum: float, nesterov: bool, prefix: str = "") -> None:
         raise ValueError(f"{prefix}nesterov=True requires {prefix}momentum > 0, got {momentum!r}")
 
 
+def is_state_init_probe(closure: Closure | None, groups: Sequence[dict[str, Any]]) -> bool:
+    """Whether ``step(closure)`` is the probe ``torch.distributed.checkpoint``'s
+    ``set_optimizer_state_dict`` runs on an optimizer without state: no closure, every
+    gradient zero (or None) and every ``lr`` 0, so the step could move nothing.  The
+    optimizers here then do nothing (their state is created on the first real step, and
+    the state dict loaded next fills it) instead of asking for a closure."""
+    if closure is not None:
+        return False
+    if any(float(g.get("lr", 1.0)) != 0.0 for g in groups):
+        return False
+    return all(p.grad is None or not bool(p.grad.any()) for g in groups for p in g["params"])
+
+
 def require_closure(closure: Closure | None, who: str) -> Closure:
     """Return ``closure`` wrapped in ``enable_grad``, or explain why one is needed."""
     if closure is None:
@@ -227,9 +240,13 @@ def check_state_dict(
             problems.append(f"param group {i} lacks {who}'s hyper-parameters {missing}")
             break
     if state_keys is not None:
+        # parameter state is keyed by the ids the groups list (ints from state_dict(),
+        # parameter names from torch.distributed.checkpoint / FSDP)
+        param_keys = {k for g in groups for k in g.get("params", ()) if isinstance(k, (int, str))}
         for key, entry in state.items():
-            allowed = state_keys if isinstance(key, int) else ()
-            if not isinstance(key, int) and key in extra_state:
+            is_param = isinstance(key, int) or key in param_keys
+            allowed = state_keys if is_param else ()
+            if not is_param and key in extra_state:
                 continue
             unknown = sorted(set(entry) - set(allowed)) if isinstance(entry, dict) else [key]
             if unknown:

@@ -59,6 +59,7 @@ from ._common import (
     check_nonneg,
     checked_group,
     fused_ok,
+    is_state_init_probe,
     one_device_dtype,
     params_with_grad,
     require_closure,
@@ -290,6 +291,10 @@ def _copy(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
 _NOT_GROUP_ENTRIES = frozenset({"self", "params", "options", "__class__"})
 
 
+#: The param-group entry counting a group's completed outer steps (the scoping ``t``).
+OUTER_STEP = "outer_step"
+
+
 class LocalEntropyOptimizer(StateDictMixin, Optimizer):
     """Base class: runs the SGLD inner loop, then calls :meth:`_outer_update`.
 
@@ -334,8 +339,12 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
     forces a device sync; it is empty before the first step.  Diagnostics describe the last
     step only, so they are an attribute, not state: ``state_dict`` does not carry them (a
     state dict written when they lived in ``state["diagnostics"]`` loads, that entry
-    dropped).  ``self.state["global"]["step"]`` counts completed outer steps (the scoping
-    ``t``) and is saved: a resumed run scopes gamma as an uninterrupted one.
+    dropped).  Each param group's ``"outer_step"`` counts its completed outer steps (the
+    scoping ``t``; a group added later starts at 0, as a new parameter's Adam ``step``
+    does) and is saved with the groups: a resumed run scopes gamma as an uninterrupted
+    one.  It lives in the groups, not in ``state``, because ``torch.distributed.checkpoint``
+    and FSDP take every key of ``state`` for a parameter (older state dicts'
+    ``state["global"]`` is converted on load).
 
     The cost of a step is :attr:`gradient_evaluations_per_step` (``L``, ``L + 1`` with
     ``discard_first_grad``), read from the param groups, so a training loop can count
@@ -347,9 +356,9 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
     """
 
     STATE_KEYS = frozenset({"anchor", "mu", "sgld_buffer"})
-    EXTRA_STATE = frozenset({"global"})
-    #: Non-parameter state entries of older versions, accepted and dropped on load.
-    LEGACY_STATE = frozenset({"diagnostics"})
+    #: Non-parameter state entries of older versions, accepted on load: ``"diagnostics"``
+    #: dropped, ``"global"`` (the outer-step counter) moved into the groups.
+    LEGACY_STATE = frozenset({"diagnostics", "global"})
 
     def __init__(
         self,
@@ -398,6 +407,16 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
         if isinstance(state, dict) and self.LEGACY_STATE & set(state):
             kept = {k: v for k, v in state.items() if k not in self.LEGACY_STATE}
             state_dict = {**state_dict, "state": kept}
+            old_step = (
+                state.get("global", {}).get("step")
+                if isinstance(state.get("global"), dict)
+                else None
+            )
+            groups = state_dict.get("param_groups")
+            if old_step is not None and isinstance(groups, list):
+                state_dict["param_groups"] = [
+                    {OUTER_STEP: int(old_step), **g} if isinstance(g, dict) else g for g in groups
+                ]
         super().load_state_dict(state_dict)
         self.diagnostics = {}
 
@@ -467,20 +486,21 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
         return the loss. Returns the loss of the first call, i.e. at the current weights.
         """
         name = type(self).__name__
+        if is_state_init_probe(closure, self.param_groups):
+            return None
         closure = require_closure(closure, name)
         groups = self.param_groups
         for group in groups:
             self._check_group(group)
         L, discard = self._inner_loop()
-        glob = self.state.setdefault("global", {"step": 0})
-        t = glob["step"]
+        steps = [int(group.setdefault(OUTER_STEP, 0)) for group in groups]
 
         loss = closure()
         work: list[_GroupWork] = []
         try:
             with torch.no_grad():
                 for i, group in enumerate(groups):
-                    w = self._prepare(i, group, t, name)
+                    w = self._prepare(i, group, steps[i], name)
                     if w is not None:
                         work.append(w)
                 if not work:
@@ -537,7 +557,8 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
                 for p, grad in zip(w.params, G, strict=True):
                     p.grad = grad
                 self._outer_update(group, w.params, G, w.foreach)
-            glob["step"] = t + 1
+            for group, t in zip(groups, steps, strict=True):
+                group[OUTER_STEP] = t + 1
             gammas = [w.gamma for w in work]
             diag: dict[str, Any] = {"gamma": gammas[0], "gammas": gammas}
             diag["loss"] = loss.detach() if isinstance(loss, Tensor) else loss

@@ -85,7 +85,9 @@ class EntropyAdam(LocalEntropyOptimizer):
                 m,
                 v,
                 [],
-                [self.state[p]["step"] for p in params],
+                # the steps live on the host (read once per step above); the kernel
+                # reads them on the parameters' device, as torch's own fused Adam keeps them
+                [self.state[p]["step"].to(p.device) for p in params],
                 amsgrad=False,
                 lr=lr,
                 beta1=beta1,

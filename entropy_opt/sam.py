@@ -12,8 +12,10 @@ from ._common import (
     OPTIMIZER_KEY,
     Closure,
     check_finite_group,
+    check_group_keys,
     check_nonneg,
     check_state_dict,
+    is_state_init_probe,
     params_with_grad,
     require_closure,
 )
@@ -48,8 +50,29 @@ class SAM(Optimizer):
         check_finite_group(kwargs, "SAM")
         super().__init__(params, dict(rho=rho, **kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+        for group in self.param_groups:
+            check_group_keys(group, self.defaults, "SAM")
+        self._share_base()
+
+    def _share_base(self) -> None:
+        # one set of groups and one state: what tools reading ``optimizer.state`` see
+        # (torch.distributed.checkpoint, moving state to a device) is the base's
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to SAM and its base optimizer (a torch option neither implements
+        is refused, as at construction)."""
+        if not hasattr(self, "base_optimizer"):  # inside Optimizer.__init__
+            super().add_param_group(param_group)
+            return
+        candidate = {**self.defaults, **param_group}
+        check_group_keys(candidate, self.defaults, "SAM")
+        self.base_optimizer.add_param_group(param_group)
+        group = self.base_optimizer.param_groups[-1]
+        group.setdefault("rho", self.defaults["rho"])
+        self._share_base()
 
     @property
     def gradient_evaluations_per_step(self) -> int:
@@ -61,6 +84,8 @@ class SAM(Optimizer):
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         """Ascent step, gradient at the perturbed point, base step from the original point."""
+        if is_state_init_probe(closure, self.param_groups):
+            return None
         closure = require_closure(closure, "SAM")
         for group in self.param_groups:
             check_nonneg("rho", group["rho"])
@@ -100,4 +125,4 @@ class SAM(Optimizer):
         check_state_dict(self, state_dict)
         state_dict = {k: v for k, v in state_dict.items() if k != OPTIMIZER_KEY}
         self.base_optimizer.load_state_dict(state_dict)
-        self.param_groups = self.base_optimizer.param_groups
+        self._share_base()

@@ -281,3 +281,35 @@ def test_same_seed_same_result_on_the_fused_path(sgld_momentum):
     a = _run(lambda p: EntropySGD(p, **cfg), torch.float32)
     b = _run(lambda p: EntropySGD(p, **cfg), torch.float32)
     assert torch.equal(a, b)
+
+
+def _trajectory_end(name: str, device: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(1)
+    model = torch.nn.Linear(5, 1).double().to(device)
+    if name == "sgd":
+        opt = EntropySGD(model.parameters(), lr=0.05, L=3, noise=0.0, momentum=0.9)
+    else:
+        opt = EntropyAdam(model.parameters(), lr=0.05, L=3, noise=0.0)
+    xd, yd = x.to(device), y.to(device)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(xd), yd)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    return torch.cat([p.detach().cpu().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_cuda_steps_match_the_cpu_steps(name):
+    """The default (foreach, fused where the kernel passes its check) path on a GPU
+    follows the CPU's trajectory to float64 rounding; Entropy-Adam's fused kernel gets
+    its step counts on the parameters' device."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
+    cpu, gpu = (_trajectory_end(name, d, x, y) for d in ("cpu", "cuda"))
+    torch.testing.assert_close(gpu, cpu, rtol=1e-12, atol=1e-12)

@@ -100,7 +100,7 @@ def test_resume_is_bit_identical(name, private_generator, tmp_path):
     for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
     if name.startswith("entropy"):
-        assert opt.state["global"]["step"] == 20
+        assert [g["outer_step"] for g in opt.param_groups] == [20] * len(opt.param_groups)
 
 
 @pytest.mark.parametrize("name", ["entropy_sgd", "entropy_adam"])
@@ -120,13 +120,17 @@ def test_diagnostics_are_an_attribute_not_state(name):
     }
     sd = opt.state_dict()
     assert "diagnostics" not in sd["state"]
-    assert sd["state"]["global"] == {"step": 2}  # the scoping counter is state and is saved
+    # the scoping counter is saved, with the groups (state holds parameters only)
+    assert [g["outer_step"] for g in sd["param_groups"]] == [2] * len(sd["param_groups"])
+    assert all(isinstance(k, int) for k in sd["state"])
 
 
 @pytest.mark.parametrize("name", ["entropy_sgd", "entropy_adam", "entropy_sgd_flat"])
 def test_state_dict_with_the_old_diagnostics_entry_loads_and_resumes_bit_identically(name):
     """State dicts written before diagnostics moved out of the state carry
-    ``state["diagnostics"]``: loading drops it and the run continues as if uninterrupted."""
+    ``state["diagnostics"]``, and the scoping counter in ``state["global"]``: loading
+    drops the one, moves the other into the groups, and the run continues as if
+    uninterrupted."""
     make = FACTORIES[name]
     torch.manual_seed(0)
     ref_model = make_model()
@@ -143,6 +147,9 @@ def test_state_dict_with_the_old_diagnostics_entry_loads_and_resumes_bit_identic
     train(model, opt, 0, 3, counter)
     old = copy.deepcopy(opt.state_dict())
     old["state"]["diagnostics"] = {"gamma": 0.03, "gammas": [0.03], "loss": torch.tensor(1.0)}
+    # and the outer-step counter where those versions kept it: state["global"]
+    steps = {g.pop("outer_step") for g in old["param_groups"]}
+    old["state"]["global"] = {"step": steps.pop()}
     rng = torch.get_rng_state()
     saved_model = copy.deepcopy(model.state_dict())
 
@@ -155,7 +162,7 @@ def test_state_dict_with_the_old_diagnostics_entry_loads_and_resumes_bit_identic
     train(model, opt, 3, 3, counter)
     for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert opt.state["global"]["step"] == 6
+    assert [g["outer_step"] for g in opt.param_groups] == [6] * len(opt.param_groups)
 
 
 def test_a_refused_param_group_is_not_kept():
@@ -167,3 +174,41 @@ def test_a_refused_param_group_is_not_kept():
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": [b], "lr": 0.5})  # the retry is not a duplicate
     assert [g["lr"] for g in opt.param_groups] == [opt.defaults["lr"], 0.5]
+
+
+@pytest.mark.parametrize("name", ["entropy_sgd", "entropy_adam", "sgld", "sam"])
+def test_distributed_checkpoint_state_dict_round_trip_resumes_bit_identically(name):
+    """``torch.distributed.checkpoint``'s state-dict helpers (what FSDP and DCP save)
+    key parameter state by parameter name and take every ``state`` key for a
+    parameter: saving and loading through them resumes as an uninterrupted run."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    make = FACTORIES[name]
+    torch.manual_seed(0)
+    ref_model = make_model()
+    init = copy.deepcopy(ref_model.state_dict())
+    ref_opt = make(ref_model.parameters(), None)
+    torch.manual_seed(1)
+    train(ref_model, ref_opt, 0, 6, [0])
+
+    model = make_model()
+    model.load_state_dict(init)
+    opt = make(model.parameters(), None)
+    torch.manual_seed(1)
+    counter = [0]
+    train(model, opt, 0, 3, counter)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    assert all(isinstance(k, str) for k in saved["state"])  # keyed by parameter name
+    rng, weights = torch.get_rng_state(), copy.deepcopy(model.state_dict())
+
+    model = make_model()
+    model.load_state_dict(weights)
+    opt = make(model.parameters(), None)
+    set_optimizer_state_dict(model, opt, saved)
+    torch.set_rng_state(rng)
+    train(model, opt, 3, 3, counter)
+    for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)

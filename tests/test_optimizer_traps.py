@@ -120,6 +120,71 @@ def test_torch_options_these_optimizers_lack_are_refused_in_a_group(make, key, v
     make([{"params": [p], "initial_lr": 0.1, "name": "encoder"}])  # others pass, as in torch
 
 
+@pytest.mark.parametrize(
+    "base, key, value",
+    [
+        (torch.optim.Adam, "momentum", 0.9),
+        (torch.optim.SGD, "amsgrad", True),
+        (torch.optim.SGD, "betas", (0.5, 0.5)),
+    ],
+)
+def test_sam_refuses_torch_options_its_base_optimizer_ignores(base, key, value):
+    """SAM over Adam with a group holding momentum=0.9 trained without momentum."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    with pytest.raises(ValueError, match=f"SAM does not implement {key}="):
+        SAM([{"params": [p], key: value}], base, lr=0.1)
+    opt = SAM([p], base, lr=0.1)
+    with pytest.raises(ValueError, match=f"SAM does not implement {key}="):
+        opt.add_param_group({"params": [q], key: value})
+    assert len(opt.param_groups) == len(opt.base_optimizer.param_groups) == 1
+    opt.add_param_group({"params": [q], "lr": 0.01})
+    assert (
+        opt.param_groups[1]["rho"] == 0.05 and opt.param_groups is opt.base_optimizer.param_groups
+    )
+
+
+def test_sam_state_is_its_base_optimizers():
+    """Tools read ``optimizer.state`` (moving it to a device, DCP): SAM's was empty."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = SAM([p], torch.optim.SGD, lr=0.1, momentum=0.9)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert opt.state is opt.base_optimizer.state and "momentum_buffer" in opt.state[p]
+    opt.load_state_dict(opt.state_dict())
+    assert opt.state is opt.base_optimizer.state and "momentum_buffer" in opt.state[p]
+
+
+def test_an_optimizer_that_cannot_move_steps_without_a_closure_as_a_no_op():
+    """torch.distributed.checkpoint's loader steps a fresh optimizer once with zero
+    gradients, lr 0 and no closure; the closure optimizers make that a no-op, and any
+    other step without a closure is still refused."""
+    for make in (
+        lambda ps: EntropySGD(ps, lr=0.1),
+        lambda ps: EntropyAdam(ps, lr=0.1),
+        lambda ps: SAM(ps, torch.optim.SGD, lr=0.1),
+    ):
+        p = torch.nn.Parameter(torch.randn(3))
+        opt = make([p])
+        with pytest.raises(ValueError, match="needs a closure"):
+            opt.step()
+        p.grad = torch.zeros_like(p)
+        with pytest.raises(ValueError, match="needs a closure"):
+            opt.step()  # lr is not 0
+        before = p.detach().clone()
+        for g in opt.param_groups:
+            g["lr"] = 0.0
+        assert opt.step() is None and torch.equal(p, before)
+        p.grad = torch.ones_like(p)
+        with pytest.raises(ValueError, match="needs a closure"):
+            opt.step()  # a gradient that is not zero
+
+
 def test_sam_returns_to_exactly_the_weights_it_left():
     """x was restored as (x + e) - e, which rounds: with lr = 0 weights drifted by ulps."""
     torch.manual_seed(0)
