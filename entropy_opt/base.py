@@ -356,6 +356,11 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
     """
 
     STATE_KEYS = frozenset({"anchor", "mu", "sgld_buffer"})
+    #: Per-parameter scratch that every step overwrites before reading (x, mu, the SGLD
+    #: momentum): kept between steps to reuse the memory, left out of ``state_dict``
+    #: (three model-sized tensors a checkpoint would carry for nothing; still accepted
+    #: on load from older state dicts).
+    SCRATCH_STATE = frozenset({"anchor", "mu", "sgld_buffer"})
     #: Non-parameter state entries of older versions, accepted on load: ``"diagnostics"``
     #: dropped, ``"global"`` (the outer-step counter) moved into the groups.
     LEGACY_STATE = frozenset({"diagnostics", "global"})
@@ -396,6 +401,16 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
         self.diagnostics: dict[str, Any] = {}
         self._noise = NoiseBuffers()
         self._flat_cache: dict[int, dict] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state dict without :attr:`SCRATCH_STATE` (see
+        :class:`~._common.StateDictMixin`)."""
+        sd = super().state_dict()
+        sd["state"] = {
+            key: {k: v for k, v in entry.items() if k not in self.SCRATCH_STATE}
+            for key, entry in sd["state"].items()
+        }
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer (see :class:`~._common.StateDictMixin`).
