@@ -65,7 +65,15 @@ class RunStore:
         meta_path, npz_path = self._paths(k)
         if not meta_path.exists():
             return None
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+            if not isinstance(meta, dict) or not {"problem", "record", "provenance"} <= set(meta):
+                raise ValueError("it lacks problem, record or provenance")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StoredRunMismatch(
+                f"{meta_path} is not a stored run ({exc}); delete it (and its .npz) to "
+                "compute the run again"
+            ) from None
         stored, problem = meta.get("problem", {}), _plain(problem)
         differ = sorted(
             key for key in set(stored) | set(problem) if stored.get(key) != problem.get(key)

@@ -422,6 +422,9 @@ def test_a_stored_run_of_another_problem_or_with_another_spectrum_is_refused(
     npz.write_bytes(npz.read_bytes() + b"0")
     with pytest.raises(ValueError, match="not the spectrum"):
         catalog.run("fig3a", request)
+    meta_path.write_text('{"problem": ')  # cut short
+    with pytest.raises(ValueError, match="is not a stored run"):
+        catalog.run("fig3a", request)
 
 
 def test_runs_dir_is_refused_for_figures_without_runs(
