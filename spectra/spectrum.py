@@ -18,6 +18,7 @@ import json
 import math
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,10 @@ class Spectrum:
             raise TypeError(f"info must be a dict, got {type(self.info).__name__}")
         if self.loss is not None and not isinstance(self.loss, int | float | np.floating):
             raise TypeError(f"loss must be a number or None, got {type(self.loss).__name__}")
+        if self.loss is not None:  # NumPy scalars as plain floats: what save writes
+            object.__setattr__(self, "loss", float(self.loss))
+        if self.n_samples is not None:
+            object.__setattr__(self, "n_samples", check_int("n_samples", self.n_samples, 0))
         if self.kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {self.kind!r}")
         order = np.argsort(ev, kind="stable")
@@ -289,7 +294,18 @@ class Spectrum:
             raise FileNotFoundError(f"no spectrum file at {path}")
         try:
             return cls(**_read_npz(path))
-        except (OSError, EOFError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
+        # a corrupt zip directory can also name a zip feature this reader lacks
+        # (NotImplementedError) or break the deflate stream (zlib.error)
+        except (
+            OSError,
+            EOFError,
+            ValueError,
+            TypeError,
+            KeyError,
+            NotImplementedError,
+            zlib.error,
+            zipfile.BadZipFile,
+        ) as exc:
             raise SpectrumFileError(
                 f"{path} is not a spectrum file written by Spectrum.save "
                 f"({type(exc).__name__}: {exc})"
