@@ -62,6 +62,8 @@ class RelativeFlatness:
         curvature: the operator's class (``"HessianOperator"`` is the paper's definition;
             a GGN or Fisher operator gives the same contraction of that matrix).
         seed: seed of the Hutch++ probes.
+        samples: the Hutchinson probes ``stderr`` is the spread of (0 when exact), for
+            a t interval.
     """
 
     value: float
@@ -73,6 +75,7 @@ class RelativeFlatness:
     size: int
     curvature: str
     seed: int
+    samples: int = 0
 
     def __repr__(self) -> str:
         return (
@@ -183,6 +186,7 @@ def relative_flatness(
         size=size,
         curvature=type(op).__name__,
         seed=seed,
+        samples=est.samples,
     )
 
 

@@ -81,6 +81,8 @@ class SharpnessEstimate:
             below rho the maximum was found inside the ball); None for ``"average"``.
         seed: the seed of the random directions / samples.
         method: a description of the algorithm and its settings.
+        samples: the independent draws ``stderr`` is the spread of (antithetic pairs
+            count once; 0 for ``"worst"``), for a t interval.
     """
 
     value: float
@@ -98,6 +100,7 @@ class SharpnessEstimate:
     radius: float | None
     seed: int
     method: str
+    samples: int = 0
 
     def __repr__(self) -> str:
         err = f" +- {self.stderr:.2g}" if self.kind == "average" else ""
@@ -355,5 +358,6 @@ def _average(ball: _Ball, num_samples: int, antithetic: bool) -> SharpnessEstima
         improving=False,
         radius=None,
         method=f"Monte Carlo, delta ~ {law}, {num_samples} evaluations in {pairing}",
+        samples=draws,
         **ball.common,
     )

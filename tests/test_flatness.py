@@ -232,3 +232,24 @@ def test_invariant_measures_survive_rescaling_while_the_spectrum_moves():
     assert a.measure("average_sharpness@0.05").stderr > 0
     assert a.measure("adaptive_sharpness@0.05").details["lower_bound"]
     assert a.info["seconds"]["sharpness"] > 0 and "relative_flatness" in a.info["seconds"]
+
+
+def test_monte_carlo_measures_carry_their_draw_count_for_a_t_interval():
+    """Average sharpness from 4 antithetic evaluations rests on 2 draws: its interval
+    is t with 1 degree of freedom (12.7 standard errors at 95%), not the normal 1.96,
+    which covered 73% here; relative flatness records its Hutchinson probes likewise."""
+    from spectra.flatness_report import _measure_from
+    from spectra.trace import confidence_interval
+
+    torch.manual_seed(0)
+    X = torch.randn(32, 6, dtype=torch.float64)
+    model = nn.Linear(6, 2, bias=False).double()
+    op = spectra.hessian_operator(model, nn.MSELoss(), (X, torch.randn(32, 2, dtype=torch.float64)))
+    e = spectra.adaptive_sharpness(op, 0.05, kind="average", num_samples=4, seed=0)
+    assert e.samples == 2
+    m = _measure_from(e)
+    lo, hi = m.interval(0.95)
+    assert (lo, hi) == pytest.approx(confidence_interval(e.value, e.stderr, 2, 0.95))
+    assert hi - lo == pytest.approx(2 * scipy.stats.t.ppf(0.975, 1) * e.stderr)
+    r = spectra.relative_flatness(op, "weight", num_matvecs=9, seed=0, method="hutch++")
+    assert r.samples == 9 - 2 * (9 // 3) and _measure_from(r).details["samples"] == r.samples
