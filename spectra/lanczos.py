@@ -207,7 +207,9 @@ def lanczos(
             for a non-symmetric operator.
         dense: solve by assembling the matrix (n matvecs) and ``torch.linalg.eigh``
             in float64.  Default: when ``n <= 200`` or ``n <= 2 ncv``, where the
-            dense solve costs about as many matvecs as Lanczos would.
+            dense solve costs about as many matvecs as Lanczos would, unless an
+            explicit ``max_matvecs`` is below n (then the Krylov path, within it; a
+            dense solve over such a budget raises ``ValueError``).
         progress: tqdm progress bar: matvecs done against ``max_matvecs`` (so its
             time left is an upper bound), converged pairs (default: only on a
             terminal).
@@ -274,6 +276,7 @@ def lanczos(
                 "1e-8 to 1e-3, or tol=None for the default of the operator's precision"
             )
     m = _basis_size(ncv, k, size)
+    budget_given = max_matvecs is not None
     if max_matvecs is None:
         max_matvecs = max(100 * k, 1000)
     max_matvecs = check_int("max_matvecs", max_matvecs)
@@ -290,6 +293,14 @@ def lanczos(
 
     if dense is None:
         dense = size <= max(DENSE_THRESHOLD, 2 * m) or k >= size
+        if dense and budget_given and max_matvecs < size and m > k:
+            dense = False  # the assembly would spend n products, over the budget given
+    if dense and budget_given and max_matvecs < size:
+        raise ValueError(
+            f"the dense solve applies the operator n={size} times, more than "
+            f"max_matvecs={max_matvecs}; raise max_matvecs to >= {size}, or pass a larger "
+            "ncv (or dense=False) for the Krylov path within the budget"
+        )
     if not dense and m <= k:
         raise ValueError(
             f"the Krylov path needs a basis larger than k={k} but n={size} allows ncv={m}; "

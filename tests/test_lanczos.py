@@ -337,3 +337,15 @@ def test_a_small_spare_basis_stops_once_its_values_verify():
     assert r.all_converged and r.matvecs < 2000, r.matvecs
     np.testing.assert_allclose(r.eigenvalues.numpy(), np.sort(lam)[::-1][:50], rtol=1e-6)
     _check_bounds(A, r, np.sort(lam))
+
+
+def test_an_explicit_budget_below_n_is_kept_on_a_small_operator(separated):
+    """n = 400 <= 2 ncv picks the dense solve, n products: with max_matvecs=150 it took
+    402 (and 152 of 20 at n = 150) without a word."""
+    A, exact = separated
+    r = lanczos(A, 5, which="LA", max_matvecs=150, ncv=200, seed=0)
+    assert r.method == "krylov" and r.matvecs <= 150
+    _check_bounds(A, r, exact)
+    assert lanczos(A, 5, which="LA", ncv=250, seed=0).method == "dense"  # no budget given
+    with pytest.raises(ValueError, match="max_matvecs=150"):
+        lanczos(A, 5, which="LA", max_matvecs=150, dense=True, seed=0)
