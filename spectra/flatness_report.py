@@ -446,8 +446,8 @@ def _matrix_free_measures(
     measures["trace"] = Measure(
         float(tr.estimate),
         stderr=float(tr.stderr),
-        method="hutch++",
-        details={"matvecs": trace_matvecs, "seed": seed, "samples": tr.samples},
+        method=tr.method,  # "exact" where the budget reached n
+        details={"matvecs": tr.matvecs, "seed": seed, "samples": tr.samples},
     )
     # one probe at a time (same matvecs), so every SLQ measure gets a probe-to-probe error
     per_probe = [

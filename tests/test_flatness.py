@@ -253,3 +253,19 @@ def test_monte_carlo_measures_carry_their_draw_count_for_a_t_interval():
     assert hi - lo == pytest.approx(2 * scipy.stats.t.ppf(0.975, 1) * e.stderr)
     r = spectra.relative_flatness(op, "weight", num_matvecs=9, seed=0, method="hutch++")
     assert r.samples == 9 - 2 * (9 // 3) and _measure_from(r).details["samples"] == r.samples
+
+
+def test_matrix_free_trace_within_budget_is_labelled_exact():
+    """n <= trace_matvecs: the trace is computed exactly with n products; the measure
+    said "hutch++" with matvecs 99."""
+    torch.manual_seed(0)
+    X, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 2, (16,))
+    model = nn.Linear(5, 2).double()
+    report = spectra.flatness(
+        model, nn.CrossEntropyLoss(), (X, y), method="matrix-free", rhos=(), progress=False
+    )
+    tr = report.measure("trace")
+    assert tr.method == "exact" and tr.details["matvecs"] == 12 and tr.stderr == 0.0
+    assert tr.value == pytest.approx(
+        float(torch.trace(reference_hessian(model, nn.CrossEntropyLoss(), X, y))), rel=1e-10
+    )
