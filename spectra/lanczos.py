@@ -197,7 +197,13 @@ def lanczos(
             ``[0, 2**63)``; None is refused (pick one, so the run can be repeated).
         n: size, for a callable ``op``.
         v0: start vector (n,) in the operator's dtype and device (default random
-            normal).
+            normal).  A Krylov space only holds eigenvectors its start vector touches:
+            a ``v0`` (nearly) orthogonal to a wanted one (a warm start from the previous
+            point's eigenvector after two eigenvalues crossed) can return the next
+            eigenvalue as converged (its residual is honest for the value it reports)
+            when the gap is below what the one verification restart, from a random
+            vector, resolves in ``ncv - k`` steps.  Add a random component to a warm
+            start (e.g. ``v0 + 1e-3 * torch.randn_like(v0) * v0.norm()``).
         ncv: basis size m (default ``max(2 k + 10, 20)``, at most n - 1, and at
             most what fits ``memory_budget``, not below ``k + 3``).  Memory is
             ``(ncv + 1) n`` elements of the operator's dtype plus 2 vectors of
