@@ -125,6 +125,24 @@ def test_diagnostics_are_an_attribute_not_state(name):
     assert all(isinstance(k, int) for k in sd["state"])
 
 
+def _six_steps_and_three(make):
+    """A 6-step reference run, and a second run of the same start, seeds and batches
+    stopped after 3: ``(reference model, model, its optimizer, batch counter)``."""
+    torch.manual_seed(0)
+    ref_model = make_model()
+    init = copy.deepcopy(ref_model.state_dict())
+    ref_opt = make(ref_model.parameters(), None)
+    torch.manual_seed(1)
+    train(ref_model, ref_opt, 0, 6, [0])
+    model = make_model()
+    model.load_state_dict(init)
+    opt = make(model.parameters(), None)
+    torch.manual_seed(1)
+    counter = [0]
+    train(model, opt, 0, 3, counter)
+    return ref_model, model, opt, counter
+
+
 @pytest.mark.parametrize("name", ["entropy_sgd", "entropy_adam", "entropy_sgd_flat"])
 def test_state_dict_with_the_old_diagnostics_entry_loads_and_resumes_bit_identically(name):
     """State dicts written before diagnostics moved out of the state carry
@@ -132,19 +150,7 @@ def test_state_dict_with_the_old_diagnostics_entry_loads_and_resumes_bit_identic
     drops the one, moves the other into the groups, and the run continues as if
     uninterrupted."""
     make = FACTORIES[name]
-    torch.manual_seed(0)
-    ref_model = make_model()
-    init = {k: v.clone() for k, v in ref_model.state_dict().items()}
-    ref_opt = make(ref_model.parameters(), None)
-    torch.manual_seed(1)
-    train(ref_model, ref_opt, 0, 6, [0])
-
-    model = make_model()
-    model.load_state_dict(init)
-    opt = make(model.parameters(), None)
-    torch.manual_seed(1)
-    counter = [0]
-    train(model, opt, 0, 3, counter)
+    ref_model, model, opt, counter = _six_steps_and_three(make)
     old = copy.deepcopy(opt.state_dict())
     old["state"]["diagnostics"] = {"gamma": 0.03, "gammas": [0.03], "loss": torch.tensor(1.0)}
     # and the outer-step counter where those versions kept it: state["global"]
@@ -187,19 +193,7 @@ def test_distributed_checkpoint_state_dict_round_trip_resumes_bit_identically(na
     )
 
     make = FACTORIES[name]
-    torch.manual_seed(0)
-    ref_model = make_model()
-    init = copy.deepcopy(ref_model.state_dict())
-    ref_opt = make(ref_model.parameters(), None)
-    torch.manual_seed(1)
-    train(ref_model, ref_opt, 0, 6, [0])
-
-    model = make_model()
-    model.load_state_dict(init)
-    opt = make(model.parameters(), None)
-    torch.manual_seed(1)
-    counter = [0]
-    train(model, opt, 0, 3, counter)
+    ref_model, model, opt, counter = _six_steps_and_three(make)
     saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
     assert all(isinstance(k, str) for k in saved["state"])  # keyed by parameter name
     rng, weights = torch.get_rng_state(), copy.deepcopy(model.state_dict())
