@@ -447,7 +447,12 @@ def _matrix_free_measures(
         float(tr.estimate),
         stderr=float(tr.stderr),
         method=tr.method,  # "exact" where the budget reached n
-        details={"matvecs": tr.matvecs, "seed": seed, "samples": tr.samples},
+        details={
+            "matvecs": tr.matvecs,  # spent: at most the budget (fewer at a low numerical rank)
+            "budget": trace_matvecs,
+            "seed": seed,
+            "samples": tr.samples,
+        },
     )
     # one probe at a time (same matvecs), so every SLQ measure gets a probe-to-probe error
     per_probe = [

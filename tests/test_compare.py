@@ -183,7 +183,8 @@ def test_matrix_free_measure_agrees_with_exact():
     # Hutch++ with 150 products on a Hessian of low numerical rank (hidden width 2): within
     # 4 of its own standard errors plus the float32 products' rounding (it was rel=0.3)
     trace = free.measure("trace")
-    assert trace.method == "hutch++" and trace.details["matvecs"] == 150
+    assert trace.method == "hutch++" and trace.details["budget"] == 150
+    assert 0 < trace.details["matvecs"] <= 150
     assert abs(trace.value - exact["trace"]) <= 4 * trace.stderr + 1e-6 * exact["trace"]
     assert free["loss"] == pytest.approx(exact["loss"], rel=1e-12)
     # the invariant measures do not depend on the spectrum method
