@@ -614,13 +614,13 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
         else:
             for p in params:
                 st = self.state[p]
-                if "anchor" not in st:
+                if not _matches(st.get("anchor"), p):  # scratch: remade for a cast model
                     st["anchor"] = torch.empty_like(p, memory_format=torch.preserve_format)
                     st["mu"] = torch.empty_like(p, memory_format=torch.preserve_format)
                 w.x.append(st["anchor"])
                 w.mu.append(st["mu"])
                 if momentum:
-                    if "sgld_buffer" not in st:
+                    if not _matches(st.get("sgld_buffer"), p):
                         st["sgld_buffer"] = torch.zeros_like(p)
                     w.bufs.append(st["sgld_buffer"])
             w.xp = params
@@ -630,6 +630,16 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
                 torch._foreach_zero_(w.bufs)
         w.grad0 = [g.clone() for g in w.grads()] if self.record_diagnostics else None
         return w
+
+
+def _matches(buffer: Tensor | None, p: Tensor) -> bool:
+    """Whether a scratch buffer can hold ``p`` (same shape, dtype and device)."""
+    return (
+        buffer is not None
+        and buffer.shape == p.shape
+        and buffer.dtype == p.dtype
+        and buffer.device == p.device
+    )
 
 
 class _GroupWork:
@@ -657,7 +667,7 @@ class _GroupWork:
         self._orig: list[Tensor] = []
 
     def make_flat(self, cache: dict, momentum: bool) -> None:
-        key = tuple((id(p), p.shape) for p in self.params)
+        key = tuple((id(p), p.shape, p.dtype, p.device) for p in self.params)
         if cache.get("key") != key:
             p0, n = self.params[0], sum(p.numel() for p in self.params)
             cache.clear()

@@ -202,3 +202,26 @@ def test_sam_returns_to_exactly_the_weights_it_left():
     for _ in range(100):
         opt.step(closure)
     assert torch.equal(p.detach(), x0)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_entropy_sgd_keeps_stepping_after_the_model_is_cast(flat):
+    """x, mu and the SGLD momentum are scratch: after ``model.double()`` they are remade
+    in the new dtype (the step died on a float/double mismatch inside torch)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = EntropySGD(model.parameters(), lr=0.1, L=2, sgld_momentum=0.9, flat=flat)
+    x = torch.randn(8, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x.to(model.weight.dtype)).pow(2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    model.double()
+    before = model.weight.detach().clone()
+    opt.step(closure)
+    assert model.weight.dtype == torch.float64 and not torch.equal(model.weight, before)
+    assert not torch.equal(model.weight, model.weight.float().double())  # a float64 step
