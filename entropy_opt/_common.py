@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -65,13 +65,15 @@ def check_momentum(momentum: float, nesterov: bool, prefix: str = "") -> None:
         raise ValueError(f"{prefix}nesterov=True requires {prefix}momentum > 0, got {momentum!r}")
 
 
-def is_state_init_probe(closure: Closure | None, groups: Sequence[dict[str, Any]]) -> bool:
-    """Whether ``step(closure)`` is the probe ``torch.distributed.checkpoint``'s
-    ``set_optimizer_state_dict`` runs on an optimizer without state: no closure, every
-    gradient zero (or None) and every ``lr`` 0, so the step could move nothing.  The
-    optimizers here then do nothing (their state is created on the first real step, and
-    the state dict loaded next fills it) instead of asking for a closure."""
-    if closure is not None:
+def is_state_init_probe(
+    closure: Closure | None, groups: Sequence[dict[str, Any]], state: Mapping[Any, Any]
+) -> bool:
+    """Whether ``step(closure)`` is the probe ``torch.distributed.checkpoint`` runs to
+    create an optimizer's state before loading into it: no closure, no state yet, every
+    gradient zero (or None) and every ``lr`` 0, so the step can move nothing.  The
+    optimizers here then create the state a first step would (zero moments and
+    buffers) without evaluating anything, and the load fills it."""
+    if closure is not None or state:
         return False
     if any(float(g.get("lr", 1.0)) != 0.0 for g in groups):
         return False

@@ -340,8 +340,8 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
     step only, so they are an attribute, not state: ``state_dict`` does not carry them (a
     state dict written when they lived in ``state["diagnostics"]`` loads, that entry
     dropped).  Each param group's ``"outer_step"`` counts its completed outer steps (the
-    scoping ``t``; a group added later starts at 0, as a new parameter's Adam ``step``
-    does) and is saved with the groups: a resumed run scopes gamma as an uninterrupted
+    scoping ``t``, 0 from the group's creation; a group added later starts at 0, as a
+    new parameter's Adam ``step`` does) and is saved with the groups: a resumed run scopes gamma as an uninterrupted
     one.  It lives in the groups, not in ``state``, because ``torch.distributed.checkpoint``
     and FSDP take every key of ``state`` for a parameter (older state dicts'
     ``state["global"]`` is converted on load).
@@ -443,6 +443,9 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
         param_group = checked_group(param_group, self.defaults, type(self).__name__)
         candidate = {**self.defaults, **param_group}
         self._check_group(candidate)
+        # counted from creation, so that a fresh optimizer's state dict (what
+        # torch.distributed.checkpoint loads into) holds the entry too
+        param_group.setdefault(OUTER_STEP, 0)
         super().add_param_group(param_group)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -501,7 +504,13 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
         return the loss. Returns the loss of the first call, i.e. at the current weights.
         """
         name = type(self).__name__
-        if is_state_init_probe(closure, self.param_groups):
+        if is_state_init_probe(closure, self.param_groups, self.state):
+            with torch.no_grad():  # the outer rule's state, from a zero step at lr 0
+                for group in self.param_groups:
+                    params = [p for p in group["params"] if p.requires_grad]
+                    if params:
+                        zeros = [torch.zeros_like(p) for p in params]
+                        self._outer_update(group, params, zeros, False)
             return None
         closure = require_closure(closure, name)
         groups = self.param_groups

@@ -84,7 +84,8 @@ class SAM(Optimizer):
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         """Ascent step, gradient at the perturbed point, base step from the original point."""
-        if is_state_init_probe(closure, self.param_groups):
+        if is_state_init_probe(closure, self.param_groups, self.state):
+            self.base_optimizer.step()  # creates its state; lr 0 and zero gradients
             return None
         closure = require_closure(closure, "SAM")
         for group in self.param_groups:

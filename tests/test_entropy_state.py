@@ -219,3 +219,31 @@ def test_state_dict_leaves_out_the_per_step_scratch(name):
     assert any({"anchor", "mu"} <= set(entry) for entry in opt.state.values())
     kept = {k for entry in opt.state_dict()["state"].values() for k in entry}
     assert kept and not kept & {"anchor", "mu", "sgld_buffer"}
+
+
+@pytest.mark.parametrize("name", ["entropy_sgd", "entropy_adam", "sgld", "sam"])
+def test_dcp_save_and_load_into_a_fresh_optimizer_resumes_bit_identically(name, tmp_path):
+    """``dcp.save``, then a fresh optimizer whose state dict ``dcp.load`` fills in place:
+    the probe step DCP runs must create the state (moments, buffers, outer_step) for the
+    load to have anything to fill; a no-op probe lost it without a word."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    ref_model, model, opt, counter = _six_steps_and_three(FACTORIES[name])
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
+    rng, weights = torch.get_rng_state(), copy.deepcopy(model.state_dict())
+
+    model = make_model()
+    model.load_state_dict(weights)
+    opt = FACTORIES[name](model.parameters(), None)
+    target = {"optim": get_optimizer_state_dict(model, opt)}
+    assert target["optim"]["state"], "the probe step created no state to load into"
+    dcp.load(target, checkpoint_id=str(tmp_path))
+    set_optimizer_state_dict(model, opt, target["optim"])
+    torch.set_rng_state(rng)
+    train(model, opt, 3, 3, counter)
+    for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
