@@ -162,8 +162,8 @@ def test_sam_state_is_its_base_optimizers():
 
 def test_an_optimizer_that_cannot_move_steps_without_a_closure_as_a_no_op():
     """torch.distributed.checkpoint's loader steps a fresh optimizer once with zero
-    gradients, lr 0 and no closure; the closure optimizers make that a no-op, and any
-    other step without a closure is still refused."""
+    gradients, lr 0 and no closure to create its state; the closure optimizers create
+    it without moving anything, and any other step without a closure is still refused."""
     for make in (
         lambda ps: EntropySGD(ps, lr=0.1),
         lambda ps: EntropyAdam(ps, lr=0.1),
