@@ -341,10 +341,10 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
     state dict written when they lived in ``state["diagnostics"]`` loads, that entry
     dropped).  Each param group's ``"outer_step"`` counts its completed outer steps (the
     scoping ``t``, 0 from the group's creation; a group added later starts at 0, as a
-    new parameter's Adam ``step`` does) and is saved with the groups: a resumed run scopes gamma as an uninterrupted
-    one.  It lives in the groups, not in ``state``, because ``torch.distributed.checkpoint``
-    and FSDP take every key of ``state`` for a parameter (older state dicts'
-    ``state["global"]`` is converted on load).
+    new parameter's Adam ``step`` does) and is saved with the groups: a resumed run
+    scopes gamma as an uninterrupted one.  It lives in the groups, not in ``state``,
+    because ``torch.distributed.checkpoint`` and FSDP take every key of ``state`` for a
+    parameter (older state dicts' ``state["global"]`` is converted on load).
 
     The cost of a step is :attr:`gradient_evaluations_per_step` (``L``, ``L + 1`` with
     ``discard_first_grad``), read from the param groups, so a training loop can count
@@ -422,11 +422,8 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
         if isinstance(state, dict) and self.LEGACY_STATE & set(state):
             kept = {k: v for k, v in state.items() if k not in self.LEGACY_STATE}
             state_dict = {**state_dict, "state": kept}
-            old_step = (
-                state.get("global", {}).get("step")
-                if isinstance(state.get("global"), dict)
-                else None
-            )
+            legacy = state.get("global")
+            old_step = legacy.get("step") if isinstance(legacy, dict) else None
             groups = state_dict.get("param_groups")
             if old_step is not None and isinstance(groups, list):
                 state_dict["param_groups"] = [

@@ -45,7 +45,8 @@ def config_key(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -98,7 +99,7 @@ class Cache:
             if marker.get("key") != key or not isinstance(marker.get("files"), dict):
                 return False
             return all(
-                _file_sha256(folder / name) == digest for name, digest in marker["files"].items()
+                file_sha256(folder / name) == digest for name, digest in marker["files"].items()
             )
         except (OSError, ValueError, AttributeError):
             return False
@@ -130,7 +131,7 @@ class Cache:
         try:
             writer(tmp)
             write_atomic(tmp / _CONFIG, json.dumps(config, indent=1, sort_keys=True).encode())
-            files = {p.name: _file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             write_atomic(tmp / MARKER, json.dumps({"key": key, "files": files}).encode())
             final = self.entry_dir(key)
             if final.exists():

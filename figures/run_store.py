@@ -5,9 +5,9 @@ keeps nothing, and the cache is keyed by code and torch versions that differ bet
 machines.  ``--runs-dir DIR`` writes each finished run there, and a later call on any
 machine reads it instead of training and building again:
 
-* ``run<k>.npz``: the run's :class:`spectra.Spectrum` (eigenvalues, build and solve
+* ``<figure>-run<k>.npz``: the run's :class:`spectra.Spectrum` (eigenvalues, build and solve
   seconds), written first;
-* ``run<k>.json``: what identifies the problem (figure, preset, run configuration, the
+* ``<figure>-run<k>.json``: what identifies the problem (figure, preset, run configuration, the
   data's digest, Hessian samples, dtype, forward, backend), the training record, the
   gradient norm, the SHA-256 of the ``.npz`` and the provenance (device, torch, code
   versions), written last and atomically, so a present JSON means a complete run.
@@ -19,13 +19,14 @@ problem is the same run computed elsewhere).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import spectra
 from spectra.checkpoint import atomic_write_json
+
+from .cache import file_sha256
 
 __all__ = ["RunStore", "StoredRunMismatch"]
 
@@ -37,10 +38,6 @@ class StoredRunMismatch(ValueError):
 def _plain(value: dict[str, Any]) -> dict[str, Any]:
     """``value`` as it reads back from JSON (tuples become lists), for comparing."""
     return json.loads(json.dumps(value))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class RunStore:
@@ -74,7 +71,7 @@ class RunStore:
                 f"{meta_path} is not a stored run ({exc}); delete it (and its .npz) to "
                 "compute the run again"
             ) from None
-        stored, problem = meta.get("problem", {}), _plain(problem)
+        stored, problem = meta["problem"], _plain(problem)
         differ = sorted(
             key for key in set(stored) | set(problem) if stored.get(key) != problem.get(key)
         )
@@ -83,7 +80,7 @@ class RunStore:
                 f"{meta_path} is run {k} of another problem (differs in {', '.join(differ)}); "
                 "move it away, or pass another --runs-dir, to compute this one"
             )
-        if not npz_path.exists() or _sha256(npz_path) != meta.get("spectrum_sha256"):
+        if not npz_path.exists() or file_sha256(npz_path) != meta.get("spectrum_sha256"):
             raise StoredRunMismatch(
                 f"{npz_path} is missing or is not the spectrum {meta_path.name} was written "
                 "with; delete both files to compute the run again"
@@ -110,7 +107,7 @@ class RunStore:
                 "run": k,
                 "problem": _plain(problem),
                 "record": record,
-                "spectrum_sha256": _sha256(npz_path),
+                "spectrum_sha256": file_sha256(npz_path),
                 "provenance": provenance,
             },
         )

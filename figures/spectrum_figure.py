@@ -116,7 +116,7 @@ def spectrum_or_load(
         "chunk": cfg.hessian_chunk,
         "forward": cfg.hessian_forward,
         "name": name,
-        "code": code_version([*_SPECTRUM_CODE, models.unrolled_lstm_forward, spectrum_or_load]),
+        "code": _spectrum_code_version(),
     }
     if cfg.hessian_backend != "auto":  # keeps the keys of the builds made before the field
         config["backend"] = cfg.hessian_backend
@@ -259,10 +259,13 @@ def _provenance(device: str, weights_key: dict[str, Any]) -> dict[str, Any]:
         "device_name": name,
         "torch": torch.__version__,
         "training_code": weights_key.get("code"),
-        "spectrum_code": code_version(
-            [*_SPECTRUM_CODE, models.unrolled_lstm_forward, spectrum_or_load]
-        ),
+        "spectrum_code": _spectrum_code_version(),
     }
+
+
+def _spectrum_code_version() -> str:
+    """The hash of the source that computes a figure's spectrum (keys its cache entry)."""
+    return code_version([*_SPECTRUM_CODE, models.unrolled_lstm_forward, spectrum_or_load])
 
 
 def _architecture(cfg: Any) -> nn.Module:

@@ -722,14 +722,14 @@ def _thick_restart(
                         nconv = int(conv[idx].sum())
                         bar.set_postfix(converged=f"{nconv}/{k}")
                         order = np.argsort(theta[idx])  # checked is sorted: pair values and res
-                        # the same values to the run's accuracy: residual estimates sit at
-                        # the rounding floor, below the drift of restarts between checks
-                        # (comparing with them alone re-verified until the budget ran out)
-                        moved = np.maximum(
-                            res[idx][order], acc.allowance(theta[idx][order], st.anorm)
-                        )
+                        # the same values to the run's accuracy (what convergence allows;
+                        # with every pair converged, at least its residual): residual
+                        # estimates sit at the rounding floor, below the drift of restarts
+                        # between checks, and comparing with them re-verified until the
+                        # budget ran out
+                        allowed = acc.allowance(theta[idx][order], st.anorm)
                         same = st.checked is not None and bool(
-                            np.all(np.abs(theta[idx][order] - st.checked) <= moved)
+                            np.all(np.abs(theta[idx][order] - st.checked) <= allowed)
                         )
                         if nconv == k and same:
                             done = True
