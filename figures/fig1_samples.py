@@ -37,7 +37,9 @@ def sweep(counts: list[int], preset: str, out: str, runs: int | None = None) -> 
     rows = []
     for n in counts:
         name = f"{preset}-n_hessian-{n}"
-        data = dataclasses.replace(base.data, n_hessian=n, hessian_batch=min(n, 1000))
+        data = dataclasses.replace(
+            base.data, n_hessian=n, hessian_batch=min(n, base.data.hessian_batch)
+        )
         presets.PRESETS[name] = {"fig1": dataclasses.replace(base, data=data)}
         t = time.perf_counter()
         try:  # a preset of its own only while it runs (and names its cache entries)
