@@ -6,6 +6,7 @@ what to pass instead, so a bad call fails at once instead of deep inside a run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -104,7 +105,13 @@ def user_stacklevel() -> int:
     """The ``stacklevel`` for ``warnings.warn`` called here that names the first frame
     outside this package (the user's call), whatever the depth of the library's path."""
     package = os.path.dirname(os.path.abspath(__file__))
+    # the decorators of public functions (ieee_float32's context manager) add a
+    # contextlib frame between the library and the caller
+    wrappers = (os.path.abspath(contextlib.__file__),)
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not (path.startswith(package) or path in wrappers):
+            break
         frame, level = frame.f_back, level + 1
     return level

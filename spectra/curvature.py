@@ -41,6 +41,7 @@ from .reduction import (
     LossReduction,
     LossTerms,
     PlainMeanAnchor,
+    check_loss_arguments,
     check_plain_mean,
     detect_kind,
     per_sample_sizes,
@@ -797,6 +798,7 @@ class CurvatureOperator(LinearOperator):
                     with torch.enable_grad(), _LowestPrecision() as lowest:
                         with _RefuseActivationCheckpointing() as reentrant:
                             out = self.outputs(self.theta, batch.inputs)
+                        check_loss_arguments(self.loss_fn, out, batch.targets)
                         loss = self.loss_of_outputs(out, batch.targets)
                     if reentrant.seen or _graph_has_reentrant_checkpoint(loss):
                         raise ValueError(ACTIVATION_CHECKPOINTING)
@@ -804,8 +806,7 @@ class CurvatureOperator(LinearOperator):
                     out, loss = tree_map(_detached, out), loss.detach()
                     self.internal_eps = max(torch.finfo(self.dtype).eps, lowest.eps)
                     self._precision = self.internal_eps
-                    if self.train_mode:
-                        self._check_deterministic(batch, loss)
+                    self._check_deterministic(batch, loss)
                     rule = self._first_batch_rule(
                         kind, how, terms_rule, sum_loss, out, batch, loss, terms_given
                     )
@@ -1049,17 +1050,31 @@ class CurvatureOperator(LinearOperator):
             )
 
     def _check_deterministic(self, batch: Batch, loss: torch.Tensor) -> None:
-        """In train mode, the forward pass must give the same loss twice (dropout does not)."""
+        """The forward pass must give the same loss twice on the first batch: one more
+        forward pass.  Eval mode does not make every model deterministic
+        (``F.dropout(x, p)`` defaults to ``training=True``; a VAE's ``randn_like``
+        noise), and a random loss has a different curvature at every product."""
+        if not math.isfinite(float(loss)):
+            return  # refused below, with the batch named
         again = self.loss_of_outputs(self.outputs(self.theta, batch.inputs), batch.targets)
         tol = 100 * self.internal_eps * max(abs(float(loss)), 1e-30)
         if not abs(float(again) - float(loss)) <= tol:
+            mode = "train" if self.train_mode else "eval"
+            fix = (
+                "Use the default eval mode (train_mode=False) or make the forward pass "
+                "deterministic."
+                if self.train_mode
+                else "Make the forward pass deterministic in eval mode: pass "
+                "training=self.training to functional dropout (F.dropout's default is "
+                "training=True), and fix or remove random noise (torch.randn_like, "
+                "sampling), e.g. by a forward= that calls the model deterministically."
+            )
             raise RuntimeError(
-                f"two identical forward passes give different losses in train mode "
+                f"two identical forward passes give different losses in {mode} mode "
                 f"({float(loss):.9g} and {float(again):.9g} on batch {batch.index}): the model "
-                "is stochastic or keeps state across calls (dropout, random augmentation, "
-                "spectral_norm's power iteration, ...), so every curvature product, gradient "
-                "and diagonal would be a different function's. Use the default eval mode "
-                "(train_mode=False) or make the forward pass deterministic."
+                "is stochastic or keeps state across calls (dropout, random noise or "
+                "augmentation, spectral_norm's power iteration, ...), so every curvature "
+                f"product, gradient and diagonal would be a different function's. {fix}"
             )
 
     # --- distributed reduction ----------------------------------------------------
@@ -1201,6 +1216,13 @@ class CurvatureOperator(LinearOperator):
             "some operation of the model has a backward that is not the derivative of its "
             "forward (a custom autograd.Function, scale_grad_by_freq, a straight-through "
             "estimator, ...)"
+            + (
+                ", or, in float32, round-off where the curvature is tiny next to the loss's "
+                "rounding (near an interpolating minimum; dtype=torch.float64 tells which)"
+                if self.internal_eps >= 1e-7
+                else ""
+            )
+            + f"; op.precision is now {max(self._precision, paths):.1e}"
         )
         if self.backend == "func":
             raise RuntimeError(message + "; use backend='autograd'")

@@ -43,7 +43,7 @@ from .linear_operator import LinearOperator, as_linear_operator, check_symmetric
 from .resumable import KrylovCheckpoint, RunTotals, StoredArrays, load_into, tensor_to_array
 from .spectrum import Spectrum, default_sigma
 
-__all__ = ["spectral_density", "gauss_mass_bounds", "REORTHOGONALIZATION"]
+__all__ = ["spectral_density", "gauss_mass_bounds", "gauss_rule_prefix", "REORTHOGONALIZATION"]
 
 SIGMA_RULE = (
     "default_sigma: (lambda_max - lambda_min) / 200 of the quadrature nodes "
@@ -317,6 +317,46 @@ def gauss_mass_bounds(nodes: Any, weights: Any, lo: float, hi: float) -> tuple[f
     stop = np.searchsorted(theta, hi, side="right") - 1  # last node <= hi
     lower = cum[stop] - cum[start + 1] if stop > start + 1 else 0.0
     return float(min(max(lower, 0.0), 1.0)), float(min(max(upper, 0.0), 1.0))
+
+
+def gauss_rule_prefix(nodes: Any, weights: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k-node Gauss rule of the measure whose m-node Gauss rule is (nodes, weights).
+
+    One probe's m-step Lanczos rule holds the whole Jacobi matrix T_m of its spectral
+    measure; the rule of k < m steps is that of T_m's leading k x k block.  T_m is
+    recovered by Lanczos on ``diag(nodes)`` from ``sqrt(weights)`` (m x m, float64,
+    full reorthogonalisation), so no product of the operator is repeated.  Used to
+    estimate the quadrature error of a rule by comparing it with its own k-node
+    prefix.  Returns (nodes (k',), weights (k',)), weights summing to 1; k' < k where
+    the recurrence ends early (the measure has fewer than k points).
+    """
+    theta = np.asarray(nodes, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    m = theta.size
+    k = min(check_int("k", k), m)
+    Q = np.zeros((k, m))
+    q = np.sqrt(np.clip(w, 0.0, None))
+    Q[0] = q / np.linalg.norm(q)
+    alpha, beta = np.zeros(k), np.zeros(k)
+    steps = k
+    scale = max(float(np.abs(theta).max()), np.finfo(np.float64).tiny)
+    for j in range(k):
+        v = theta * Q[j]
+        alpha[j] = Q[j] @ v
+        for _ in range(2):  # full reorthogonalisation, twice is enough
+            v -= Q[: j + 1].T @ (Q[: j + 1] @ v)
+        beta[j] = np.linalg.norm(v)
+        if j + 1 == k:
+            break
+        if beta[j] <= 1e-12 * scale:
+            steps = j + 1
+            break
+        Q[j + 1] = v / beta[j]
+    if steps == 1:
+        return alpha[:1].copy(), np.ones(1)
+    ritz, S = scipy.linalg.eigh_tridiagonal(alpha[:steps], beta[: steps - 1])
+    tau = S[0, :] ** 2
+    return ritz, tau / tau.sum()
 
 
 def _peak_source(device: torch.device) -> str:

@@ -289,10 +289,6 @@ def _symmetrize_inplace(H: torch.Tensor, block: int) -> None:
 #: build (:func:`dense_matrix`, :func:`spectrum_of`); the others go to the operator.
 BUILD_ARGUMENTS = ("chunk_size", "progress", "checkpoint", "checkpoint_every")
 
-#: The dtype of the exact path unless ``dtype=`` says otherwise: the paper's
-#: 50k-parameter networks need 10 GB in float32 and 20 GB in float64.
-EXACT_DTYPE = torch.float32
-
 
 def exact_hessian(
     model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: Any, **options: Any
@@ -305,8 +301,8 @@ def exact_hessian(
     Args:
         model, loss_fn, data: as for :func:`spectra.hessian_operator`.
         options: the build's ``chunk_size``, ``progress``, ``checkpoint`` and
-            ``checkpoint_every``, and the operator's ``params``, ``dtype`` (float32
-            here by default), ``train_mode``, ``forward``, ``backend``, ...; see
+            ``checkpoint_every``, and the operator's ``params``, ``dtype`` (default
+            the model's), ``train_mode``, ``forward``, ``backend``, ...; see
             :func:`exact_spectrum`.  With ``checkpoint`` the returned tensor shares
             memory with the file in that folder.
 
@@ -346,10 +342,12 @@ def exact_spectrum(
               rebuilding; a checkpoint of another problem is refused.
             * ``checkpoint_every``: seconds between progress commits (default 300).
             * ``params``, ``dtype`` and the rest (``train_mode``, ``forward``,
-              ``backend``, ...): the operator's (:func:`spectra.hessian_operator`),
-              except that ``dtype`` defaults to float32 (:data:`EXACT_DTYPE`): use
-              float64 for small networks when eigenvalues below ~1e-6 x lambda_max
-              matter.
+              ``backend``, ...): the operator's (:func:`spectra.hessian_operator`);
+              ``dtype`` follows the model's parameters, as for every operator (a
+              float64 model is not silently solved in float32, whose eigenvalues are
+              off by ~1e-7 x lambda_max).  ``dtype=torch.float32`` halves the memory
+              of a float64 model's matrix (the paper's 50k-parameter networks: 10
+              instead of 20 GB).
 
     Builds the matrix as :func:`exact_hessian` does and diagonalises it in place
     (:func:`~spectra.dense_eigensolver.eigvalsh_inplace`), so peak memory is one
@@ -367,10 +365,10 @@ def exact_spectrum(
 def _exact_problem(
     model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: Any, options: dict[str, Any]
 ) -> tuple[CurvatureOperator, dict[str, Any]]:
-    """The Hessian operator of the exact path (in :data:`EXACT_DTYPE` unless ``options``
+    """The Hessian operator of the exact path (in the model's dtype unless ``options``
     say ``dtype=``) and the build's arguments, split from ``options``."""
     build = {key: options.pop(key) for key in BUILD_ARGUMENTS if key in options}
-    return hessian_operator(model, loss_fn, data, **{"dtype": EXACT_DTYPE, **options}), build
+    return hessian_operator(model, loss_fn, data, **options), build
 
 
 def spectrum_of(

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,11 +39,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._checks import check_real
+from ._checks import check_real, user_stacklevel
 from ._precision import ieee_float32
 from .checkpoint import atomic_write_json
 from .curvature import CurvatureOperator
-from .density import gauss_mass_bounds
+from .density import gauss_mass_bounds, gauss_rule_prefix
 from .hessian import hessian_operator
 from .laplace import laplace_table
 from .spectrum import Spectrum
@@ -341,7 +342,9 @@ def flatness(
             op, measures, top_k, slq_probes, slq_steps, trace_matvecs, seed, name, progress
         )
     seconds["spectrum"] = time.perf_counter() - t0
+    gradient_norm = float(torch.linalg.vector_norm(op.gradient(), dtype=torch.float64))
     _spectrum_measures(spectrum, per_probe, measures, near_zero_tols, gammas, op.loss)
+    _gradient_terms(measures, gammas, gradient_norm)
     if rhos and sharpness:
         t0 = time.perf_counter()
         _sharpness_measures(op, measures, rhos, sharpness, seed)
@@ -361,6 +364,7 @@ def flatness(
         "device": str(op.device),
         "mode": "train" if op.train_mode else "eval",
         "precision": op.precision,
+        "gradient_norm": gradient_norm,
         "seed": seed,
         "seconds": seconds,
         "matvecs": op.matvecs,
@@ -544,13 +548,71 @@ def _spectrum_measures(
                 bracket=[float(bounds[:, 0].mean()), float(bounds[:, 1].mean())],
                 bracket_stderr=None if None in errors else errors,
             )
+    # the half-length rules of the same probes (no products): log(1 + lambda / gamma)
+    # is steep at small gamma, and Gauss rules overestimate its sum there (every even
+    # derivative is negative); the half rule's difference estimates that bias
+    halves = None
+    if per_probe is not None and scheme != "local":
+        halves = [
+            Spectrum.from_quadrature(
+                *gauss_rule_prefix(s.eigenvalues, s.weights, max(1, s.eigenvalues.size // 2)),
+                s.n_params,
+            )
+            for s in per_probe
+        ]
     for gamma, le in laplace_table(spectrum, gammas, loss).items():
-        add(
-            f"local_entropy@{gamma:g}",
-            lambda s, gamma=gamma: laplace_table(s, (gamma,), loss)[gamma].value,
-            excluded=le.excluded,
-            log_volume=le.log_volume,
-            constant=le.constant,
+        key = f"local_entropy@{gamma:g}"
+
+        def entropy(s: Spectrum, gamma: float = gamma) -> float:
+            return laplace_table(s, (gamma,), loss)[gamma].value
+
+        add(key, entropy, excluded=le.excluded, log_volume=le.log_volume, constant=le.constant)
+        if halves is not None:
+            bias = abs(
+                float(
+                    np.mean(
+                        [entropy(s) - entropy(h) for s, h in zip(per_probe, halves, strict=True)]
+                    )
+                )
+            )
+            m = measures[key]
+            measures[key] = replace(
+                m,
+                stderr=None if m.stderr is None else math.hypot(m.stderr, bias),
+                details={**m.details, "quadrature_error": bias},
+            )
+
+
+#: ``1/2 ||g||^2 / gamma`` (nats) above which the local entropy warns that the point is
+#: too far from a critical point for its formula.
+GRADIENT_TERM_WARN = 0.1
+
+
+def _gradient_terms(
+    measures: dict[str, Measure], gammas: Sequence[float], gradient_norm: float
+) -> None:
+    """The Laplace local entropy is the formula at a critical point; with a gradient g the
+    Gaussian integral has the further term ``1/2 g^T (H + gamma I)^-1 g`` (nats), of the
+    size ``1/2 ||g||^2 / gamma`` along flat directions.  That scale goes into each
+    measure's details, and a warning where it is not small."""
+    worst = None
+    for gamma in gammas:
+        key = f"local_entropy@{gamma:g}"
+        scale = 0.5 * gradient_norm**2 / float(gamma)
+        measures[key] = replace(
+            measures[key], details={**measures[key].details, "gradient_term_scale": scale}
+        )
+        if scale > GRADIENT_TERM_WARN and (worst is None or scale > worst[1]):
+            worst = (float(gamma), scale)
+    if worst is not None:
+        warnings.warn(
+            f"the gradient norm at this point is {gradient_norm:.3g}: local_entropy@gamma is "
+            "the formula at a critical point and leaves out 1/2 g^T (H + gamma I)^-1 g, "
+            f"which is up to ~{worst[1]:.3g} nats at gamma={worst[0]:g} (1/2 ||g||^2 / gamma "
+            "along flat directions); train closer to a minimum, or compare local entropies "
+            "only at larger gamma",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
         )
 
 

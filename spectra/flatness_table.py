@@ -24,6 +24,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .batches import batch_size, is_pair
 from .flatness_report import FlatnessReport, flatness
+from .reduction import resolve_reduction
 
 __all__ = ["FlatnessTable", "compare_minima", "split_data"]
 
@@ -241,6 +242,8 @@ def compare_minima(
         factory: ``() -> nn.Module`` for state-dict entries.
         subsets: also measure on this many disjoint parts of the data (see
             :func:`split_data`) to report the spread over data; costs k more runs.
+            Needs a loss that averages over samples (a summed loss is refused: each
+            part would have 1/k of the curvature).
         flatness_options: passed to :func:`spectra.flatness` (``rhos=``,
             ``feature_layer=``, ``method=``, operator options, ...).
 
@@ -252,15 +255,28 @@ def compare_minima(
     built = {name: _build(name, m, factory) for name, m in models.items()}
     parts = None
     if subsets is not None:
+        kind = resolve_reduction(loss_fn, flatness_options.get("reduction"))[0]
+        if kind == "sum":
+            raise ValueError(_SUMMED_SUBSETS)
         parts = split_data(data, subsets, flatness_options.get("batch_dim") or 0)
     reports, per_subset = {}, {}
     for name, model in built.items():
         reports[name] = flatness(model, loss_fn, data, name=name, **flatness_options)
+        if parts is not None and reports[name].info.get("reduction") == "sum":
+            raise ValueError(_SUMMED_SUBSETS)  # a plain function, found to sum on the data
         if parts is not None:
             per_subset[name] = [
                 flatness(model, loss_fn, part, name=name, **flatness_options) for part in parts
             ]
     return FlatnessTable(reports, per_subset)
+
+
+_SUMMED_SUBSETS = (
+    "subsets= measures each minimum again on k disjoint parts of the data, but the loss "
+    "sums over samples: each part then has about 1/k of the curvature, so the spread of "
+    "the parts' values is not the spread of the full data's value. Use a loss that "
+    "averages (reduction='mean', torch's default) or leave subsets out"
+)
 
 
 def _build(name: str, entry: Any, factory: Callable[[], nn.Module] | None) -> nn.Module:

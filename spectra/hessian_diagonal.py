@@ -130,6 +130,9 @@ def _hutchinson(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     total = torch.zeros(size, dtype=torch.float64, device=op.device)
     total_sq = torch.zeros_like(total)
+    # sums of the samples minus the first one (per entry): the variance of a large
+    # diagonal with small off-diagonal entries would cancel to 0 in sum(S^2) - n mean^2
+    shift: torch.Tensor | None = None
     for b0 in range(0, probes, block_size):
         Z = random_block(
             size, min(block_size, probes - b0), gen, op.dtype, op.device, kind="rademacher"
@@ -137,9 +140,13 @@ def _hutchinson(
         S = (Z * (op @ Z)).to(torch.float64)
         if not all_finite(S):
             raise FloatingPointError("the operator returned NaN or Inf during diagonal estimation")
-        total += S.sum(dim=1)
-        total_sq += (S * S).sum(dim=1)
-    mean = total / probes
-    var = (total_sq - probes * mean * mean).clamp_min(0.0) / (probes - 1)
+        if shift is None:
+            shift = S[:, 0].clone()
+        D = S - shift[:, None]
+        total += D.sum(dim=1)
+        total_sq += (D * D).sum(dim=1)
+    assert shift is not None  # probes >= 2
+    mean = shift + total / probes
+    var = (total_sq - total * total / probes).clamp_min(0.0) / (probes - 1)
     stderr = (var / probes).sqrt()
     return mean.to(op.dtype), stderr.to(op.dtype)

@@ -65,6 +65,11 @@ TOL_OVER_FLOOR = 10.0
 #: Smallest ``tol / floor`` accepted, and the multiple of the floor at which a pair
 #: whose relative tolerance is out of reach (an eigenvalue near zero) is converged.
 MIN_TOL_OVER_FLOOR = 2.0
+#: The largest default tolerance: an operator whose products are this inexact (two
+#: product paths that disagree by ~1e-2, a stochastic forward pass) gets no default, since
+#: "converged" would then vouch for eigenvalues off by that much; an explicit tol
+#: (below 1) is accepted.
+MAX_DEFAULT_TOL = 0.1
 
 #: The smallest basis a memory budget may shrink ncv to: k + MIN_EXTRA_NCV (each thick
 #: restart keeps k + 1 vectors and adds at least 2 new ones).
@@ -186,7 +191,9 @@ def lanczos(
             precision 1.4e-7; 7e-5 for a float32 matrix of n = 3000 that declares
             none): an unreachable default would report a right answer as
             unconverged.  A tol below ``2 floor``
-            cannot be reached and raises ``ValueError``.
+            cannot be reached and raises ``ValueError``; so does the default where
+            it would exceed :data:`MAX_DEFAULT_TOL` (0.1: products inexact by ~1e-2,
+            where "converged" would vouch for nothing), unless ``tol`` is given.
         max_matvecs: budget of operator applications, all included (default
             ``max(100 k, 1000)``; the last k measure the returned pairs' residuals,
             ``||A y - theta y||``, so it must be at least 2 k + 3).  When it runs out the result is returned with
@@ -469,6 +476,17 @@ def _accuracy(op: LinearOperator, tol: float | None, m: int, dense: bool) -> _Ac
     else:
         floor = product + math.sqrt(m) * eps
     default = max(DEFAULT_TOL, TOL_OVER_FLOOR * floor)
+    if tol is None and default > MAX_DEFAULT_TOL:
+        raise ValueError(
+            f"this operator's products are accurate to only ~{floor:.1e} relative to ||A|| "
+            f"(op.precision {declared if declared is not None else float('nan'):.1e}: the "
+            "measured disagreement of its two product paths, or its asymmetry), so no "
+            "eigenvalue can be resolved better than that and the default tolerance "
+            f"({default:.1e}) would call anything converged. Build the operator in float64 "
+            "(dtype=torch.float64), make the model's derivative exact (see the warning the "
+            f"operator gave), or pass an explicit tol between {MIN_TOL_OVER_FLOOR * floor:.1e} "
+            "and 1 to accept that accuracy"
+        )
     if tol is None:
         tol = default
     elif tol < MIN_TOL_OVER_FLOOR * floor:

@@ -38,6 +38,7 @@ __all__ = [
     "LossReduction",
     "PlainMeanAnchor",
     "resolve_reduction",
+    "check_loss_arguments",
     "check_plain_mean",
     "per_sample_sizes",
 ]
@@ -141,6 +142,42 @@ def resolve_reduction(
     summed = copy.copy(loss_fn)
     summed.reduction = "sum"
     return kind, loss_terms or _module_terms(loss_fn), summed, "reduction attribute"
+
+
+def check_loss_arguments(loss_fn: Callable[..., torch.Tensor], outputs: Any, targets: Any) -> None:
+    """Refuse, on the first batch, what a ``torch.nn`` loss would take silently or with
+    an unhelpful error: outputs that are not a tensor (a Hugging Face ``ModelOutput``,
+    a tuple), and an elementwise loss (``nn.MSELoss``, ...) that broadcasts the
+    outputs against targets of another shape: outputs (N, 1) against targets (N,)
+    compare every output with every target, (N, N) terms, and the curvature then
+    depends on how the data is split into batches."""
+    if not isinstance(loss_fn, nn.modules.loss._Loss):
+        return
+    if not isinstance(outputs, torch.Tensor):
+        hint = (
+            "forward=lambda model, inputs: model(**inputs).logits"
+            if hasattr(outputs, "keys")
+            else "forward=lambda model, inputs: model(inputs)[0]"
+        )
+        raise TypeError(
+            f"the model returns a {type(outputs).__name__}, but {type(loss_fn).__name__} takes "
+            f"a tensor: pass forward= to select it (e.g. {hint}), or a loss_fn that takes "
+            "the model's output as it is"
+        )
+    if not (isinstance(loss_fn, _ELEMENTWISE) and isinstance(targets, torch.Tensor)):
+        return
+    try:
+        shape = torch.broadcast_shapes(outputs.shape, targets.shape)
+    except RuntimeError:
+        return  # the loss raises its own error
+    if shape != outputs.shape:
+        raise ValueError(
+            f"{type(loss_fn).__name__} broadcasts outputs of shape {tuple(outputs.shape)} "
+            f"against targets of shape {tuple(targets.shape)} to {tuple(shape)}: every output "
+            "would be compared with targets of other samples (PyTorch only warns). Give "
+            f"targets of the outputs' shape {tuple(outputs.shape)} (e.g. targets.unsqueeze(-1) "
+            "in the data, or forward= returning outputs.squeeze(-1))"
+        )
 
 
 def _module_terms(loss_fn: nn.Module) -> LossTerms:

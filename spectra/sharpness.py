@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ._checks import check_int, check_real, check_seed
+from ._checks import check_int, check_real, check_seed, user_stacklevel
 from .curvature import CurvatureOperator, require_curvature_operator
+from .linear_operator import PrecisionWarning
 
 __all__ = ["SharpnessEstimate", "adaptive_sharpness"]
 
@@ -49,6 +51,11 @@ DEFAULT_SAMPLES = 100
 #: ``improving`` is set when the best value rose by more than this fraction of itself
 #: during the last quarter of the ascent steps.
 IMPROVING_RTOL = 1e-3
+#: A loss difference is known to about this many units of the loss's rounding
+#: (``eps |L|``): each loss is rounded once, and ``L(w)`` is shared by every difference.
+ROUNDING_ULPS = 2.0
+#: A sharpness below this many times its rounding warns: it is not resolved.
+RESOLVED_OVER_ROUNDING = 10.0
 
 
 @dataclass(frozen=True)
@@ -60,9 +67,10 @@ class SharpnessEstimate:
             ``kind="worst"`` the largest increase seen at a feasible point, hence a
             *lower bound* of S_max (ascent finds a local maximum at best); for
             ``"average"`` the Monte Carlo mean.
-        stderr: standard error of ``value``: the Monte Carlo standard error for
-            ``"average"``; 0.0 for ``"worst"``, whose value is deterministic and whose
-            error is one-sided (see ``improving``).
+        stderr: standard error of ``value``: for ``"average"`` the Monte Carlo
+            standard error and ``rounding`` in quadrature; 0.0 for ``"worst"``, whose
+            value is deterministic and whose error is one-sided (see ``improving``)
+            down to ``rounding``.
         kind: ``"worst"`` or ``"average"``.
         rho: the radius (dimensionless: perturbations are relative to |w| + eta).
         p: 2.0 or ``math.inf``: the norm of the worst-case ball; for ``"average"``,
@@ -83,6 +91,15 @@ class SharpnessEstimate:
         method: a description of the algorithm and its settings.
         samples: the independent draws ``stderr`` is the spread of (antithetic pairs
             count once; 0 for ``"worst"``), for a t interval.
+        rounding: how well a loss difference is known at the operator's precision:
+            ``ROUNDING_ULPS eps max|L|`` over the points evaluated (``eps`` of the
+            lowest precision the forward pass runs in, :attr:`~spectra.curvature.
+            CurvatureOperator.internal_eps`).  In float32 at small rho the loss
+            increase is a few roundings of L: the worst case then keeps the largest of
+            noisy differences (above the true maximum), and the average is biased by
+            the rounding of L(w).  It is included in the average's ``stderr``; a value
+            below ``RESOLVED_OVER_ROUNDING`` times it warns (use dtype=torch.float64 or
+            a larger rho).
     """
 
     value: float
@@ -101,6 +118,7 @@ class SharpnessEstimate:
     seed: int
     method: str
     samples: int = 0
+    rounding: float = 0.0
 
     def __repr__(self) -> str:
         err = f" +- {self.stderr:.2g}" if self.kind == "average" else ""
@@ -268,6 +286,24 @@ def _draw(n: int, p: float, gen: torch.Generator, like: torch.Tensor) -> torch.T
     return z.to(dtype=like.dtype, device=like.device)
 
 
+def _rounding(op: CurvatureOperator, largest_loss: float) -> float:
+    """How well ``L(w + eps) - L(w)`` is known: ``ROUNDING_ULPS eps max|L|``."""
+    eps = float(getattr(op, "internal_eps", torch.finfo(op.dtype).eps))
+    return ROUNDING_ULPS * eps * largest_loss
+
+
+def _warn_unresolved(value: float, rounding: float, rho: float, op: CurvatureOperator) -> None:
+    if abs(value) < RESOLVED_OVER_ROUNDING * rounding:
+        warnings.warn(
+            f"the sharpness at rho={rho:g} is {value:.3g}, within {RESOLVED_OVER_ROUNDING:g}x "
+            f"the rounding of the loss ({rounding:.1e} in {op.dtype}): the perturbation "
+            "barely changes the loss, and this value is mostly rounding. Use a larger rho or "
+            "build the operator in float64 (dtype=torch.float64)",
+            PrecisionWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
 def _worst(ball: _Ball, steps: int) -> SharpnessEstimate:
     op, scale, rho, p, gen = ball.op, ball.scale, ball.rho, ball.p, ball.gen
     theta = op.theta
@@ -291,6 +327,7 @@ def _worst(ball: _Ball, steps: int) -> SharpnessEstimate:
     best_u, best_value, best_d = torch.zeros_like(theta), 0.0, scale * grad
     alpha = 2.0 * rho
     history = [0.0]
+    largest = abs(loss0)
     for k in range(steps):
         u = project(best_u + alpha * unit(best_d))
         point = theta + scale * u
@@ -301,6 +338,7 @@ def _worst(ball: _Ball, steps: int) -> SharpnessEstimate:
             loss, grad = op.loss_at(point), None
             loss_evals += 1
         gain = _finite(loss, f"at ascent step {k + 1} (rho={rho:g})") - loss0
+        largest = max(largest, abs(loss))
         if gain > best_value:
             best_u, best_value = u, gain
             if grad is not None:
@@ -316,6 +354,8 @@ def _worst(ball: _Ball, steps: int) -> SharpnessEstimate:
         f"projected normalised-gradient ascent in T_w^-1 coordinates (p={p:g}, {steps} "
         "steps, step 2*rho halved after each non-improving step)"
     )
+    rounding = _rounding(op, largest)
+    _warn_unresolved(best_value, rounding, rho, op)
     return SharpnessEstimate(
         value=best_value,
         stderr=0.0,
@@ -327,6 +367,7 @@ def _worst(ball: _Ball, steps: int) -> SharpnessEstimate:
         improving=improving,
         radius=norm,
         method=method,
+        rounding=rounding,
         **ball.common,
     )
 
@@ -337,19 +378,27 @@ def _average(ball: _Ball, num_samples: int, antithetic: bool) -> SharpnessEstima
     loss0 = _finite(op.loss_at(theta), "at the point")
     draws = num_samples // 2 if antithetic else num_samples
     values = torch.empty(draws, dtype=torch.float64)
+    largest = abs(loss0)
     for i in range(draws):
         delta = (rho * scale) * _draw(theta.shape[0], p, gen, theta)
         where = f"at Monte Carlo sample {i + 1} (rho={rho:g})"
         plus = _finite(op.loss_at(theta + delta), where)
+        largest = max(largest, abs(plus))
         if antithetic:
-            values[i] = 0.5 * (plus + _finite(op.loss_at(theta - delta), where)) - loss0
+            minus = _finite(op.loss_at(theta - delta), where)
+            largest = max(largest, abs(minus))
+            values[i] = 0.5 * (plus + minus) - loss0
         else:
             values[i] = plus - loss0
     law = "N(0, rho^2 T_w^2)" if p == 2.0 else "uniform on the box |T_w^-1 delta| <= rho"
     pairing = "antithetic pairs" if antithetic else "independent draws"
+    rounding = _rounding(op, largest)
+    value = float(values.mean())
+    _warn_unresolved(value, rounding, rho, op)
     return SharpnessEstimate(
-        value=float(values.mean()),
-        stderr=float(values.std() / math.sqrt(draws)),
+        value=value,
+        stderr=math.hypot(float(values.std() / math.sqrt(draws)), rounding),
+        rounding=rounding,
         loss=loss0,
         steps=0,
         num_samples=num_samples,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ._checks import check_int
 from .checkpoint import atomic_write_bytes
@@ -104,8 +105,8 @@ class Spectrum:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        ev = np.array(self.eigenvalues, dtype=np.float64).reshape(-1)
-        w = np.array(self.weights, dtype=np.float64).reshape(-1)
+        ev = _real_vector("eigenvalues", self.eigenvalues)
+        w = _real_vector("weights", self.weights)
         if ev.shape != w.shape:
             raise ValueError(f"{ev.size} eigenvalues but {w.size} weights")
         if ev.size == 0:
@@ -121,7 +122,9 @@ class Spectrum:
             w = w / w.sum()
         if not isinstance(self.info, dict):
             raise TypeError(f"info must be a dict, got {type(self.info).__name__}")
-        if self.loss is not None and not isinstance(self.loss, int | float | np.floating):
+        if self.loss is not None and (
+            isinstance(self.loss, bool) or not isinstance(self.loss, int | float | np.floating)
+        ):
             raise TypeError(f"loss must be a number or None, got {type(self.loss).__name__}")
         if self.loss is not None:  # NumPy scalars as plain floats: what save writes
             object.__setattr__(self, "loss", float(self.loss))
@@ -154,7 +157,7 @@ class Spectrum:
     @classmethod
     def from_eigenvalues(cls, eigenvalues: Any, **metadata: Any) -> Spectrum:
         """An exact spectrum: every eigenvalue has weight 1/n."""
-        ev = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
+        ev = _real_vector("eigenvalues", eigenvalues)
         weights = np.full(ev.size, 1.0 / max(ev.size, 1))
         metadata.setdefault("n_params", ev.size)
         return cls(ev, weights, kind="exact", **metadata)
@@ -167,7 +170,7 @@ class Spectrum:
     @classmethod
     def from_diagonal(cls, values: Any, **metadata: Any) -> Spectrum:
         """A curvature diagonal treated as an eigenvalue proxy (weight 1/n each)."""
-        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        v = _real_vector("values", values)
         metadata.setdefault("n_params", v.size)
         return cls(v, np.full(v.size, 1.0 / max(v.size, 1)), kind="diagonal", **metadata)
 
@@ -193,7 +196,7 @@ class Spectrum:
     def negative_mass(self) -> float:
         """Sum of |lambda| over negative eigenvalues, in eigenvalue units (x n_params)."""
         neg = self.eigenvalues < 0
-        return float(-self.n_params * (self.weights[neg] * self.eigenvalues[neg]).sum())
+        return float(-self.n_params * (self.weights[neg] * self.eigenvalues[neg]).sum()) + 0.0
 
     def trace(self) -> float:
         """Sum of eigenvalues (n_params x the weighted mean for non-exact kinds)."""
@@ -256,10 +259,14 @@ class Spectrum:
     def save(self, path: str | os.PathLike) -> Path:
         """Write one ``.npz`` atomically (temp file in the same folder, then rename)."""
         path = Path(path)
-        if path.suffix != ".npz":
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; give a file name for the spectrum")
+        if path.suffix.lower() != ".npz":
             path = (
                 path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
             )
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; give a file name for the spectrum")
         meta = {
             "n_params": self.n_params,
             "kind": self.kind,
@@ -323,6 +330,29 @@ class Spectrum:
 _FIELDS = {f.name for f in dataclasses.fields(Spectrum)} - {"eigenvalues", "weights"}
 
 
+def _real_vector(name: str, values: Any) -> np.ndarray:
+    """``values`` as a 1-D float64 array: a scalar or a vector of real numbers.  Complex
+    numbers (their imaginary parts would be dropped) and matrices (flattened into
+    "eigenvalues") are refused."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        if values.is_complex():
+            raise TypeError(f"{name} are complex ({values.dtype}); a spectrum holds real numbers")
+        values = values.to(torch.float64).numpy()
+    array = np.asarray(values)
+    if np.iscomplexobj(array):
+        raise TypeError(
+            f"{name} are complex ({array.dtype}); a spectrum holds real numbers (a symmetric "
+            "matrix has real eigenvalues: use eigvalsh, not eig)"
+        )
+    if array.ndim > 1:
+        raise ValueError(
+            f"{name} must be a vector, got an array of shape {array.shape} (for a matrix, "
+            "pass its eigenvalues: numpy.linalg.eigvalsh(matrix))"
+        )
+    return np.array(array, dtype=np.float64).reshape(-1)
+
+
 def _read_npz(path: Path) -> dict[str, Any]:
     """The constructor arguments stored by :meth:`Spectrum.save`; raises on anything else."""
     with open(path, "rb") as fh:
@@ -336,11 +366,18 @@ def _read_npz(path: Path) -> dict[str, Any]:
     if meta.dtype.kind != "U" or meta.shape != ():
         raise ValueError("'meta' is not a JSON string")
     meta = json.loads(str(meta))
-    if not isinstance(meta, dict) or "n_params" not in meta or not set(meta) <= _FIELDS:
+    if not isinstance(meta, dict) or "n_params" not in meta:
+        raise ValueError(f"'meta' must be a JSON object with n_params, got {str(meta)[:200]}")
+    if not set(meta) <= _FIELDS:
         raise ValueError(
-            f"'meta' must be a JSON object with n_params and keys among "
-            f"{sorted(_FIELDS)}, got {str(meta)[:200]}"
+            f"its metadata has keys this version does not know ({sorted(set(meta) - _FIELDS)}): "
+            "written by a newer version of hessian-spectra? Load it with that version"
         )
+    # a file without provenance keeps none, rather than this session's clock and versions
+    if not meta.get("created"):
+        meta["created"] = "unknown (not recorded in the file)"
+    if not meta.get("versions"):
+        meta["versions"] = {"unknown": "not recorded in the file"}
     for name, array in (("eigenvalues", ev), ("weights", w)):
         if array.dtype.kind not in "fiu":
             raise ValueError(f"{name} are {array.dtype}, not numbers")

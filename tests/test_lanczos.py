@@ -197,6 +197,24 @@ def test_bad_tol(separated, tol):
         lanczos(separated[0], 2, tol=tol)
 
 
+def test_no_default_tolerance_for_an_operator_inexact_by_percents(separated):
+    """An operator whose declared precision is ~1e-2 (two product paths that disagreed
+    that much: a float32 net at an interpolating minimum gave 0.12) got a default tol
+    of 10x that, above 1, so every pair was "converged" (a probe: an eigenvalue 12% off
+    flagged converged).  The default is refused; an explicit tol below 1 is honoured."""
+    from spectra.linear_operator import DenseOperator
+
+    A, exact = separated
+    op = DenseOperator(A)
+    op.precision = 0.05
+    with pytest.raises(ValueError, match="accurate to only.*explicit tol"):
+        lanczos(op, 2)
+    r = lanczos(op, 2, tol=0.5)
+    assert np.all(np.abs(r.eigenvalues.numpy() - exact[::-1][:2]) <= r.residuals.numpy())
+    op.precision = 1e-4  # a default of ~1e-3 is still meaningful: no refusal
+    assert bool(lanczos(op, 2).converged.all())
+
+
 @pytest.mark.parametrize("k", [0, -1, 2.5])
 def test_bad_k(separated, k):
     with pytest.raises(ValueError, match="k"):

@@ -253,6 +253,40 @@ def test_a_stochastic_train_mode_forward_is_refused_before_any_product(build):
         build(dropout_net(), batches())
 
 
+class _RandomInEval(nn.Module):
+    """Random in eval mode: functional dropout (training=True by default) or noise."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.fc1, self.fc2 = kind, nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        if self.kind == "dropout":
+            h = F.dropout(h, 0.3)
+        elif self.kind == "noise":
+            h = h + 0.1 * torch.randn_like(h)
+        else:  # the fix the message names
+            h = F.dropout(h, 0.3, training=self.training)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("kind", ["dropout", "noise"])
+def test_a_forward_random_in_eval_mode_is_refused(kind):
+    """Only train mode was checked: in eval mode F.dropout's default and a VAE-style
+    noise gave a different Hessian at every call (a probe: two products of one vector
+    differed by 76%, Lanczos flagged pairs converged with residuals the size of the
+    eigenvalues)."""
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="in eval mode.*training=self.training"):
+        spectra.hessian_operator(_RandomInEval(kind).double(), nn.CrossEntropyLoss(), batches())
+    model = _RandomInEval("fixed").double()
+    op = spectra.hessian_operator(model, nn.CrossEntropyLoss(), batches())
+    X, y = joined(batches())
+    ref = reference_hessian(model.eval(), nn.CrossEntropyLoss(), X, y)
+    torch.testing.assert_close(dense(op), ref, rtol=1e-10, atol=1e-12)
+
+
 def test_train_mode_batch_norm_over_several_batches_warns_and_one_batch_is_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
@@ -564,3 +598,50 @@ def test_a_plain_masked_mean_with_tuple_targets_is_split_too():
         model, masked_mse, data, reduction="mean", loss_terms=lambda o, t: t[1].sum()
     )
     torch.testing.assert_close(dense(H), ref, rtol=1e-10, atol=1e-12)
+
+
+# --- what a torch.nn loss is handed ---------------------------------------------------
+def test_an_elementwise_loss_that_broadcasts_outputs_against_targets_is_refused():
+    """nn.MSELoss on outputs (N, 1) and targets (N,) compares every output with every
+    target ((N, N) terms; PyTorch only warns), and the operator then depended on the
+    batch split (a probe: top eigenvalue 3.648 in one batch, 3.787 split 3 + 7, 3.856
+    with the right shapes).  Refused, naming the shapes; the right shapes are exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    X, y = torch.randn(10, 4, dtype=F64), torch.randn(10, dtype=F64)
+    for loss in (nn.MSELoss(), nn.L1Loss(), nn.HuberLoss()):
+        with pytest.raises(ValueError, match=r"shape \(10, 1\).*\(10,\) to \(10, 10\)"):
+            spectra.hessian_operator(model, loss, (X, y))
+    op = spectra.hessian_operator(model, nn.MSELoss(), [(X[:3], y[:3, None]), (X[3:], y[3:, None])])
+    ref = reference_hessian(model, nn.MSELoss(), X, y[:, None])
+    torch.testing.assert_close(dense(op), ref, rtol=1e-10, atol=1e-12)
+    # a target broadcast along the outputs' own dimensions is left to the loss
+    wide = nn.Sequential(nn.Linear(4, 3)).double()
+    spectra.hessian_operator(wide, nn.MSELoss(), (X, y[:, None]))
+
+
+def test_a_model_output_that_is_not_a_tensor_names_forward():
+    """A Hugging Face model's ModelOutput (a mapping) or a tuple handed to a torch loss
+    raised torch's own TypeError, which does not say what to do."""
+
+    class Mapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"logits": self.fc(x)}
+
+    class Paired(Mapped):
+        def forward(self, x):
+            return self.fc(x), x
+
+    data = batches((6,))
+    with pytest.raises(TypeError, match=r"returns a dict.*model\(\*\*inputs\)\.logits"):
+        spectra.hessian_operator(Mapped().double(), nn.CrossEntropyLoss(), data)
+    with pytest.raises(TypeError, match=r"returns a tuple.*model\(inputs\)\[0\]"):
+        spectra.hessian_operator(Paired().double(), nn.CrossEntropyLoss(), data)
+    op = spectra.hessian_operator(
+        Mapped().double(), nn.CrossEntropyLoss(), data, forward=lambda m, x: m(x)["logits"]
+    )
+    assert op.shape == (15, 15)

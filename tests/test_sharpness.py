@@ -8,9 +8,11 @@ first-order terms from a gradient computed here with ``torch.autograd``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -150,6 +152,42 @@ def test_average_case_standard_error_covers_the_truth(quadratic):
         for s in range(60)
     )
     assert hits >= 50, hits  # ~95% expected for 2 standard errors
+
+
+def test_float32_sharpness_at_the_loss_rounding_warns_and_widens():
+    """In float32 at small rho the loss rises by a few roundings of L: the worst case
+    returned a rounding step (1.5e-8) above the true maximum (1.3e-10), and the average's
+    error bar left the rounding out (z = 2.7).  Now each estimate records the rounding,
+    the average's stderr includes it, and an unresolved value warns."""
+    from spectra.linear_operator import PrecisionWarning
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(200, 20, generator=g, dtype=F64)
+    y = X @ torch.randn(20, 5, generator=g, dtype=F64) + torch.randn(200, 5, generator=g, dtype=F64)
+    w = torch.linalg.lstsq(X, y).solution
+    model = nn.Linear(20, 5, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(w.T)
+    T = torch.diag(w.T.abs().flatten())  # parameters in weight order: (out, in) row-major
+    A = torch.kron(torch.eye(5, dtype=F64), 2 * X.T @ X / y.numel())  # mean over N x 5
+    M = T @ A @ T
+    model32 = copy.deepcopy(model).float()
+    op32 = spectra.hessian_operator(model32, nn.MSELoss(), (X.float(), y.float()))
+    for rho in (1e-5, 1e-4):
+        truth = 0.5 * rho**2 * float(torch.trace(M))
+        with pytest.warns(PrecisionWarning, match="rounding of the loss"):
+            avg = adaptive_sharpness(op32, rho, kind="average", seed=0)
+        assert avg.rounding == pytest.approx(2 * 2.0**-23 * op32.loss, rel=0.01)
+        assert abs(avg.value - truth) <= 3 * avg.stderr
+        with pytest.warns(PrecisionWarning):
+            worst = adaptive_sharpness(op32, rho, seed=0, steps=5)
+        assert worst.rounding > 0
+    op64 = spectra.hessian_operator(model, nn.MSELoss(), (X, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resolved in float64: no warning
+        avg = adaptive_sharpness(op64, 1e-4, kind="average", seed=0)
+    truth = 0.5 * 1e-8 * float(torch.trace(M))
+    assert abs(avg.value - truth) <= 4 * avg.stderr and avg.rounding < 1e-15
 
 
 @pytest.mark.parametrize("p", [2, math.inf])
