@@ -583,9 +583,11 @@ def _spectrum_measures(
             )
 
 
-#: ``1/2 ||g||^2 / gamma`` (nats) above which the local entropy warns that the point is
-#: too far from a critical point for its formula.
+#: ``1/2 ||g||^2 / gamma`` (nats) above which, and above ``GRADIENT_TERM_RELATIVE`` of
+#: the value, the local entropy warns that the point is too far from a critical point
+#: for its formula.
 GRADIENT_TERM_WARN = 0.1
+GRADIENT_TERM_RELATIVE = 1e-3
 
 
 def _gradient_terms(
@@ -594,7 +596,9 @@ def _gradient_terms(
     """The Laplace local entropy is the formula at a critical point; with a gradient g the
     Gaussian integral has the further term ``1/2 g^T (H + gamma I)^-1 g`` (nats), of the
     size ``1/2 ||g||^2 / gamma`` along flat directions.  That scale goes into each
-    measure's details, and a warning where it is not small."""
+    measure's details, and a warning where it is not small, in nats and next to the value
+    (a trained net's gradient norm of 0.03 makes 0.45 nats at gamma = 1e-3, against a
+    local entropy of ~-1e4 at 50k parameters)."""
     worst = None
     for gamma in gammas:
         key = f"local_entropy@{gamma:g}"
@@ -602,7 +606,8 @@ def _gradient_terms(
         measures[key] = replace(
             measures[key], details={**measures[key].details, "gradient_term_scale": scale}
         )
-        if scale > GRADIENT_TERM_WARN and (worst is None or scale > worst[1]):
+        large = scale > max(GRADIENT_TERM_WARN, GRADIENT_TERM_RELATIVE * abs(measures[key].value))
+        if large and (worst is None or scale > worst[1]):
             worst = (float(gamma), scale)
     if worst is not None:
         warnings.warn(
