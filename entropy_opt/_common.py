@@ -167,10 +167,14 @@ def group_params(param_group: dict[str, Any]) -> dict[str, Any]:
 
 
 def params_with_grad(group: dict, who: str) -> list[Tensor]:
-    """Parameters of ``group`` that received a gradient; sparse gradients are refused."""
+    """Parameters of ``group`` that received a gradient and are trained; sparse gradients
+    are refused.  A frozen parameter (``requires_grad=False``) that still holds a
+    ``.grad`` (zeroed with ``set_to_none=False`` before it was frozen) is left alone: the
+    noisy inner loops here would otherwise move it (torch.optim.SGD only holds it still
+    because its step is the zero gradient)."""
     out = []
     for p in group["params"]:
-        if p.grad is None:
+        if p.grad is None or not p.requires_grad:
             continue
         if p.grad.is_sparse:
             raise ValueError(

@@ -50,6 +50,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._common import (
+    TORCH_OPTIONS_NEUTRAL,
     Closure,
     NoiseBuffers,
     StateDictMixin,
@@ -306,7 +307,11 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
     through unchanged, and implements ``_check_outer(group)`` (validate the outer rule's
     entries) and ``_outer_update(group, params, grads, foreach)``.
     Every argument but ``generator`` and ``diagnostics`` becomes a param-group entry,
-    re-read at every step.
+    re-read at every step.  Parameters without a gradient, or frozen
+    (``requires_grad=False``) while holding one, are not moved.  The closure runs at the
+    SGLD iterates, so a BatchNorm in train mode updates its running statistics there, L
+    times a step; recompute them at ``x`` before evaluating
+    (``torch.optim.swa_utils.update_bn``).
 
     Keyword options (the same for every local-entropy optimizer):
         sgld_momentum, sgld_nesterov: momentum of the inner loop (default off); its buffer
@@ -381,7 +386,21 @@ class LocalEntropyOptimizer(StateDictMixin, Optimizer):
         flat: bool = False,
         generator: torch.Generator | None = None,
         diagnostics: bool = True,
+        **unknown: Any,
     ) -> None:
+        if unknown:  # Python's own error would name this base class, not the user's
+            torch_options = sorted(k for k in unknown if k in TORCH_OPTIONS_NEUTRAL)
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}"
+                + (
+                    f" ({', '.join(torch_options)}: torch.optim options it does not implement)"
+                    if torch_options
+                    else ""
+                )
+                + "; see help(entropy_opt."
+                + type(self).__name__
+                + ") for its options"
+            )
         defaults = {k: v for k, v in arguments.items() if k not in _NOT_GROUP_ENTRIES}
         defaults.update(
             sgld_momentum=sgld_momentum,

@@ -35,7 +35,9 @@ class SAM(Optimizer):
         **kwargs: passed to ``base_optimizer``.
 
     ``step(closure)`` calls the closure twice (at ``x``, then at the perturbed point) and
-    returns the loss at ``x``: :attr:`gradient_evaluations_per_step` is 2.
+    returns the loss at ``x``: :attr:`gradient_evaluations_per_step` is 2.  A BatchNorm in
+    train mode updates its running statistics at both points; recompute them at ``x``
+    before evaluating (``torch.optim.swa_utils.update_bn``).
 
     Every numeric hyper-parameter, the base optimizer's included, must be finite (checked
     here and at every step: ``torch.optim`` itself accepts ``lr=inf``).  ``state_dict``
@@ -47,6 +49,22 @@ class SAM(Optimizer):
         self, params: Any, base_optimizer: type[Optimizer], rho: float = 0.05, **kwargs: Any
     ) -> None:
         check_nonneg("rho", rho, "rho is the radius of the sharpness neighbourhood")
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
+            what = (
+                f"an instance of {type(base_optimizer).__name__}"
+                if isinstance(base_optimizer, Optimizer)
+                else repr(base_optimizer)
+            )
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.SGD), "
+                f"got {what}; SAM builds it on its own param groups: pass its options as "
+                "keyword arguments, SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)"
+            )
+        if issubclass(base_optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                "SAM's base optimizer takes one step from the gradient SAM computed; LBFGS "
+                "re-evaluates a closure inside its step, which SAM cannot give it"
+            )
         check_finite_group(kwargs, "SAM")
         super().__init__(params, dict(rho=rho, **kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
@@ -96,7 +114,12 @@ class SAM(Optimizer):
         flat = [p for ps in active for p in ps]
         if not flat:
             return loss
-        norms = torch._foreach_norm([p.grad for p in flat])
+        grads = [p.grad for p in flat]
+        if any(g.dtype in (torch.float16, torch.bfloat16) for g in grads):
+            # a float16 norm overflows above 65504: scale 1 / inf = 0 skipped the ascent
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        else:
+            norms = torch._foreach_norm(grads)
         gnorm = torch.linalg.vector_norm(torch.stack(norms))
         # x is kept, not recomputed as (x + e) - e, which rounds: the base step starts
         # from exactly the weights the first gradient was taken at

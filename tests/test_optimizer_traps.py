@@ -225,3 +225,70 @@ def test_entropy_sgd_keeps_stepping_after_the_model_is_cast(flat):
     opt.step(closure)
     assert model.weight.dtype == torch.float64 and not torch.equal(model.weight, before)
     assert not torch.equal(model.weight, model.weight.float().double())  # a float64 step
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sam_ascends_when_the_gradient_norm_overflows_float16(dtype):
+    """In float16 the global gradient norm (~70,711 here) overflowed to inf, the scale
+    1 / inf was 0, and every step silently became a plain base step."""
+    params = [torch.nn.Parameter(torch.zeros(10_000, dtype=dtype)) for _ in range(2)]
+    opt = SAM(params, torch.optim.SGD, rho=0.05, lr=0.0)
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        seen.append(torch.cat([p.detach().double() for p in params]))
+        for p in params:
+            p.grad = torch.full_like(p, 500.0)
+        return torch.zeros(())
+
+    opt.step(closure)
+    moved = float((seen[1] - seen[0]).norm())
+    assert moved == pytest.approx(0.05, rel=0.02)  # the perturbation's radius: rho
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: EntropySGD(ps, lr=1.0, L=3, noise=1e-3),
+        lambda ps: EntropyAdam(ps, lr=1e-3, L=3, noise=1e-3),
+        lambda ps: SGLD(ps, lr=0.1, noise=1e-3),
+    ],
+)
+def test_a_frozen_parameter_holding_a_zeroed_grad_is_not_moved(make):
+    """requires_grad=False with a .grad left by zero_grad(set_to_none=False): the noisy
+    inner loops moved it (7.7e-3 in 5 Entropy-SGD steps); torch.optim.SGD holds it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = make(model.parameters())
+    X, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def closure():
+        opt.zero_grad(set_to_none=False)
+        loss = ((model(X) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    trained = model[2].weight.detach().clone()
+    for _ in range(3):
+        opt.step(closure)
+    torch.testing.assert_close(model[0].weight.detach(), frozen, rtol=0, atol=0)
+    assert not torch.equal(model[2].weight.detach(), trained)
+
+
+def test_constructor_mistakes_are_named():
+    """An optimizer instance as SAM's base ('SGD' object is not callable), LBFGS (its step
+    needs a closure SAM cannot give) and a torch option passed to the constructor (an
+    error naming the internal base class) each get a message saying what to do."""
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(TypeError, match="class.*keyword arguments"):
+        SAM(p, torch.optim.SGD(p, lr=0.1))
+    with pytest.raises(TypeError, match="LBFGS"):
+        SAM(p, torch.optim.LBFGS)
+    with pytest.raises(TypeError, match=r"EntropySGD got unexpected.*maximize.*does not implement"):
+        EntropySGD(p, maximize=True)
+    with pytest.raises(TypeError, match=r"EntropyAdam got unexpected.*amsgrad"):
+        EntropyAdam(p, amsgrad=True)
