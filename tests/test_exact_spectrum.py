@@ -193,26 +193,16 @@ def test_a_file_without_provenance_does_not_get_this_session_s(tmp_path):
 
     from spectra.spectrum import SpectrumFileError
 
-    meta = {"n_params": 2, "kind": "exact"}
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        eigenvalues=np.array([0.0, 1.0]),
-        weights=np.full(2, 0.5),
-        meta=np.array(json.dumps(meta)),
-    )
-    (tmp_path / "old.npz").write_bytes(buf.getvalue())
-    s = spectra.Spectrum.load(tmp_path / "old.npz")
+    def write(path, meta):
+        buf = io.BytesIO()
+        values = {"eigenvalues": np.array([0.0, 1.0]), "weights": np.full(2, 0.5)}
+        np.savez(buf, **values, meta=np.array(json.dumps(meta)))
+        path.write_bytes(buf.getvalue())
+        return path
+
+    s = spectra.Spectrum.load(write(tmp_path / "old.npz", {"n_params": 2, "kind": "exact"}))
     assert s.created.startswith("unknown") and "unknown" in s.versions
-    meta["written_by_a_newer_version"] = 1
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        eigenvalues=np.array([0.0, 1.0]),
-        weights=np.full(2, 0.5),
-        meta=np.array(json.dumps(meta)),
-    )
-    (tmp_path / "new.npz").write_bytes(buf.getvalue())
+    write(tmp_path / "new.npz", {"n_params": 2, "kind": "exact", "written_by_a_newer_one": 1})
     with pytest.raises(SpectrumFileError, match="newer version"):
         spectra.Spectrum.load(tmp_path / "new.npz")
     fresh = spectra.Spectrum.from_eigenvalues([1.0, 2.0])
