@@ -197,6 +197,17 @@ def _has_padding_rows(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Embedding) and m.padding_idx is not None for m in model.modules())
 
 
+DISTRIBUTED_PLAIN_MEAN = (
+    "loss_fn is a plain function's mean (or a model's own .loss) over data sharded across "
+    "ranks, and such a mean's batches are weighted by their samples: right only for an "
+    "unweighted mean over samples with as many terms in each, which can be checked across "
+    "one rank's batches but not against other ranks' (sequences of other lengths or class "
+    "weights on another rank were weighted wrong, without an error). Pass loss_terms="
+    "lambda outputs, targets: <the count the mean divides by> (the number of samples, of "
+    "counted tokens, or of class weights), or use a torch.nn loss module, which is counted "
+    "automatically"
+)
+
 _COUNT_THE_LABELS = (
     "Yield (batch, batch['labels']) pairs instead, with loss_fn=lambda loss, labels: loss, "
     "reduction='mean' and loss_terms=lambda loss, labels: (labels[:, 1:] != -100).sum() "
@@ -215,6 +226,33 @@ def _counted_labels(batch: Batch) -> tuple[Any, str]:
     if isinstance(batch.inputs, Mapping) and "labels" in batch.inputs:
         return batch.inputs["labels"], 'inputs["labels"]'
     return None, "targets"
+
+
+def _warn_tied_padding_rows(model: nn.Module) -> None:
+    """Warn where an ``nn.Embedding(padding_idx=p)``'s weight is also used by another
+    module (tied input and output embeddings): PyTorch leaves row p out of the lookup's
+    gradient only, and trains it through the other use; every path here holds the row
+    constant in the lookup and differentiates it through the other use, which is the
+    loss's Hessian in that row only where token p never enters as a real input."""
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            users.setdefault(id(p), []).append(f"{name}.{attr}" if name else attr)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            own = f"{name}.weight" if name else "weight"
+            others = [u for u in dict.fromkeys(users.get(id(module.weight), [])) if u != own]
+            if others:
+                warnings.warn(
+                    f"{name or 'the embedding'} has padding_idx={module.padding_idx} and its "
+                    f"weight is also {', '.join(others)} (tied embeddings): PyTorch trains that "
+                    "row through the tied use only, and the curvature here does the same (the "
+                    "row is constant in the lookup). That is the loss's Hessian in the row "
+                    f"only if token {module.padding_idx} never enters as a real input (it pads "
+                    "masked positions alone); otherwise leave the row out, e.g. params= "
+                    "without the embedding, or untie the weights",
+                    stacklevel=user_stacklevel(),
+                )
 
 
 def _needs_embedding_rewrite(model: nn.Module) -> bool:
@@ -573,6 +611,8 @@ class CurvatureOperator(LinearOperator):
         self.batch_dim = resolve_batch_dim(model, batch_dim, count_samples)
         self._module = _Forward(model, forward or default_forward)
         self._padding_rows = _has_padding_rows(model)
+        if self._padding_rows:
+            _warn_tied_padding_rows(model)
         self._embedding_rewrite = _needs_embedding_rewrite(model)
         self._column_bytes: int | None = None
         self.process_group = _resolve_group(process_group)
@@ -790,55 +830,65 @@ class CurvatureOperator(LinearOperator):
         sizes: tuple[int, ...] = ()
         anchor: PlainMeanAnchor | None = None
         several = self.source.num_batches > 1 or self.process_group is not None
-        with torch.no_grad(), self.evaluation_mode():
-            for batch in self.source:
-                if rule is None:  # the first batch: which precision does the model run in?
-                    # with grad on, so that a loss reading the real parameters shows (theta
-                    # and the fixed state do not require grad: no graph is built otherwise)
-                    with torch.enable_grad(), _LowestPrecision() as lowest:
-                        with _RefuseActivationCheckpointing() as reentrant:
-                            out = self.outputs(self.theta, batch.inputs)
-                        check_loss_arguments(self.loss_fn, out, batch.targets)
-                        loss = self.loss_of_outputs(out, batch.targets)
-                    if reentrant.seen or _graph_has_reentrant_checkpoint(loss):
-                        raise ValueError(ACTIVATION_CHECKPOINTING)
-                    self._check_reads_only_theta(loss)
-                    out, loss = tree_map(_detached, out), loss.detach()
-                    self.internal_eps = max(torch.finfo(self.dtype).eps, lowest.eps)
-                    self._precision = self.internal_eps
-                    self._check_deterministic(batch, loss)
-                    rule = self._first_batch_rule(
-                        kind, how, terms_rule, sum_loss, out, batch, loss, terms_given
-                    )
-                    plain_mean = several and rule.kind == "mean" and rule.terms_rule is None
-                    self._check_ignored_labels(rule, batch)
-                    if plain_mean:
-                        anchor = self._check_plain_mean(out, batch, loss, None)
-                        labels = _counted_labels(batch)[0]
-                        sizes = per_sample_sizes((out, labels), self.batch_dim, batch.size)
-                else:
-                    out = self.outputs(self.theta, batch.inputs)
-                    loss = self.loss_of_outputs(out, batch.targets)
-                    self._check_ignored_labels(rule, batch)
-                    if not terms_given:
-                        self._check_terms(rule, out, batch, loss)
+        failure: Exception | None = None
+        try:
+            with torch.no_grad(), self.evaluation_mode():
+                for batch in self.source:
+                    if rule is None:  # the first batch: which precision does the model run in?
+                        # with grad on, so that a loss reading the real parameters shows (theta
+                        # and the fixed state do not require grad: no graph is built otherwise)
+                        with torch.enable_grad(), _LowestPrecision() as lowest:
+                            with _RefuseActivationCheckpointing() as reentrant:
+                                out = self.outputs(self.theta, batch.inputs)
+                            check_loss_arguments(self.loss_fn, out, batch.targets)
+                            loss = self.loss_of_outputs(out, batch.targets)
+                        if reentrant.seen or _graph_has_reentrant_checkpoint(loss):
+                            raise ValueError(ACTIVATION_CHECKPOINTING)
+                        self._check_reads_only_theta(loss)
+                        out, loss = tree_map(_detached, out), loss.detach()
+                        self.internal_eps = max(torch.finfo(self.dtype).eps, lowest.eps)
+                        self._precision = self.internal_eps
+                        self._check_deterministic(batch, loss)
+                        rule = self._first_batch_rule(
+                            kind, how, terms_rule, sum_loss, out, batch, loss, terms_given
+                        )
+                        plain_mean = several and rule.kind == "mean" and rule.terms_rule is None
+                        self._check_ignored_labels(rule, batch)
+                        if plain_mean:
+                            anchor = self._check_plain_mean(out, batch, loss, None)
+                            labels = _counted_labels(batch)[0]
+                            sizes = per_sample_sizes((out, labels), self.batch_dim, batch.size)
                     else:
-                        rule = self._sum_copy_if_it_agrees(rule, out, batch, loss)
-                    if plain_mean:
-                        self._check_same_terms_per_sample(sizes, out, batch)
-                        self._check_plain_mean(out, batch, loss, anchor)
-                count = rule.terms(out, batch.targets, batch.size)
-                if count > 0 and not torch.isfinite(loss):
-                    raise ValueError(
-                        f"loss is {loss.item()} on batch {batch.index} at the current weights; "
-                        "curvature is undefined there (check the inputs and weights for NaN/Inf)"
-                    )
-                losses.append(float(loss) if count > 0 else 0.0)
-                terms.append(count)
-        if rule is None:  # an empty shard of distributed data: the other ranks hold the terms
-            rule = LossReduction(
-                kind or "mean", how or "assumed (empty shard)", terms_rule, sum_loss
-            )
+                        out = self.outputs(self.theta, batch.inputs)
+                        loss = self.loss_of_outputs(out, batch.targets)
+                        self._check_ignored_labels(rule, batch)
+                        if not terms_given:
+                            self._check_terms(rule, out, batch, loss)
+                        else:
+                            rule = self._sum_copy_if_it_agrees(rule, out, batch, loss)
+                        if plain_mean:
+                            self._check_same_terms_per_sample(sizes, out, batch)
+                            self._check_plain_mean(out, batch, loss, anchor)
+                    count = rule.terms(out, batch.targets, batch.size)
+                    if count > 0 and not torch.isfinite(loss):
+                        raise ValueError(
+                            f"loss is {loss.item()} on batch {batch.index} at the current weights; "
+                            "curvature is undefined there (check the inputs and weights for NaN/Inf)"
+                        )
+                    losses.append(float(loss) if count > 0 else 0.0)
+                    terms.append(count)
+            if rule is None:  # an empty shard of distributed data: the other ranks hold the terms
+                rule = LossReduction(
+                    kind or "mean", how or "assumed (empty shard)", terms_rule, sum_loss
+                )
+            if self.process_group is not None and rule.kind == "mean" and rule.terms_rule is None:
+                raise ValueError(DISTRIBUTED_PLAIN_MEAN)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            if self.process_group is None:
+                raise
+            failure = exc
+        self._agree_on_failure(failure)
+        assert rule is not None
         if rule.kind == "mean":
             total_terms = float(
                 self._sum_over_ranks(torch.tensor([sum(terms)], dtype=torch.float64))[0]
@@ -1078,6 +1128,25 @@ class CurvatureOperator(LinearOperator):
             )
 
     # --- distributed reduction ----------------------------------------------------
+    def _agree_on_failure(self, failure: Exception | None) -> None:
+        """With a process group, every rank learns whether any rank refused its data
+        (one object all-gather), and all raise: a refusal on one rank alone left the
+        others waiting in the next collective until the process group's timeout.
+        Without one, ``failure`` is raised as it is."""
+        if self.process_group is None:
+            if failure is not None:
+                raise failure
+            return
+        mine = None if failure is None else f"{type(failure).__name__}: {failure}"
+        world = torch.distributed.get_world_size(self.process_group)
+        verdicts: list[str | None] = [None] * world
+        torch.distributed.all_gather_object(verdicts, mine, group=self.process_group)
+        if failure is not None:
+            raise failure
+        for rank, verdict in enumerate(verdicts):
+            if verdict is not None:
+                raise RuntimeError(f"rank {rank} refused its data, so every rank does: {verdict}")
+
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce (sum) ``t`` in place over the process group; identity without one."""
         if self.process_group is not None:
@@ -1165,11 +1234,18 @@ class CurvatureOperator(LinearOperator):
         precision (Lanczos tolerances depend on it) and all refuse together."""
         self._paths_checked = True
         first = next(self.batches(), None)  # None: an empty shard of distributed data
-        if first is not None:
-            self._check_gradient_is_the_derivative(first)
-            self._check_samples_alone(first)
-        graphless = self._graphless_loss_curvature(first)
-        paths, asymmetry, where = self._path_difference(first)
+        failure: Exception | None = None
+        try:
+            if first is not None:
+                self._check_gradient_is_the_derivative(first)
+                self._check_samples_alone(first)
+            graphless = self._graphless_loss_curvature(first)
+            paths, asymmetry, where = self._path_difference(first)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            if self.process_group is None:
+                raise
+            failure = exc
+        self._agree_on_failure(failure)
         if self.process_group is not None:  # every rank decides on the same numbers
             local = (paths, asymmetry)
             verdicts = torch.tensor([paths, asymmetry, graphless is not None], dtype=torch.float64)

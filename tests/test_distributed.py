@@ -147,6 +147,7 @@ def _refusing_worker(rank: int, store: str, out: str) -> None:
                 process_group=True,
                 backend="autograd",
                 reduction="mean",
+                loss_terms=lambda outputs, targets: len(targets),  # a plain mean needs it here
             )
             try:
                 H @ torch.ones(H.shape[0], dtype=F64)
@@ -171,3 +172,47 @@ def test_a_refusal_one_rank_triggers_is_raised_on_every_rank(tmp_path):
     assert "another rank's data" not in ranks[1]["graphless loss"]
     assert "on another rank's first batch" in ranks[0]["asymmetric product"]
     assert "on batch 0" in ranks[1]["asymmetric product"]
+
+
+def _scan_refusing_worker(rank: int, store: str, out: str) -> None:
+    def compute():
+        model, loss, X, y = problem()
+        result = {}
+
+        def token_mean(logits, labels):  # a plain mean: weighted by samples across ranks
+            return nn.functional.cross_entropy(logits, labels)
+
+        bad = X.clone()
+        if rank == 1:
+            bad[SPLIT:] = float("nan")  # only rank 1's data gives a NaN loss
+        cases = {
+            "plain mean": (token_mean, X),
+            "NaN on rank 1": (loss, bad),
+        }
+        for name, (loss_fn, inputs) in cases.items():
+            try:
+                spectra.hessian_operator(
+                    model, loss_fn, _shard(rank, inputs, y), process_group=True
+                )
+                result[name] = None
+            except (ValueError, RuntimeError) as exc:
+                result[name] = f"{type(exc).__name__}: {exc}"
+        return result
+
+    _as_rank(rank, store, out, compute)
+
+
+def test_a_refusal_while_reading_the_data_is_raised_on_every_rank(tmp_path):
+    """A plain function's mean cannot be checked against other ranks' batches (a probe:
+    sequences of other lengths, or class weights, on another rank were weighted by
+    samples, 27% and 71% off, silently), so it is refused on every rank, naming
+    loss_terms=; and a refusal of one rank's data (here a NaN loss) reaches the other,
+    which used to wait in the next collective until the process group's timeout."""
+    mp.spawn(
+        _scan_refusing_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True
+    )
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    for got in ranks:
+        assert "loss_terms=" in got["plain mean"] and "across ranks" in got["plain mean"]
+    assert "ValueError" in ranks[1]["NaN on rank 1"] and "nan" in ranks[1]["NaN on rank 1"]
+    assert ranks[0]["NaN on rank 1"].startswith("RuntimeError: rank 1 refused its data")
